@@ -1,0 +1,76 @@
+// BlockDevice: a byte-addressed disk (file, block device, memory, remote export)
+// with the operations a mirror needs, and caps(), what the device can do.
+// Callers ask caps() rather than guess; data operations never change caps().
+//
+// Threading rule: all methods run on the owning Loop's thread; not thread-safe.
+// Buffer lifetime: a span passed to read()/write() must stay valid until the
+// returned Task completes. Ranges must lie within [0, length()).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "base/result.h"
+#include "base/task.h"
+
+namespace blkmirror {
+
+struct BlockCaps {
+  bool read_only = false;
+  bool zero_init = false;        // reads as zeroes everywhere when opened (fresh image)
+  bool can_zero = false;         // write_zeroes without sending data
+  bool can_zero_unmap = false;   // write_zeroes{may_unmap} leaves holes behind
+  bool can_trim = false;         // discard() does something
+  bool can_fua = false;          // native FUA (otherwise emulated with a flush)
+  bool has_block_status = false; // block_status() reports real holes / zero areas
+  uint64_t cluster_size = 0;     // allocation unit of a formatted image; 0: none
+  uint32_t min_block = 1;        // smallest aligned I/O unit
+  uint32_t pref_block = 4096;    // preferred I/O unit
+  uint32_t max_transfer = 32u << 20;
+};
+
+struct WriteFlags {
+  bool fua = false;  // durable before completion
+};
+
+struct ZeroFlags {
+  bool may_unmap = false;    // may leave a hole (still reads as zeroes)
+  bool no_fallback = false;  // fail with ENOTSUP rather than write zero buffers
+  bool fua = false;
+};
+
+// One extent starting at the queried offset. allocated: storage is reserved
+// (data or written zeroes); zero: reads as zeroes. A hole is !allocated && zero.
+struct Extent {
+  uint64_t length = 0;
+  bool allocated = true;
+  bool zero = false;
+};
+
+class BlockDevice {
+ public:
+  virtual ~BlockDevice() = default;
+
+  // Human description for messages ("src.img", "memory").
+  virtual std::string describe() const = 0;
+  virtual uint64_t length() const = 0;
+  virtual const BlockCaps& caps() const = 0;
+
+  virtual Task<Result<void>> read(uint64_t offset, std::span<std::byte> buf) = 0;
+  virtual Task<Result<void>> write(uint64_t offset, std::span<const std::byte> buf,
+                                   WriteFlags flags = {}) = 0;
+  virtual Task<Result<void>> write_zeroes(uint64_t offset, uint64_t length,
+                                          ZeroFlags flags = {}) = 0;
+  // Advisory: after discard the contents of the range are unspecified.
+  virtual Task<Result<void>> discard(uint64_t offset, uint64_t length) = 0;
+  virtual Task<Result<void>> flush() = 0;
+  // The extent that starts at offset, at most length bytes long (length > 0).
+  virtual Task<Result<Extent>> block_status(uint64_t offset, uint64_t length) = 0;
+};
+
+using BlockDevicePtr = std::shared_ptr<BlockDevice>;
+
+}  // namespace blkmirror

@@ -1,0 +1,237 @@
+#include "blockdev/file_device.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include <asio/experimental/as_tuple.hpp>
+#include <fmt/format.h>
+
+#include "base/align.h"
+#include "io/buffer.h"
+
+namespace blkmirror {
+
+namespace {
+
+constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
+
+Result<int> open_fd(const std::string& path, int flags) {
+  int fd = ::open(path.c_str(), flags | O_CLOEXEC);
+  if (fd < 0) return make_error(errno, path);
+  return fd;
+}
+
+}  // namespace
+
+Result<void> FileDevice::create(const std::string& path, uint64_t size) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) return make_error(errno, path);
+  int rc = ::ftruncate(fd, static_cast<off_t>(size));
+  int err = errno;
+  ::close(fd);
+  if (rc < 0) {
+    ::unlink(path.c_str());
+    return make_error(err, path);
+  }
+  return {};
+}
+
+FileDevice::FileDevice(Loop& loop, std::string path) : loop_(loop), path_(std::move(path)) {}
+
+FileDevice::~FileDevice() = default;
+
+Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::string& path,
+                                                     FileOptions opts) {
+  int flags = opts.read_only ? O_RDONLY : O_RDWR;
+  auto fd = open_fd(path, flags);
+  if (!fd) return make_error(fd.error());
+  struct stat st {};
+  if (::fstat(*fd, &st) < 0) {
+    int err = errno;
+    ::close(*fd);
+    return make_error(err, path);
+  }
+  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+    ::close(*fd);
+    return make_error(S_ISDIR(st.st_mode) ? EISDIR : EINVAL,
+                      path + (S_ISDIR(st.st_mode) ? "" : ": not a regular file or block device"));
+  }
+  std::shared_ptr<FileDevice> dev(new FileDevice(loop, path));
+  dev->fd_ = *fd;
+  dev->dev_ = st.st_dev;
+  dev->ino_ = st.st_ino;
+  dev->is_blk_ = S_ISBLK(st.st_mode);
+  dev->file_.emplace(loop.ctx(), *fd);
+  BlockCaps& c = dev->caps_;
+  c.read_only = opts.read_only;
+  c.can_zero = true;
+  if (dev->is_blk_) {
+    uint64_t size = 0;
+    if (::ioctl(*fd, BLKGETSIZE64, &size) < 0) return make_error(errno, path + ": BLKGETSIZE64");
+    dev->length_ = size;
+    dev->ino_ = st.st_rdev;  // the device itself, whatever node names it
+    c.can_trim = true;
+    c.has_block_status = false;
+    int lbs = 512;
+    ::ioctl(*fd, BLKSSZGET, &lbs);
+    c.min_block = static_cast<uint32_t>(std::max(lbs, 1));
+  } else {
+    dev->length_ = static_cast<uint64_t>(st.st_size);
+    c.can_zero_unmap = true;
+    c.can_trim = true;
+    c.has_block_status = true;
+  }
+  c.pref_block = static_cast<uint32_t>(std::max<long>(st.st_blksize, 512));
+  if (opts.direct) {
+    auto dfd = open_fd(path, flags | O_DIRECT);
+    if (!dfd) return with_context(dfd.error(), "cache.direct");
+    dev->direct_file_.emplace(loop.ctx(), *dfd);
+  }
+  return dev;
+}
+
+tl::unexpected<Error> FileDevice::io_error(const char* what, uint64_t off, int errnum) const {
+  return make_error(errnum, fmt::format("{} {} at offset {}", what, path_, off));
+}
+
+asio::random_access_file& FileDevice::file_for(uint64_t off, const void* buf, uint64_t len) {
+  if (direct_file_ && is_aligned(off, 4096) && is_aligned(len, 4096) &&
+      is_aligned(reinterpret_cast<uintptr_t>(buf), 4096))
+    return *direct_file_;
+  return *file_;
+}
+
+Task<Result<void>> FileDevice::read(uint64_t off, std::span<std::byte> buf) {
+  auto& f = file_for(off, buf.data(), buf.size());
+  auto [ec, n] = co_await asio::async_read_at(f, off, asio::buffer(buf.data(), buf.size()), use_tuple);
+  if (ec == asio::error::eof) co_return io_error("read", off, EIO);  // file shrank under us
+  if (ec) co_return io_error("read", off, ec.value());
+  co_return Result<void>{};
+}
+
+Task<Result<void>> FileDevice::write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) {
+  if (caps_.read_only) co_return io_error("write", off, EROFS);
+  auto& file = file_for(off, buf.data(), buf.size());
+  auto [ec, n] = co_await asio::async_write_at(file, off, asio::buffer(buf.data(), buf.size()), use_tuple);
+  if (ec) co_return io_error("write", off, ec.value());
+  if (f.fua) co_return co_await flush();
+  co_return Result<void>{};
+}
+
+Task<Result<void>> FileDevice::write_zero_buffers(uint64_t off, uint64_t len) {
+  constexpr uint64_t kChunk = 1 << 20;
+  AlignedBuffer zeroes(std::min(len, kChunk));
+  std::memset(zeroes.data(), 0, zeroes.size());
+  for (uint64_t pos = off; pos < off + len;) {
+    uint64_t n = std::min<uint64_t>(zeroes.size(), off + len - pos);
+    if (auto r = co_await write(pos, {zeroes.data(), n}, {}); !r) co_return r;
+    pos += n;
+  }
+  co_return Result<void>{};
+}
+
+Task<Result<void>> FileDevice::write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) {
+  if (caps_.read_only) co_return io_error("write zeroes", off, EROFS);
+  if (len == 0) co_return Result<void>{};
+  data_cache_end_ = data_cache_start_;  // this range may turn into a hole
+  int fd = fd_;
+  bool blk = is_blk_, unmap = f.may_unmap;
+  // Returns 0, or the errno of the last method tried.
+  int err = co_await loop_.blocking([fd, blk, unmap, off, len]() -> int {
+    if (blk) {
+      if (!is_aligned(off, 512) || !is_aligned(len, 512)) return EOPNOTSUPP;
+      uint64_t range[2] = {off, len};
+      return ::ioctl(fd, BLKZEROOUT, range) == 0 ? 0 : errno;
+    }
+    if (unmap &&
+        ::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
+                    static_cast<off_t>(len)) == 0)
+      return 0;
+    if (::fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
+                    static_cast<off_t>(len)) == 0)
+      return 0;
+    return errno;
+  });
+  if (err == 0) {
+    if (f.fua) co_return co_await flush();
+    co_return Result<void>{};
+  }
+  if (err != EOPNOTSUPP && err != ENOTTY && err != EINVAL) co_return io_error("write zeroes", off, err);
+  if (f.no_fallback) co_return io_error("write zeroes", off, ENOTSUP);
+  auto r = co_await write_zero_buffers(off, len);
+  if (r && f.fua) co_return co_await flush();
+  co_return r;
+}
+
+Task<Result<void>> FileDevice::discard(uint64_t off, uint64_t len) {
+  if (caps_.read_only) co_return io_error("discard", off, EROFS);
+  if (len == 0) co_return Result<void>{};
+  data_cache_end_ = data_cache_start_;
+  int fd = fd_;
+  bool blk = is_blk_;
+  int err = co_await loop_.blocking([fd, blk, off, len]() -> int {
+    if (blk) {
+      uint64_t range[2] = {off, len};
+      return ::ioctl(fd, BLKDISCARD, range) == 0 ? 0 : errno;
+    }
+    return ::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
+                       static_cast<off_t>(len)) == 0
+               ? 0
+               : errno;
+  });
+  // Discard is advisory: a device that cannot do it has done nothing, correctly.
+  if (err && err != EOPNOTSUPP && err != ENOTTY && err != EINVAL) co_return io_error("discard", off, err);
+  co_return Result<void>{};
+}
+
+Task<Result<void>> FileDevice::flush() {
+  int fd = fd_;
+  int err = co_await loop_.blocking([fd]() -> int { return ::fdatasync(fd) == 0 ? 0 : errno; });
+  if (err) co_return io_error("flush", 0, err);
+  co_return Result<void>{};
+}
+
+Task<Result<Extent>> FileDevice::block_status(uint64_t off, uint64_t len) {
+  if (len == 0 || !range_within(off, len, length_))
+    co_return make_error(EINVAL, fmt::format("block status {} at {}+{}: out of range", path_, off, len));
+  if (!caps_.has_block_status) co_return Extent{len, true, false};
+  if (off >= data_cache_start_ && off < data_cache_end_)
+    co_return Extent{std::min(len, data_cache_end_ - off), true, false};
+  int fd = fd_;
+  uint64_t size = length_;
+  struct Answer {
+    int err = 0;
+    bool data = true;
+    uint64_t end = 0;  // end of the extent that starts at off
+  };
+  Answer a = co_await loop_.blocking([fd, off, size]() -> Answer {
+    Answer ans;
+    off_t d = ::lseek(fd, static_cast<off_t>(off), SEEK_DATA);
+    if (d < 0) {
+      if (errno == ENXIO) return Answer{0, false, size};  // a hole to the end
+      if (errno == EINVAL || errno == EOPNOTSUPP) return Answer{0, true, size};
+      return Answer{errno, true, 0};
+    }
+    if (static_cast<uint64_t>(d) > off) return Answer{0, false, std::min<uint64_t>(d, size)};
+    off_t h = ::lseek(fd, static_cast<off_t>(off), SEEK_HOLE);
+    if (h < 0) return Answer{errno, true, 0};
+    ans.end = std::min<uint64_t>(static_cast<uint64_t>(h), size);
+    return ans;
+  });
+  if (a.err) co_return io_error("block status", off, a.err);
+  if (a.end <= off) a.end = size;  // the file grew or shrank under us: call it data
+  if (a.data) {
+    data_cache_start_ = off;
+    data_cache_end_ = a.end;
+  }
+  co_return Extent{std::min(len, a.end - off), a.data, !a.data};
+}
+
+}  // namespace blkmirror

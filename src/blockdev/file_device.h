@@ -1,0 +1,78 @@
+// FileDevice: a regular file or a block device, read and written through io_uring
+// (Asio's random_access_file built with ASIO_HAS_IO_URING). Blocking calls
+// (fdatasync, fallocate, lseek SEEK_DATA/SEEK_HOLE, ioctl) run on the Loop's
+// worker pool and resume on the loop.
+//
+// Holes: regular files report holes via SEEK_DATA/SEEK_HOLE and make them with
+// FALLOC_FL_PUNCH_HOLE; block devices use BLKZEROOUT / BLKDISCARD and report
+// everything as data.
+// cache.direct: with `direct`, aligned requests use an O_DIRECT descriptor; a
+// request not aligned to 4 KiB (offset, length and buffer) goes through a second,
+// buffered descriptor, so the unaligned tail of a file still works.
+//
+// Threading rule: loop thread only. Buffers must outlive the awaited call.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <asio.hpp>
+
+#include "blockdev/block_device.h"
+#include "io/loop.h"
+
+namespace blkmirror {
+
+struct FileOptions {
+  bool read_only = false;
+  bool direct = false;
+};
+
+class FileDevice : public BlockDevice {
+ public:
+  // Opens path. Errors read "PATH: reason" (ENOENT, EACCES, EISDIR...).
+  static Result<std::shared_ptr<FileDevice>> open(Loop& loop, const std::string& path,
+                                                  FileOptions opts = {});
+  // Creates a new sparse file of `size` bytes; fails with EEXIST if path exists.
+  static Result<void> create(const std::string& path, uint64_t size);
+
+  ~FileDevice() override;
+
+  std::string describe() const override { return path_; }
+  uint64_t length() const override { return length_; }
+  const BlockCaps& caps() const override { return caps_; }
+  bool is_block_device() const { return is_blk_; }
+  // Device and inode, to refuse mirroring a file into itself.
+  std::pair<uint64_t, uint64_t> identity() const { return {dev_, ino_}; }
+  // Declares the file known to read as zeroes (freshly created by us).
+  void set_zero_init(bool z) { caps_.zero_init = z; }
+
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf) override;
+  Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) override;
+  Task<Result<void>> write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) override;
+  Task<Result<void>> discard(uint64_t off, uint64_t len) override;
+  Task<Result<void>> flush() override;
+  Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override;
+
+ private:
+  FileDevice(Loop& loop, std::string path);
+  asio::random_access_file& file_for(uint64_t off, const void* buf, uint64_t len);
+  Task<Result<void>> write_zero_buffers(uint64_t off, uint64_t len);
+  tl::unexpected<Error> io_error(const char* what, uint64_t off, int errnum) const;
+
+  Loop& loop_;
+  std::string path_;
+  uint64_t length_ = 0;
+  BlockCaps caps_;
+  bool is_blk_ = false;
+  uint64_t dev_ = 0, ino_ = 0;
+  int fd_ = -1;  // owned by file_; kept for blocking calls on the pool
+  std::optional<asio::random_access_file> file_;
+  std::optional<asio::random_access_file> direct_file_;  // O_DIRECT, when enabled
+  // Last "data" extent seen. Stale data answers are safe (copying zeroes as data
+  // is still a correct copy), so only zeroing and discards through us drop it.
+  uint64_t data_cache_start_ = 0, data_cache_end_ = 0;
+};
+
+}  // namespace blkmirror

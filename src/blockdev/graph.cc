@@ -1,0 +1,133 @@
+#include "blockdev/graph.h"
+
+#include <algorithm>
+
+#include <fmt/format.h>
+
+namespace blkmirror {
+
+void Node::remove_observer(WriteObserver* o) {
+  observers_.erase(std::remove(observers_.begin(), observers_.end(), o), observers_.end());
+}
+
+Task<void> Node::drain() {
+  ++quiesce_;
+  while (in_flight_ > 0) co_await changed_.wait();
+}
+
+void Node::undrain() {
+  if (quiesce_ > 0 && --quiesce_ == 0) changed_.notify_all();
+}
+
+Child::Child(Node* node, std::string role) : node_(node), role_(std::move(role)) {
+  node_->parents_.push_back(this);
+}
+
+Child::~Child() {
+  auto& p = node_->parents_;
+  p.erase(std::remove(p.begin(), p.end(), this), p.end());
+}
+
+void Child::move_to(Node* n) {
+  auto& p = node_->parents_;
+  p.erase(std::remove(p.begin(), p.end(), this), p.end());
+  node_ = n;
+  node_->parents_.push_back(this);
+}
+
+Task<Node*> Child::enter() {
+  // Re-read node_ after every wait: a switch-over may have moved this edge.
+  while (node_->quiesce_ > 0) co_await node_->changed_.wait();
+  Node* n = node_;
+  ++n->in_flight_;
+  co_return n;
+}
+
+void Child::leave(Node* n) {
+  if (--n->in_flight_ == 0) n->changed_.notify_all();
+}
+
+Task<Result<void>> Child::read(uint64_t off, std::span<std::byte> buf) {
+  Node* n = co_await enter();
+  auto r = co_await n->dev_->read(off, buf);
+  leave(n);
+  co_return r;
+}
+
+Task<Result<void>> Child::write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) {
+  Node* n = co_await enter();
+  auto r = co_await n->dev_->write(off, buf, f);
+  // Even a failed write may have changed part of the range.
+  n->notify_write(off, buf.size());
+  leave(n);
+  co_return r;
+}
+
+Task<Result<void>> Child::write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) {
+  Node* n = co_await enter();
+  auto r = co_await n->dev_->write_zeroes(off, len, f);
+  n->notify_write(off, len);
+  leave(n);
+  co_return r;
+}
+
+Task<Result<void>> Child::discard(uint64_t off, uint64_t len) {
+  Node* n = co_await enter();
+  auto r = co_await n->dev_->discard(off, len);
+  n->notify_write(off, len);
+  leave(n);
+  co_return r;
+}
+
+Task<Result<void>> Child::flush() {
+  Node* n = co_await enter();
+  auto r = co_await n->dev_->flush();
+  leave(n);
+  co_return r;
+}
+
+Task<Result<Extent>> Child::block_status(uint64_t off, uint64_t len) {
+  Node* n = co_await enter();
+  auto r = co_await n->dev_->block_status(off, len);
+  leave(n);
+  co_return r;
+}
+
+Result<Node*> Graph::add(const std::string& name, BlockDevicePtr dev) {
+  if (name.empty()) return make_error(EINVAL, "node name must not be empty");
+  if (nodes_.count(name)) return make_error(EEXIST, fmt::format("node '{}'", name));
+  auto node = std::make_unique<Node>(name, std::move(dev));
+  Node* raw = node.get();
+  nodes_.emplace(name, std::move(node));
+  return raw;
+}
+
+Node* Graph::find(const std::string& name) const {
+  auto it = nodes_.find(name);
+  return it == nodes_.end() ? nullptr : it->second.get();
+}
+
+Result<void> Graph::remove(const std::string& name) {
+  auto it = nodes_.find(name);
+  if (it == nodes_.end()) return make_error(ENOENT, fmt::format("node '{}'", name));
+  if (!it->second->parents_.empty())
+    return make_error(EBUSY, fmt::format("node '{}' is in use by {}", name,
+                                         it->second->parents_.front()->role()));
+  nodes_.erase(it);
+  return {};
+}
+
+void Graph::replace(Node* from, Node* to, const std::vector<const Child*>& keep) {
+  std::vector<Child*> moving;
+  for (Child* c : from->parents_)
+    if (std::find(keep.begin(), keep.end(), c) == keep.end()) moving.push_back(c);
+  for (Child* c : moving) c->move_to(to);
+}
+
+std::vector<Node*> Graph::nodes() const {
+  std::vector<Node*> out;
+  for (auto& [_, n] : nodes_) out.push_back(n.get());
+  return out;
+}
+
+}  // namespace blkmirror

@@ -1,0 +1,128 @@
+// The node graph. A Node is a named place in the graph holding a BlockDevice;
+// parents (an NBD export, a job, an in-process client) reach nodes only through
+// a Child edge. All I/O made through a Child goes through the node's request
+// path, which:
+//   - waits while the node is drained (quiesced), then re-reads which node the
+//     edge points at, so a request queued across a switch-over lands on the new
+//     node;
+//   - counts requests in flight, so drain() knows when the node is idle;
+//   - tells the node's write observers (a running mirror) about every write,
+//     write-zeroes and discard after it finished, successful or not, so a write
+//     that lands during a copy dirties its chunks again.
+// Graph::replace() moves every parent of one node to another: the switch-over.
+//
+// Threading rule: loop thread only. Nodes are owned by the Graph; a Child must be
+// destroyed before its Graph.
+#pragma once
+
+#include <cstdint>
+#include <list>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "base/notifier.h"
+#include "blockdev/block_device.h"
+
+namespace blkmirror {
+
+class Child;
+
+// Something that must hear of every write to a node (the mirror's dirty
+// tracking). Called after the write finished on the device.
+class WriteObserver {
+ public:
+  virtual ~WriteObserver() = default;
+  virtual void on_write(uint64_t offset, uint64_t length) = 0;
+};
+
+class Node {
+ public:
+  Node(std::string name, BlockDevicePtr dev) : name_(std::move(name)), dev_(std::move(dev)) {}
+
+  const std::string& name() const { return name_; }
+  // Direct device access, bypassing drain and observers: for the job that owns
+  // the node's contents (the mirror reading its source).
+  BlockDevice& device() { return *dev_; }
+  const BlockDevicePtr& device_ptr() const { return dev_; }
+  uint64_t length() const { return dev_->length(); }
+
+  void add_observer(WriteObserver* o) { observers_.push_back(o); }
+  void remove_observer(WriteObserver* o);
+
+  // Stops new requests from starting and waits for those in flight to finish.
+  // Drains nest; each drain() needs one undrain().
+  Task<void> drain();
+  void undrain();
+  bool drained() const { return quiesce_ > 0; }
+  uint64_t in_flight() const { return in_flight_; }
+  const std::vector<Child*>& parents() const { return parents_; }
+
+ private:
+  friend class Child;
+  friend class Graph;
+  void notify_write(uint64_t off, uint64_t len) {
+    for (auto* o : observers_) o->on_write(off, len);
+  }
+
+  std::string name_;
+  BlockDevicePtr dev_;
+  std::vector<WriteObserver*> observers_;
+  std::vector<Child*> parents_;
+  unsigned quiesce_ = 0;
+  uint64_t in_flight_ = 0;
+  Notifier changed_;  // in_flight_ reached 0, or the node was undrained
+};
+
+// A parent's edge to a node. Detaches itself on destruction.
+class Child {
+ public:
+  Child(Node* node, std::string role);
+  ~Child();
+  Child(const Child&) = delete;
+  Child& operator=(const Child&) = delete;
+
+  Node& node() const { return *node_; }
+  const std::string& role() const { return role_; }
+  uint64_t length() const { return node_->length(); }
+  const BlockCaps& caps() const { return node_->dev_->caps(); }
+
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf);
+  Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf, WriteFlags f = {});
+  Task<Result<void>> write_zeroes(uint64_t off, uint64_t len, ZeroFlags f = {});
+  Task<Result<void>> discard(uint64_t off, uint64_t len);
+  Task<Result<void>> flush();
+  Task<Result<Extent>> block_status(uint64_t off, uint64_t len);
+
+ private:
+  friend class Graph;
+  // Waits out a drain and registers a request on the node the edge points at now.
+  Task<Node*> enter();
+  void leave(Node* n);
+  void move_to(Node* n);
+
+  Node* node_;
+  std::string role_;
+};
+
+class Graph {
+ public:
+  // Errors: EEXIST for a taken name, EINVAL for an empty one.
+  Result<Node*> add(const std::string& name, BlockDevicePtr dev);
+  Node* find(const std::string& name) const;
+  // Refuses (EBUSY) a node that still has parents.
+  Result<void> remove(const std::string& name);
+  std::unique_ptr<Child> attach(Node* node, std::string role) {
+    return std::make_unique<Child>(node, std::move(role));
+  }
+  // Moves every parent of `from` except those in `keep` to `to`.
+  // REQUIRES: both nodes drained by the caller, so no request is mid-flight.
+  void replace(Node* from, Node* to, const std::vector<const Child*>& keep);
+  std::vector<Node*> nodes() const;
+
+ private:
+  std::map<std::string, std::unique_ptr<Node>> nodes_;
+};
+
+}  // namespace blkmirror

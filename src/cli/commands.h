@@ -1,0 +1,17 @@
+// The CLI's subcommands. Each registers its options on the app and returns the
+// function that runs it (an exit code). Threading: main thread, which becomes
+// the loop thread.
+#pragma once
+
+#include <functional>
+
+#include <CLI/CLI.hpp>
+
+namespace blkmirror {
+
+using CommandRunner = std::function<int()>;
+
+CommandRunner add_mirror_command(CLI::App& app);
+CommandRunner add_demo_command(CLI::App& app);
+
+}  // namespace blkmirror

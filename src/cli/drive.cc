@@ -1,0 +1,77 @@
+#include "cli/drive.h"
+
+#include <csignal>
+
+#include <fmt/format.h>
+
+#include "base/size_parse.h"
+#include "cli/exit_codes.h"
+
+namespace blkmirror {
+
+Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& progress,
+                       DriveOptions opts) {
+  bool ready = false, interrupted = false, cancel_was_soft = false;
+  job->subscribe([&](const JobEvent& e) {
+    progress.event(e);
+    if (e.kind == JobEvent::Kind::kReady) ready = true;
+  });
+
+  asio::signal_set signals(loop.ctx(), SIGINT, SIGTERM);
+  signals.async_wait([&](const std::error_code& ec, int sig) {
+    if (ec) return;
+    interrupted = true;
+    // After ready a soft cancel finishes the last sync: the target is then a
+    // consistent copy. Before ready there is no consistent copy to wait for.
+    cancel_was_soft = job->info().ready;
+    auto r = job->cancel(!cancel_was_soft);
+    progress.note(fmt::format("{}: cancelling{}", sig == SIGINT ? "interrupted" : "terminated",
+                              r ? "" : " failed: " + r.error().message()));
+  });
+
+  auto started = std::chrono::steady_clock::now();
+  job->start(loop.executor());
+  bool completed_requested = false;
+  asio::steady_timer tick(loop.ctx());
+  while (!job->concluded()) {
+    progress.tick(job->info());
+    if (ready && opts.auto_complete && !completed_requested && !interrupted) {
+      completed_requested = true;
+      if (opts.before_complete) co_await opts.before_complete();
+      if (!interrupted && !job->concluded()) {
+        if (auto r = job->complete(); !r) progress.note("complete: " + r.error().message());
+      }
+      continue;
+    }
+    tick.expires_after(std::chrono::milliseconds(100));
+    std::error_code ec;
+    co_await tick.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+  }
+  signals.cancel();
+  progress.finish();
+
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  const auto& st = job->stats();
+  if (job->failure()) {
+    progress.note(fmt::format("mirror failed: {}; the target is incomplete", job->failure()->message()));
+    co_return exit_code::kJobFailed;
+  }
+  if (job->was_cancelled()) {
+    progress.note("mirror cancelled before source and target were in sync: the target is "
+                  "NOT a consistent copy");
+    co_return exit_code::kCancelled;
+  }
+  if (interrupted) {
+    progress.note(fmt::format("mirror stopped after the final sync: the target is a consistent "
+                              "copy of the source as of now ({:.1f}s)", secs));
+    co_return exit_code::kCancelled;
+  }
+  progress.note(fmt::format(
+      "mirror completed in {:.2f}s: {} copied, {} zeroed, {} ops, {} errors retried; "
+      "target {}",
+      secs, format_size(st.bytes_copied), format_size(st.bytes_zeroed), st.ops, st.errors,
+      job->switched() ? "switched in" : "in sync"));
+  co_return exit_code::kOk;
+}
+
+}  // namespace blkmirror

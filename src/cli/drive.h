@@ -1,0 +1,25 @@
+// Driving one mirror job from the CLI: starts it, shows progress, completes it
+// when ready (when asked to), turns SIGINT/SIGTERM into a clean cancel, and
+// reports how it ended as an exit code. Threading rule: loop thread only.
+#pragma once
+
+#include <functional>
+#include <memory>
+
+#include "cli/progress.h"
+#include "io/loop.h"
+#include "mirror/mirror_job.h"
+
+namespace blkmirror {
+
+struct DriveOptions {
+  bool auto_complete = true;
+  // Called once when the job is ready, before complete; may delay completing.
+  std::function<Task<void>()> before_complete;
+};
+
+// Returns an exit_code value.
+Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& progress,
+                       DriveOptions opts);
+
+}  // namespace blkmirror

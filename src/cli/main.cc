@@ -1,0 +1,28 @@
+// blkmirror: live block-device mirroring. Entry point; subcommands live in
+// commands.h.
+#include <spdlog/spdlog.h>
+
+#include "cli/commands.h"
+#include "cli/exit_codes.h"
+
+int main(int argc, char** argv) {
+  spdlog::set_pattern("%^%l%$: %v");
+  CLI::App app{"blkmirror: copy a disk while it is in use, then switch its users to the copy"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "blkmirror 0.1.0");
+  std::vector<blkmirror::CommandRunner> runners = {
+      blkmirror::add_mirror_command(app),
+      blkmirror::add_demo_command(app),
+  };
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? 0 : blkmirror::exit_code::kBadInput;
+  }
+  for (auto& run : runners) {
+    int rc = run();
+    if (rc >= 0) return rc;
+  }
+  return blkmirror::exit_code::kBadInput;
+}

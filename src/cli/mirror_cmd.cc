@@ -1,0 +1,80 @@
+// `blkmirror mirror SRC DST`: mirror one file or block device to another.
+#include <sys/stat.h>
+
+#include <memory>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "base/size_parse.h"
+#include "blockdev/file_device.h"
+#include "cli/commands.h"
+#include "cli/drive.h"
+#include "cli/exit_codes.h"
+#include "cli/mirror_options.h"
+
+namespace blkmirror {
+
+namespace {
+
+struct MirrorArgs {
+  std::string src, dst;
+  MirrorCliOptions opts;
+  bool create = false;
+};
+
+int run_mirror(const MirrorArgs& a) {
+  auto params = a.opts.to_params();
+  if (!params) return fail_input(params.error().message());
+  Loop loop;
+  auto src = FileDevice::open(loop, a.src, FileOptions{.read_only = true, .direct = a.opts.direct});
+  if (!src) return fail_input(src.error().message());
+  if (a.create) {
+    if (auto r = FileDevice::create(a.dst, (*src)->length()); !r)
+      return fail_input(r.error().message() + (r.error().errnum() == EEXIST
+                                                   ? " (drop --create to mirror into it)"
+                                                   : ""));
+  }
+  auto dst = FileDevice::open(loop, a.dst, FileOptions{.read_only = false, .direct = a.opts.direct});
+  if (!dst) return fail_input(dst.error().message());
+  if (a.create) (*dst)->set_zero_init(true);
+  if ((*src)->identity() == (*dst)->identity())
+    return fail_input(fmt::format("{} and {} are the same file", a.src, a.dst));
+  if ((*src)->length() != (*dst)->length())
+    return fail_input(fmt::format("{}: size {} differs from {}'s size {} (Source and target "
+                                  "image have different sizes)",
+                                  a.dst, (*dst)->length(), a.src, (*src)->length()));
+
+  Graph graph;
+  (void)graph.add("src", *src);
+  (void)graph.add("dst", *dst);
+  params->device = "src";
+  params->target = "dst";
+  params->job_id = "mirror";
+  auto job = MirrorJob::create(loop, graph, *params);
+  if (!job) return fail_input(job.error().message());
+
+  Progress progress(a.opts.progress_style());
+  if (!progress.json())
+    progress.note(fmt::format("mirroring {} -> {} ({}, granularity {}, buffer {})", a.src, a.dst,
+                              format_size((*src)->length()), format_size((*job)->granularity()),
+                              format_size((*job)->buf_size())));
+  return loop.run(drive_mirror(loop, *job, progress, DriveOptions{}));
+}
+
+}  // namespace
+
+CommandRunner add_mirror_command(CLI::App& app) {
+  auto args = std::make_shared<MirrorArgs>();
+  auto* cmd = app.add_subcommand("mirror", "Mirror SRC to DST while SRC stays usable");
+  cmd->add_option("SRC", args->src, "source file or block device")->required();
+  cmd->add_option("DST", args->dst, "target file or block device (same size)")->required();
+  cmd->add_flag("--create", args->create, "create DST as a sparse file of SRC's size");
+  args->opts.add_to(*cmd);
+  return [cmd, args]() -> int {
+    if (!cmd->parsed()) return -1;
+    return run_mirror(*args);
+  };
+}
+
+}  // namespace blkmirror

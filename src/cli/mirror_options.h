@@ -1,0 +1,33 @@
+// The mirror options shared by CLI subcommands (--sync, --granularity, sizes
+// with suffixes, --speed, error policies, output style), and their conversion to
+// MirrorParams with one clear error per bad value.
+#pragma once
+
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "cli/progress.h"
+#include "mirror/mirror_params.h"
+
+namespace blkmirror {
+
+struct MirrorCliOptions {
+  std::string sync = "full";
+  std::string granularity, buf_size, speed;
+  std::string on_source_error = "report", on_target_error = "report";
+  bool direct = false;
+  bool json = false;
+  bool no_progress = false;
+
+  void add_to(CLI::App& cmd);
+  Result<MirrorParams> to_params() const;
+  ProgressStyle progress_style() const {
+    return json ? ProgressStyle::kJson : no_progress ? ProgressStyle::kNone : ProgressStyle::kAuto;
+  }
+};
+
+// Prints "blkmirror: <message>" to stderr and returns exit_code::kBadInput.
+int fail_input(const std::string& message);
+
+}  // namespace blkmirror

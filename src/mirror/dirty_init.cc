@@ -1,0 +1,76 @@
+// Phase 1: marking what must be copied before the copy loop starts.
+#include <chrono>
+
+#include <fmt/format.h>
+
+#include "mirror/mirror_job.h"
+
+namespace blkmirror {
+
+// True when the target reads as zeroes over [off, off+len).
+Task<Result<bool>> MirrorJob::target_reads_zero(uint64_t off, uint64_t len) {
+  if (!tgt_.caps().has_block_status) co_return false;
+  uint64_t pos = off;
+  while (pos < off + len) {
+    auto e = co_await tgt_.block_status(pos, off + len - pos);
+    if (!e) co_return make_error(e.error());
+    if (!e->zero) co_return false;
+    pos += e->length;
+  }
+  co_return true;
+}
+
+// A source region that reads as zeroes needs work only where the target may hold
+// something else; there it is marked dirty, and the copy loop writes zeroes that
+// keep holes. Never a full-disk zeroing pass, never the target written twice.
+Task<Result<void>> MirrorJob::mark_zero_region(uint64_t off, uint64_t len) {
+  if (!tgt_.caps().has_block_status) {
+    mark_dirty(off, len);
+    co_return Result<void>{};
+  }
+  uint64_t pos = off;
+  while (pos < off + len) {
+    auto e = co_await tgt_.block_status(pos, off + len - pos);
+    if (!e) co_return make_error(e.error());
+    if (!e->zero) mark_dirty(pos, e->length);
+    pos += e->length;
+  }
+  co_return Result<void>{};
+}
+
+Task<Result<void>> MirrorJob::dirty_init() {
+  if (p_.sync == SyncMode::kNone || length_ == 0) co_return Result<void>{};
+  // sync=top behaves as full while nodes have no backing chain.
+  bool target_zero = p_.target_is_zero || tgt_.caps().zero_init;
+  if (!target_zero) {
+    auto z = co_await target_reads_zero(0, length_);
+    if (!z) co_return make_error(z.error());
+    target_zero = *z;
+  }
+  using Clock = std::chrono::steady_clock;
+  auto last_yield = Clock::now();
+  uint64_t pos = 0;
+  while (pos < length_) {
+    if (cancel_requested()) co_return Result<void>{};
+    // Stay responsive on huge sparse disks: yield at least every 100 ms (the
+    // pause itself happens in the copy loop).
+    if (Clock::now() - last_yield > std::chrono::milliseconds(50)) {
+      co_await yield_now();
+      last_yield = Clock::now();
+      update_len();
+    }
+    auto e = co_await src_.block_status(pos, length_ - pos);
+    if (!e) co_return make_error(e.error());
+    if (e->length == 0) co_return make_error(EIO, fmt::format("{}: empty extent", src_.describe()));
+    if (!e->zero) {
+      mark_dirty(pos, e->length);
+    } else if (!target_zero) {
+      if (auto r = co_await mark_zero_region(pos, e->length); !r) co_return r;
+    }
+    pos += e->length;
+  }
+  update_len();
+  co_return Result<void>{};
+}
+
+}  // namespace blkmirror

@@ -1,0 +1,123 @@
+// MirrorJob: copies a live source node to a target node and, on complete, swaps
+// the target in for the source. Behaviour: shared/spec/MIRROR.md; design:
+// docs/design/mirror-job.md.
+//
+// The job puts itself in the source node's write path as a WriteObserver, so
+// every write made through the graph marks the dirty bitmap after it finished.
+// The copy loop takes the next dirty run, clears its bits *before* reading (a
+// write that lands during the copy dirties the chunk again), asks the source's
+// block status, and copies, zeroes or discards. Ready = nothing dirty, nothing in
+// flight, target flushed. Complete drains the source, copies what is left,
+// flushes, and moves the source's parents to the target.
+//
+// Threading rule: loop thread only; create, verbs and events all on the loop.
+#pragma once
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <optional>
+
+#include "base/align.h"
+#include "bitmap/dirty_bitmap.h"
+#include "blockdev/graph.h"
+#include "io/buffer.h"
+#include "io/loop.h"
+#include "job/job.h"
+#include "mirror/mirror_params.h"
+
+namespace blkmirror {
+
+struct MirrorStats {
+  uint64_t bytes_copied = 0;  // data read from the source and written to the target
+  uint64_t bytes_zeroed = 0;  // made zero on the target without sending data
+  uint64_t ops = 0;
+  uint64_t errors = 0;
+};
+
+class MirrorJob : public Job, public WriteObserver {
+ public:
+  // Checks everything (parameters, nodes, sizes, busy nodes) and attaches to the
+  // nodes; nothing is read or written until start(). Errors carry QEMU's texts.
+  static Result<std::shared_ptr<MirrorJob>> create(Loop& loop, Graph& graph, MirrorParams p);
+  ~MirrorJob() override;
+
+  const MirrorParams& params() const { return p_; }
+  uint64_t granularity() const { return gran_; }
+  uint64_t buf_size() const { return buf_size_; }
+  const MirrorStats& stats() const { return stats_; }
+  uint64_t dirty_bytes() const;
+  // True once source and target converged (cleared again by an error).
+  bool synced() const { return synced_; }
+  // True when the swap happened (complete, not a soft cancel).
+  bool switched() const { return switched_; }
+
+  JobInfo info() const override;
+  void on_write(uint64_t offset, uint64_t length) override;
+
+ protected:
+  Task<Result<void>> run() override;
+  Task<void> commit() override;
+  Task<void> abort() override;
+  Result<void> on_complete() override;
+  bool on_soft_cancel() override;
+
+ private:
+  MirrorJob(Loop& loop, Graph& graph, MirrorParams p, Node* src, Node* tgt, Node* replaces);
+
+  // Phase 1 (dirty_init.cc).
+  Task<Result<void>> dirty_init();
+  Task<Result<bool>> target_reads_zero(uint64_t off, uint64_t len);
+  Task<Result<void>> mark_zero_region(uint64_t off, uint64_t len);
+
+  // Phase 2 (mirror_ops.cc).
+  struct Run {
+    uint64_t first_chunk, end_chunk;
+  };
+  std::optional<Run> pick_run();
+  const ByteRange* in_flight_at(uint64_t chunk) const;
+  bool launch_next();
+  Task<void> run_op(std::list<ByteRange>::iterator op, std::shared_ptr<MirrorJob> self);
+  // Sets is_read when the source read failed (vs the target write).
+  Task<Result<void>> copy_range(uint64_t off, uint64_t len, bool& is_read);
+  void on_op_error(const Error& e, bool is_read);
+  Task<void> wait_idle();
+
+  // Phase 5.
+  Task<void> drain_sources();
+  void undrain_sources();
+  void detach();
+
+  ByteRange chunk_bytes(uint64_t first, uint64_t end) const;
+  void mark_dirty(uint64_t off, uint64_t len);
+  void update_len();
+
+  Loop& loop_;
+  Graph& graph_;
+  MirrorParams p_;
+  Node* src_node_;
+  Node* tgt_node_;
+  Node* replaces_node_;
+  std::unique_ptr<Child> src_edge_, tgt_edge_;
+  BlockDevice& src_;
+  BlockDevice& tgt_;
+  uint64_t length_;
+  uint64_t gran_;
+  uint64_t buf_size_;
+  uint64_t max_op_;
+  DirtyBitmap dirty_;
+  std::list<ByteRange> in_flight_;
+  uint64_t in_flight_bytes_ = 0;  // buffer reserved by running operations
+  uint64_t cursor_ = 0;           // chunk where the next search starts
+  bool synced_ = false;
+  bool should_complete_ = false;
+  bool swap_on_finish_ = true;
+  bool drained_ = false;
+  bool switched_ = false;
+  bool attached_ = true;
+  std::optional<Error> fatal_;
+  BufferPool pool_;
+  MirrorStats stats_;
+};
+
+}  // namespace blkmirror

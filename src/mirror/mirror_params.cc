@@ -1,0 +1,81 @@
+#include "mirror/mirror_params.h"
+
+#include <algorithm>
+
+#include <fmt/format.h>
+
+#include "base/align.h"
+
+namespace blkmirror {
+
+Result<SyncMode> parse_sync_mode(std::string_view s) {
+  if (s == "full") return SyncMode::kFull;
+  if (s == "top") return SyncMode::kTop;
+  if (s == "none") return SyncMode::kNone;
+  if (s == "incremental" || s == "bitmap")
+    return make_error(ENOTSUP, fmt::format("Sync mode '{}' not supported", s));
+  return make_error(EINVAL, fmt::format("Parameter 'sync' does not accept value '{}'", s));
+}
+
+Result<CopyMode> parse_copy_mode(std::string_view s) {
+  if (s == "background") return CopyMode::kBackground;
+  if (s == "write-blocking") return CopyMode::kWriteBlocking;
+  return make_error(EINVAL, fmt::format("Parameter 'copy-mode' does not accept value '{}'", s));
+}
+
+Result<ErrorPolicy> parse_error_policy(std::string_view s, std::string_view param) {
+  if (s == "report") return ErrorPolicy::kReport;
+  if (s == "ignore") return ErrorPolicy::kIgnore;
+  if (s == "stop") return ErrorPolicy::kStop;
+  if (s == "enospc") return ErrorPolicy::kEnospc;
+  return make_error(EINVAL, fmt::format("Parameter '{}' does not accept value '{}'", param, s));
+}
+
+const char* to_string(SyncMode m) {
+  switch (m) {
+    case SyncMode::kFull: return "full";
+    case SyncMode::kTop: return "top";
+    case SyncMode::kNone: return "none";
+  }
+  return "?";
+}
+
+const char* to_string(ErrorAction a) {
+  switch (a) {
+    case ErrorAction::kReport: return "report";
+    case ErrorAction::kIgnore: return "ignore";
+    case ErrorAction::kStop: return "stop";
+  }
+  return "?";
+}
+
+ErrorAction action_for(ErrorPolicy p, int errnum) {
+  switch (p) {
+    case ErrorPolicy::kReport: return ErrorAction::kReport;
+    case ErrorPolicy::kIgnore: return ErrorAction::kIgnore;
+    case ErrorPolicy::kStop: return ErrorAction::kStop;
+    case ErrorPolicy::kEnospc: return errnum == ENOSPC ? ErrorAction::kStop : ErrorAction::kReport;
+  }
+  return ErrorAction::kReport;
+}
+
+Result<void> validate_params(const MirrorParams& p) {
+  if (p.granularity != 0) {
+    if (p.granularity < kMinGranularity || p.granularity > kMaxGranularity)
+      return make_error(EINVAL, "Parameter 'granularity' expects a value in range [512B, 64MB]");
+    if (!is_pow2(p.granularity))
+      return make_error(EINVAL, "Parameter 'granularity' expects a power of 2");
+  }
+  if (p.buf_size < 0) return make_error(EINVAL, "Invalid parameter 'buf-size'");
+  if (p.speed < 0) return make_error(EINVAL, "Parameter 'speed' expects a non-negative value");
+  if (p.max_in_flight == 0 || p.max_in_flight > 1024)
+    return make_error(EINVAL, "Parameter 'max-in-flight' expects a value in range [1, 1024]");
+  return {};
+}
+
+uint64_t default_granularity(uint64_t cluster) {
+  if (cluster == 0) return 64 << 10;
+  return std::clamp<uint64_t>(cluster, 4 << 10, 64 << 10);
+}
+
+}  // namespace blkmirror

@@ -1,0 +1,59 @@
+// MirrorParams: what a caller (CLI, QMP blockdev-mirror) asks of a mirror job,
+// with QEMU's names and defaults, and the checks that refuse bad values before
+// anything starts. Plain data; thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "base/result.h"
+
+namespace blkmirror {
+
+enum class SyncMode { kFull, kTop, kNone };
+enum class CopyMode { kBackground, kWriteBlocking };
+enum class ErrorPolicy { kReport, kIgnore, kStop, kEnospc };
+enum class ErrorAction { kReport, kIgnore, kStop };
+
+Result<SyncMode> parse_sync_mode(std::string_view s);
+Result<CopyMode> parse_copy_mode(std::string_view s);
+Result<ErrorPolicy> parse_error_policy(std::string_view s, std::string_view param);
+const char* to_string(SyncMode m);
+const char* to_string(ErrorAction a);
+// What a policy does with one failure: `enospc` stops on ENOSPC, reports otherwise.
+ErrorAction action_for(ErrorPolicy p, int errnum);
+
+struct MirrorParams {
+  std::string job_id;
+  std::string device;    // source node
+  std::string target;    // target node
+  SyncMode sync = SyncMode::kFull;
+  uint64_t granularity = 0;  // 0: default from the target
+  int64_t buf_size = 0;      // 0: default (16 MiB)
+  int64_t speed = 0;
+  ErrorPolicy on_source_error = ErrorPolicy::kReport;
+  ErrorPolicy on_target_error = ErrorPolicy::kReport;
+  CopyMode copy_mode = CopyMode::kBackground;
+  bool unmap = true;
+  std::optional<std::string> replaces;
+  bool target_is_zero = false;
+  bool auto_finalize = true;
+  bool auto_dismiss = true;
+  unsigned max_in_flight = 16;
+};
+
+inline constexpr int64_t kDefaultBufSize = 16 << 20;
+inline constexpr uint64_t kMinGranularity = 512;
+inline constexpr uint64_t kMaxGranularity = 64 << 20;
+
+// Checks values that need no device: granularity, buf-size, speed, in-flight.
+// Error texts are QEMU's.
+Result<void> validate_params(const MirrorParams& p);
+
+// Default granularity: the target's cluster size clamped to [4 KiB, 64 KiB], or
+// 64 KiB when the target has none.
+uint64_t default_granularity(uint64_t target_cluster_size);
+
+}  // namespace blkmirror
