@@ -21,10 +21,14 @@ BlockCaps MemoryDevice::defaults() {
   return c;
 }
 
-MemoryDevice::MemoryDevice(uint64_t length, Options opts) : length_(length), opts_(opts) {}
+MemoryDevice::MemoryDevice(uint64_t length, Options opts)
+    : length_(length), opts_(opts), rng_(opts.seed) {}
 
 Task<void> MemoryDevice::maybe_yield() {
-  if (opts_.yield) co_await asio::post(co_await asio::this_coro::executor, asio::use_awaitable);
+  if (!opts_.yield) co_return;
+  unsigned n = 1 + (opts_.jitter ? static_cast<unsigned>(rng_() % (opts_.jitter + 1)) : 0);
+  auto ex = co_await asio::this_coro::executor;
+  for (unsigned i = 0; i < n; ++i) co_await asio::post(ex, asio::use_awaitable);
 }
 
 Result<void> MemoryDevice::check(uint64_t off, uint64_t len, bool writing) const {

@@ -9,6 +9,7 @@
 #include <array>
 #include <map>
 #include <memory>
+#include <random>
 
 #include "blockdev/block_device.h"
 
@@ -21,6 +22,8 @@ class MemoryDevice : public BlockDevice {
   struct Options {
     BlockCaps caps{};          // read_only, zero_init, cluster_size... honoured as given
     bool yield = true;         // interleave operations on the loop
+    unsigned jitter = 0;       // extra random yields (0..jitter) per step, to shuffle order
+    uint64_t seed = 1;
   };
   MemoryDevice(uint64_t length, Options opts);
   explicit MemoryDevice(uint64_t length) : MemoryDevice(length, Options{defaults()}) {}
@@ -54,6 +57,7 @@ class MemoryDevice : public BlockDevice {
   uint64_t length_;
   Options opts_;
   std::map<uint64_t, std::unique_ptr<Page>> pages_;  // page index -> data
+  std::mt19937_64 rng_;
   uint64_t writes_ = 0;
   uint64_t bytes_written_ = 0;
 };

@@ -1,0 +1,143 @@
+// Test helpers for engine tests: a loop, a graph, memory devices with random
+// contents, a client that writes through the graph and keeps a model of what
+// the disk must hold, and an event recorder.
+#pragma once
+
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "blockdev/fault_device.h"
+#include "blockdev/graph.h"
+#include "blockdev/memory_device.h"
+#include "io/loop.h"
+#include "mirror/mirror_job.h"
+
+namespace blkmirror::test {
+
+// Fills about half of a device with random 4 KiB..256 KiB extents; the rest stays
+// holes. Returns the model of its contents.
+inline std::vector<std::byte> fill_random(MemoryDevice& dev, std::mt19937_64& rng) {
+  std::vector<std::byte> model(dev.length());
+  uint64_t pos = 0;
+  while (pos < dev.length()) {
+    uint64_t len = std::min<uint64_t>(4096 * (1 + rng() % 64), dev.length() - pos);
+    if (rng() % 2) {
+      for (uint64_t i = 0; i < len; ++i) model[pos + i] = static_cast<std::byte>(rng());
+      dev.write_now(pos, {model.data() + pos, len});
+    }
+    pos += len;
+  }
+  return model;
+}
+
+inline std::vector<std::byte> contents(const MemoryDevice& dev) {
+  std::vector<std::byte> out(dev.length());
+  dev.read_now(0, out);
+  return out;
+}
+
+// Index of the first differing byte, or -1.
+inline int64_t first_difference(const std::vector<std::byte>& a, const std::vector<std::byte>& b) {
+  if (a.size() != b.size()) return 0;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return static_cast<int64_t>(i);
+  return -1;
+}
+
+// Writes random data (and sometimes zeroes) through a graph edge, mirroring each
+// acknowledged write into model. Runs until stop is set.
+struct Client {
+  std::unique_ptr<Child> edge;
+  std::vector<std::byte>* model = nullptr;
+  std::mt19937_64 rng{1};
+  bool stop = false, done = false;
+  uint64_t acked = 0, failed = 0;
+  uint64_t max_len = 3 * 65536 + 1000;
+  bool unaligned = true;
+
+  Task<void> run() {
+    std::vector<std::byte> buf(max_len);
+    uint64_t size = model->size();
+    while (!stop && size > 0) {
+      // Mostly small writes, some large ones crossing several chunks.
+      uint64_t cap = rng() % 8 == 0 ? max_len : 8192;
+      uint64_t len = 1 + rng() % std::min(cap, size);
+      uint64_t off = rng() % (size - len + 1);
+      if (!unaligned) {
+        off = off / 512 * 512;
+        len = std::max<uint64_t>(512, len / 512 * 512);
+        if (off + len > size) len = size - off;
+      }
+      bool zero = rng() % 8 == 0;
+      Result<void> r;
+      if (zero) {
+        r = co_await edge->write_zeroes(off, len, ZeroFlags{.may_unmap = (rng() % 2) == 0});
+      } else {
+        for (uint64_t i = 0; i < len; ++i) buf[i] = static_cast<std::byte>(rng());
+        r = co_await edge->write(off, {buf.data(), len});
+      }
+      if (r) {
+        if (zero)
+          std::memset(model->data() + off, 0, len);
+        else
+          std::memcpy(model->data() + off, buf.data(), len);
+        ++acked;
+      } else {
+        ++failed;
+      }
+      // A busy but finite writer: a background mirror converges against it.
+      co_await sleep_for(std::chrono::microseconds(100 + rng() % 1000));
+    }
+    done = true;
+  }
+};
+
+struct Recorder {
+  std::vector<JobEvent> events;
+  void attach(Job& j) {
+    j.subscribe([this](const JobEvent& e) { events.push_back(e); });
+  }
+  int count(JobEvent::Kind k) const {
+    int n = 0;
+    for (auto& e : events) n += e.kind == k;
+    return n;
+  }
+  std::vector<std::string> statuses() const {
+    std::vector<std::string> out;
+    for (auto& e : events)
+      if (e.kind == JobEvent::Kind::kStatusChange) out.push_back(to_string(e.status));
+    return out;
+  }
+  const JobEvent* last(JobEvent::Kind k) const {
+    for (auto it = events.rbegin(); it != events.rend(); ++it)
+      if (it->kind == k) return &*it;
+    return nullptr;
+  }
+};
+
+// Waits (on the loop) until pred() holds, or fails the test after timeout.
+template <class Pred>
+Task<bool> wait_until(Pred pred, std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline) co_return false;
+    co_await sleep_for(std::chrono::milliseconds(1));
+  }
+  co_return true;
+}
+
+inline MemoryDevice::Options memory_opts(bool zero_init = true, unsigned jitter = 0,
+                                         uint64_t seed = 1) {
+  MemoryDevice::Options o{MemoryDevice::defaults()};
+  o.caps.zero_init = zero_init;
+  o.jitter = jitter;
+  o.seed = seed;
+  return o;
+}
+
+}  // namespace blkmirror::test
