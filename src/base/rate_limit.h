@@ -6,6 +6,7 @@
 // Threading rule: not thread-safe; owned by one job on the loop thread.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 
@@ -24,6 +25,8 @@ class RateLimiter {
   // How long to wait before dispatching more. Zero when allowed now.
   Clock::duration delay(Clock::time_point now = Clock::now());
   void charge(uint64_t bytes, Clock::time_point now = Clock::now());
+  // Gives back a charge that turned out free (an operation the target did cheaply).
+  void refund(uint64_t bytes) { dispatched_ -= std::min(dispatched_, bytes); }
 
  private:
   void advance(Clock::time_point now);

@@ -18,12 +18,18 @@ namespace blkmirror {
 struct Error {
   std::error_code code;
   std::string context;
+  // A complete sentence for the user ("Invalid parameter 'buf-size'"): message()
+  // is the context alone, with no errno text appended.
+  bool plain = false;
 
   int errnum() const { return code.category() == std::generic_category() ? code.value() : EIO; }
   // The errno text alone, as QMP reports it ("Input/output error").
   std::string reason() const { return code.message(); }
   // "context: reason", for logs and one-line CLI errors.
-  std::string message() const { return context.empty() ? reason() : context + ": " + reason(); }
+  std::string message() const {
+    if (plain) return context;
+    return context.empty() ? reason() : context + ": " + reason();
+  }
 };
 
 template <class T>
@@ -33,6 +39,12 @@ using Result = tl::expected<T, Error>;
 inline tl::unexpected<Error> make_error(int errnum, std::string context = {}) {
   return tl::unexpected<Error>(Error{std::error_code(errnum, std::generic_category()),
                                      std::move(context)});
+}
+
+// A user-facing error whose text is the whole message (QMP desc, CLI line).
+inline tl::unexpected<Error> make_plain_error(int errnum, std::string text) {
+  return tl::unexpected<Error>(Error{std::error_code(errnum, std::generic_category()),
+                                     std::move(text), true});
 }
 
 inline tl::unexpected<Error> make_error(Error e) { return tl::unexpected<Error>(std::move(e)); }

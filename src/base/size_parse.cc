@@ -11,11 +11,11 @@ namespace blkmirror {
 Result<uint64_t> parse_size(std::string_view text) {
   std::string_view s = text;
   while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
-  if (s.empty() || s.front() == '-') return make_error(EINVAL, fmt::format("invalid size '{}'", text));
+  if (s.empty() || s.front() == '-') return make_plain_error(EINVAL, fmt::format("invalid size '{}'", text));
   uint64_t value = 0;
   auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), value);
   if (ec != std::errc() || ptr == s.data())
-    return make_error(ec == std::errc::result_out_of_range ? ERANGE : EINVAL,
+    return make_plain_error(ec == std::errc::result_out_of_range ? ERANGE : EINVAL,
                       fmt::format("invalid size '{}'", text));
   std::string suffix(ptr, s.data() + s.size());
   for (auto& c : suffix) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
@@ -28,9 +28,9 @@ Result<uint64_t> parse_size(std::string_view text) {
   else if (suffix == "G") shift = 30;
   else if (suffix == "T") shift = 40;
   else if (suffix == "P") shift = 50;
-  else return make_error(EINVAL, fmt::format("invalid size suffix in '{}'", text));
+  else return make_plain_error(EINVAL, fmt::format("invalid size suffix in '{}'", text));
   if (shift && value > (std::numeric_limits<uint64_t>::max() >> shift))
-    return make_error(ERANGE, fmt::format("size '{}' too large", text));
+    return make_plain_error(ERANGE, fmt::format("size '{}' too large", text));
   return value << shift;
 }
 

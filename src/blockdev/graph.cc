@@ -94,8 +94,8 @@ Task<Result<Extent>> Child::block_status(uint64_t off, uint64_t len) {
 }
 
 Result<Node*> Graph::add(const std::string& name, BlockDevicePtr dev) {
-  if (name.empty()) return make_error(EINVAL, "node name must not be empty");
-  if (nodes_.count(name)) return make_error(EEXIST, fmt::format("node '{}'", name));
+  if (name.empty()) return make_plain_error(EINVAL, "Parameter 'node-name' must not be empty");
+  if (nodes_.count(name)) return make_plain_error(EEXIST, fmt::format("Duplicate nodes with node-name='{}'", name));
   auto node = std::make_unique<Node>(name, std::move(dev));
   Node* raw = node.get();
   nodes_.emplace(name, std::move(node));
@@ -109,9 +109,9 @@ Node* Graph::find(const std::string& name) const {
 
 Result<void> Graph::remove(const std::string& name) {
   auto it = nodes_.find(name);
-  if (it == nodes_.end()) return make_error(ENOENT, fmt::format("node '{}'", name));
+  if (it == nodes_.end()) return make_plain_error(ENOENT, fmt::format("Failed to find node with node-name='{}'", name));
   if (!it->second->parents_.empty())
-    return make_error(EBUSY, fmt::format("node '{}' is in use by {}", name,
+    return make_plain_error(EBUSY, fmt::format("Node '{}' is busy: in use by {}", name,
                                          it->second->parents_.front()->role()));
   nodes_.erase(it);
   return {};

@@ -11,10 +11,10 @@ namespace {
 
 // A size option; a leading '-' is reported as the negative value it is.
 Result<int64_t> size_option(const std::string& text, const char* name, const char* negative_msg) {
-  if (!text.empty() && text.front() == '-') return make_error(EINVAL, negative_msg);
+  if (!text.empty() && text.front() == '-') return make_plain_error(EINVAL, negative_msg);
   auto v = parse_size(text);
-  if (!v) return make_error(EINVAL, fmt::format("--{}: {}", name, v.error().message()));
-  if (*v > static_cast<uint64_t>(INT64_MAX)) return make_error(ERANGE, fmt::format("--{}: too large", name));
+  if (!v) return make_plain_error(EINVAL, fmt::format("--{}: {}", name, v.error().message()));
+  if (*v > static_cast<uint64_t>(INT64_MAX)) return make_plain_error(ERANGE, fmt::format("--{}: too large", name));
   return static_cast<int64_t>(*v);
 }
 
@@ -43,7 +43,7 @@ Result<MirrorParams> MirrorCliOptions::to_params() const {
     if (!g) return make_error(g.error());
     p.granularity = static_cast<uint64_t>(*g);
     if (p.granularity == 0)
-      return make_error(EINVAL, "Parameter 'granularity' expects a value in range [512B, 64MB]");
+      return make_plain_error(EINVAL, "Parameter 'granularity' expects a value in range [512B, 64MB]");
   }
   if (!buf_size.empty()) {
     auto b = size_option(buf_size, "buf-size", "Invalid parameter 'buf-size'");

@@ -113,13 +113,13 @@ Task<void> Job::wait_concluded() {
 }
 
 Result<void> Job::check_verb(JobVerb v) const {
-  if (!job_verb_allowed(v, status_)) return make_error(EPERM, job_verb_error(id_, status_, v));
+  if (!job_verb_allowed(v, status_)) return make_plain_error(EPERM, job_verb_error(id_, status_, v));
   return {};
 }
 
 Result<void> Job::pause() {
   if (auto r = check_verb(JobVerb::kPause); !r) return r;
-  if (user_paused_) return make_error(EBUSY, "Job is already paused");
+  if (user_paused_) return make_plain_error(EBUSY, "Job is already paused");
   user_paused_ = true;
   ++pause_requested_;
   kick();
@@ -128,7 +128,7 @@ Result<void> Job::pause() {
 
 Result<void> Job::resume() {
   if (auto r = check_verb(JobVerb::kResume); !r) return r;
-  if (!user_paused_) return make_error(EINVAL, "Can't resume a job that was not paused");
+  if (!user_paused_) return make_plain_error(EINVAL, "Can't resume a job that was not paused");
   user_paused_ = false;
   --pause_requested_;
   io_status_ = IoStatus::kOk;
@@ -156,7 +156,7 @@ Result<void> Job::cancel(bool force) {
 Result<void> Job::set_speed(int64_t bytes_per_sec) {
   if (auto r = check_verb(JobVerb::kSetSpeed); !r) return r;
   if (bytes_per_sec < 0)
-    return make_error(EINVAL, "Parameter 'speed' expects a non-negative value");
+    return make_plain_error(EINVAL, "Parameter 'speed' expects a non-negative value");
   rate_.set_speed(static_cast<uint64_t>(bytes_per_sec));
   kick();
   return {};

@@ -24,26 +24,26 @@ const Child* job_edge(const Node& n) {
 Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, MirrorParams p) {
   if (auto r = validate_params(p); !r) return make_error(r.error());
   if (p.copy_mode == CopyMode::kWriteBlocking)
-    return make_error(ENOTSUP, "copy-mode 'write-blocking' is not supported yet");
+    return make_plain_error(ENOTSUP, "copy-mode 'write-blocking' is not supported yet");
   Node* src = graph.find(p.device);
-  if (!src) return make_error(ENOENT, node_not_found(p.device));
+  if (!src) return make_plain_error(ENOENT, node_not_found(p.device));
   Node* tgt = graph.find(p.target);
-  if (!tgt) return make_error(ENOENT, node_not_found(p.target));
-  if (src == tgt) return make_error(EINVAL, "Can't mirror node into itself");
+  if (!tgt) return make_plain_error(ENOENT, node_not_found(p.target));
+  if (src == tgt) return make_plain_error(EINVAL, "Can't mirror node into itself");
   Node* replaces = src;
   if (p.replaces) {
     replaces = graph.find(*p.replaces);
-    if (!replaces) return make_error(ENOENT, fmt::format("Node name '{}' not found", *p.replaces));
+    if (!replaces) return make_plain_error(ENOENT, fmt::format("Node name '{}' not found", *p.replaces));
   }
   for (Node* n : {src, tgt}) {
     if (const Child* c = job_edge(*n))
-      return make_error(EBUSY, fmt::format("Node '{}' is busy: block device is in use by {}",
+      return make_plain_error(EBUSY, fmt::format("Node '{}' is busy: block device is in use by {}",
                                            n->name(), c->role()));
   }
   if (tgt->device().caps().read_only)
-    return make_error(EROFS, fmt::format("Target node '{}' is read-only", tgt->name()));
+    return make_plain_error(EROFS, fmt::format("Target node '{}' is read-only", tgt->name()));
   if (src->length() != tgt->length())
-    return make_error(EINVAL, "Source and target image have different sizes");
+    return make_plain_error(EINVAL, "Source and target image have different sizes");
   if (p.job_id.empty()) p.job_id = p.device;
   return std::shared_ptr<MirrorJob>(new MirrorJob(loop, graph, std::move(p), src, tgt, replaces));
 }
@@ -128,7 +128,7 @@ JobInfo MirrorJob::info() const {
 
 Result<void> MirrorJob::on_complete() {
   if (p_.replaces && !graph_.find(*p_.replaces))
-    return make_error(ENOENT, fmt::format("Node name '{}' not found", *p_.replaces));
+    return make_plain_error(ENOENT, fmt::format("Node name '{}' not found", *p_.replaces));
   should_complete_ = true;
   swap_on_finish_ = true;
   return {};

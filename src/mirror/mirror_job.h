@@ -78,8 +78,11 @@ class MirrorJob : public Job, public WriteObserver {
   const ByteRange* in_flight_at(uint64_t chunk) const;
   bool launch_next();
   Task<void> run_op(std::list<ByteRange>::iterator op, std::shared_ptr<MirrorJob> self);
-  // Sets is_read when the source read failed (vs the target write).
-  Task<Result<void>> copy_range(uint64_t off, uint64_t len, bool& is_read);
+  // Sets is_read when the source read failed (vs the target write); adds to
+  // zeroed the bytes that were all zero and written as holes.
+  Task<Result<void>> copy_range(uint64_t off, uint64_t len, bool& is_read, uint64_t& zeroed);
+  Task<Result<void>> write_keeping_holes(uint64_t off, std::span<const std::byte> data,
+                                         uint64_t& zeroed);
   void on_op_error(const Error& e, bool is_read);
   Task<void> wait_idle();
 

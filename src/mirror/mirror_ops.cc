@@ -53,6 +53,9 @@ bool MirrorJob::launch_next() {
   ByteRange bytes = chunk_bytes(run->first_chunk, run->end_chunk);
   auto op = in_flight_.insert(in_flight_.end(), bytes);
   in_flight_bytes_ += bytes.length;
+  // Charge at launch (the op may turn out to be a cheap zero and get a refund),
+  // so a burst of launches cannot outrun the speed limit.
+  rate_.charge(bytes.length);
   cursor_ = run->end_chunk;
   asio::co_spawn(loop_.executor(),
                  run_op(op, std::static_pointer_cast<MirrorJob>(shared_from_this())),
@@ -60,7 +63,50 @@ bool MirrorJob::launch_next() {
   return true;
 }
 
-Task<Result<void>> MirrorJob::copy_range(uint64_t off, uint64_t len, bool& is_read) {
+namespace {
+
+bool all_zero(const std::byte* p, size_t n) {
+  // Word-wise; dense data usually fails on the first word.
+  const auto* w = reinterpret_cast<const uint64_t*>(p);
+  for (size_t i = 0; i < n / 8; ++i)
+    if (w[i]) return false;
+  for (size_t i = n / 8 * 8; i < n; ++i)
+    if (p[i] != std::byte{0}) return false;
+  return true;
+}
+
+}  // namespace
+
+Task<Result<void>> MirrorJob::write_keeping_holes(uint64_t off, std::span<const std::byte> data,
+                                                  uint64_t& zeroed) {
+  // A chunk that is partly hole on the source (a small write into a sparse
+  // area) reads back as data plus zeroes. Writing the zeroes as holes keeps the
+  // target as sparse as the source, at 4 KiB resolution.
+  constexpr uint64_t kBlock = 4096;
+  if (!p_.unmap || !tgt_.caps().can_zero_unmap || data.size() < kBlock)
+    co_return co_await tgt_.write(off, data, {});
+  uint64_t pos = 0, len = data.size();
+  while (pos < len) {
+    // Extend a run of blocks of one kind (the last block may be short).
+    bool zero = all_zero(data.data() + pos, std::min(kBlock, len - pos));
+    uint64_t end = pos;
+    while (end < len && all_zero(data.data() + end, std::min(kBlock, len - end)) == zero)
+      end += std::min(kBlock, len - end);
+    Result<void> r;
+    if (zero) {
+      r = co_await tgt_.write_zeroes(off + pos, end - pos, ZeroFlags{.may_unmap = true});
+      zeroed += end - pos;
+    } else {
+      r = co_await tgt_.write(off + pos, data.subspan(pos, end - pos), {});
+    }
+    if (!r) co_return r;
+    pos = end;
+  }
+  co_return Result<void>{};
+}
+
+Task<Result<void>> MirrorJob::copy_range(uint64_t off, uint64_t len, bool& is_read,
+                                         uint64_t& zeroed) {
   AlignedBuffer buf = pool_.take();
   auto span = buf.span(len);
   if (auto r = co_await src_.read(off, span); !r) {
@@ -68,7 +114,7 @@ Task<Result<void>> MirrorJob::copy_range(uint64_t off, uint64_t len, bool& is_re
     is_read = true;
     co_return r;
   }
-  auto w = co_await tgt_.write(off, span, {});
+  auto w = co_await write_keeping_holes(off, span, zeroed);
   pool_.give(std::move(buf));
   co_return w;
 }
@@ -78,6 +124,7 @@ Task<void> MirrorJob::run_op(std::list<ByteRange>::iterator op, std::shared_ptr<
   enum class Kind { kCopy, kZero, kDiscard } kind = Kind::kCopy;
   Result<void> result;
   bool is_read = false;
+  uint64_t zeroed = 0;  // bytes of a copy written as holes
 
   auto st = co_await src_.block_status(off, len);
   if (!st) {
@@ -92,6 +139,7 @@ Task<void> MirrorJob::run_op(std::list<ByteRange>::iterator op, std::shared_ptr<
       if (st->length < gran_) st->allocated = true, st->zero = false;
       mark_dirty(off + oplen, len - oplen);
       in_flight_bytes_ -= len - oplen;
+      rate_.refund(len - oplen);
       op->length = len = oplen;
     }
     if (st->zero)
@@ -101,13 +149,11 @@ Task<void> MirrorJob::run_op(std::list<ByteRange>::iterator op, std::shared_ptr<
     // Only data costs buffer space and rate budget; the target zeroes cheaply.
     if (kind != Kind::kCopy) {
       in_flight_bytes_ -= len;
-      if (!tgt_.caps().can_zero) rate_.charge(len);
-    } else {
-      rate_.charge(len);
+      if (tgt_.caps().can_zero) rate_.refund(len);
     }
     switch (kind) {
       case Kind::kCopy: {
-        result = co_await copy_range(off, len, is_read);
+        result = co_await copy_range(off, len, is_read, zeroed);
         break;
       }
       case Kind::kZero:
@@ -125,7 +171,12 @@ Task<void> MirrorJob::run_op(std::list<ByteRange>::iterator op, std::shared_ptr<
   ++stats_.ops;
   if (result) {
     progress_offset_ += len;
-    (kind == Kind::kCopy ? stats_.bytes_copied : stats_.bytes_zeroed) += len;
+    if (kind == Kind::kCopy) {
+      stats_.bytes_copied += len - zeroed;
+      stats_.bytes_zeroed += zeroed;
+    } else {
+      stats_.bytes_zeroed += len;
+    }
   } else {
     ++stats_.errors;
     mark_dirty(off, len);  // a failed operation is retried later (or the job ends)

@@ -13,14 +13,14 @@ Result<SyncMode> parse_sync_mode(std::string_view s) {
   if (s == "top") return SyncMode::kTop;
   if (s == "none") return SyncMode::kNone;
   if (s == "incremental" || s == "bitmap")
-    return make_error(ENOTSUP, fmt::format("Sync mode '{}' not supported", s));
-  return make_error(EINVAL, fmt::format("Parameter 'sync' does not accept value '{}'", s));
+    return make_plain_error(ENOTSUP, fmt::format("Sync mode '{}' not supported", s));
+  return make_plain_error(EINVAL, fmt::format("Parameter 'sync' does not accept value '{}'", s));
 }
 
 Result<CopyMode> parse_copy_mode(std::string_view s) {
   if (s == "background") return CopyMode::kBackground;
   if (s == "write-blocking") return CopyMode::kWriteBlocking;
-  return make_error(EINVAL, fmt::format("Parameter 'copy-mode' does not accept value '{}'", s));
+  return make_plain_error(EINVAL, fmt::format("Parameter 'copy-mode' does not accept value '{}'", s));
 }
 
 Result<ErrorPolicy> parse_error_policy(std::string_view s, std::string_view param) {
@@ -28,7 +28,7 @@ Result<ErrorPolicy> parse_error_policy(std::string_view s, std::string_view para
   if (s == "ignore") return ErrorPolicy::kIgnore;
   if (s == "stop") return ErrorPolicy::kStop;
   if (s == "enospc") return ErrorPolicy::kEnospc;
-  return make_error(EINVAL, fmt::format("Parameter '{}' does not accept value '{}'", param, s));
+  return make_plain_error(EINVAL, fmt::format("Parameter '{}' does not accept value '{}'", param, s));
 }
 
 const char* to_string(SyncMode m) {
@@ -62,14 +62,14 @@ ErrorAction action_for(ErrorPolicy p, int errnum) {
 Result<void> validate_params(const MirrorParams& p) {
   if (p.granularity != 0) {
     if (p.granularity < kMinGranularity || p.granularity > kMaxGranularity)
-      return make_error(EINVAL, "Parameter 'granularity' expects a value in range [512B, 64MB]");
+      return make_plain_error(EINVAL, "Parameter 'granularity' expects a value in range [512B, 64MB]");
     if (!is_pow2(p.granularity))
-      return make_error(EINVAL, "Parameter 'granularity' expects a power of 2");
+      return make_plain_error(EINVAL, "Parameter 'granularity' expects a power of 2");
   }
-  if (p.buf_size < 0) return make_error(EINVAL, "Invalid parameter 'buf-size'");
-  if (p.speed < 0) return make_error(EINVAL, "Parameter 'speed' expects a non-negative value");
+  if (p.buf_size < 0) return make_plain_error(EINVAL, "Invalid parameter 'buf-size'");
+  if (p.speed < 0) return make_plain_error(EINVAL, "Parameter 'speed' expects a non-negative value");
   if (p.max_in_flight == 0 || p.max_in_flight > 1024)
-    return make_error(EINVAL, "Parameter 'max-in-flight' expects a value in range [1, 1024]");
+    return make_plain_error(EINVAL, "Parameter 'max-in-flight' expects a value in range [1, 1024]");
   return {};
 }
 

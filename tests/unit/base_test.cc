@@ -1,0 +1,36 @@
+#include <gtest/gtest.h>
+
+#include "base/align.h"
+#include "base/size_parse.h"
+
+namespace blkmirror {
+namespace {
+
+TEST(SizeParse, Suffixes) {
+  EXPECT_EQ(*parse_size("4096"), 4096u);
+  EXPECT_EQ(*parse_size("64K"), 64u << 10);
+  EXPECT_EQ(*parse_size("16m"), 16u << 20);
+  EXPECT_EQ(*parse_size("1G"), uint64_t{1} << 30);
+  EXPECT_EQ(*parse_size("2GiB"), uint64_t{2} << 30);
+  EXPECT_EQ(*parse_size("1T"), uint64_t{1} << 40);
+}
+
+TEST(SizeParse, Rejects) {
+  for (const char* bad : {"", "-1", "abc", "12Q", "1.5G", "K"})
+    EXPECT_FALSE(parse_size(bad)) << bad;
+  EXPECT_FALSE(parse_size("99999999999P"));
+}
+
+TEST(Align, Helpers) {
+  EXPECT_TRUE(is_pow2(512));
+  EXPECT_FALSE(is_pow2(0));
+  EXPECT_FALSE(is_pow2(3000));
+  EXPECT_EQ(align_up(1025, 512), 1536u);
+  EXPECT_EQ(align_down(1025, 512), 1024u);
+  EXPECT_TRUE(range_within(10, 0, 10));
+  EXPECT_FALSE(range_within(5, 6, 10));
+  EXPECT_FALSE(range_within(UINT64_MAX, 2, UINT64_MAX));
+}
+
+}  // namespace
+}  // namespace blkmirror

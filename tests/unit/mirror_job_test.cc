@@ -1,0 +1,491 @@
+// Mirror job behaviour on memory devices: parameters, errors and policies,
+// cancel, pause, speed, finalize/dismiss, sparse targets, zero length.
+#include <gtest/gtest.h>
+
+#include "harness.h"
+
+namespace blkmirror::test {
+namespace {
+
+using namespace std::chrono_literals;
+
+struct Fixture {
+  Loop loop{2};
+  Graph graph;
+  std::shared_ptr<MemoryDevice> src, dst;
+  std::shared_ptr<FaultDevice> src_fault, dst_fault;
+  std::vector<std::byte> model;
+  Recorder rec;
+
+  explicit Fixture(uint64_t size, uint64_t seed = 1, bool target_zero = true) {
+    std::mt19937_64 rng(seed);
+    src = std::make_shared<MemoryDevice>(size, memory_opts());
+    dst = std::make_shared<MemoryDevice>(size, memory_opts(target_zero));
+    model = fill_random(*src, rng);
+    src_fault = std::make_shared<FaultDevice>(src, seed);
+    dst_fault = std::make_shared<FaultDevice>(dst, seed + 1);
+    EXPECT_TRUE(graph.add("src", src_fault));
+    EXPECT_TRUE(graph.add("dst", dst_fault));
+  }
+
+  MirrorParams params() {
+    MirrorParams p;
+    p.job_id = "job0";
+    p.device = "src";
+    p.target = "dst";
+    return p;
+  }
+
+  std::shared_ptr<MirrorJob> make(MirrorParams p) {
+    auto j = MirrorJob::create(loop, graph, p);
+    EXPECT_TRUE(j) << j.error().message();
+    if (!j) return nullptr;
+    rec.attach(**j);
+    return *j;
+  }
+
+  // Runs fn as a coroutine on the loop.
+  template <class F>
+  bool run(F fn) {
+    return loop.run(fn());
+  }
+};
+
+Task<bool> until(std::function<bool()> pred, std::chrono::milliseconds t = 30s) {
+  co_return co_await wait_until(pred, t);
+}
+
+TEST(MirrorJob, CopiesAndSwitches) {
+  Fixture f(4 << 20);
+  auto job = f.make(f.params());
+  auto client_edge = f.graph.attach(f.graph.find("src"), "export");
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    if (!co_await until([&] { return job->info().ready; })) co_return false;
+    EXPECT_TRUE(job->complete());
+    co_return co_await until([&] { return job->concluded(); });
+  }));
+  EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
+  EXPECT_EQ(&client_edge->node(), f.graph.find("dst"));
+  EXPECT_EQ(f.rec.statuses(), (std::vector<std::string>{"running", "ready", "waiting", "pending",
+                                                        "concluded", "null"}));
+  EXPECT_EQ(job->status(), JobStatus::kNull);
+}
+
+TEST(MirrorJob, RefusesBadParameters) {
+  Fixture f(1 << 20);
+  auto expect_error = [&](MirrorParams p, const std::string& text) {
+    auto j = MirrorJob::create(f.loop, f.graph, p);
+    ASSERT_FALSE(j);
+    EXPECT_EQ(j.error().message(), text);
+  };
+  auto p = f.params();
+  p.granularity = 3000;
+  expect_error(p, "Parameter 'granularity' expects a power of 2");
+  p.granularity = 256;
+  expect_error(p, "Parameter 'granularity' expects a value in range [512B, 64MB]");
+  p.granularity = uint64_t{128} << 20;
+  expect_error(p, "Parameter 'granularity' expects a value in range [512B, 64MB]");
+  p = f.params();
+  p.buf_size = -1;
+  expect_error(p, "Invalid parameter 'buf-size'");
+  p = f.params();
+  p.speed = -5;
+  expect_error(p, "Parameter 'speed' expects a non-negative value");
+  p = f.params();
+  p.target = "src";
+  expect_error(p, "Can't mirror node into itself");
+  p = f.params();
+  p.device = "nope";
+  expect_error(p, "Cannot find device='nope' nor node-name='nope'");
+  p = f.params();
+  p.replaces = "ghost";
+  expect_error(p, "Node name 'ghost' not found");
+  ASSERT_TRUE(f.graph.add("small", std::make_shared<MemoryDevice>(4096)));
+  p = f.params();
+  p.target = "small";
+  expect_error(p, "Source and target image have different sizes");
+  EXPECT_FALSE(parse_sync_mode("incremental"));
+  EXPECT_EQ(parse_sync_mode("bitmap").error().message(), "Sync mode 'bitmap' not supported");
+  EXPECT_EQ(f.dst->writes(), 0u);
+}
+
+TEST(MirrorJob, SecondJobOnBusyNodeRefused) {
+  Fixture f(1 << 20);
+  auto job = f.make(f.params());
+  ASSERT_TRUE(f.graph.add("other", std::make_shared<MemoryDevice>(1 << 20)));
+  auto p = f.params();
+  p.job_id = "job1";
+  p.target = "other";
+  auto j2 = MirrorJob::create(f.loop, f.graph, p);
+  ASSERT_FALSE(j2);
+  EXPECT_NE(j2.error().message().find("is busy"), std::string::npos);
+}
+
+TEST(MirrorJob, CompleteBeforeReadyRefused) {
+  Fixture f(1 << 20);
+  auto job = f.make(f.params());
+  auto r = job->complete();
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().message(), "Job 'job0' in state 'created' cannot accept command verb 'complete'");
+}
+
+TEST(MirrorJob, ReadErrorReportFailsJob) {
+  Fixture f(2 << 20);
+  f.src_fault->add_rule(FaultRule{.ops = FaultRule::kRead, .offset = 1 << 20, .length = 4096});
+  f.src->write_now(1 << 20, std::vector<std::byte>(4096, std::byte{7}));
+  auto job = f.make(f.params());
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    co_return co_await until([&] { return job->concluded(); });
+  }));
+  ASSERT_TRUE(job->failure());
+  EXPECT_EQ(job->failure()->reason(), "Input/output error");
+  auto* err = f.rec.last(JobEvent::Kind::kError);
+  ASSERT_NE(err, nullptr);
+  EXPECT_EQ(err->operation, "read");
+  EXPECT_EQ(err->action, "report");
+  auto* done = f.rec.last(JobEvent::Kind::kCompleted);
+  ASSERT_NE(done, nullptr);
+  EXPECT_EQ(done->error, "Input/output error");
+  EXPECT_EQ(f.rec.statuses().back(), "null");
+  EXPECT_NE(std::find(f.rec.statuses().begin(), f.rec.statuses().end(), "aborting"),
+            f.rec.statuses().end());
+}
+
+TEST(MirrorJob, WriteErrorIgnoreRetriesAndEndsEqual) {
+  Fixture f(4 << 20, 3);
+  f.dst_fault->add_rule(FaultRule{.ops = FaultRule::kAllWrites, .rate = 0.3, .remaining = 20});
+  auto p = f.params();
+  p.on_target_error = ErrorPolicy::kIgnore;
+  p.granularity = 65536;
+  auto job = f.make(p);
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    if (!co_await until([&] { return job->info().ready; })) co_return false;
+    EXPECT_TRUE(job->complete());
+    co_return co_await until([&] { return job->concluded(); });
+  }));
+  EXPECT_FALSE(job->failure());
+  EXPECT_GT(f.dst_fault->injected(), 0u);
+  EXPECT_EQ(f.rec.count(JobEvent::Kind::kError), static_cast<int>(f.dst_fault->injected()));
+  EXPECT_EQ(f.rec.last(JobEvent::Kind::kError)->action, "ignore");
+  EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
+}
+
+TEST(MirrorJob, WriteErrorStopPausesThenResumeEndsEqual) {
+  Fixture f(4 << 20, 4);
+  std::vector<std::byte> data(65536, std::byte{0x42});  // make sure the range is copied
+  f.src->write_now(2 << 20, data);
+  std::memcpy(f.model.data() + (2 << 20), data.data(), data.size());
+  f.dst_fault->add_rule(FaultRule{.ops = FaultRule::kAllWrites, .offset = 2 << 20, .length = 65536});
+  auto p = f.params();
+  p.on_target_error = ErrorPolicy::kStop;
+  auto job = f.make(p);
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    if (!co_await until([&] { return job->status() == JobStatus::kPaused; })) co_return false;
+    auto info = job->info();
+    EXPECT_EQ(info.io_status, IoStatus::kFailed);
+    EXPECT_TRUE(info.paused);
+    EXPECT_EQ(f.rec.last(JobEvent::Kind::kError)->action, "stop");
+    // Stays paused: offset does not move.
+    uint64_t off = info.offset;
+    co_await sleep_for(100ms);
+    EXPECT_EQ(job->info().offset, off);
+    EXPECT_EQ(job->status(), JobStatus::kPaused);
+    f.dst_fault->clear_rules();
+    EXPECT_TRUE(job->resume());
+    EXPECT_EQ(job->info().io_status, IoStatus::kOk);
+    if (!co_await until([&] { return job->info().ready; })) co_return false;
+    EXPECT_TRUE(job->complete());
+    co_return co_await until([&] { return job->concluded(); });
+  }));
+  EXPECT_FALSE(job->failure());
+  EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
+}
+
+TEST(MirrorJob, EnospcPolicyStopsOnEnospcReportsOtherwise) {
+  {
+    Fixture f(2 << 20, 5);
+    f.dst_fault->add_rule(FaultRule{.ops = FaultRule::kAllWrites, .remaining = 1, .errnum = ENOSPC});
+    auto p = f.params();
+    p.on_target_error = ErrorPolicy::kEnospc;
+    auto job = f.make(p);
+    ASSERT_TRUE(f.run([&]() -> Task<bool> {
+      job->start(f.loop.executor());
+      if (!co_await until([&] { return job->status() == JobStatus::kPaused; })) co_return false;
+      EXPECT_EQ(job->info().io_status, IoStatus::kNoSpace);
+      EXPECT_TRUE(job->resume());
+      if (!co_await until([&] { return job->info().ready; })) co_return false;
+      EXPECT_TRUE(job->complete());
+      co_return co_await until([&] { return job->concluded(); });
+    }));
+    EXPECT_FALSE(job->failure());
+    EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
+  }
+  {
+    Fixture f(2 << 20, 6);
+    f.dst_fault->add_rule(FaultRule{.ops = FaultRule::kAllWrites, .remaining = 1, .errnum = EIO});
+    auto p = f.params();
+    p.on_target_error = ErrorPolicy::kEnospc;
+    auto job = f.make(p);
+    ASSERT_TRUE(f.run([&]() -> Task<bool> {
+      job->start(f.loop.executor());
+      co_return co_await until([&] { return job->concluded(); });
+    }));
+    ASSERT_TRUE(job->failure());
+    EXPECT_EQ(f.rec.last(JobEvent::Kind::kError)->action, "report");
+  }
+}
+
+TEST(MirrorJob, FlushFailureAtReadyCheckFollowsPolicy) {
+  Fixture f(1 << 20, 7);
+  f.dst_fault->add_rule(FaultRule{.ops = FaultRule::kFlush, .remaining = 2});
+  auto p = f.params();
+  p.on_target_error = ErrorPolicy::kIgnore;
+  auto job = f.make(p);
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    if (!co_await until([&] { return job->info().ready; })) co_return false;
+    EXPECT_TRUE(job->complete());
+    co_return co_await until([&] { return job->concluded(); });
+  }));
+  EXPECT_FALSE(job->failure());
+  EXPECT_EQ(f.rec.count(JobEvent::Kind::kError), 2);
+  EXPECT_EQ(f.rec.count(JobEvent::Kind::kReady), 1);
+}
+
+TEST(MirrorJob, CancelBeforeReadyLeavesTargetPartial) {
+  Fixture f(8 << 20, 8);
+  auto p = f.params();
+  p.speed = 1 << 20;  // slow, so the cancel lands mid-copy
+  auto job = f.make(p);
+  auto src_before = contents(*f.src);
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    co_await sleep_for(50ms);
+    EXPECT_TRUE(job->cancel(false));
+    co_return co_await until([&] { return job->concluded(); });
+  }));
+  EXPECT_TRUE(job->was_cancelled());
+  EXPECT_EQ(f.rec.count(JobEvent::Kind::kCancelled), 1);
+  EXPECT_EQ(f.rec.count(JobEvent::Kind::kCompleted), 0);
+  EXPECT_NE(first_difference(contents(*f.dst), f.model), -1);  // partial
+  EXPECT_EQ(contents(*f.src), src_before);                      // source untouched
+  EXPECT_FALSE(job->switched());
+}
+
+TEST(MirrorJob, SoftCancelAfterReadyCompletesWithoutSwitch) {
+  Fixture f(4 << 20, 9);
+  auto job = f.make(f.params());
+  auto client_edge = f.graph.attach(f.graph.find("src"), "export");
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    if (!co_await until([&] { return job->info().ready; })) co_return false;
+    // A write while ready must still reach the target before the job ends.
+    std::vector<std::byte> data(10000, std::byte{0x5a});
+    EXPECT_TRUE(co_await client_edge->write(12345, data));
+    std::memcpy(f.model.data() + 12345, data.data(), data.size());
+    EXPECT_TRUE(job->cancel(false));
+    co_return co_await until([&] { return job->concluded(); });
+  }));
+  EXPECT_FALSE(job->was_cancelled());
+  EXPECT_EQ(f.rec.count(JobEvent::Kind::kCompleted), 1);
+  EXPECT_EQ(f.rec.count(JobEvent::Kind::kCancelled), 0);
+  EXPECT_FALSE(job->switched());
+  EXPECT_EQ(&client_edge->node(), f.graph.find("src"));
+  EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
+}
+
+TEST(MirrorJob, ForceCancelAfterReadyIsCancelled) {
+  Fixture f(2 << 20, 10);
+  auto job = f.make(f.params());
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    if (!co_await until([&] { return job->info().ready; })) co_return false;
+    EXPECT_TRUE(job->cancel(true));
+    co_return co_await until([&] { return job->concluded(); });
+  }));
+  EXPECT_TRUE(job->was_cancelled());
+  EXPECT_EQ(f.rec.count(JobEvent::Kind::kCancelled), 1);
+  EXPECT_FALSE(job->switched());
+}
+
+TEST(MirrorJob, PauseKeepsOffsetStill) {
+  Fixture f(16 << 20, 11);
+  auto p = f.params();
+  p.speed = 8 << 20;
+  auto job = f.make(p);
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    co_await sleep_for(100ms);
+    EXPECT_TRUE(job->pause());
+    EXPECT_FALSE(job->pause());  // already paused
+    if (!co_await until([&] { return job->status() == JobStatus::kPaused; })) co_return false;
+    uint64_t off = job->info().offset;
+    EXPECT_TRUE(job->info().paused);
+    co_await sleep_for(300ms);
+    EXPECT_EQ(job->info().offset, off);
+    EXPECT_TRUE(job->resume());
+    EXPECT_FALSE(job->resume());  // not paused any more
+    EXPECT_TRUE(job->set_speed(0));
+    if (!co_await until([&] { return job->info().ready; })) co_return false;
+    EXPECT_GT(job->info().offset, off);
+    // Pausing while ready goes to standby and back.
+    EXPECT_TRUE(job->pause());
+    if (!co_await until([&] { return job->status() == JobStatus::kStandby; })) co_return false;
+    EXPECT_TRUE(job->resume());
+    if (!co_await until([&] { return job->status() == JobStatus::kReady; })) co_return false;
+    EXPECT_TRUE(job->complete());
+    co_return co_await until([&] { return job->concluded(); });
+  }));
+  EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
+}
+
+TEST(MirrorJob, SpeedLimitHonoured) {
+  // 6 MiB of data at 3 MiB/s: about 2 s (the first slice is free).
+  Fixture f(6 << 20, 12);
+  std::vector<std::byte> dense(6 << 20, std::byte{1});
+  f.src->write_now(0, dense);
+  f.model = dense;
+  auto p = f.params();
+  p.speed = 3 << 20;
+  auto job = f.make(p);
+  auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    co_return co_await until([&] { return job->info().ready; });
+  }));
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_GE(secs, 2.0 * 0.8);
+  EXPECT_LE(secs, 2.0 * 1.2);
+  EXPECT_EQ(job->info().speed, 3u << 20);
+  EXPECT_FALSE(job->set_speed(-1));
+}
+
+TEST(MirrorJob, AutoFinalizeOffWaitsInPendingAndAutoDismissOffInConcluded) {
+  Fixture f(1 << 20, 13);
+  auto p = f.params();
+  p.auto_finalize = false;
+  p.auto_dismiss = false;
+  auto job = f.make(p);
+  auto edge = f.graph.attach(f.graph.find("src"), "export");
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    if (!co_await until([&] { return job->info().ready; })) co_return false;
+    EXPECT_FALSE(job->finalize());
+    EXPECT_TRUE(job->complete());
+    if (!co_await until([&] { return job->status() == JobStatus::kPending; })) co_return false;
+    co_await sleep_for(50ms);
+    EXPECT_EQ(job->status(), JobStatus::kPending);
+    EXPECT_EQ(f.rec.count(JobEvent::Kind::kPending), 1);
+    EXPECT_EQ(&edge->node(), f.graph.find("src"));  // not switched before finalize
+    EXPECT_FALSE(job->dismiss());
+    EXPECT_TRUE(job->finalize());
+    if (!co_await until([&] { return job->status() == JobStatus::kConcluded; })) co_return false;
+    co_await sleep_for(20ms);
+    EXPECT_EQ(job->status(), JobStatus::kConcluded);
+    EXPECT_TRUE(job->dismiss());
+    co_return job->status() == JobStatus::kNull;
+  }));
+  EXPECT_EQ(&edge->node(), f.graph.find("dst"));
+}
+
+TEST(MirrorJob, ZeroLengthGoesStraightToReady) {
+  Loop loop;
+  Graph graph;
+  ASSERT_TRUE(graph.add("src", std::make_shared<MemoryDevice>(0)));
+  ASSERT_TRUE(graph.add("dst", std::make_shared<MemoryDevice>(0)));
+  MirrorParams p;
+  p.device = "src";
+  p.target = "dst";
+  auto job = MirrorJob::create(loop, graph, p);
+  ASSERT_TRUE(job);
+  EXPECT_EQ((*job)->id(), "src");  // job id defaults to the device
+  ASSERT_TRUE(loop.run([&]() -> Task<bool> {
+    (*job)->start(loop.executor());
+    if (!co_await wait_until([&] { return (*job)->info().ready; })) co_return false;
+    EXPECT_EQ((*job)->info().len, 0u);
+    EXPECT_TRUE((*job)->complete());
+    co_return co_await wait_until([&] { return (*job)->concluded(); });
+  }()));
+  EXPECT_FALSE((*job)->failure());
+}
+
+TEST(MirrorJob, SparseSourceKeepsTargetSparse) {
+  // 64 MiB virtual with 2 MiB of data; target zero-initialised.
+  Fixture f(64 << 20, 14);
+  f.src->zero_now(0, 64 << 20, true);
+  std::vector<std::byte> data(1 << 20, std::byte{3});
+  f.src->write_now(5 << 20, data);
+  f.src->write_now(40 << 20, data);
+  auto job = f.make(f.params());
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    if (!co_await until([&] { return job->info().ready; })) co_return false;
+    EXPECT_TRUE(job->complete());
+    co_return co_await until([&] { return job->concluded(); });
+  }));
+  EXPECT_EQ(f.dst->allocated_bytes(), f.src->allocated_bytes());
+  EXPECT_EQ(job->stats().bytes_copied, 2u << 20);
+  EXPECT_EQ(contents(*f.dst), contents(*f.src));
+}
+
+TEST(MirrorJob, NonZeroTargetIsZeroedWithHolesNotData) {
+  // The target holds old data where the source has holes: those areas must end
+  // zero, made with write-zeroes that keep holes, not by writing zero buffers.
+  Fixture f(8 << 20, 15, /*target_zero=*/false);
+  std::mt19937_64 junk(77);
+  fill_random(*f.dst, junk);
+  auto job = f.make(f.params());
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    if (!co_await until([&] { return job->info().ready; })) co_return false;
+    EXPECT_TRUE(job->complete());
+    co_return co_await until([&] { return job->concluded(); });
+  }));
+  EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
+  EXPECT_GT(job->stats().bytes_zeroed, 0u);
+  EXPECT_LE(f.dst->allocated_bytes(), f.src->allocated_bytes() + (1 << 20));
+}
+
+TEST(MirrorJob, SyncNoneCopiesOnlyNewWrites) {
+  Fixture f(4 << 20, 16);
+  auto p = f.params();
+  p.sync = SyncMode::kNone;
+  auto job = f.make(p);
+  auto edge = f.graph.attach(f.graph.find("src"), "export");
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    if (!co_await until([&] { return job->info().ready; })) co_return false;
+    std::vector<std::byte> data(8192, std::byte{9});
+    EXPECT_TRUE(co_await edge->write(1 << 20, data));
+    EXPECT_TRUE(job->complete());
+    co_return co_await until([&] { return job->concluded(); });
+  }));
+  EXPECT_EQ(job->stats().bytes_copied, 65536u);  // one chunk
+  std::vector<std::byte> got(8192);
+  f.dst->read_now(1 << 20, got);
+  EXPECT_EQ(got, std::vector<std::byte>(8192, std::byte{9}));
+}
+
+TEST(MirrorJob, BufSizeRoundedUpToGranularity) {
+  Fixture f(1 << 20);
+  auto p = f.params();
+  p.buf_size = 4096;
+  p.granularity = 65536;
+  auto job = f.make(p);
+  EXPECT_EQ(job->buf_size(), 65536u);
+  EXPECT_EQ(job->granularity(), 65536u);
+}
+
+TEST(MirrorJob, DefaultGranularityFollowsTargetCluster) {
+  EXPECT_EQ(default_granularity(0), 65536u);
+  EXPECT_EQ(default_granularity(512), 4096u);
+  EXPECT_EQ(default_granularity(16384), 16384u);
+  EXPECT_EQ(default_granularity(2 << 20), 65536u);
+}
+
+}  // namespace
+}  // namespace blkmirror::test
