@@ -11,6 +11,7 @@
 #include "cli/commands.h"
 #include "cli/drive.h"
 #include "cli/exit_codes.h"
+#include "cli/fault_env.h"
 #include "cli/mirror_options.h"
 
 namespace blkmirror {
@@ -45,9 +46,13 @@ int run_mirror(const MirrorArgs& a) {
                                   "image have different sizes)",
                                   a.dst, (*dst)->length(), a.src, (*src)->length()));
 
+  auto src_dev = apply_fault_env(*src, "src");
+  auto dst_dev = apply_fault_env(*dst, "dst");
+  if (!src_dev || !dst_dev)
+    return fail_input((!src_dev ? src_dev.error() : dst_dev.error()).message());
   Graph graph;
-  (void)graph.add("src", *src);
-  (void)graph.add("dst", *dst);
+  (void)graph.add("src", *src_dev);
+  (void)graph.add("dst", *dst_dev);
   params->device = "src";
   params->target = "dst";
   params->job_id = "mirror";

@@ -101,9 +101,6 @@ void Progress::event(const JobEvent& e) {
     case K::kError:
       note(fmt::format("error: {} ({} error, action {})", e.message, e.operation, e.action));
       break;
-    case K::kCompleted:
-      if (e.error) note(fmt::format("failed: {}", *e.error));
-      break;
     default:
       break;
   }
