@@ -12,7 +12,8 @@
 // Graph::replace() moves every parent of one node to another: the switch-over.
 //
 // Threading rule: loop thread only. Nodes are owned by the Graph; a Child must be
-// destroyed before its Graph.
+// destroyed before its Graph. Declare the Graph before the Loop, so coroutines
+// still suspended at shutdown (holding jobs and edges) are destroyed first.
 #pragma once
 
 #include <cstdint>

@@ -129,12 +129,12 @@ int run_demo(const DemoArgs& a) {
   if (auto r = generate_disk(src_path, ref_path, *size, a.seed); !r) return fail_input(r.error().message());
   if (auto r = FileDevice::create(dst_path, *size); !r) return fail_input(r.error().message());
 
+  Graph graph;  // outlives the loop
   Loop loop;
   auto src = FileDevice::open(loop, src_path, FileOptions{.direct = a.opts.direct});
   auto dst = FileDevice::open(loop, dst_path, FileOptions{.direct = a.opts.direct});
   if (!src || !dst) return fail_input(!src ? src.error().message() : dst.error().message());
   (*dst)->set_zero_init(true);
-  Graph graph;
   Node* src_node = *graph.add("src", *src);
   (void)graph.add("dst", *dst);
   params->device = "src";

@@ -27,6 +27,7 @@ struct MirrorArgs {
 int run_mirror(const MirrorArgs& a) {
   auto params = a.opts.to_params();
   if (!params) return fail_input(params.error().message());
+  Graph graph;  // outlives the loop
   Loop loop;
   auto src = FileDevice::open(loop, a.src, FileOptions{.read_only = true, .direct = a.opts.direct});
   if (!src) return fail_input(src.error().message());
@@ -50,7 +51,6 @@ int run_mirror(const MirrorArgs& a) {
   auto dst_dev = apply_fault_env(*dst, "dst");
   if (!src_dev || !dst_dev)
     return fail_input((!src_dev ? src_dev.error() : dst_dev.error()).message());
-  Graph graph;
   (void)graph.add("src", *src_dev);
   (void)graph.add("dst", *dst_dev);
   params->device = "src";

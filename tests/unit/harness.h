@@ -56,6 +56,8 @@ struct Client {
   std::vector<std::byte>* model = nullptr;
   std::mt19937_64 rng{1};
   bool stop = false, done = false;
+  bool hold = false;  // pauses writing (a background mirror cannot converge against
+                      // an unbounded writer; that is the active mode's job)
   uint64_t acked = 0, failed = 0;
   uint64_t max_len = 3 * 65536 + 1000;
   bool unaligned = true;
@@ -64,6 +66,10 @@ struct Client {
     std::vector<std::byte> buf(max_len);
     uint64_t size = model->size();
     while (!stop && size > 0) {
+      if (hold) {
+        co_await sleep_for(std::chrono::milliseconds(1));
+        continue;
+      }
       // Mostly small writes, some large ones crossing several chunks.
       uint64_t cap = rng() % 8 == 0 ? max_len : 8192;
       uint64_t len = 1 + rng() % std::min(cap, size);

@@ -10,8 +10,8 @@ namespace {
 using namespace std::chrono_literals;
 
 struct Fixture {
+  Graph graph;  // declared before the loop: coroutines die first, then the nodes
   Loop loop{2};
-  Graph graph;
   std::shared_ptr<MemoryDevice> src, dst;
   std::shared_ptr<FaultDevice> src_fault, dst_fault;
   std::vector<std::byte> model;
@@ -393,8 +393,8 @@ TEST(MirrorJob, AutoFinalizeOffWaitsInPendingAndAutoDismissOffInConcluded) {
 }
 
 TEST(MirrorJob, ZeroLengthGoesStraightToReady) {
-  Loop loop;
   Graph graph;
+  Loop loop;
   ASSERT_TRUE(graph.add("src", std::make_shared<MemoryDevice>(0)));
   ASSERT_TRUE(graph.add("dst", std::make_shared<MemoryDevice>(0)));
   MirrorParams p;
