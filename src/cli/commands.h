@@ -13,5 +13,6 @@ using CommandRunner = std::function<int()>;
 
 CommandRunner add_mirror_command(CLI::App& app);
 CommandRunner add_demo_command(CLI::App& app);
+CommandRunner add_serve_command(CLI::App& app);
 
 }  // namespace blkmirror

@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   std::vector<blkmirror::CommandRunner> runners = {
       blkmirror::add_mirror_command(app),
       blkmirror::add_demo_command(app),
+      blkmirror::add_serve_command(app),
   };
   try {
     app.parse(argc, argv);

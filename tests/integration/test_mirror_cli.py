@@ -312,10 +312,12 @@ def test_json_reports_ready_then_completed_with_full_progress(cli, check, images
     assert all(s in it for s in expected), f"{expected} not in order in {statuses}"
     assert statuses[-1] == "null", statuses
     # READY comes while the job is ready, COMPLETED after pending.
-    status_pos = {s: i for i, s in reversed(list(enumerate(
-        (e["data"]["status"] if e["event"] == "JOB_STATUS_CHANGE" else None) for e in events)))}
-    assert status_pos["ready"] < names.index("BLOCK_JOB_READY") < status_pos["waiting"]
-    assert status_pos["pending"] < names.index("BLOCK_JOB_COMPLETED") < status_pos["concluded"]
+    def status_at(status):
+        return next(i for i, e in enumerate(events)
+                    if e["event"] == "JOB_STATUS_CHANGE" and e["data"]["status"] == status)
+    assert status_at("ready") < names.index("BLOCK_JOB_READY") < status_at("waiting"), names
+    assert status_at("pending") < names.index("BLOCK_JOB_COMPLETED") < status_at("concluded"), \
+        names
 
 
 def test_json_dense_copy_len_is_image_size(cli, check, images):

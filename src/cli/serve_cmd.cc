@@ -1,0 +1,60 @@
+// `blkmirror serve IMAGE --socket PATH | --listen HOST:PORT`: serve a disk over
+// NBD until SIGINT/SIGTERM, then flush and exit.
+#include <csignal>
+
+#include <fmt/format.h>
+
+#include "blockdev/file_device.h"
+#include "cli/commands.h"
+#include "cli/exit_codes.h"
+#include "cli/mirror_options.h"
+#include "cli/serve_options.h"
+
+namespace blkmirror {
+
+namespace {
+
+struct ServeArgs {
+  std::string image;
+  ServeOptions serve;
+  bool direct = false;
+};
+
+int run_serve(const ServeArgs& a) {
+  if (!a.serve.enabled()) return fail_input("serve: give --socket PATH and/or --listen HOST:PORT");
+  Graph graph;  // outlives the loop
+  Loop loop;
+  auto dev = FileDevice::open(loop, a.image, FileOptions{.read_only = a.serve.read_only, .direct = a.direct});
+  if (!dev) return fail_input(dev.error().message());
+  (void)graph.add("disk", *dev);
+  nbd::NbdServer server(loop, graph);
+  if (auto r = a.serve.start(server, "disk"); !r) return fail_input(r.error().message());
+  fmt::print(stderr, "serving {} ({} bytes{}) at {}\n", a.image, (*dev)->length(),
+             a.serve.read_only ? ", read-only" : "", a.serve.where(server));
+  int rc = loop.run([&]() -> Task<int> {
+    std::vector<int> sigs{SIGINT, SIGTERM};  // GCC 12: no braced lists inside co_await
+    int sig = co_await wait_signal(loop, sigs);
+    co_await server.stop();
+    auto f = co_await (*dev)->flush();
+    fmt::print(stderr, "{}: stopped serving{}\n", sig == SIGINT ? "interrupted" : "terminated",
+               f ? "; flushed" : "; flush failed: " + f.error().message());
+    co_return f ? exit_code::kOk : exit_code::kJobFailed;
+  }());
+  return rc;
+}
+
+}  // namespace
+
+CommandRunner add_serve_command(CLI::App& app) {
+  auto args = std::make_shared<ServeArgs>();
+  auto* cmd = app.add_subcommand("serve", "Serve a disk image over NBD");
+  cmd->add_option("IMAGE", args->image, "file or block device")->required();
+  args->serve.add_to(*cmd, true);
+  cmd->add_flag("--direct", args->direct, "O_DIRECT I/O (cache.direct)");
+  return [cmd, args]() -> int {
+    if (!cmd->parsed()) return -1;
+    return run_serve(*args);
+  };
+}
+
+}  // namespace blkmirror

@@ -1,0 +1,31 @@
+// Where and how the CLI serves a disk over NBD (--socket, --listen, --name,
+// --read-only), shared by `serve` and `mirror`.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "io/loop.h"
+#include "nbd/server/nbd_server.h"
+
+namespace blkmirror {
+
+struct ServeOptions {
+  std::string socket;  // UNIX socket path
+  std::string listen;  // HOST:PORT, [IPv6]:PORT or :PORT (loopback)
+  std::string name;    // export name
+  bool read_only = false;
+
+  void add_to(CLI::App& cmd, bool with_read_only);
+  bool enabled() const { return !socket.empty() || !listen.empty(); }
+  // Starts the listeners and exports node as name. One-line errors.
+  Result<void> start(nbd::NbdServer& server, const std::string& node) const;
+  std::string where(const nbd::NbdServer& server) const;
+};
+
+// Waits for one of the given signals; returns its number.
+Task<int> wait_signal(Loop& loop, std::vector<int> sigs);
+
+}  // namespace blkmirror

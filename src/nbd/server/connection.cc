@@ -1,0 +1,267 @@
+// The transmission phase: read, validate, dispatch, reply.
+#include "nbd/server/connection.h"
+
+#include <cstring>
+
+#include <asio/experimental/as_tuple.hpp>
+#include <spdlog/spdlog.h>
+
+namespace blkmirror::nbd {
+
+namespace {
+
+constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
+constexpr uint32_t kMetaContextId = 1;
+// A write payload beyond the advertised maximum is read and dropped up to this
+// size (so the stream stays in sync and the client gets an error); beyond it
+// the connection is closed.
+constexpr uint32_t kPayloadDiscardLimit = 2 * NbdServer::kMaxPayload;
+constexpr size_t kMaxBlockStatusDescriptors = 1024;
+
+uint32_t wire_error(const Result<void>& r) { return r ? 0 : errno_to_wire(r.error().errnum()); }
+
+}  // namespace
+
+Task<bool> Connection::read_exact(void* data, size_t len) {
+  if (closed_) co_return false;
+  auto [ec, n] = co_await asio::async_read(sock_, asio::buffer(data, len), use_tuple);
+  co_return !ec;
+}
+
+Task<bool> Connection::write_all(std::span<const std::byte> data) {
+  if (closed_) co_return false;
+  auto [ec, n] = co_await asio::async_write(sock_, asio::buffer(data.data(), data.size()), use_tuple);
+  co_return !ec;
+}
+
+void Connection::close() {
+  if (closed_) return;
+  closed_ = true;
+  std::error_code ec;
+  sock_.shutdown(asio::socket_base::shutdown_both, ec);
+  sock_.close(ec);
+  slot_free_.notify_all();
+}
+
+Task<void> Connection::run(std::shared_ptr<Connection> self) {
+  Export* exp = co_await handshake();
+  if (exp) {
+    if (auto hold = exp->gate.try_enter()) co_await transmission(exp);
+  }
+  close();
+  co_await requests_.close();  // handlers still running keep using the socket's state
+}
+
+void Connection::queue(std::vector<std::byte> buf) {
+  if (closed_) return;
+  out_.push_back(std::move(buf));
+  if (!writing_) {
+    writing_ = true;
+    asio::co_spawn(sock_.get_executor(), writer(shared_from_this()), asio::detached);
+  }
+}
+
+Task<void> Connection::writer(std::shared_ptr<Connection> self) {
+  // Replies queued while a write is on the wire go out together in one gather
+  // write: fewer syscalls at high queue depth.
+  while (!out_.empty() && !closed_) {
+    std::vector<std::vector<std::byte>> batch;
+    std::vector<asio::const_buffer> bufs;
+    while (!out_.empty() && batch.size() < 64) {
+      batch.push_back(std::move(out_.front()));
+      out_.pop_front();
+      bufs.emplace_back(batch.back().data(), batch.back().size());
+    }
+    auto [ec, n] = co_await asio::async_write(sock_, bufs, use_tuple);
+    if (ec) {
+      close();
+      break;
+    }
+  }
+  out_.clear();
+  writing_ = false;
+}
+
+void Connection::send_simple(uint64_t cookie, uint32_t error) {
+  std::vector<std::byte> buf;
+  encode_simple_reply(error, cookie, buf);
+  queue(std::move(buf));
+}
+
+void Connection::send_error(const Request& r, uint32_t error) {
+  if (structured_ && (r.type == kCmdRead || r.type == kCmdBlockStatus)) {
+    std::vector<std::byte> buf;
+    encode_structured_header(kReplyFlagDone, kReplyError, r.cookie, 6, buf);
+    Writer(buf).u32(error).u16(0);
+    queue(std::move(buf));
+    return;
+  }
+  send_simple(r.cookie, error);
+}
+
+Task<void> Connection::transmission(Export* exp) {
+  export_ = exp;
+  limits_.size = exp->edge->length();
+  limits_.read_only = !exp->writable;
+  limits_.structured = structured_;
+  limits_.meta_base_allocation = meta_base_allocation_ && meta_export_ == exp->name;
+  limits_.max_payload = NbdServer::kMaxPayload;
+
+  std::array<std::byte, kRequestSize> raw;
+  while (!closed_) {
+    while (in_flight_ >= NbdServer::kMaxInFlightPerConn && !closed_) co_await slot_free_.wait();
+    if (!co_await read_exact(raw.data(), raw.size())) break;
+    auto req = decode_request(raw);
+    if (!req) break;  // bad magic: the stream is lost, hang up
+    std::vector<std::byte> payload;
+    if (req->type == kCmdWrite) {
+      if (req->length > NbdServer::kMaxPayload) {
+        if (req->length > kPayloadDiscardLimit) break;
+        std::vector<std::byte> sink(req->length);
+        if (!co_await read_exact(sink.data(), sink.size())) break;
+        send_error(*req, structured_ ? kEoverflow : kEinval);
+        continue;
+      }
+      payload.resize(req->length);
+      if (req->length && !co_await read_exact(payload.data(), payload.size())) break;
+    }
+    if (req->type == kCmdDisc) break;
+    if (uint32_t err = validate_request(*req, limits_)) {
+      send_error(*req, err);
+      continue;
+    }
+    auto hold = requests_.try_enter();
+    if (!hold) break;
+    ++in_flight_;
+    asio::co_spawn(sock_.get_executor(),
+                   [](Connection* c, Request r, std::vector<std::byte> p, Gate::Holder h,
+                      std::shared_ptr<Connection> self) -> Task<void> {
+                     co_await c->handle(r, std::move(p), self);
+                   }(this, *req, std::move(payload), std::move(hold), shared_from_this()),
+                   asio::detached);
+  }
+  // NBD_CMD_DISC or a lost stream: finish what is in flight, then close.
+  co_await requests_.close();
+}
+
+Task<void> Connection::handle(Request r, std::vector<std::byte> payload,
+                              std::shared_ptr<Connection> self) {
+  Child& edge = *export_->edge;
+  bool fua = r.flags & kCmdFlagFua;
+  switch (r.type) {
+    case kCmdRead:
+      co_await do_read(r);
+      break;
+    case kCmdWrite:
+      send_simple(r.cookie, wire_error(co_await edge.write(r.offset, payload, WriteFlags{fua})));
+      break;
+    case kCmdFlush:
+      send_simple(r.cookie, wire_error(co_await edge.flush()));
+      break;
+    case kCmdTrim: {
+      auto res = co_await edge.discard(r.offset, r.length);
+      if (res && fua) res = co_await edge.flush();
+      send_simple(r.cookie, wire_error(res));
+      break;
+    }
+    case kCmdWriteZeroes: {
+      ZeroFlags zf{.may_unmap = !(r.flags & kCmdFlagNoHole),
+                   .no_fallback = (r.flags & kCmdFlagFastZero) != 0,
+                   .fua = fua};
+      send_simple(r.cookie, wire_error(co_await edge.write_zeroes(r.offset, r.length, zf)));
+      break;
+    }
+    case kCmdCache:
+      send_simple(r.cookie, 0);  // advisory; the page cache does its own read-ahead
+      break;
+    case kCmdBlockStatus:
+      co_await do_block_status(r);
+      break;
+  }
+  --in_flight_;
+  slot_free_.notify_all();
+}
+
+Task<void> Connection::do_read(const Request& r) {
+  Child& edge = *export_->edge;
+  if (!structured_) {
+    std::vector<std::byte> buf;
+    encode_simple_reply(0, r.cookie, buf);
+    size_t head = buf.size();
+    buf.resize(head + r.length);
+    auto res = co_await edge.read(r.offset, {buf.data() + head, r.length});
+    if (!res) {
+      send_simple(r.cookie, wire_error(res));  // no payload after an error
+      co_return;
+    }
+    queue(std::move(buf));
+    co_return;
+  }
+  // Structured: holes go out as hole chunks (no data on the wire), unless the
+  // client asked for one unfragmented chunk (DF).
+  std::vector<std::byte> out;
+  uint64_t pos = r.offset, end = r.offset + r.length;
+  bool sparse = !(r.flags & kCmdFlagDf) && edge.caps().has_block_status;
+  while (pos < end) {
+    Extent e{end - pos, true, false};
+    if (sparse) {
+      auto st = co_await edge.block_status(pos, end - pos);
+      if (!st) {
+        send_error(r, errno_to_wire(st.error().errnum()));
+        co_return;
+      }
+      e = *st;
+    }
+    bool last = pos + e.length >= end;
+    uint16_t flags = last ? kReplyFlagDone : 0;
+    if (e.zero) {
+      encode_structured_header(flags, kReplyOffsetHole, r.cookie, 12, out);
+      Writer(out).u64(pos).u32(static_cast<uint32_t>(e.length));
+    } else {
+      encode_structured_header(flags, kReplyOffsetData, r.cookie,
+                               static_cast<uint32_t>(8 + e.length), out);
+      Writer(out).u64(pos);
+      size_t at = out.size();
+      out.resize(at + e.length);
+      auto res = co_await edge.read(pos, {out.data() + at, e.length});
+      if (!res) {
+        send_error(r, wire_error(res));
+        co_return;
+      }
+    }
+    pos += e.length;
+  }
+  queue(std::move(out));
+}
+
+Task<void> Connection::do_block_status(const Request& r) {
+  Child& edge = *export_->edge;
+  struct Desc {
+    uint32_t length, flags;
+  };
+  std::vector<Desc> descs;
+  uint64_t pos = r.offset, end = r.offset + r.length;
+  while (pos < end && descs.size() < kMaxBlockStatusDescriptors) {
+    auto st = co_await edge.block_status(pos, end - pos);
+    if (!st) {
+      send_error(r, errno_to_wire(st.error().errnum()));
+      co_return;
+    }
+    uint32_t flags = (st->allocated ? 0 : kStateHole) | (st->zero ? kStateZero : 0);
+    if (!descs.empty() && descs.back().flags == flags)
+      descs.back().length += static_cast<uint32_t>(st->length);
+    else
+      descs.push_back({static_cast<uint32_t>(st->length), flags});
+    pos += st->length;
+    if (r.flags & kCmdFlagReqOne) break;
+  }
+  std::vector<std::byte> out;
+  encode_structured_header(kReplyFlagDone, kReplyBlockStatus, r.cookie,
+                           static_cast<uint32_t>(4 + 8 * descs.size()), out);
+  Writer w(out);
+  w.u32(kMetaContextId);
+  for (auto& d : descs) w.u32(d.length).u32(d.flags);
+  queue(std::move(out));
+}
+
+}  // namespace blkmirror::nbd

@@ -1,0 +1,170 @@
+// The fixed newstyle handshake: greeting, client flags, then options until
+// NBD_OPT_GO / NBD_OPT_EXPORT_NAME picks an export (or the client aborts).
+#include <array>
+
+#include <spdlog/spdlog.h>
+
+#include "nbd/server/connection.h"
+
+namespace blkmirror::nbd {
+
+namespace {
+constexpr uint32_t kMetaContextId = 1;  // our only context: base:allocation
+// Option payloads above this are not read; the connection is closed instead.
+constexpr uint32_t kOptionDiscardLimit = 1 << 20;
+}  // namespace
+
+uint16_t Connection::transmission_flags(const Export& e) const {
+  uint16_t f = kFlagHasFlags | kFlagSendFlush | kFlagSendFua | kFlagSendTrim |
+               kFlagSendWriteZeroes | kFlagCanMultiConn | kFlagSendCache | kFlagSendFastZero;
+  if (structured_) f |= kFlagSendDf;
+  if (!e.writable) f |= kFlagReadOnly;
+  return f;
+}
+
+Task<bool> Connection::send_option_reply(uint32_t option, uint32_t type,
+                                         std::span<const std::byte> data) {
+  std::vector<std::byte> buf;
+  encode_option_reply(option, type, data, buf);
+  co_return co_await write_all(buf);
+}
+
+Task<Export*> Connection::handshake() {
+  std::vector<std::byte> hello;
+  Writer(hello).u64(kNbdMagic).u64(kOptsMagic).u16(kFlagFixedNewstyle | kFlagNoZeroes);
+  if (!co_await write_all(hello)) co_return nullptr;
+  std::array<std::byte, 4> cf;
+  if (!co_await read_exact(cf.data(), cf.size())) co_return nullptr;
+  uint32_t client_flags = 0;
+  Reader(cf).u32(client_flags);
+  if (client_flags & ~(kClientFixedNewstyle | kClientNoZeroes)) co_return nullptr;
+  no_zeroes_ = client_flags & kClientNoZeroes;
+
+  Export* chosen = nullptr;
+  for (int options = 0; options < 1000; ++options) {  // a client looping forever is cut off
+    std::array<std::byte, 16> raw;
+    if (!co_await read_exact(raw.data(), raw.size())) co_return nullptr;
+    auto h = decode_option_header(raw);
+    if (!h) co_return nullptr;  // bad magic: not an NBD client
+    std::vector<std::byte> data;
+    if (h->length > kMaxOptionLen) {
+      // Too big to act on: skip it if that is cheap, else hang up.
+      if (h->length > kOptionDiscardLimit) co_return nullptr;
+      data.resize(h->length);
+      if (!co_await read_exact(data.data(), data.size())) co_return nullptr;
+      if (!co_await send_option_reply(h->option, kRepErrTooBig)) co_return nullptr;
+      continue;
+    }
+    data.resize(h->length);
+    if (h->length && !co_await read_exact(data.data(), data.size())) co_return nullptr;
+    bool done = false;
+    if (!co_await handle_option(*h, data, chosen, done)) co_return nullptr;
+    if (done) co_return chosen;
+  }
+  co_return nullptr;
+}
+
+Task<bool> Connection::handle_option(const OptionHeader& h, std::vector<std::byte>& data,
+                                     Export*& chosen, bool& done) {
+  switch (h.option) {
+    case kOptExportName: {
+      std::string name(reinterpret_cast<const char*>(data.data()), data.size());
+      Export* e = name.empty() ? server_.default_export() : server_.find_export(name);
+      if (!e) co_return false;  // this option has no error reply: hang up
+      std::vector<std::byte> buf;
+      Writer(buf).u64(e->edge->length()).u16(transmission_flags(*e));
+      if (!no_zeroes_) buf.resize(buf.size() + 124);
+      if (!co_await write_all(buf)) co_return false;
+      chosen = e;
+      done = true;
+      co_return true;
+    }
+    case kOptAbort:
+      co_await send_option_reply(h.option, kRepAck);
+      co_return false;
+    case kOptList: {
+      if (!data.empty()) co_return co_await send_option_reply(h.option, kRepErrInvalid);
+      for (auto& [name, e] : server_.exports()) {
+        std::vector<std::byte> d;
+        Writer(d).u32(static_cast<uint32_t>(name.size())).str(name).str(e->description);
+        if (!co_await send_option_reply(h.option, kRepServer, d)) co_return false;
+      }
+      co_return co_await send_option_reply(h.option, kRepAck);
+    }
+    case kOptStructuredReply:
+      if (!data.empty()) co_return co_await send_option_reply(h.option, kRepErrInvalid);
+      structured_ = true;
+      co_return co_await send_option_reply(h.option, kRepAck);
+    case kOptInfo:
+    case kOptGo: {
+      auto go = decode_go(data);
+      if (!go) co_return co_await send_option_reply(h.option, kRepErrInvalid);
+      Export* e = go->name.empty() ? server_.default_export() : server_.find_export(go->name);
+      if (!e) co_return co_await send_option_reply(h.option, kRepErrUnknown);
+      if (!co_await reply_info(h.option, *go, e)) co_return false;
+      if (h.option == kOptGo) {
+        chosen = e;
+        done = true;
+      }
+      co_return true;
+    }
+    case kOptListMetaContext:
+    case kOptSetMetaContext: {
+      auto m = decode_meta(data);
+      if (!m) co_return co_await send_option_reply(h.option, kRepErrInvalid);
+      if (h.option == kOptSetMetaContext && !structured_)
+        co_return co_await send_option_reply(h.option, kRepErrInvalid);
+      Export* e = m->name.empty() ? server_.default_export() : server_.find_export(m->name);
+      if (!e) co_return co_await send_option_reply(h.option, kRepErrUnknown);
+      co_return co_await reply_meta(h.option, *m, e);
+    }
+    case kOptStartTls:  // TLS arrives with the remote-disk work
+    default:
+      co_return co_await send_option_reply(h.option, kRepErrUnsup);
+  }
+}
+
+Task<bool> Connection::reply_info(uint32_t option, const GoRequest& go, Export* e) {
+  std::vector<std::byte> d;
+  Writer(d).u16(kInfoExport).u64(e->edge->length()).u16(transmission_flags(*e));
+  if (!co_await send_option_reply(option, kRepInfo, d)) co_return false;
+  for (uint16_t info : go.infos) {
+    d.clear();
+    if (info == kInfoName) {
+      Writer(d).u16(kInfoName).str(e->name);
+    } else if (info == kInfoDescription) {
+      Writer(d).u16(kInfoDescription).str(e->description);
+    } else {
+      continue;  // block size is always sent below; unknown types are ignored
+    }
+    if (!co_await send_option_reply(option, kRepInfo, d)) co_return false;
+  }
+  d.clear();
+  Writer(d).u16(kInfoBlockSize).u32(1).u32(4096).u32(NbdServer::kMaxPayload);
+  if (!co_await send_option_reply(option, kRepInfo, d)) co_return false;
+  co_return co_await send_option_reply(option, kRepAck);
+}
+
+Task<bool> Connection::reply_meta(uint32_t option, const MetaRequest& m, Export* e) {
+  // Only base:allocation exists. An empty LIST asks for everything; "base:"
+  // asks for the whole namespace.
+  bool match = false;
+  if (m.queries.empty()) {
+    match = option == kOptListMetaContext;
+  } else {
+    for (auto& q : m.queries)
+      if (q == kBaseAllocation || (option == kOptListMetaContext && q == "base:")) match = true;
+  }
+  if (option == kOptSetMetaContext) {
+    meta_base_allocation_ = match;
+    meta_export_ = e->name;
+  }
+  if (match) {
+    std::vector<std::byte> d;
+    Writer(d).u32(kMetaContextId).str(kBaseAllocation);
+    if (!co_await send_option_reply(option, kRepMetaContext, d)) co_return false;
+  }
+  co_return co_await send_option_reply(option, kRepAck);
+}
+
+}  // namespace blkmirror::nbd
