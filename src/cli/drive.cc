@@ -29,13 +29,22 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
                               r ? "" : " failed: " + r.error().message()));
   });
 
+  bool usr1 = false;
+  asio::signal_set usr1_signal(loop.ctx());
+  if (opts.complete_on_usr1) {
+    usr1_signal.add(SIGUSR1);
+    usr1_signal.async_wait([&](const std::error_code& ec, int) {
+      if (!ec) usr1 = true;
+    });
+  }
+
   auto started = std::chrono::steady_clock::now();
   job->start(loop.executor());
   bool completed_requested = false;
   asio::steady_timer tick(loop.ctx());
   while (!job->concluded()) {
     progress.tick(job->info());
-    if (ready && opts.auto_complete && !completed_requested && !interrupted) {
+    if (ready && (opts.auto_complete || usr1) && !completed_requested && !interrupted) {
       completed_requested = true;
       if (opts.before_complete) co_await opts.before_complete();
       if (!interrupted && !job->concluded()) {
@@ -48,6 +57,7 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
     co_await tick.async_wait(asio::redirect_error(asio::use_awaitable, ec));
   }
   signals.cancel();
+  usr1_signal.cancel();
   progress.finish();
 
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();

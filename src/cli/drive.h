@@ -14,6 +14,8 @@ namespace blkmirror {
 
 struct DriveOptions {
   bool auto_complete = true;
+  // Without auto_complete: complete when SIGUSR1 arrives (after ready).
+  bool complete_on_usr1 = false;
   // Called once when the job is ready, before complete; may delay completing.
   std::function<Task<void>()> before_complete;
 };

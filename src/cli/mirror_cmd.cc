@@ -1,6 +1,8 @@
 // `blkmirror mirror SRC DST`: mirror one file or block device to another.
 #include <sys/stat.h>
 
+#include <csignal>
+
 #include <memory>
 #include <string>
 
@@ -12,6 +14,7 @@
 #include "cli/drive.h"
 #include "cli/exit_codes.h"
 #include "cli/fault_env.h"
+#include "cli/serve_options.h"
 #include "cli/mirror_options.h"
 
 namespace blkmirror {
@@ -21,7 +24,9 @@ namespace {
 struct MirrorArgs {
   std::string src, dst;
   MirrorCliOptions opts;
+  ServeOptions serve;
   bool create = false;
+  bool no_auto_complete = false;
 };
 
 int run_mirror(const MirrorArgs& a) {
@@ -29,7 +34,9 @@ int run_mirror(const MirrorArgs& a) {
   if (!params) return fail_input(params.error().message());
   Graph graph;  // outlives the loop
   Loop loop;
-  auto src = FileDevice::open(loop, a.src, FileOptions{.read_only = true, .direct = a.opts.direct});
+  // Served, the source takes the clients' writes; otherwise it is only read.
+  bool serving = a.serve.enabled();
+  auto src = FileDevice::open(loop, a.src, FileOptions{.read_only = !serving, .direct = a.opts.direct});
   if (!src) return fail_input(src.error().message());
   if (a.create) {
     if (auto r = FileDevice::create(a.dst, (*src)->length()); !r)
@@ -59,12 +66,39 @@ int run_mirror(const MirrorArgs& a) {
   auto job = MirrorJob::create(loop, graph, *params);
   if (!job) return fail_input(job.error().message());
 
+  nbd::NbdServer server(loop, graph);
+  if (serving)
+    if (auto r = a.serve.start(server, "src"); !r) return fail_input(r.error().message());
+
   Progress progress(a.opts.progress_style());
-  if (!progress.json())
-    progress.note(fmt::format("mirroring {} -> {} ({}, granularity {}, buffer {})", a.src, a.dst,
-                              format_size((*src)->length()), format_size((*job)->granularity()),
-                              format_size((*job)->buf_size())));
-  return loop.run(drive_mirror(loop, *job, progress, DriveOptions{}));
+  progress.note(fmt::format("mirroring {} -> {} ({}, granularity {}, buffer {})", a.src, a.dst,
+                            format_size((*src)->length()), format_size((*job)->granularity()),
+                            format_size((*job)->buf_size())));
+  if (serving)
+    progress.note(fmt::format("serving {} at {} (clients switch to {} on completion)", a.src,
+                              a.serve.where(server), a.dst));
+  DriveOptions drive;
+  drive.auto_complete = !a.no_auto_complete;
+  drive.complete_on_usr1 = a.no_auto_complete;
+  return loop.run([&]() -> Task<int> {
+    int rc = co_await drive_mirror(loop, *job, progress, drive);
+    if (serving) {
+      if (rc == exit_code::kOk && (*job)->switched()) {
+        progress.note(fmt::format("serving {} now; SIGINT/SIGTERM to stop", a.dst));
+        std::vector<int> sigs{SIGINT, SIGTERM};
+        co_await wait_signal(loop, sigs);
+      }
+      co_await server.stop();
+      for (Node* n : graph.nodes()) {
+        if (auto f = co_await n->device().flush(); !f) {
+          progress.note("flush: " + f.error().message());
+          rc = exit_code::kJobFailed;
+        }
+      }
+      progress.note("stopped serving; flushed");
+    }
+    co_return rc;
+  }());
 }
 
 }  // namespace
@@ -76,6 +110,9 @@ CommandRunner add_mirror_command(CLI::App& app) {
   cmd->add_option("DST", args->dst, "target file or block device (same size)")->required();
   cmd->add_flag("--create", args->create, "create DST as a sparse file of SRC's size");
   args->opts.add_to(*cmd);
+  args->serve.add_to(*cmd, false);
+  cmd->add_flag("--no-auto-complete", args->no_auto_complete,
+                "when serving: stay ready until SIGUSR1, then complete");
   return [cmd, args]() -> int {
     if (!cmd->parsed()) return -1;
     return run_mirror(*args);
