@@ -63,6 +63,9 @@ class NbdServer {
   Result<void> listen_tcp(const std::string& host, uint16_t port);
   uint16_t tcp_port() const { return tcp_port_; }
 
+  // Serves one already connected socket (tests, fuzzing, socket activation).
+  void serve_socket(asio::generic::stream_protocol::socket sock) { start_connection(std::move(sock)); }
+
   // Stops accepting, closes every connection, waits for their requests.
   Task<void> stop();
   size_t connections() const { return conns_.size(); }
