@@ -337,20 +337,22 @@ class MirrorServer:
                     return t
         return None
 
-    def wait_event(self, name, timeout):
-        """Waits for the first event named `name`; returns its arrival time."""
+    def wait_event(self, name, timeout, message=None):
+        """Waits for the first event named `name` (whose data.message contains
+        `message`, if given); returns its arrival time."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 for t, ev in self.events:
-                    if ev.get("event") == name:
+                    if ev.get("event") == name and (
+                            message is None or message in str(ev.get("data", {}).get("message"))):
                         return t
                 if self._eof:
                     pytest.fail(f"blkmirror mirror ended stdout (rc={self.proc.poll()}) "
                                 f"without {name}: {self.log()}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    pytest.fail(f"no {name} event within {timeout}s: {self.log()}")
+                    pytest.fail(f"no {name} event ({message!r}) within {timeout}s: {self.log()}")
                 self._cond.wait(min(left, 0.1))
 
     def names(self):
@@ -434,11 +436,12 @@ def tool_env(tmp_path_factory):
     return env
 
 
-def run_tool(cmd, timeout=60, env=None, check=True):
-    """Runs an external client; fails the test with its output on error."""
+def run_tool(cmd, timeout=60, env=None, check=True, cwd=None):
+    """Runs an external client; fails the test with its output on error.
+    Give `cwd` (a temporary directory) for tools that drop files there (fio)."""
     try:
         r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
-                           env=env, stdin=subprocess.DEVNULL)
+                           env=env, stdin=subprocess.DEVNULL, cwd=cwd)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{' '.join(map(str, cmd))} did not finish within {timeout}s: "
                     f"stdout={e.stdout!r} stderr={e.stderr!r}")

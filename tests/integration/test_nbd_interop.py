@@ -460,14 +460,14 @@ def test_fio_randwrite_then_verify(nbd_server, tmp_path):
     srv = nbd_server(img)
     common = ["fio", "--name=nbdverify", "--ioengine=nbd", f"--uri={srv.uri}",
               "--bs=4k", "--iodepth=16", f"--size={SIZE}", "--verify=crc32c",
-              "--randseed=4242", "--output-format=json"]
-    w = run_tool(common + ["--rw=randwrite", "--do_verify=1"], timeout=120)
+              "--randseed=4242", "--output-format=json", "--verify_state_save=0"]
+    w = run_tool(common + ["--rw=randwrite", "--do_verify=1"], timeout=120, cwd=tmp_path)
     job = json.loads(w.stdout[w.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0, job
     assert job["write"]["io_bytes"] == SIZE
     assert job["read"]["io_bytes"] == SIZE  # the do_verify pass read it all back
     # A second, verify-only pass over the same workload.
-    v = run_tool(common + ["--rw=randwrite", "--verify_only"], timeout=120)
+    v = run_tool(common + ["--rw=randwrite", "--verify_only"], timeout=120, cwd=tmp_path)
     job = json.loads(v.stdout[v.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0, job
     assert job["read"]["io_bytes"] == SIZE
@@ -486,12 +486,14 @@ def test_fio_verify_detects_corruption(nbd_server, tmp_path):
         f.truncate(4 * MiB)
     srv = nbd_server(img)
     common = ["fio", "--name=nbdverify", "--ioengine=nbd", f"--uri={srv.uri}",
-              "--bs=4k", "--iodepth=4", "--size=4M", "--verify=crc32c", "--randseed=7"]
-    run_tool(common + ["--rw=randwrite", "--do_verify=0"], timeout=60)
+              "--bs=4k", "--iodepth=4", "--size=4M", "--verify=crc32c", "--randseed=7",
+              "--verify_state_save=0"]
+    run_tool(common + ["--rw=randwrite", "--do_verify=0"], timeout=60, cwd=tmp_path)
     h = connect(srv.uri)
     h.pwrite(b"\x55" * 4096, 2 * MiB)
     h.shutdown()
-    r = run_tool(common + ["--rw=randwrite", "--verify_only"], timeout=60, check=False)
+    r = run_tool(common + ["--rw=randwrite", "--verify_only"], timeout=60, check=False,
+                 cwd=tmp_path)
     assert r.returncode != 0, r.stdout + r.stderr
     assert "verify" in (r.stdout + r.stderr).lower()
     srv.stop()

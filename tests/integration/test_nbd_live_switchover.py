@@ -8,10 +8,11 @@ read directly: each written block must hold its last acknowledged content and
 every other block the original source content.
 """
 
-import os
+import json
 import random
 import signal
 import struct
+import subprocess
 import threading
 import time
 
@@ -180,12 +181,24 @@ class Writer(threading.Thread):
             pass
 
 
-def check_target(dst, original, writers, size):
-    got = open(dst, "rb").read()
-    assert len(got) == size, f"target is {len(got)} bytes, expected {size}"
+def merged_model(writers):
     model = {}
     for w in writers:
         model.update(w.model)
+    return model
+
+
+def expected_image(original, model):
+    img = bytearray(original)
+    for b, data in model.items():
+        img[b * BLOCK:(b + 1) * BLOCK] = data
+    return img
+
+
+def check_target(got, original, model, size, what):
+    assert len(got) == size, f"{what} is {len(got)} bytes, expected {size}"
+    if got == expected_image(original, model):
+        return
     bad = []
     gv, ov = memoryview(got), memoryview(original)
     for b in range(size // BLOCK):
@@ -200,15 +213,15 @@ def check_target(dst, original, writers, size):
                         bytes(gv[sl][:32])))
         if len(bad) >= 10:
             break
-    assert not bad, f"target content wrong (first {len(bad)}): {bad}"
-    return len(model)
+    assert bad
+    pytest.fail(f"{what}: content wrong (first {len(bad)} bad blocks): {bad}")
 
 
 CASES = [
     # id, seed, disk MiB, granularity, speed, total ops/s, auto-complete
     pytest.param(1, 64, "4K", "30M", 450, True, id="gran4K-auto"),
     pytest.param(2, 64, "64K", "30M", 60, True, id="gran64K-auto"),
-    pytest.param(3, 48, "1M", "40M", 8, False, id="gran1M-sigusr1"),
+    pytest.param(3, 48, "1M", "40M", 15, False, id="gran1M-sigusr1"),
     pytest.param(4, 32, None, "20M", 150, False, id="default-gran-sigusr1"),
 ]
 
@@ -247,7 +260,7 @@ def test_writes_survive_live_switchover(mirror_server, tmp_path, seed, disk_mib,
             t_signal = time.monotonic()
             m.proc.send_signal(signal.SIGUSR1)
         t_done = m.wait_event("BLOCK_JOB_COMPLETED", 60)
-        m.wait_event("NOTE", 5)
+        t_note = m.wait_event("NOTE", 10, message=f"serving {dst} now")
         time.sleep(1.0)  # keep writing to the target through the same connections
     finally:
         stop.set()
@@ -255,6 +268,12 @@ def test_writes_survive_live_switchover(mirror_server, tmp_path, seed, disk_mib,
             w.join(30)
     assert not any(w.is_alive() for w in writers), "a writer hung"
     assert not rec.errors, f"client errors: {rec.errors}\n{m.log()}"
+    model = merged_model(writers)
+    # What a connection opened before the copy started now reads: the target,
+    # holding every acknowledged write.
+    served = b"".join(writers[0].h.pread(min(16 * MiB, size - off), off)
+                      for off in range(0, size, 16 * MiB))
+    check_target(served, original, model, size, "export read after the switch")
     for w in writers:
         w.close()
     m.stop()
@@ -266,8 +285,7 @@ def test_writes_survive_live_switchover(mirror_server, tmp_path, seed, disk_mib,
     assert "error" not in completed, completed
     # len counts re-copied dirty data too (QMP semantics): at least the disk.
     assert completed.get("len") == completed.get("offset") and completed["len"] >= size, completed
-    notes = [ev["data"].get("message", "") for _, ev in m.events if ev["event"] == "NOTE"]
-    assert any("serving dst.img now" in n for n in notes), notes
+    assert t_note >= t_done
 
     # Writes were acknowledged in every phase.
     acks = [a for w in writers for a in w.acks]
@@ -280,7 +298,8 @@ def test_writes_survive_live_switchover(mirror_server, tmp_path, seed, disk_mib,
         assert in_ready > 0, "no write acknowledged in the ready state"
     assert sum(w.reads for w in writers) > 0
 
-    written = check_target(dst, original, writers, size)
+    check_target(dst.read_bytes(), original, model, size, "dst.img")
+    written = len(model)
     assert written > 0
     print(f"{len(acks)} writes ({before_ready} before ready, {after_done} after switch), "
           f"{written} distinct blocks, ready at +{t_ready - t_start:.2f}s, "
@@ -297,54 +316,40 @@ def test_fio_verify_across_switchover(mirror_server, tmp_path):
     m = mirror_server(src, dst, "--create", "--speed", "20M", "--granularity", "4K",
                       "--no-progress")
     common = ["--name=live", "--bs=4k", f"--size={size}", "--verify=crc32c",
-              "--randseed=99", "--rw=randwrite"]
-    out = tmp_path / "fio.json"
+              "--randseed=99", "--rw=randwrite", "--verify_state_save=0"]
+    out, err = tmp_path / "fio.json", tmp_path / "fio.stderr"
     t0 = time.monotonic()
-    fio = subprocess_popen(["fio", "--ioengine=nbd", f"--uri={m.uri}", "--iodepth=16",
-                            "--do_verify=1", "--rate_iops=,1500", "--output-format=json",
-                            f"--output={out}", *common])
-    try:
-        t_done = m.wait_event("BLOCK_JOB_COMPLETED", 60)
-        assert fio.poll() is None, "fio finished before the switch; nothing spanned it"
-        rc = fio.wait(120)
-    finally:
-        if fio.poll() is None:
-            fio.kill()
-            fio.wait()
+    with open(err, "wb") as errf:
+        # Writes at ~6 MB/s: about 5 s for the whole disk, so the switch (after
+        # a 1.6 s copy plus what the writes dirty) lands in the middle of them.
+        fio = subprocess.Popen(["fio", "--ioengine=nbd", f"--uri={m.uri}", "--iodepth=16",
+                                "--do_verify=1", "--rate_iops=,1500", "--output-format=json",
+                                f"--output={out}", *common],
+                               stdin=subprocess.DEVNULL, stdout=errf, stderr=errf,
+                               cwd=tmp_path)
+        try:
+            t_done = m.wait_event("BLOCK_JOB_COMPLETED", 60)
+            assert fio.poll() is None, "fio finished before the switch; nothing spanned it"
+            rc = fio.wait(120)
+        finally:
+            if fio.poll() is None:
+                fio.kill()
+                fio.wait()
     t_fio = time.monotonic()
-    import json
-    report = json.loads(out.read_text()[out.read_text().index("{"):])
-    job = report["jobs"][0]
-    assert rc == 0 and job["error"] == 0, (rc, job.get("error"), fio.stderr_text())
+    text = out.read_text()
+    assert "{" in text, f"fio rc={fio.returncode}: {text}{err.read_text()}"
+    job = json.loads(text[text.index("{"):])["jobs"][0]
+    assert rc == 0 and job["error"] == 0, (rc, job.get("error"), err.read_text())
     assert job["write"]["io_bytes"] == size
-    assert job["read"]["io_bytes"] == size  # the verify pass
+    assert job["read"]["io_bytes"] == size  # the verify pass read everything back
+    # The switch happened while fio was still writing: fio's write phase ended
+    # after it (write runtime is in ms from fio's start).
+    assert t_done - t0 < job["write"]["runtime"] / 1000.0, (t_done - t0, job["write"]["runtime"])
     assert t0 < t_done < t_fio
     m.stop()
     # Verify dst.img itself, without blkmirror.
-    r = run_tool(["fio", "--ioengine=psync", f"--filename={dst}", "--verify_only", *common],
-                 timeout=120)
-    assert "err= 0" in r.stdout, r.stdout
-
-
-class subprocess_popen:
-    """Popen with stderr to a temporary file (fio's progress goes there)."""
-
-    def __init__(self, cmd):
-        import subprocess
-        import tempfile
-        self._err = tempfile.TemporaryFile()
-        self.p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=self._err)
-
-    def poll(self):
-        return self.p.poll()
-
-    def wait(self, timeout):
-        return self.p.wait(timeout)
-
-    def kill(self):
-        self.p.kill()
-
-    def stderr_text(self):
-        self._err.seek(0)
-        return self._err.read().decode(errors="replace")
+    r = run_tool(["fio", "--ioengine=psync", f"--filename={dst}", "--verify_only",
+                  "--output-format=json", *common], timeout=120, cwd=tmp_path)
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["read"]["io_bytes"] == size, job
+    print(f"switch at +{t_done - t0:.2f}s, fio done at +{t_fio - t0:.2f}s")
