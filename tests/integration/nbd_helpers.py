@@ -8,7 +8,8 @@ Everything here talks to a real `blkmirror serve` / `blkmirror mirror
   MirrorServer     one running `blkmirror mirror ... --socket` with its --json
                    events collected by a reader thread
   RawNbd           a tiny NBD client on a raw socket, for malformed input
-  connect()        a libnbd handle (the `nbd` Python module) with connect retry
+  connect()        a libnbd handle (the `nbd` Python module); servers are
+                   waited for (greeting received) before a fixture returns them
   file_layout()    the data ranges of a file by SEEK_DATA / SEEK_HOLE
   tool_env()       an environment in which `nbdsh` runs this Python (which has
                    the `nbd` module) instead of the first python3 on PATH
@@ -165,15 +166,9 @@ def read_file(path, offset, length):
         return f.read(length)
 
 
-def write_random(path, offset, length, rnd):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(rnd.randbytes(length))
-
-
 def make_sparse(path, size, extents, rnd):
     """A file of `size` bytes: random data over each (offset, length), holes
-    elsewhere. Random data has no all-zero 4 KiB block (checked)."""
+    elsewhere."""
     with open(path, "wb") as f:
         f.truncate(size)
         for off, length in extents:

@@ -13,7 +13,7 @@ import nbd
 import pytest
 
 from nbd_helpers import (  # noqa: F401
-    CMD_BLOCK_STATUS, CMD_CACHE, CMD_DISC, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE,
+    CMD_BLOCK_STATUS, CMD_CACHE, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE,
     CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, INFO_BLOCK_SIZE, INFO_EXPORT, INFO_NAME, KiB, MiB,
     NBD_EINVAL, NBD_ENOSPC, NBD_EOVERFLOW, NBD_EPERM, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO,
@@ -21,7 +21,7 @@ from nbd_helpers import (  # noqa: F401
     OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_TOO_BIG,
     REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_META_CONTEXT, REP_SERVER, REPLY_TYPE_ERROR,
     REPLY_TYPE_OFFSET_HOLE, REQUEST_MAGIC, STATE_HOLE, STATE_ZERO, TF_HAS_FLAGS, TF_READ_ONLY,
-    Closed, RawNbd, assert_serves, connect, file_layout, make_sparse, nbd_server, read_file)
+    Closed, RawNbd, assert_serves, connect, make_sparse, nbd_server, read_file)
 
 SIZE = 64 * MiB
 LAYOUT = [(0, 1 * MiB), (8 * MiB, 4 * MiB), (40 * MiB, 1 * MiB), (SIZE - 1 * MiB, 1 * MiB)]
@@ -206,6 +206,8 @@ def test_malformed_go_payload_is_invalid(srv, image):
         assert final == REP_ERR_INVALID, (data, replies)
     final, _ = c.option(OPT_STRUCTURED_REPLY, b"x")  # must be empty
     assert final == REP_ERR_INVALID
+    final, _ = c.option(OPT_LIST, b"x")  # must be empty
+    assert final == REP_ERR_INVALID
     final, _ = c.go()
     assert final == REP_ACK
     assert_usable(c, image)
@@ -332,6 +334,9 @@ def test_unknown_command_is_einval(srv, image, structured):
     r = c.cmd(CMD_FLUSH, 4096, 0)
     assert r.error == NBD_EINVAL, r
     r = c.cmd(CMD_READ, 0, 4096, flags=CMD_FLAG_REQ_ONE)
+    assert r.error == NBD_EINVAL, r
+    # BLOCK_STATUS without a negotiated metadata context.
+    r = c.cmd(CMD_BLOCK_STATUS, 0, 4096)
     assert r.error == NBD_EINVAL, r
     assert_usable(c, image)
     c.disconnect()
@@ -607,3 +612,86 @@ def test_libnbd_client_after_garbage_clients(srv, image):
     assert h.pread(1 * MiB, 8 * MiB) == read_file(image, 8 * MiB, 1 * MiB)
     h.shutdown()
     finish(srv)
+
+
+# --------------------------------------------------------------------------
+# Resource bounds, stopping
+
+
+def _rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def test_client_not_reading_replies_cannot_exhaust_memory(nbd_server, tmp_path):
+    """A client pipelines many 1 MiB reads and never reads a reply. The
+    server may keep a bounded number of requests in flight per connection
+    (it says 64); it must not keep reading requests and queueing their
+    replies without bound. Stops as soon as the server passes the limit."""
+    img = tmp_path / "dense.img"
+    img.write_bytes(random.Random(15).randbytes(64 * MiB))
+    srv = nbd_server(img)
+    pid = srv.proc.pid
+    base = _rss_mib(pid)
+    limit = base + 512  # 64 in flight x 1 MiB, plus generous slack
+    c = ready(srv)
+    c.s.settimeout(0.5)
+    peak = base
+    try:
+        sent = 0
+        blocked = False
+        while sent < 3000 and not blocked:
+            try:
+                for _ in range(16):
+                    c.request(CMD_READ, (sent % 64) * MiB, 1 * MiB)
+                    sent += 1
+            except socket.timeout:
+                blocked = True  # back-pressure: the server stopped reading
+            time.sleep(0.005)
+            peak = max(peak, _rss_mib(pid))
+            if peak > limit:
+                break
+        deadline = time.monotonic() + 3
+        while peak <= limit and time.monotonic() < deadline:
+            peak = max(peak, _rss_mib(pid))
+            time.sleep(0.05)
+    finally:
+        c.close()
+    assert peak <= limit, (f"server RSS grew from {base} MiB to {peak} MiB after {sent} 1 MiB "
+                           f"reads whose replies the client never read: replies are queued "
+                           f"without bound")
+    time.sleep(0.5)
+    finish(srv)
+
+
+def test_stop_with_clients_connected(srv, image):
+    """SIGTERM while clients are idle, mid-handshake, mid-I/O and flooding:
+    the server closes them all and exits 0 promptly."""
+    clients = []
+    for i in range(20):
+        c = raw(srv)
+        if i % 2:
+            c.handshake()
+        else:
+            c.read_greeting()
+        clients.append(c)
+    flood = ready(srv)
+    for i in range(32):
+        flood.request(CMD_READ, (i % 16) * MiB, 1 * MiB)
+    h = connect(srv.uri)
+    h.pwrite(b"\x42" * 4096, 33 * MiB)
+    t0 = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - t0 < 5
+    # Acknowledged data is on disk after the flush at exit.
+    assert read_file(image, 33 * MiB, 4096) == b"\x42" * 4096
+    for c in clients[1::2]:
+        assert c.closed_by_server(5)
+    for c in clients:
+        c.close()
+    flood.close()
+    with pytest.raises(nbd.Error):
+        h.pread(4096, 0)
