@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cstring>
 
-#include <asio/experimental/as_tuple.hpp>
 #include <fmt/format.h>
 
 #include "base/align.h"
@@ -19,8 +18,6 @@
 namespace blkmirror {
 
 namespace {
-
-constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
 
 Result<int> open_fd(const std::string& path, int flags) {
   int fd = ::open(path.c_str(), flags | O_CLOEXEC);
@@ -45,7 +42,10 @@ Result<void> FileDevice::create(const std::string& path, uint64_t size) {
 
 FileDevice::FileDevice(Loop& loop, std::string path) : loop_(loop), path_(std::move(path)) {}
 
-FileDevice::~FileDevice() = default;
+FileDevice::~FileDevice() {
+  if (fd_ >= 0) ::close(fd_);
+  if (direct_fd_ >= 0) ::close(direct_fd_);
+}
 
 Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::string& path,
                                                      FileOptions opts) {
@@ -68,7 +68,6 @@ Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::stri
   dev->dev_ = st.st_dev;
   dev->ino_ = st.st_ino;
   dev->is_blk_ = S_ISBLK(st.st_mode);
-  dev->file_.emplace(loop.ctx(), *fd);
   BlockCaps& c = dev->caps_;
   c.read_only = opts.read_only;
   c.can_zero = true;
@@ -92,7 +91,7 @@ Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::stri
   if (opts.direct) {
     auto dfd = open_fd(path, flags | O_DIRECT);
     if (!dfd) return with_context(dfd.error(), "cache.direct");
-    dev->direct_file_.emplace(loop.ctx(), *dfd);
+    dev->direct_fd_ = *dfd;
   }
   return dev;
 }
@@ -101,26 +100,38 @@ tl::unexpected<Error> FileDevice::io_error(const char* what, uint64_t off, int e
   return make_error(errnum, fmt::format("{} {} at offset {}", what, path_, off));
 }
 
-asio::random_access_file& FileDevice::file_for(uint64_t off, const void* buf, uint64_t len) {
-  if (direct_file_ && is_aligned(off, 4096) && is_aligned(len, 4096) &&
+int FileDevice::fd_for(uint64_t off, const void* buf, uint64_t len) const {
+  if (direct_fd_ >= 0 && is_aligned(off, 4096) && is_aligned(len, 4096) &&
       is_aligned(reinterpret_cast<uintptr_t>(buf), 4096))
-    return *direct_file_;
-  return *file_;
+    return direct_fd_;
+  return fd_;
 }
 
+// Loops until the whole request is done: a short read or write is continued.
 Task<Result<void>> FileDevice::read(uint64_t off, std::span<std::byte> buf) {
-  auto& f = file_for(off, buf.data(), buf.size());
-  auto [ec, n] = co_await asio::async_read_at(f, off, asio::buffer(buf.data(), buf.size()), use_tuple);
-  if (ec == asio::error::eof) co_return io_error("read", off, EIO);  // file shrank under us
-  if (ec) co_return io_error("read", off, ec.value());
+  int fd = fd_for(off, buf.data(), buf.size());
+  size_t done = 0;
+  while (done < buf.size()) {
+    int n = co_await loop_.uring().read(fd, buf.data() + done, buf.size() - done, off + done);
+    if (n == -EINTR || n == -EAGAIN) continue;
+    if (n < 0) co_return io_error("read", off, -n);
+    if (n == 0) co_return io_error("read", off, EIO);  // the file shrank under us
+    done += static_cast<size_t>(n);
+  }
   co_return Result<void>{};
 }
 
 Task<Result<void>> FileDevice::write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) {
   if (caps_.read_only) co_return io_error("write", off, EROFS);
-  auto& file = file_for(off, buf.data(), buf.size());
-  auto [ec, n] = co_await asio::async_write_at(file, off, asio::buffer(buf.data(), buf.size()), use_tuple);
-  if (ec) co_return io_error("write", off, ec.value());
+  int fd = fd_for(off, buf.data(), buf.size());
+  size_t done = 0;
+  while (done < buf.size()) {
+    int n = co_await loop_.uring().write(fd, buf.data() + done, buf.size() - done, off + done);
+    if (n == -EINTR || n == -EAGAIN) continue;
+    if (n < 0) co_return io_error("write", off, -n);
+    if (n == 0) co_return io_error("write", off, EIO);
+    done += static_cast<size_t>(n);
+  }
   if (f.fua) co_return co_await flush();
   co_return Result<void>{};
 }
@@ -143,8 +154,11 @@ Task<Result<void>> FileDevice::write_zeroes(uint64_t off, uint64_t len, ZeroFlag
   data_cache_end_ = data_cache_start_;  // this range may turn into a hole
   int fd = fd_;
   bool blk = is_blk_, unmap = f.may_unmap;
+  // A zero range that runs to the end of a file ends in a partial block; punch
+  // the whole block (KEEP_SIZE keeps the length) so it becomes a hole too.
+  uint64_t punch_len = !blk && off + len == length_ ? align_up(off + len, 4096) - off : len;
   // Returns 0, or the errno of the last method tried.
-  int err = co_await loop_.blocking([fd, blk, unmap, off, len]() -> int {
+  int err = co_await loop_.blocking([fd, blk, unmap, off, len, punch_len]() -> int {
     if (blk) {
       if (!is_aligned(off, 512) || !is_aligned(len, 512)) return EOPNOTSUPP;
       uint64_t range[2] = {off, len};
@@ -152,7 +166,7 @@ Task<Result<void>> FileDevice::write_zeroes(uint64_t off, uint64_t len, ZeroFlag
     }
     if (unmap &&
         ::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
-                    static_cast<off_t>(len)) == 0)
+                    static_cast<off_t>(punch_len)) == 0)
       return 0;
     if (::fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
                     static_cast<off_t>(len)) == 0)
@@ -192,9 +206,8 @@ Task<Result<void>> FileDevice::discard(uint64_t off, uint64_t len) {
 }
 
 Task<Result<void>> FileDevice::flush() {
-  int fd = fd_;
-  int err = co_await loop_.blocking([fd]() -> int { return ::fdatasync(fd) == 0 ? 0 : errno; });
-  if (err) co_return io_error("flush", 0, err);
+  int rc = co_await loop_.uring().fdatasync(fd_);
+  if (rc < 0) co_return io_error("flush", 0, -rc);
   co_return Result<void>{};
 }
 

@@ -1,7 +1,7 @@
-// FileDevice: a regular file or a block device, read and written through io_uring
-// (Asio's random_access_file built with ASIO_HAS_IO_URING). Blocking calls
-// (fdatasync, fallocate, lseek SEEK_DATA/SEEK_HOLE, ioctl) run on the Loop's
-// worker pool and resume on the loop.
+// FileDevice: a regular file or a block device. Reads, writes, fdatasync and
+// fallocate go through the loop's io_uring (io/uring.h); the calls io_uring
+// cannot do (lseek SEEK_DATA/SEEK_HOLE, ioctl) run on the Loop's worker pool
+// and resume on the loop.
 //
 // Holes: regular files report holes via SEEK_DATA/SEEK_HOLE and make them with
 // FALLOC_FL_PUNCH_HOLE; block devices use BLKZEROOUT / BLKDISCARD and report
@@ -57,7 +57,7 @@ class FileDevice : public BlockDevice {
 
  private:
   FileDevice(Loop& loop, std::string path);
-  asio::random_access_file& file_for(uint64_t off, const void* buf, uint64_t len);
+  int fd_for(uint64_t off, const void* buf, uint64_t len) const;
   Task<Result<void>> write_zero_buffers(uint64_t off, uint64_t len);
   tl::unexpected<Error> io_error(const char* what, uint64_t off, int errnum) const;
 
@@ -67,9 +67,8 @@ class FileDevice : public BlockDevice {
   BlockCaps caps_;
   bool is_blk_ = false;
   uint64_t dev_ = 0, ino_ = 0;
-  int fd_ = -1;  // owned by file_; kept for blocking calls on the pool
-  std::optional<asio::random_access_file> file_;
-  std::optional<asio::random_access_file> direct_file_;  // O_DIRECT, when enabled
+  int fd_ = -1;
+  int direct_fd_ = -1;  // O_DIRECT, when enabled
   // Last "data" extent seen. Stale data answers are safe (copying zeroes as data
   // is still a correct copy), so only zeroing and discards through us drop it.
   uint64_t data_cache_start_ = 0, data_cache_end_ = 0;

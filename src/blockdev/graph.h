@@ -12,8 +12,9 @@
 // Graph::replace() moves every parent of one node to another: the switch-over.
 //
 // Threading rule: loop thread only. Nodes are owned by the Graph; a Child must be
-// destroyed before its Graph. Declare the Graph before the Loop, so coroutines
-// still suspended at shutdown (holding jobs and edges) are destroyed first.
+// destroyed before its Graph. Declare the Loop before the Graph (devices use the
+// loop's I/O services), and finish jobs and stop servers before leaving, so no
+// suspended coroutine still holds an edge when the Graph goes.
 #pragma once
 
 #include <cstdint>

@@ -129,8 +129,8 @@ int run_demo(const DemoArgs& a) {
   if (auto r = generate_disk(src_path, ref_path, *size, a.seed); !r) return fail_input(r.error().message());
   if (auto r = FileDevice::create(dst_path, *size); !r) return fail_input(r.error().message());
 
-  Graph graph;  // outlives the loop
   Loop loop;
+  Graph graph;  // devices use the loop's services: destroyed before the loop
   auto src = FileDevice::open(loop, src_path, FileOptions{.direct = a.opts.direct});
   auto dst = FileDevice::open(loop, dst_path, FileOptions{.direct = a.opts.direct});
   if (!src || !dst) return fail_input(!src ? src.error().message() : dst.error().message());

@@ -2,6 +2,8 @@
 
 #include <csignal>
 
+#include "base/notifier.h"
+
 #include <fmt/format.h>
 
 #include "base/size_parse.h"
@@ -12,9 +14,11 @@ namespace blkmirror {
 Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& progress,
                        DriveOptions opts) {
   bool ready = false, interrupted = false, cancel_was_soft = false;
+  Notifier changed;  // a job event or a signal: look again now, not at the next tick
   job->subscribe([&](const JobEvent& e) {
     progress.event(e);
     if (e.kind == JobEvent::Kind::kReady) ready = true;
+    changed.notify_all();
   });
 
   asio::signal_set signals(loop.ctx(), SIGINT, SIGTERM);
@@ -27,7 +31,19 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
     auto r = job->cancel(!cancel_was_soft);
     progress.note(fmt::format("{}: cancelling{}", sig == SIGINT ? "interrupted" : "terminated",
                               r ? "" : " failed: " + r.error().message()));
+    changed.notify_all();
   });
+
+  // The `stop` error policy pauses the job; SIGUSR2 resumes it (after the
+  // operator fixed the cause), like QMP's block-job-resume.
+  asio::signal_set resume_signal(loop.ctx(), SIGUSR2);
+  std::function<void(const std::error_code&, int)> on_usr2 = [&](const std::error_code& ec, int) {
+    if (ec) return;
+    auto r = job->resume();
+    progress.note(r ? "resumed" : "resume: " + r.error().message());
+    resume_signal.async_wait(on_usr2);
+  };
+  resume_signal.async_wait(on_usr2);
 
   bool usr1 = false;
   asio::signal_set usr1_signal(loop.ctx());
@@ -35,13 +51,13 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
     usr1_signal.add(SIGUSR1);
     usr1_signal.async_wait([&](const std::error_code& ec, int) {
       if (!ec) usr1 = true;
+      changed.notify_all();
     });
   }
 
   auto started = std::chrono::steady_clock::now();
   job->start(loop.executor());
   bool completed_requested = false;
-  asio::steady_timer tick(loop.ctx());
   while (!job->concluded()) {
     progress.tick(job->info());
     if (ready && (opts.auto_complete || usr1) && !completed_requested && !interrupted) {
@@ -52,12 +68,11 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
       }
       continue;
     }
-    tick.expires_after(std::chrono::milliseconds(100));
-    std::error_code ec;
-    co_await tick.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    co_await changed.wait(std::chrono::milliseconds(200));
   }
   signals.cancel();
   usr1_signal.cancel();
+  resume_signal.cancel();
   progress.finish();
 
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();

@@ -33,7 +33,8 @@ Result<BlockDevicePtr> apply_fault_env(BlockDevicePtr dev, const std::string& ro
       return make_plain_error(EINVAL, fmt::format("BLKMIRROR_INJECT_FAULTS: bad rule '{}'", rule));
     };
     if (f.size() < 4 || f.size() > 5) return bad();
-    if (f[0] != role) continue;
+    if (f[0] != "src" && f[0] != "dst") return bad();
+    if (!role.empty() && f[0] != role) continue;
     FaultRule r;
     if (f[1] == "read") r.ops = FaultRule::kRead;
     else if (f[1] == "write") r.ops = FaultRule::kAllWrites;
@@ -51,6 +52,7 @@ Result<BlockDevicePtr> apply_fault_env(BlockDevicePtr dev, const std::string& ro
       else if (auto n = parse_size(f[4]); n && *n > 0 && *n < 4096) r.errnum = static_cast<int>(*n);
       else return bad();
     }
+    if (!dev) continue;  // only checking the rules
     if (!wrapped) wrapped = std::make_shared<FaultDevice>(dev);
     wrapped->add_rule(r);
   }

@@ -12,7 +12,7 @@
 namespace blkmirror {
 
 // Returns dev, wrapped when the variable names rules for role. Bad rules are an
-// error naming the rule.
+// error naming the rule. With dev null and role "", only checks every rule.
 Result<BlockDevicePtr> apply_fault_env(BlockDevicePtr dev, const std::string& role);
 
 }  // namespace blkmirror

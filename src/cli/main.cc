@@ -1,5 +1,6 @@
 // blkmirror: live block-device mirroring. Entry point; subcommands live in
 // commands.h.
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include "cli/commands.h"
@@ -17,9 +18,15 @@ int main(int argc, char** argv) {
   };
   try {
     app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    int rc = app.exit(e);
-    return rc == 0 ? 0 : blkmirror::exit_code::kBadInput;
+    fmt::print(stderr, "blkmirror: {} (see --help)\n", e.what());
+    return blkmirror::exit_code::kBadInput;
   }
   for (auto& run : runners) {
     int rc = run();

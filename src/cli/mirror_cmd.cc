@@ -1,5 +1,6 @@
 // `blkmirror mirror SRC DST`: mirror one file or block device to another.
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <csignal>
 
@@ -32,8 +33,20 @@ struct MirrorArgs {
 int run_mirror(const MirrorArgs& a) {
   auto params = a.opts.to_params();
   if (!params) return fail_input(params.error().message());
-  Graph graph;  // outlives the loop
+  if (auto probe = apply_fault_env(nullptr, ""); !probe) return fail_input(probe.error().message());
+  // A target we create is removed again if anything stops us before the job
+  // starts: bad input never leaves files behind.
+  bool created = false;
+  struct RemoveUnlessKept {
+    const std::string& path;
+    bool& created;
+    bool keep = false;
+    ~RemoveUnlessKept() {
+      if (created && !keep) ::unlink(path.c_str());
+    }
+  } cleanup{a.dst, created};
   Loop loop;
+  Graph graph;  // devices use the loop's services: destroyed before the loop
   // Served, the source takes the clients' writes; otherwise it is only read.
   bool serving = a.serve.enabled();
   auto src = FileDevice::open(loop, a.src, FileOptions{.read_only = !serving, .direct = a.opts.direct});
@@ -43,6 +56,7 @@ int run_mirror(const MirrorArgs& a) {
       return fail_input(r.error().message() + (r.error().errnum() == EEXIST
                                                    ? " (drop --create to mirror into it)"
                                                    : ""));
+    created = true;
   }
   auto dst = FileDevice::open(loop, a.dst, FileOptions{.read_only = false, .direct = a.opts.direct});
   if (!dst) return fail_input(dst.error().message());
@@ -77,6 +91,7 @@ int run_mirror(const MirrorArgs& a) {
   if (serving)
     progress.note(fmt::format("serving {} at {} (clients switch to {} on completion)", a.src,
                               a.serve.where(server), a.dst));
+  cleanup.keep = true;
   DriveOptions drive;
   drive.auto_complete = !a.no_auto_complete;
   drive.complete_on_usr1 = a.no_auto_complete;

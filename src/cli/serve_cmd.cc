@@ -22,8 +22,8 @@ struct ServeArgs {
 
 int run_serve(const ServeArgs& a) {
   if (!a.serve.enabled()) return fail_input("serve: give --socket PATH and/or --listen HOST:PORT");
-  Graph graph;  // outlives the loop
   Loop loop;
+  Graph graph;  // devices use the loop's services: destroyed before the loop
   auto dev = FileDevice::open(loop, a.image, FileOptions{.read_only = a.serve.read_only, .direct = a.direct});
   if (!dev) return fail_input(dev.error().message());
   (void)graph.add("disk", *dev);

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -16,6 +17,7 @@
 #include <asio.hpp>
 
 #include "base/task.h"
+#include "io/uring.h"
 
 namespace blkmirror {
 
@@ -27,6 +29,11 @@ class Loop {
   Loop& operator=(const Loop&) = delete;
 
   asio::io_context& ctx() { return ctx_; }
+  // The loop's io_uring, created on first use.
+  Uring& uring() {
+    if (!uring_) uring_ = std::make_unique<Uring>(ctx_);
+    return *uring_;
+  }
   asio::any_io_executor executor() { return ctx_.get_executor(); }
 
   // Runs f() on the worker pool and resumes on the loop with its result.
@@ -81,6 +88,7 @@ class Loop {
 
  private:
   asio::io_context ctx_{1};
+  std::unique_ptr<Uring> uring_;  // after ctx_: destroyed before it
   asio::thread_pool pool_;
 };
 

@@ -29,8 +29,8 @@ Task<void> drain_replies(asio::generic::stream_protocol::socket* s) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size > (1 << 16)) return 0;
-  Graph graph;
   Loop loop(1);
+  Graph graph;
   MemoryDevice::Options opts{MemoryDevice::defaults()};
   opts.yield = false;
   (void)graph.add("disk", std::make_shared<MemoryDevice>(1 << 20, opts));

@@ -10,12 +10,13 @@ namespace {
 using namespace std::chrono_literals;
 
 struct Fixture {
-  Graph graph;  // declared before the loop: coroutines die first, then the nodes
   Loop loop{2};
+  Graph graph;
   std::shared_ptr<MemoryDevice> src, dst;
   std::shared_ptr<FaultDevice> src_fault, dst_fault;
   std::vector<std::byte> model;
   Recorder rec;
+  std::vector<std::shared_ptr<MirrorJob>> jobs;
 
   explicit Fixture(uint64_t size, uint64_t seed = 1, bool target_zero = true) {
     std::mt19937_64 rng(seed);
@@ -41,7 +42,20 @@ struct Fixture {
     EXPECT_TRUE(j) << j.error().message();
     if (!j) return nullptr;
     rec.attach(**j);
+    jobs.push_back(*j);
     return *j;
+  }
+
+  // Shut down through the front door: a job a test left running is cancelled
+  // and finishes before the graph goes.
+  ~Fixture() {
+    loop.run([this]() -> Task<void> {
+      for (auto& j : jobs) {
+        if (j->status() == JobStatus::kCreated) continue;
+        if (!j->concluded()) (void)j->cancel(true);
+        co_await j->wait_concluded();
+      }
+    }());
   }
 
   // Runs fn as a coroutine on the loop.
@@ -393,8 +407,8 @@ TEST(MirrorJob, AutoFinalizeOffWaitsInPendingAndAutoDismissOffInConcluded) {
 }
 
 TEST(MirrorJob, ZeroLengthGoesStraightToReady) {
-  Graph graph;
   Loop loop;
+  Graph graph;
   ASSERT_TRUE(graph.add("src", std::make_shared<MemoryDevice>(0)));
   ASSERT_TRUE(graph.add("dst", std::make_shared<MemoryDevice>(0)));
   MirrorParams p;

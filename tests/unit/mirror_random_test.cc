@@ -23,8 +23,8 @@ void run_random_case(const RandomCase& c) {
   SCOPED_TRACE(::testing::Message() << "seed=" << c.seed << " size=" << c.size
                                     << " granularity=" << c.granularity);
   std::mt19937_64 rng(c.seed);
-  Graph graph;
   Loop loop(2);
+  Graph graph;
   // Random extra yields shuffle the order in which concurrent I/O takes effect.
   auto src = std::make_shared<MemoryDevice>(c.size, memory_opts(true, 6, c.seed));
   auto dst = std::make_shared<MemoryDevice>(c.size, memory_opts(c.target_zero_init, 6, c.seed + 1));

@@ -34,8 +34,8 @@ struct NbdClient {
 };
 
 TEST(NbdServer, CommandsAgainstMemoryDevice) {
-  Graph graph;
   Loop loop(2);
+  Graph graph;
   auto dev = std::make_shared<MemoryDevice>(4 << 20, memory_opts());
   std::vector<std::byte> data(65536, std::byte{0x11});
   dev->write_now(1 << 20, data);
@@ -85,8 +85,8 @@ TEST(NbdServer, CommandsAgainstMemoryDevice) {
 
 TEST(NbdServer, LiveMirrorSwitchesClientWithoutLosingWrites) {
   for (uint64_t seed = 1; seed <= 3; ++seed) {
-    Graph graph;
     Loop loop(2);
+    Graph graph;
     constexpr uint64_t kSize = 8 << 20;
     std::mt19937_64 rng(seed);
     auto src = std::make_shared<MemoryDevice>(kSize, memory_opts(true, 3, seed));

@@ -54,6 +54,7 @@ Task<void> Connection::run(std::shared_ptr<Connection> self) {
 
 void Connection::queue(std::vector<std::byte> buf) {
   if (closed_) return;
+  out_bytes_ += buf.size();
   out_.push_back(std::move(buf));
   if (!writing_) {
     writing_ = true;
@@ -67,18 +68,23 @@ Task<void> Connection::writer(std::shared_ptr<Connection> self) {
   while (!out_.empty() && !closed_) {
     std::vector<std::vector<std::byte>> batch;
     std::vector<asio::const_buffer> bufs;
+    uint64_t bytes = 0;
     while (!out_.empty() && batch.size() < 64) {
       batch.push_back(std::move(out_.front()));
       out_.pop_front();
       bufs.emplace_back(batch.back().data(), batch.back().size());
+      bytes += batch.back().size();
     }
     auto [ec, n] = co_await asio::async_write(sock_, bufs, use_tuple);
+    out_bytes_ -= bytes;
+    slot_free_.notify_all();
     if (ec) {
       close();
       break;
     }
   }
   out_.clear();
+  out_bytes_ = 0;
   writing_ = false;
 }
 
@@ -109,7 +115,10 @@ Task<void> Connection::transmission(Export* exp) {
 
   std::array<std::byte, kRequestSize> raw;
   while (!closed_) {
-    while (in_flight_ >= NbdServer::kMaxInFlightPerConn && !closed_) co_await slot_free_.wait();
+    while ((in_flight_ >= NbdServer::kMaxInFlightPerConn ||
+            out_bytes_ > NbdServer::kMaxQueuedReplyBytes) &&
+           !closed_)
+      co_await slot_free_.wait();
     if (!co_await read_exact(raw.data(), raw.size())) break;
     auto req = decode_request(raw);
     if (!req) break;  // bad magic: the stream is lost, hang up

@@ -65,6 +65,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool closed_ = false;
 
   std::deque<std::vector<std::byte>> out_;
+  uint64_t out_bytes_ = 0;  // queued and not yet written
   bool writing_ = false;
   unsigned in_flight_ = 0;
   Notifier slot_free_;

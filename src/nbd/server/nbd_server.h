@@ -45,6 +45,9 @@ class NbdServer {
   static constexpr uint32_t kMaxPayload = 32u << 20;
   // Requests a single connection may have in flight before reading pauses.
   static constexpr unsigned kMaxInFlightPerConn = 64;
+  // Reply bytes a connection may have waiting for a slow reader before it stops
+  // reading requests: a client that never reads cannot grow our memory.
+  static constexpr uint64_t kMaxQueuedReplyBytes = 64u << 20;
 
   NbdServer(Loop& loop, Graph& graph) : loop_(loop), graph_(graph) {}
   ~NbdServer();
