@@ -223,9 +223,6 @@ def test_bad_fault_injection_rule_is_bad_input(cli, check, scene, rule):
     scene.assert_unchanged()
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: with --create, DST is created before "
-                   "BLKMIRROR_INJECT_FAULTS is parsed, and left behind when the rule is bad "
-                   "(exit 2 promises nothing written)")
 def test_bad_fault_injection_rule_with_create_does_not_create_target(cli, check, scene,
                                                                      images):
     dst = images.path("new.img")
@@ -240,8 +237,6 @@ def test_bad_fault_injection_rule_with_create_does_not_create_target(cli, check,
     pytest.param(["SRC", "DST", "--no-such-option"], id="unknown-option"),
     pytest.param(["SRC", "DST", "--granularity"], id="option-without-value"),
 ])
-@pytest.mark.xfail(strict=True, reason="product bug: command-line parse errors are printed "
-                   "by CLI11 as two lines without the 'blkmirror: ' prefix")
 def test_command_line_syntax_error_is_one_blkmirror_line(cli, check, scene, args):
     args = [str(scene.src) if a == "SRC" else str(scene.dst) if a == "DST" else a for a in args]
     res = cli.run("mirror", *args)

@@ -149,11 +149,7 @@ def test_all_hole_source_leaves_create_target_unallocated(cli, check, images,
 
 @pytest.mark.parametrize("size", [
     pytest.param(8 * MiB, id="aligned-size"),
-    pytest.param(1025 * KiB, id="unaligned-size", marks=pytest.mark.xfail(
-        strict=True,
-        reason="product bug: over a non-empty target the zero tail in the last partial "
-               "block of an unaligned-size image is zeroed but stays allocated (the hole "
-               "punch is not extended to the block-aligned end)")),
+    pytest.param(1025 * KiB, id="unaligned-size"),  # regression: EOF tail block stayed allocated
 ])
 def test_zero_tail_over_existing_data_becomes_hole(cli, check, images, sparse_files_supported,
                                                    size):
