@@ -23,9 +23,27 @@ uint32_t wire_error(const Result<void>& r) { return r ? 0 : errno_to_wire(r.erro
 }  // namespace
 
 Task<bool> Connection::read_exact(void* data, size_t len) {
-  if (closed_) co_return false;
-  auto [ec, n] = co_await asio::async_read(sock_, asio::buffer(data, len), use_tuple);
-  co_return !ec;
+  auto* out = static_cast<std::byte*>(data);
+  while (len > 0) {
+    if (closed_) co_return false;
+    if (in_pos_ < in_end_) {
+      size_t n = std::min(len, in_end_ - in_pos_);
+      std::memcpy(out, in_buf_.data() + in_pos_, n);
+      in_pos_ += n;
+      out += n;
+      len -= n;
+      continue;
+    }
+    if (len >= in_buf_.size()) {  // a large payload goes straight to its buffer
+      auto [ec, n] = co_await asio::async_read(sock_, asio::buffer(out, len), use_tuple);
+      co_return !ec;
+    }
+    auto [ec, n] = co_await sock_.async_read_some(asio::buffer(in_buf_), use_tuple);
+    if (ec) co_return false;
+    in_pos_ = 0;
+    in_end_ = n;
+  }
+  co_return true;
 }
 
 Task<bool> Connection::write_all(std::span<const std::byte> data) {

@@ -51,6 +51,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void queue(std::vector<std::byte> buf);
   Task<void> writer(std::shared_ptr<Connection> self);
 
+  // Reads exactly len bytes, through a buffer: at high queue depth one recv
+  // brings in many request headers (and small payloads) at once.
   Task<bool> read_exact(void* data, size_t len);
   Task<bool> write_all(std::span<const std::byte> data);
 
@@ -63,6 +65,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   Export* export_ = nullptr;
   ExportLimits limits_;
   bool closed_ = false;
+  std::vector<std::byte> in_buf_ = std::vector<std::byte>(256 << 10);
+  size_t in_pos_ = 0, in_end_ = 0;
 
   std::deque<std::vector<std::byte>> out_;
   uint64_t out_bytes_ = 0;  // queued and not yet written
