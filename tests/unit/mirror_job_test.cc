@@ -69,15 +69,20 @@ Task<bool> until(std::function<bool()> pred, std::chrono::milliseconds t = 30s) 
   co_return co_await wait_until(pred, t);
 }
 
+// Starts the job, completes it once ready, waits until it concluded.
+Task<bool> start_and_complete(std::shared_ptr<MirrorJob> job) {
+  job->start(co_await asio::this_coro::executor);
+  if (!co_await until([&] { return job->info().ready; })) co_return false;
+  EXPECT_TRUE(job->complete());
+  co_return co_await until([&] { return job->concluded(); });
+}
+
 TEST(MirrorJob, CopiesAndSwitches) {
   Fixture f(4 << 20);
   auto job = f.make(f.params());
   auto client_edge = f.graph.attach(f.graph.find("src"), "export");
   ASSERT_TRUE(f.run([&]() -> Task<bool> {
-    job->start(f.loop.executor());
-    if (!co_await until([&] { return job->info().ready; })) co_return false;
-    EXPECT_TRUE(job->complete());
-    co_return co_await until([&] { return job->concluded(); });
+    co_return co_await start_and_complete(job);
   }));
   EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
   EXPECT_EQ(&client_edge->node(), f.graph.find("dst"));
@@ -175,10 +180,7 @@ TEST(MirrorJob, WriteErrorIgnoreRetriesAndEndsEqual) {
   p.granularity = 65536;
   auto job = f.make(p);
   ASSERT_TRUE(f.run([&]() -> Task<bool> {
-    job->start(f.loop.executor());
-    if (!co_await until([&] { return job->info().ready; })) co_return false;
-    EXPECT_TRUE(job->complete());
-    co_return co_await until([&] { return job->concluded(); });
+    co_return co_await start_and_complete(job);
   }));
   EXPECT_FALSE(job->failure());
   EXPECT_GT(f.dst_fault->injected(), 0u);
@@ -260,10 +262,7 @@ TEST(MirrorJob, FlushFailureAtReadyCheckFollowsPolicy) {
   p.on_target_error = ErrorPolicy::kIgnore;
   auto job = f.make(p);
   ASSERT_TRUE(f.run([&]() -> Task<bool> {
-    job->start(f.loop.executor());
-    if (!co_await until([&] { return job->info().ready; })) co_return false;
-    EXPECT_TRUE(job->complete());
-    co_return co_await until([&] { return job->concluded(); });
+    co_return co_await start_and_complete(job);
   }));
   EXPECT_FALSE(job->failure());
   EXPECT_EQ(f.rec.count(JobEvent::Kind::kError), 2);
@@ -436,10 +435,7 @@ TEST(MirrorJob, SparseSourceKeepsTargetSparse) {
   f.src->write_now(40 << 20, data);
   auto job = f.make(f.params());
   ASSERT_TRUE(f.run([&]() -> Task<bool> {
-    job->start(f.loop.executor());
-    if (!co_await until([&] { return job->info().ready; })) co_return false;
-    EXPECT_TRUE(job->complete());
-    co_return co_await until([&] { return job->concluded(); });
+    co_return co_await start_and_complete(job);
   }));
   EXPECT_EQ(f.dst->allocated_bytes(), f.src->allocated_bytes());
   EXPECT_EQ(job->stats().bytes_copied, 2u << 20);
@@ -454,10 +450,7 @@ TEST(MirrorJob, NonZeroTargetIsZeroedWithHolesNotData) {
   fill_random(*f.dst, junk);
   auto job = f.make(f.params());
   ASSERT_TRUE(f.run([&]() -> Task<bool> {
-    job->start(f.loop.executor());
-    if (!co_await until([&] { return job->info().ready; })) co_return false;
-    EXPECT_TRUE(job->complete());
-    co_return co_await until([&] { return job->concluded(); });
+    co_return co_await start_and_complete(job);
   }));
   EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
   EXPECT_GT(job->stats().bytes_zeroed, 0u);
