@@ -157,22 +157,23 @@ Task<Result<void>> FileDevice::write_zeroes(uint64_t off, uint64_t len, ZeroFlag
   // A zero range that runs to the end of a file ends in a partial block; punch
   // the whole block (KEEP_SIZE keeps the length) so it becomes a hole too.
   uint64_t punch_len = !blk && off + len == length_ ? align_up(off + len, 4096) - off : len;
-  // Returns 0, or the errno of the last method tried.
-  int err = co_await loop_.blocking([fd, blk, unmap, off, len, punch_len]() -> int {
-    if (blk) {
+  int err = 0;  // 0, or the errno of the last method tried
+  if (blk) {
+    err = co_await loop_.blocking([fd, off, len]() -> int {
       if (!is_aligned(off, 512) || !is_aligned(len, 512)) return EOPNOTSUPP;
       uint64_t range[2] = {off, len};
       return ::ioctl(fd, BLKZEROOUT, range) == 0 ? 0 : errno;
-    }
-    if (unmap &&
-        ::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
-                    static_cast<off_t>(punch_len)) == 0)
-      return 0;
-    if (::fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
-                    static_cast<off_t>(len)) == 0)
-      return 0;
-    return errno;
-  });
+    });
+  } else {
+    int rc = -EOPNOTSUPP;
+    if (unmap)
+      rc = co_await loop_.uring().fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off,
+                                            punch_len);
+    if (rc < 0)
+      rc = co_await loop_.uring().fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off,
+                                            len);
+    err = -rc;
+  }
   if (err == 0) {
     if (f.fua) co_return co_await flush();
     co_return Result<void>{};
@@ -190,16 +191,16 @@ Task<Result<void>> FileDevice::discard(uint64_t off, uint64_t len) {
   data_cache_end_ = data_cache_start_;
   int fd = fd_;
   bool blk = is_blk_;
-  int err = co_await loop_.blocking([fd, blk, off, len]() -> int {
-    if (blk) {
+  int err;
+  if (blk) {
+    err = co_await loop_.blocking([fd, off, len]() -> int {
       uint64_t range[2] = {off, len};
       return ::ioctl(fd, BLKDISCARD, range) == 0 ? 0 : errno;
-    }
-    return ::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
-                       static_cast<off_t>(len)) == 0
-               ? 0
-               : errno;
-  });
+    });
+  } else {
+    err = -co_await loop_.uring().fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off,
+                                            len);
+  }
   // Discard is advisory: a device that cannot do it has done nothing, correctly.
   if (err && err != EOPNOTSUPP && err != ENOTTY && err != EINVAL) co_return io_error("discard", off, err);
   co_return Result<void>{};
