@@ -22,6 +22,9 @@ namespace blkmirror {
 
 namespace {
 
+// Largest disk for which `mirror --socket` defaults to 4 KiB tracking.
+constexpr uint64_t kFineTrackingMaxDisk = uint64_t{256} << 30;
+
 struct MirrorArgs {
   std::string src, dst;
   MirrorCliOptions opts;
@@ -77,6 +80,13 @@ int run_mirror(const MirrorArgs& a) {
   params->device = "src";
   params->target = "dst";
   params->job_id = "mirror";
+  if (serving && a.opts.granularity.empty() && (*src)->length() <= kFineTrackingMaxDisk) {
+    // Live clients write in small blocks; 64 KiB tracking would re-copy 64 KiB
+    // for every 4 KiB write. 4 KiB tracking copies what was written, at one bit
+    // per 4 KiB (8 MiB of bitmap at the 256 GiB limit). Runs are still coalesced
+    // up to the max op size, so the bulk copy is not slowed.
+    params->granularity = 4096;
+  }
   auto job = MirrorJob::create(loop, graph, *params);
   if (!job) return fail_input(job.error().message());
 

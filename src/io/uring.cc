@@ -3,7 +3,10 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -35,6 +38,10 @@ Uring::Uring(asio::io_context& ctx, unsigned entries) : ctx_(ctx), event_(ctx) {
 }
 
 Uring::~Uring() {
+  if (std::getenv("BLKMIRROR_DEBUG_URING"))
+    std::fprintf(stderr, "uring: %llu submitted, at most %llu in flight\n",
+                 static_cast<unsigned long long>(submitted_),
+                 static_cast<unsigned long long>(max_in_flight_));
   std::error_code ec;
   event_.close(ec);
   if (ok_) io_uring_queue_exit(&ring_);
@@ -62,9 +69,17 @@ void Uring::reap() {
       res[n] = cqe->res;
       if (++n == 256) break;
     }
-    if (n == 0) return;
+    if (n == 0) {
+      // Completions that found the CQ ring full wait in the kernel's overflow
+      // list and reach the ring only when we enter the kernel: fetch them, or
+      // their requests would never complete.
+      if (!io_uring_cq_has_overflow(&ring_)) return;
+      io_uring_get_events(&ring_);
+      continue;
+    }
     io_uring_cq_advance(&ring_, n);
     in_flight_ -= n;
+    max_in_flight_ = std::max(max_in_flight_, in_flight_ + n);
     for (unsigned i = 0; i < n; ++i) done[i]->complete(res[i]);
   }
 }

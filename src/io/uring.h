@@ -69,6 +69,7 @@ class Uring {
   unsigned unsubmitted_ = 0;
   uint64_t submitted_ = 0;
   uint64_t in_flight_ = 0;
+  uint64_t max_in_flight_ = 0;
 };
 
 }  // namespace blkmirror

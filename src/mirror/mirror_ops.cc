@@ -17,7 +17,9 @@ const ByteRange* MirrorJob::in_flight_at(uint64_t chunk) const {
 
 std::optional<MirrorJob::Run> MirrorJob::pick_run() {
   uint64_t nchunks = dirty_.size();
-  if (dirty_.count() == 0 || buf_size_ < in_flight_bytes_ + gran_) return std::nullopt;
+  if (dirty_.count() == 0 || in_flight_.size() >= p_.max_in_flight ||
+      buf_size_ < in_flight_bytes_ + gran_)
+    return std::nullopt;
   uint64_t free = buf_size_ - in_flight_bytes_;
   uint64_t limit = std::min(max_op_, free) / gran_;  // chunks in one operation
   // Find a dirty chunk that no running operation covers; a chunk dirtied again

@@ -496,3 +496,49 @@ TEST(MirrorJob, DefaultGranularityFollowsTargetCluster) {
 
 }  // namespace
 }  // namespace blkmirror::test
+
+namespace blkmirror::test {
+namespace {
+
+// Regression: the in-flight limit was not enforced; with a small granularity
+// the buffer alone allowed thousands of concurrent operations.
+TEST(MirrorJob, NeverMoreOperationsInFlightThanTheLimit) {
+  struct CountingDevice : BlockDeviceWrapper {
+    using BlockDeviceWrapper::BlockDeviceWrapper;
+    unsigned now = 0, peak = 0;
+    Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) override {
+      peak = std::max(peak, ++now);
+      auto r = co_await inner()->write(off, buf, f);
+      --now;
+      co_return r;
+    }
+  };
+  Loop loop;
+  Graph graph;
+  auto src = std::make_shared<MemoryDevice>(8 << 20, memory_opts());
+  // Every other 4 KiB block has data: many small runs.
+  std::vector<std::byte> block(4096, std::byte{1});
+  for (uint64_t off = 0; off < (8 << 20); off += 8192) src->write_now(off, block);
+  auto dst = std::make_shared<CountingDevice>(
+      std::make_shared<MemoryDevice>(8 << 20, memory_opts(true, 4, 3)));
+  ASSERT_TRUE(graph.add("src", src));
+  ASSERT_TRUE(graph.add("dst", dst));
+  MirrorParams p;
+  p.device = "src";
+  p.target = "dst";
+  p.granularity = 4096;
+  p.max_in_flight = 5;
+  auto job = MirrorJob::create(loop, graph, p);
+  ASSERT_TRUE(job);
+  ASSERT_TRUE(loop.run([&]() -> Task<bool> {
+    (*job)->start(loop.executor());
+    if (!co_await wait_until([&] { return (*job)->info().ready; })) co_return false;
+    EXPECT_TRUE((*job)->complete());
+    co_return co_await wait_until([&] { return (*job)->concluded(); });
+  }()));
+  EXPECT_GT(dst->peak, 1u);
+  EXPECT_LE(dst->peak, 5u);
+}
+
+}  // namespace
+}  // namespace blkmirror::test
