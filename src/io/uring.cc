@@ -138,7 +138,7 @@ Task<int> Uring::read(int fd, void* buf, size_t len, uint64_t off) {
 Task<int> Uring::write(int fd, const void* buf, size_t len, uint64_t off) {
   co_return co_await submit(
       [=](io_uring_sqe* s) { io_uring_prep_write(s, fd, buf, static_cast<unsigned>(len), off); },
-      len >= kAsyncThreshold);
+      false);
 }
 
 Task<int> Uring::fdatasync(int fd) {

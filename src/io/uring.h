@@ -3,10 +3,12 @@
 // io_uring_enter for a burst of operations); completions arrive on an eventfd
 // the loop watches, and resume the awaiting coroutine on the loop.
 //
-// Large buffered requests are flagged IOSQE_ASYNC so the kernel's io-wq workers
-// do the page-cache copies in parallel (otherwise they run inline in
-// io_uring_enter, serialized on the loop thread); small ones stay inline, which
-// is lower latency for 4 KiB client I/O.
+// Large reads are flagged IOSQE_ASYNC so the kernel's io-wq workers do the
+// page-cache copies (and cold-cache waits) in parallel instead of inline in
+// io_uring_enter on the loop thread; small ones stay inline, which is lower
+// latency for 4 KiB client I/O. Writes are never forced async: io-wq writers to
+// one file contend on its inode lock (measured: 2 GiB cold copy 7.6 s and 10 s
+// of CPU with async writes, vs 1.34 s / 0.5 s CPU for 1 GiB without).
 //
 // Threading rule: loop thread only. Buffers must stay valid until the awaited
 // call returns.
@@ -26,7 +28,7 @@ namespace blkmirror {
 
 class Uring {
  public:
-  // Requests at least this large are punted to io-wq workers.
+  // Reads at least this large are punted to io-wq workers.
   static constexpr size_t kAsyncThreshold = 64 << 10;
 
   explicit Uring(asio::io_context& ctx, unsigned entries = 256);
