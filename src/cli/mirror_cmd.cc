@@ -110,17 +110,14 @@ int run_mirror(const MirrorArgs& a) {
     if (serving) {
       if (rc == exit_code::kOk && (*job)->switched()) {
         progress.note(fmt::format("serving {} now; SIGINT/SIGTERM to stop", a.dst));
-        std::vector<int> sigs{SIGINT, SIGTERM};
-        co_await wait_signal(loop, sigs);
+        co_await wait_stop_signal(loop);
       }
-      co_await server.stop();
-      for (Node* n : graph.nodes()) {
-        if (auto f = co_await n->device().flush(); !f) {
-          progress.note("flush: " + f.error().message());
-          rc = exit_code::kJobFailed;
-        }
+      if (auto f = co_await stop_and_flush(server, graph); !f) {
+        progress.note("stopped serving; flush failed: " + f.error().message());
+        rc = exit_code::kJobFailed;
+      } else {
+        progress.note("stopped serving; flushed");
       }
-      progress.note("stopped serving; flushed");
     }
     co_return rc;
   }());

@@ -32,10 +32,8 @@ int run_serve(const ServeArgs& a) {
   fmt::print(stderr, "serving {} ({} bytes{}) at {}\n", a.image, (*dev)->length(),
              a.serve.read_only ? ", read-only" : "", a.serve.where(server));
   int rc = loop.run([&]() -> Task<int> {
-    std::vector<int> sigs{SIGINT, SIGTERM};  // GCC 12: no braced lists inside co_await
-    int sig = co_await wait_signal(loop, sigs);
-    co_await server.stop();
-    auto f = co_await (*dev)->flush();
+    int sig = co_await wait_stop_signal(loop);
+    auto f = co_await stop_and_flush(server, graph);
     fmt::print(stderr, "{}: stopped serving{}\n", sig == SIGINT ? "interrupted" : "terminated",
                f ? "; flushed" : "; flush failed: " + f.error().message());
     co_return f ? exit_code::kOk : exit_code::kJobFailed;

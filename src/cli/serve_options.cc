@@ -3,6 +3,8 @@
 #include <asio/experimental/as_tuple.hpp>
 #include <fmt/format.h>
 
+#include <csignal>
+
 #include "base/size_parse.h"
 
 namespace blkmirror {
@@ -50,6 +52,25 @@ Task<int> wait_signal(Loop& loop, std::vector<int> sigs) {
   for (int s : sigs) set.add(s);
   auto [ec, sig] = co_await set.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
   co_return ec ? 0 : sig;
+}
+
+}  // namespace blkmirror
+
+namespace blkmirror {
+
+Task<int> wait_stop_signal(Loop& loop) {
+  std::vector<int> sigs{SIGINT, SIGTERM};  // GCC 12: no braced lists inside co_await
+  co_return co_await wait_signal(loop, sigs);
+}
+
+Task<Result<void>> stop_and_flush(nbd::NbdServer& server, Graph& graph) {
+  co_await server.stop();
+  Result<void> first;
+  for (Node* n : graph.nodes()) {
+    auto f = co_await n->device().flush();
+    if (!f && first) first = f;
+  }
+  co_return first;
 }
 
 }  // namespace blkmirror

@@ -27,5 +27,11 @@ struct ServeOptions {
 
 // Waits for one of the given signals; returns its number.
 Task<int> wait_signal(Loop& loop, std::vector<int> sigs);
+// Waits for SIGINT or SIGTERM; returns which.
+Task<int> wait_stop_signal(Loop& loop);
+
+// Stops the server (connections closed, requests finished), then flushes every
+// node of the graph. Returns the first flush error, after trying them all.
+Task<Result<void>> stop_and_flush(nbd::NbdServer& server, Graph& graph);
 
 }  // namespace blkmirror

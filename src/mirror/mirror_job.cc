@@ -112,17 +112,18 @@ uint64_t MirrorJob::dirty_bytes() const {
   return bytes;
 }
 
-void MirrorJob::update_len() {
+uint64_t MirrorJob::progress_len() const {
   uint64_t in_flight = 0;
   for (auto& r : in_flight_) in_flight += r.length;
-  progress_len_ = progress_offset_ + dirty_bytes() + in_flight;
+  return progress_offset_ + dirty_bytes() + in_flight;
 }
 
+void MirrorJob::update_len() { progress_len_ = progress_len(); }
+
 JobInfo MirrorJob::info() const {
+  // Fresh, not the last update_len(): client writes dirty chunks in between.
   JobInfo i = Job::info();
-  uint64_t in_flight = 0;
-  for (auto& r : in_flight_) in_flight += r.length;
-  i.len = progress_offset_ + dirty_bytes() + in_flight;
+  i.len = progress_len();
   return i;
 }
 

@@ -94,6 +94,8 @@ class MirrorJob : public Job, public WriteObserver {
   ByteRange chunk_bytes(uint64_t first, uint64_t end) const;
   void mark_dirty(uint64_t off, uint64_t len);
   void update_len();
+  // len = offset + dirty + in flight (MIRROR.md "Progress").
+  uint64_t progress_len() const;
 
   Loop& loop_;
   Graph& graph_;
