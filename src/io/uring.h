@@ -71,7 +71,7 @@ class Uring {
   unsigned unsubmitted_ = 0;
   uint64_t submitted_ = 0;
   uint64_t in_flight_ = 0;
-  uint64_t max_in_flight_ = 0;
+  uint64_t max_in_flight_ = 0;  // printed at exit with BLKMIRROR_DEBUG_URING=1
 };
 
 }  // namespace blkmirror
