@@ -14,5 +14,7 @@ using CommandRunner = std::function<int()>;
 CommandRunner add_mirror_command(CLI::App& app);
 CommandRunner add_demo_command(CLI::App& app);
 CommandRunner add_serve_command(CLI::App& app);
+CommandRunner add_daemon_command(CLI::App& app);
+CommandRunner add_ctl_command(CLI::App& app);
 
 }  // namespace blkmirror

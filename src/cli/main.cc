@@ -15,6 +15,8 @@ int main(int argc, char** argv) {
       blkmirror::add_mirror_command(app),
       blkmirror::add_demo_command(app),
       blkmirror::add_serve_command(app),
+      blkmirror::add_daemon_command(app),
+      blkmirror::add_ctl_command(app),
   };
   try {
     app.parse(argc, argv);

@@ -37,7 +37,9 @@ class Loop {
   asio::any_io_executor executor() { return ctx_.get_executor(); }
 
   // Runs f() on the worker pool and resumes on the loop with its result.
-  // REQUIRES: f is self-contained (captures by value; no loop-owned state).
+  // REQUIRES: f is self-contained (captures by value; no loop-owned state), and
+  // its captures survive a bitwise move: GCC 12 relocates coroutine arguments
+  // that way, which breaks std::string. Capture pointers or integers.
   template <class F>
   Task<std::invoke_result_t<F>> blocking(F f) {
     using R = std::invoke_result_t<F>;

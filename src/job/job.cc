@@ -39,7 +39,7 @@ JobInfo Job::info() const {
   i.io_status = io_status_;
   i.auto_finalize = auto_finalize_;
   i.auto_dismiss = auto_dismiss_;
-  if (failure_) i.error = failure_->reason();
+  if (failure_) i.error = failure_->plain ? failure_->message() : failure_->reason();
   return i;
 }
 
@@ -95,7 +95,7 @@ Task<void> Job::lifecycle(std::shared_ptr<Job> self) {
     transition(JobStatus::kAborting);
     co_await abort();
     JobEvent e = block_event(cancelled_ ? JobEvent::Kind::kCancelled : JobEvent::Kind::kCompleted);
-    if (failure_) e.error = failure_->reason();
+    if (failure_) e.error = failure_->plain ? failure_->message() : failure_->reason();
     emit(e);
   } else {
     co_await commit();

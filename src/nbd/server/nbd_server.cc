@@ -16,7 +16,7 @@ NbdServer::~NbdServer() {
 
 Result<void> NbdServer::add_export(const ExportConfig& cfg) {
   if (exports_.count(cfg.name))
-    return make_plain_error(EEXIST, fmt::format("Block export id '{}' is already in use", cfg.name));
+    return make_plain_error(EEXIST, fmt::format("NBD server already has export named '{}'", cfg.name));
   Node* node = graph_.find(cfg.node);
   if (!node)
     return make_plain_error(ENOENT, fmt::format("Cannot find device='{}' nor node-name='{}'",
@@ -39,6 +39,13 @@ Result<void> NbdServer::add_export(const ExportConfig& cfg) {
 Export* NbdServer::find_export(const std::string& name) {
   auto it = exports_.find(name);
   return it == exports_.end() ? nullptr : it->second.get();
+}
+
+size_t NbdServer::clients_of(const std::string& name) const {
+  size_t n = 0;
+  for (auto& c : conns_)
+    if (c->current_export() && c->current_export()->name == name) ++n;
+  return n;
 }
 
 Export* NbdServer::default_export() {

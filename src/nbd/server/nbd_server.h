@@ -58,6 +58,8 @@ class NbdServer {
   Task<Result<void>> remove_export(const std::string& name);
   Export* find_export(const std::string& name);
   Export* default_export();
+  // Connections currently using the export.
+  size_t clients_of(const std::string& name) const;
   const std::map<std::string, std::unique_ptr<Export>>& exports() const { return exports_; }
 
   // Starts listening; the socket file is created with mode 0600 replaced if stale.

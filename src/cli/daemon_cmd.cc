@@ -1,0 +1,131 @@
+// `blkmirror daemon --qmp PATH`: a storage daemon driven over QMP, compatible
+// with qemu-storage-daemon for the commands it has (docs/qmp.md). Nodes, the
+// NBD server and exports can also come up from the command line, in QEMU's
+// keyval or JSON form:
+//   blkmirror daemon --qmp /run/bm.sock
+//     --blockdev driver=file,node-name=disk,filename=disk.img
+//     --nbd-server addr.type=unix,addr.path=/run/disk.sock
+//     --export type=nbd,id=e0,node-name=disk,writable=on
+// `quit`, SIGINT or SIGTERM: running jobs are cancelled (forced), the NBD server
+// stops, nodes are flushed.
+#include <charconv>
+#include <csignal>
+
+#include <fmt/format.h>
+
+#include "cli/commands.h"
+#include "cli/exit_codes.h"
+#include "cli/mirror_options.h"
+#include "cli/serve_options.h"
+#include "qmp/daemon.h"
+#include "qmp/qmp_server.h"
+
+namespace blkmirror {
+
+namespace {
+
+struct DaemonArgs {
+  std::string qmp, qmp_tcp, file_root;
+  std::vector<std::string> blockdevs, exports;
+  std::string nbd_server;
+};
+
+// --nbd-server uses QEMU's flat address (addr.type=unix,addr.path=P); the QMP
+// command takes the legacy form with the members under "data".
+qmp::Json nbd_server_args(qmp::Json j) {
+  if (!j.contains("addr") || !j["addr"].is_object() || j["addr"].contains("data")) return j;
+  qmp::Json flat = j["addr"];
+  qmp::Json addr = {{"data", qmp::Json::object()}};
+  for (auto it = flat.begin(); it != flat.end(); ++it) {
+    if (it.key() == "type") addr["type"] = it.value();
+    else addr["data"][it.key()] = it.value();
+  }
+  j["addr"] = addr;
+  return j;
+}
+
+Result<std::pair<std::string, uint16_t>> split_host_port(const std::string& s) {
+  auto colon = s.rfind(':');
+  if (colon == std::string::npos) return make_plain_error(EINVAL, fmt::format("--qmp-tcp: expected HOST:PORT, got '{}'", s));
+  std::string host = s.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  if (host.empty()) host = "127.0.0.1";
+  unsigned port = 0;
+  auto ps = s.substr(colon + 1);
+  auto [p, ec] = std::from_chars(ps.data(), ps.data() + ps.size(), port);
+  if (ec != std::errc() || p != ps.data() + ps.size() || port > 65535)
+    return make_plain_error(EINVAL, fmt::format("--qmp-tcp: bad port '{}'", ps));
+  return std::pair{host, static_cast<uint16_t>(port)};
+}
+
+int run_daemon(const DaemonArgs& a) {
+  Loop loop;
+  qmp::Daemon daemon(loop, qmp::DaemonOptions{a.file_root});
+  qmp::QmpServer server(loop, daemon);
+  if (auto r = server.listen_unix(a.qmp); !r) return fail_input(r.error().message());
+  if (!a.qmp_tcp.empty()) {
+    auto hp = split_host_port(a.qmp_tcp);
+    if (!hp) return fail_input(hp.error().message());
+    if (auto r = server.listen_tcp(hp->first, hp->second); !r) return fail_input(r.error().message());
+  }
+  return loop.run([&]() -> Task<int> {
+    // Startup objects, in the order a QMP client would make them.
+    std::vector<std::tuple<std::string, std::string, std::string>> steps;
+    for (auto& b : a.blockdevs) steps.emplace_back("--blockdev", "blockdev-add", b);
+    if (!a.nbd_server.empty()) steps.emplace_back("--nbd-server", "nbd-server-start", a.nbd_server);
+    for (auto& e : a.exports) steps.emplace_back("--export", "block-export-add", e);
+    for (auto& [opt, cmd, text] : steps) {
+      std::string err;
+      auto j = qmp::parse_keyval(text);
+      if (!j) {
+        err = j.error().desc;
+      } else {
+        if (cmd == "nbd-server-start") *j = nbd_server_args(*j);
+        auto r = co_await daemon.execute(cmd, *j, true);
+        if (!r) err = r.error().desc;
+      }
+      if (!err.empty()) {
+        fmt::print(stderr, "blkmirror: {} {}: {}\n", opt, text, err);
+        co_await daemon.shutdown();
+        co_await server.stop();
+        co_return exit_code::kBadInput;
+      }
+    }
+    fmt::print(stderr, "blkmirror daemon: QMP at {}{}\n", a.qmp,
+               a.qmp_tcp.empty() ? "" : fmt::format(" and {}:{}", "tcp", server.tcp_port()));
+    asio::co_spawn(
+        loop.executor(),
+        [](Loop* l, qmp::Daemon* d) -> Task<void> {
+          if (co_await wait_stop_signal(*l)) d->request_quit();
+        }(&loop, &daemon),
+        asio::detached);
+    co_await daemon.wait_quit();
+    auto flushed = co_await daemon.shutdown();
+    co_await server.stop();
+    if (!flushed) {
+      fmt::print(stderr, "blkmirror daemon: flush failed: {}\n", flushed.error().message());
+      co_return exit_code::kJobFailed;
+    }
+    fmt::print(stderr, "blkmirror daemon: stopped\n");
+    co_return exit_code::kOk;
+  }());
+}
+
+}  // namespace
+
+CommandRunner add_daemon_command(CLI::App& app) {
+  auto args = std::make_shared<DaemonArgs>();
+  auto* cmd = app.add_subcommand("daemon", "Run a storage daemon driven over QMP (qemu-storage-daemon compatible)");
+  cmd->add_option("--qmp", args->qmp, "UNIX socket path for QMP (created with mode 0600)")->required();
+  cmd->add_option("--qmp-tcp", args->qmp_tcp, "also serve QMP on loopback TCP HOST:PORT (port 0: any)");
+  cmd->add_option("--blockdev", args->blockdevs, "add a node at startup (keyval or JSON, as blockdev-add)");
+  cmd->add_option("--nbd-server", args->nbd_server, "start the NBD server (addr.type=unix,addr.path=P or addr.type=inet,addr.host=H,addr.port=N)");
+  cmd->add_option("--export", args->exports, "export a node at startup (type=nbd,id=ID,node-name=N[,writable=on])");
+  cmd->add_option("--file-root", args->file_root, "only open or create image files below this directory");
+  return [cmd, args]() -> int {
+    if (!cmd->parsed()) return -1;
+    return run_daemon(*args);
+  };
+}
+
+}  // namespace blkmirror

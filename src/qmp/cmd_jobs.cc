@@ -1,0 +1,198 @@
+// Job commands: blockdev-mirror, the job queries, the block-job-* and job-*
+// verbs, and the translation of job events into QMP events.
+#include <fmt/format.h>
+
+#include "mirror/mirror_job.h"
+#include "qmp/daemon.h"
+
+namespace blkmirror::qmp {
+
+namespace {
+
+tl::unexpected<QmpError> no_block_job(const std::string& id) {
+  return tl::unexpected<QmpError>(QmpError{"DeviceNotActive", fmt::format("Block job '{}' not found", id)});
+}
+
+tl::unexpected<QmpError> from(const Error& e) { return generic_error(e.message()); }
+
+bool is_block_job(const Job& j) { return j.info().type != "create"; }
+
+Json block_event_data(const JobEvent& e) {
+  return {{"type", e.type}, {"device", e.device}, {"len", e.len}, {"offset", e.offset}, {"speed", e.speed}};
+}
+
+}  // namespace
+
+void Daemon::add_job(std::shared_ptr<Job> job) {
+  const std::string id = job->id();
+  jobs_[id] = job;
+  job->subscribe([this](const JobEvent& e) { on_job_event(e); });
+  // QEMU reports the creation too, before the job runs.
+  emit("JOB_STATUS_CHANGE", {{"id", id}, {"status", "created"}});
+  job->start(loop_.executor());
+}
+
+void Daemon::on_job_event(const JobEvent& e) {
+  auto it = jobs_.find(e.id);
+  bool block = it != jobs_.end() && is_block_job(*it->second);
+  switch (e.kind) {
+    case JobEvent::Kind::kStatusChange:
+      emit("JOB_STATUS_CHANGE", {{"id", e.id}, {"status", to_string(e.status)}});
+      // A null job is gone: its id may be used again. The job's own coroutine
+      // still holds a reference, so dropping ours here is safe.
+      if (e.status == JobStatus::kNull && it != jobs_.end()) jobs_.erase(it);
+      break;
+    case JobEvent::Kind::kReady:
+      emit("BLOCK_JOB_READY", block_event_data(e));
+      break;
+    case JobEvent::Kind::kCompleted: {
+      if (!block) break;
+      Json d = block_event_data(e);
+      if (e.error) d["error"] = *e.error;
+      emit("BLOCK_JOB_COMPLETED", d);
+      break;
+    }
+    case JobEvent::Kind::kCancelled:
+      if (block) emit("BLOCK_JOB_CANCELLED", block_event_data(e));
+      break;
+    case JobEvent::Kind::kError:
+      emit("BLOCK_JOB_ERROR", {{"device", e.device}, {"operation", e.operation}, {"action", e.action}});
+      break;
+    case JobEvent::Kind::kPending:
+      emit("BLOCK_JOB_PENDING", {{"type", e.type}, {"id", e.id}});
+      break;
+    case JobEvent::Kind::kNote:
+      break;
+  }
+}
+
+Task<QResult<Json>> Daemon::cmd_blockdev_mirror(Json& a) {
+  MirrorParams p;
+  p.device = a["device"].get<std::string>();
+  p.target = a["target"].get<std::string>();
+  p.job_id = a.value("job-id", p.device);
+  if (!id_wellformed(p.job_id)) co_return generic_error(fmt::format("Invalid job ID '{}'", p.job_id));
+  if (jobs_.count(p.job_id)) co_return generic_error(fmt::format("Job ID '{}' already in use", p.job_id));
+  auto sync = parse_sync_mode(a["sync"].get<std::string>());
+  if (!sync) co_return from(sync.error());
+  p.sync = *sync;
+  p.speed = a.value("speed", int64_t{0});
+  int64_t gran = a.value("granularity", int64_t{0});
+  if (gran < 0 || gran > int64_t{UINT32_MAX})
+    co_return generic_error("Parameter 'granularity' expects a value in range [512B, 64MB]");
+  p.granularity = static_cast<uint64_t>(gran);
+  p.buf_size = a.value("buf-size", int64_t{0});
+  for (auto [key, field] : {std::pair{"on-source-error", &p.on_source_error},
+                            std::pair{"on-target-error", &p.on_target_error}}) {
+    if (!a.contains(key)) continue;
+    auto pol = parse_error_policy(a[key].get<std::string>(), key);
+    if (!pol) co_return from(pol.error());
+    *field = *pol;
+  }
+  if (a.contains("copy-mode")) {
+    auto m = parse_copy_mode(a["copy-mode"].get<std::string>());
+    if (!m) co_return from(m.error());
+    p.copy_mode = *m;
+  }
+  if (a.contains("replaces")) p.replaces = a["replaces"].get<std::string>();
+  if (a.contains("filter-node-name") && !id_wellformed(a["filter-node-name"].get<std::string>()))
+    co_return generic_error(fmt::format("Invalid node-name: '{}'", a["filter-node-name"].get<std::string>()));
+  p.auto_finalize = a.value("auto-finalize", true);
+  p.auto_dismiss = a.value("auto-dismiss", true);
+  p.target_is_zero = a.value("target-is-zero", false);
+  p.unmap = a.value("unmap", true);
+  if (auto v = validate_params(p); !v) co_return from(v.error());
+  auto job = MirrorJob::create(loop_, graph_, p);
+  if (!job) co_return from(job.error());
+  add_job(*job);
+  co_return Json::object();
+}
+
+Task<QResult<Json>> Daemon::cmd_query_block_jobs(Json&) {
+  Json list = Json::array();
+  for (auto& [id, job] : jobs_) {
+    if (!is_block_job(*job)) continue;
+    JobInfo i = job->info();
+    Json j = {{"type", i.type},           {"device", i.id},
+              {"len", i.len},             {"offset", i.offset},
+              {"busy", i.busy},           {"paused", i.paused},
+              {"speed", i.speed},         {"io-status", to_string(i.io_status)},
+              {"ready", i.ready},         {"status", to_string(i.status)},
+              {"auto-finalize", i.auto_finalize}, {"auto-dismiss", i.auto_dismiss}};
+    if (i.error) j["error"] = *i.error;
+    list.push_back(j);
+  }
+  co_return list;
+}
+
+Task<QResult<Json>> Daemon::cmd_query_jobs(Json&) {
+  Json list = Json::array();
+  for (auto& [id, job] : jobs_) {
+    JobInfo i = job->info();
+    Json j = {{"id", i.id},
+              {"type", i.type},
+              {"status", to_string(i.status)},
+              {"current-progress", i.offset},
+              {"total-progress", i.len}};
+    if (i.error) j["error"] = *i.error;
+    list.push_back(j);
+  }
+  co_return list;
+}
+
+// block-job-{pause,resume,complete,finalize,dismiss}: the job by device (or id).
+Task<QResult<Json>> Daemon::cmd_block_job_verb(Json& a) {
+  std::string id = a.contains("device") ? a["device"].get<std::string>() : a["id"].get<std::string>();
+  auto it = jobs_.find(id);
+  if (it == jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
+  Job& job = *it->second;
+  const std::string verb = current_command_.substr(sizeof("block-job-") - 1);
+  Result<void> r = verb == "pause"      ? job.pause()
+                   : verb == "resume"   ? job.resume()
+                   : verb == "complete" ? job.complete()
+                   : verb == "finalize" ? job.finalize()
+                                        : job.dismiss();
+  if (!r) co_return from(r.error());
+  co_return Json::object();
+}
+
+// job-{pause,resume,cancel,complete,finalize,dismiss}: any job, by id. As in
+// QEMU, job-cancel is a forced cancel.
+Task<QResult<Json>> Daemon::cmd_job_verb(Json& a) {
+  std::string id = a["id"].get<std::string>();
+  auto it = jobs_.find(id);
+  if (it == jobs_.end()) co_return generic_error("Job not found");
+  Job& job = *it->second;
+  const std::string verb = current_command_.substr(sizeof("job-") - 1);
+  Result<void> r = verb == "pause"      ? job.pause()
+                   : verb == "resume"   ? job.resume()
+                   : verb == "cancel"   ? job.cancel(true)
+                   : verb == "complete" ? job.complete()
+                   : verb == "finalize" ? job.finalize()
+                                        : job.dismiss();
+  if (!r) co_return from(r.error());
+  co_return Json::object();
+}
+
+Task<QResult<Json>> Daemon::cmd_block_job_set_speed(Json& a) {
+  std::string id = a["device"].get<std::string>();
+  auto it = jobs_.find(id);
+  if (it == jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
+  if (auto r = it->second->set_speed(a["speed"].get<int64_t>()); !r) co_return from(r.error());
+  co_return Json::object();
+}
+
+Task<QResult<Json>> Daemon::cmd_block_job_cancel(Json& a) {
+  std::string id = a["device"].get<std::string>();
+  bool force = a.value("force", false);
+  auto it = jobs_.find(id);
+  if (it == jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
+  JobInfo i = it->second->info();
+  // QEMU: a soft cancel of a user-paused job is refused (resume it, or force).
+  if (i.paused && !force)
+    co_return generic_error(fmt::format("The block job for device '{}' is currently paused", id));
+  if (auto r = it->second->cancel(force); !r) co_return from(r.error());
+  co_return Json::object();
+}
+
+}  // namespace blkmirror::qmp
