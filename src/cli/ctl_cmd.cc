@@ -83,27 +83,34 @@ std::string event_line(const Json& e) {
   return fmt::format("{} {}", name, d.dump());
 }
 
-// Follows jobs until `only` (or every job) is gone or concluded. Returns an
-// exit code: 0 completed, 1 failed, 3 cancelled.
+// Follows jobs until `only` (or every job) has ended. Returns an exit code:
+// 0 completed, 1 failed, 3 cancelled.
 int watch(QmpClient& c, const std::string& only, bool as_json, bool until_ready = false) {
   bool tty = !as_json && ::isatty(STDOUT_FILENO);
   int rc = exit_code::kOk;
   size_t drawn = 0;
+  bool ended = false;  // the followed job reported its end
+  auto gone_since = std::chrono::steady_clock::time_point::max();
   for (;;) {
     while (auto e = c.next_event(0)) {
       const Json& d = (*e)["data"];
       std::string who = d.value("device", d.value("id", ""));
       if (!only.empty() && who != only) continue;
       std::string name = (*e)["event"];
-      if (name == "BLOCK_JOB_COMPLETED" && d.contains("error")) rc = exit_code::kJobFailed;
-      if (name == "BLOCK_JOB_CANCELLED") rc = exit_code::kCancelled;
-      if (as_json) fmt::print("{}\n", e->dump());
-      else if (name != "JOB_STATUS_CHANGE" || !tty) {
+      if (name == "BLOCK_JOB_COMPLETED") {
+        ended = true;
+        if (d.contains("error")) rc = exit_code::kJobFailed;
+      }
+      if (name == "BLOCK_JOB_CANCELLED") ended = true, rc = exit_code::kCancelled;
+      if (as_json) {
+        fmt::print("{}\n", e->dump());
+      } else if (name != "JOB_STATUS_CHANGE" || !tty) {
         if (tty && drawn) fmt::print("\x1b[{}A\x1b[J", drawn), drawn = 0;
         fmt::print("{}\n", event_line(*e));
       }
       if (until_ready && name == "BLOCK_JOB_READY") return exit_code::kOk;
     }
+    if (ended && !until_ready) return rc;
     auto jobs = all_jobs(c);
     if (!jobs) {
       fmt::print(stderr, "blkmirror: {}\n", jobs.error().message());
@@ -128,8 +135,15 @@ int watch(QmpClient& c, const std::string& only, bool as_json, bool until_ready 
       for (auto& j : shown) fmt::print("{}\n", job_line(j));
     }
     std::fflush(stdout);
-    if (!active) return rc;
-    (void)c.next_event(500);  // wakes early on an event, which the next turn shows
+    if (!active) {
+      // Watching everything: done when nothing runs. Watching one job that has
+      // vanished: its end events may still be on the way; wait a moment.
+      if (only.empty() || until_ready) return rc;
+      auto now = std::chrono::steady_clock::now();
+      if (gone_since == std::chrono::steady_clock::time_point::max()) gone_since = now;
+      if (now - gone_since > std::chrono::seconds(2)) return rc;
+    }
+    c.wait_for_event(500);  // wakes early on an event, which the next turn shows
   }
 }
 

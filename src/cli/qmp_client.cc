@@ -139,4 +139,9 @@ std::optional<QmpClient::Json> QmpClient::next_event(int timeout_ms) {
   }
 }
 
+void QmpClient::wait_for_event(int timeout_ms) {
+  if (!events_.empty()) return;
+  if (auto e = next_event(timeout_ms)) events_.push_back(std::move(*e));
+}
+
 }  // namespace blkmirror

@@ -31,6 +31,8 @@ class QmpClient {
   const std::string& last_error_class() const { return last_class_; }
   // The next event: queued ones first, else waits up to timeout_ms (-1: forever).
   std::optional<Json> next_event(int timeout_ms);
+  // Waits up to timeout_ms until an event is queued (it stays queued).
+  void wait_for_event(int timeout_ms);
 
  private:
   explicit QmpClient(int fd) : fd_(fd) {}

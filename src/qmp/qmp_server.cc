@@ -188,6 +188,7 @@ Result<void> QmpServer::listen_unix(const std::string& path) {
   mode_t old = ::umask(077);
   if (!ec) a->bind(asio::local::stream_protocol::endpoint(path), ec);
   ::umask(old);
+  if (!ec && ::chmod(path.c_str(), 0600) < 0) ec = std::error_code(errno, std::generic_category());
   if (!ec) a->listen(asio::socket_base::max_listen_connections, ec);
   if (ec) return make_plain_error(ec.value(), fmt::format("cannot listen on {}: {}", path, ec.message()));
   socket_paths_.push_back(path);
