@@ -45,6 +45,13 @@ Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, M
   if (src->length() != tgt->length())
     return make_plain_error(EINVAL, "Source and target image have different sizes");
   if (p.job_id.empty()) p.job_id = p.device;
+  // One bit per chunk: refuse a bitmap that would not fit rather than fail an
+  // allocation (a 1 PiB node at 512-byte chunks would need 256 GiB).
+  uint64_t gran = p.granularity ? p.granularity : default_granularity(tgt->device().caps().cluster_size);
+  if (uint64_t bytes = div_round_up(src->length(), gran) / 8; bytes > kMaxBitmapBytes)
+    return make_plain_error(EFBIG, fmt::format("A {}-byte disk needs a {}-byte dirty bitmap at granularity {}; "
+                                               "use a larger granularity",
+                                               src->length(), bytes, gran));
   return std::shared_ptr<MirrorJob>(new MirrorJob(loop, graph, std::move(p), src, tgt, replaces));
 }
 

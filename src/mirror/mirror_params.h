@@ -47,6 +47,8 @@ struct MirrorParams {
 inline constexpr int64_t kDefaultBufSize = 16 << 20;
 inline constexpr uint64_t kMinGranularity = 512;
 inline constexpr uint64_t kMaxGranularity = 64 << 20;
+// Largest dirty bitmap a job may allocate (16 TiB at 512 B, 2 PiB at 64 KiB).
+inline constexpr uint64_t kMaxBitmapBytes = 4ull << 30;
 
 // Checks values that need no device: granularity, buf-size, speed, in-flight.
 // Error texts are QEMU's.
