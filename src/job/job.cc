@@ -178,6 +178,9 @@ Result<void> Job::finalize() {
 
 Result<void> Job::dismiss() {
   if (auto r = check_verb(JobVerb::kDismiss); !r) return r;
+  // The null event may drop the owner's last reference (a daemon forgets null
+  // jobs); stay alive until the transition is done.
+  auto self = shared_from_this();
   transition(JobStatus::kNull);
   return {};
 }
