@@ -95,9 +95,11 @@ int run_mirror(const MirrorArgs& a) {
     if (auto r = a.serve.start(server, "src"); !r) return fail_input(r.error().message());
 
   Progress progress(a.opts.progress_style());
-  progress.note(fmt::format("mirroring {} -> {} ({}, granularity {}, buffer {})", a.src, a.dst,
-                            format_size((*src)->length()), format_size((*job)->granularity()),
-                            format_size((*job)->buf_size())));
+  progress.set_json_interval(a.opts.progress_interval);
+  progress.note(fmt::format("mirroring {} -> {} ({}, granularity {}, buffer {}, copy mode {})",
+                            a.src, a.dst, format_size((*src)->length()),
+                            format_size((*job)->granularity()), format_size((*job)->buf_size()),
+                            to_string((*job)->copy_mode())));
   if (serving)
     progress.note(fmt::format("serving {} at {} (clients switch to {} on completion)", a.src,
                               a.serve.where(server), a.dst));
