@@ -80,7 +80,10 @@ struct ActiveFixture {
   Task<bool> ready() {
     co_return co_await wait_until([this] { return job->info().ready || job->concluded(); });
   }
+  // Completes once the job is (back) in the ready state: a resume takes effect
+  // when the job's loop runs next.
   Task<bool> complete() {
+    if (!co_await wait_until([this] { return job->status() == JobStatus::kReady; })) co_return false;
     if (!job->complete()) co_return false;
     co_return co_await wait_until([this] { return job->concluded(); });
   }
@@ -111,7 +114,7 @@ TEST(MirrorActive, ClientWriteReachesTargetBeforeReply) {
     EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
     EXPECT_TRUE(f.job->resume());
     co_return co_await f.complete();
-  }));
+  }()));
   EXPECT_FALSE(f.job->failure());
   EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
 }
@@ -132,7 +135,7 @@ TEST(MirrorActive, BackgroundModeDoesNotWriteTargetWhilePaused) {
     EXPECT_FALSE(f.job->info().actively_synced);
     EXPECT_TRUE(f.job->resume());
     co_return co_await f.complete();
-  }));
+  }()));
   EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
 }
 
@@ -164,7 +167,7 @@ TEST(MirrorActive, UnalignedPieceOfDirtyChunkLeftToBackgroundCopy) {
     if (!co_await wait_until([&] { return f.job->actively_synced(); })) co_return false;
     EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
     co_return co_await f.complete();
-  }));
+  }()));
   EXPECT_FALSE(f.job->failure());
   EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
 }
@@ -199,7 +202,9 @@ TEST(MirrorActive, OverlappingWritesRaceBackgroundCopies) {
     };
     bool ok = f.loop.run([&]() -> Task<bool> {
       f.job->start(f.loop.executor());
-      if (seed % 2 == 0) EXPECT_TRUE(f.job->change_copy_mode(CopyMode::kWriteBlocking));
+      if (seed % 2 == 0) {
+        EXPECT_TRUE(f.job->change_copy_mode(CopyMode::kWriteBlocking));
+      }
       for (size_t i = 0; i < edges.size(); ++i)
         asio::co_spawn(f.loop.executor(), writer(edges[i].get(), seed * 100 + i), asio::detached);
       if (!co_await wait_until([&] { return done == static_cast<int>(edges.size()); }))
@@ -241,7 +246,7 @@ TEST(MirrorActive, IntersectingWritesDoNotDeadlock) {
     }
     if (!co_await wait_until([&] { return f.job->actively_synced(); })) co_return false;
     co_return co_await f.complete();
-  }));
+  }()));
   EXPECT_EQ(first_difference(contents(*f.dst), contents(*f.src)), -1);
 }
 
@@ -293,7 +298,7 @@ TEST(MirrorActive, ChangeCopyModeRules) {
               "Change to copy mode 'background' is not implemented");
     if (!co_await wait_until([&] { return job.info().actively_synced; })) co_return false;
     co_return co_await f.complete();
-  }));
+  }()));
   EXPECT_EQ(job.change_copy_mode(CopyMode::kWriteBlocking).error().message(),
             "Job 'job0' in state 'null' cannot accept command verb 'change'");
   // A user switch is not announced as an automatic one.
@@ -397,7 +402,9 @@ TEST(MirrorActive, TargetWriteErrorUnderEachPolicy) {
       EXPECT_TRUE(f.target_has(1 << 20, 65536, 0));
       auto* err = f.rec.last(JobEvent::Kind::kError);
       EXPECT_TRUE(err);
-      if (err) EXPECT_EQ(err->operation, "write");
+      if (err) {
+        EXPECT_EQ(err->operation, "write");
+      }
       switch (policy) {
         case ErrorPolicy::kReport:
           co_return co_await wait_until([&] { return f.job->concluded(); });
@@ -424,7 +431,8 @@ TEST(MirrorActive, TargetWriteErrorUnderEachPolicy) {
     }()));
     if (policy == ErrorPolicy::kReport) {
       ASSERT_TRUE(f.job->failure());
-      EXPECT_EQ(f.job->failure()->message(), "Input/output error");
+      EXPECT_NE(f.job->failure()->message().find("Input/output error"), std::string::npos)
+          << f.job->failure()->message();
     } else {
       EXPECT_FALSE(f.job->failure());
       EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);

@@ -102,8 +102,9 @@ void run_random_case(const RandomCase& c) {
   // Progress: offset only grew and ended equal to len.
   auto info = (*job)->info();
   EXPECT_EQ(info.offset, info.len);
-  if (c.mode == CopyMode::kWriteBlocking || c.switch_mid_run)
+  if (c.mode == CopyMode::kWriteBlocking || c.switch_mid_run) {
     EXPECT_EQ((*job)->copy_mode(), CopyMode::kWriteBlocking);
+  }
 }
 
 RandomCase random_case(uint64_t seed) {
