@@ -383,6 +383,86 @@ TEST(MirrorActive, AdaptiveStaysBackgroundWhenItConverges) {
   EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
 }
 
+// Holds writes while `hold` is set (only those whose data starts with `only`,
+// when given), to force an interleaving.
+class GatedDevice : public BlockDeviceWrapper {
+ public:
+  using BlockDeviceWrapper::BlockDeviceWrapper;
+  bool hold = false;
+  std::optional<std::byte> only;
+  int held = 0;  // writes waiting at the gate now
+  void release() {
+    hold = false;
+    gate_.notify_all();
+  }
+  Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) override {
+    if (!only || (!buf.empty() && buf[0] == *only)) {
+      ++held;
+      while (hold) co_await gate_.wait();
+      --held;
+    }
+    co_return co_await inner()->write(off, buf, f);
+  }
+
+ private:
+  Notifier gate_;
+};
+
+// A write that started in background mode (W1) lands on the source while an
+// active write (W2) holds the same chunk after the switch: the source ends with
+// W1's data, the target with W2's. W2 must leave the chunk dirty, or the job
+// would call a differing chunk clean.
+TEST(MirrorActive, WriteFromBeforeTheSwitchKeepsChunkDirty) {
+  Loop loop{2};
+  Graph graph;
+  auto src_mem = std::make_shared<MemoryDevice>(1 << 20, memory_opts());
+  auto dst_mem = std::make_shared<MemoryDevice>(1 << 20, memory_opts());
+  auto src = std::make_shared<GatedDevice>(src_mem);
+  auto dst = std::make_shared<GatedDevice>(dst_mem);
+  ASSERT_TRUE(graph.add("src", src));
+  ASSERT_TRUE(graph.add("dst", dst));
+  MirrorParams p;
+  p.job_id = "j";
+  p.device = "src";
+  p.target = "dst";
+  p.granularity = 65536;
+  auto job = *MirrorJob::create(loop, graph, p);
+  auto e1 = graph.attach(graph.find("src"), "w1");
+  auto e2 = graph.attach(graph.find("src"), "w2");
+  std::vector<std::byte> a(65536, std::byte{0xaa}), b(65536, std::byte{0xbb});
+  bool w1_done = false, w2_done = false;
+  auto w = [](Child* e, std::span<const std::byte> d, bool* done) -> Task<void> {
+    EXPECT_TRUE(co_await e->write(0, d));
+    *done = true;
+  };
+  ASSERT_TRUE(loop.run([&]() -> Task<bool> {
+    job->start(loop.executor());
+    if (!co_await wait_until([&] { return job->info().ready; })) co_return false;
+    EXPECT_TRUE(job->pause());  // the copy loop stays out of the way
+    if (!co_await wait_until([&] { return job->status() == JobStatus::kStandby; })) co_return false;
+    src->hold = true;
+    src->only = std::byte{0xaa};
+    asio::co_spawn(loop.executor(), w(e1.get(), a, &w1_done), asio::detached);  // background
+    if (!co_await wait_until([&] { return src->held == 1; })) co_return false;
+    EXPECT_TRUE(job->change_copy_mode(CopyMode::kWriteBlocking));
+    dst->hold = true;
+    asio::co_spawn(loop.executor(), w(e2.get(), b, &w2_done), asio::detached);  // active
+    // W2 lands on the source and waits at the target; then W1 lands.
+    if (!co_await wait_until([&] { return dst->held == 1; })) co_return false;
+    src->release();
+    if (!co_await wait_until([&] { return w1_done; })) co_return false;
+    dst->release();
+    if (!co_await wait_until([&] { return w2_done; })) co_return false;
+    EXPECT_GT(job->dirty_bytes(), 0u) << "a chunk that differs was called clean";
+    EXPECT_TRUE(job->resume());
+    if (!co_await wait_until([&] { return job->actively_synced(); })) co_return false;
+    EXPECT_EQ(first_difference(contents(*dst_mem), contents(*src_mem)), -1);
+    (void)job->cancel(true);
+    co_await job->wait_concluded();
+    co_return true;
+  }()));
+}
+
 // A failing synchronous target write: the client still gets the source's
 // success; the range is dirty again; the policy decides what the job does.
 TEST(MirrorActive, TargetWriteErrorUnderEachPolicy) {
