@@ -75,8 +75,12 @@ Result<void> Node::set_interceptor(WriteInterceptor* i) {
 
 Task<Result<void>> Child::submit(const WriteRequest& req) {
   Node* n = co_await enter();
-  Result<void> r = n->interceptor_ ? co_await n->interceptor_->intercept(*n, req)
-                                   : co_await n->perform(req);
+  // if/else, not ?: -- GCC 12 destroys a co_await temporary of ?: twice.
+  Result<void> r;
+  if (n->interceptor_)
+    r = co_await n->interceptor_->intercept(*n, req);
+  else
+    r = co_await n->perform(req);
   // Even a failed write may have changed part of the range.
   n->notify_write(req.offset, req.length);
   leave(n);

@@ -10,9 +10,9 @@
 //   1. wait until no background operation and no other active write holds any
 //      chunk the request touches, then hold those whole chunks (active_ops_), so
 //      the copy loop skips them: no torn chunk, no lost update;
-//   2. run the request on the source;
-//   3. write the same bytes to the target, except an unaligned head or tail
-//      whose chunk is dirty (the background copy owns that chunk anyway);
+//   2. run the request on the source and, at the same time, write the same
+//      bytes to the target, except an unaligned head or tail whose chunk is
+//      dirty (the background copy owns that chunk anyway);
 //   4. only when the target write succeeded, clear the bits of the chunks the
 //      request covered whole; a failure re-dirties the range and goes to the
 //      target error policy. The client gets the source's result either way.
@@ -110,6 +110,19 @@ Task<Result<void>> MirrorJob::target_write(const WriteRequest& req, uint64_t off
   co_return make_plain_error(EINVAL, "unknown write request");
 }
 
+struct MirrorJob::TargetHalf {
+  bool done = false;
+  Result<void> result;
+  Notifier finished;  // done became true
+};
+
+Task<void> MirrorJob::run_target_half(WriteRequest req, uint64_t off, uint64_t len,
+                                      std::shared_ptr<TargetHalf> half) {
+  half->result = co_await target_write(req, off, len);
+  half->done = true;
+  half->finished.notify_all();
+}
+
 Task<Result<void>> MirrorJob::active_write(Node& node, const WriteRequest& req) {
   ByteRange chunks = chunks_covering(req.offset, req.length);
   while (overlaps_any_op(chunks)) co_await wake_.wait();
@@ -117,18 +130,10 @@ Task<Result<void>> MirrorJob::active_write(Node& node, const WriteRequest& req) 
   if (!copy_to_target()) co_return co_await passive_write(node, req);
   auto op = active_ops_.insert(active_ops_.end(), ActiveOp{chunks, false});
 
-  auto r = co_await node.perform(req);
-  if (!r) {
-    // The source may hold part of the write; the copy loop sorts it out.
-    mark_dirty(req.offset, req.length);
-    active_ops_.erase(op);
-    wake_.notify_all();
-    co_return r;
-  }
-
-  // What goes to the target now: all of it, except an unaligned head or tail
-  // whose chunk is dirty. Copying that piece could not make the chunk clean (the
-  // rest of it still differs), and the background copy will take it whole.
+  // What goes to the target: all of it, except an unaligned head or tail whose
+  // chunk is dirty. Copying that piece could not make the chunk clean (the rest
+  // of it still differs), and the background copy will take it whole. Decided
+  // now: nothing but this write can clean these chunks while it holds them.
   uint64_t off = std::min(req.offset, length_);
   uint64_t end = std::min(req.offset + req.length, length_);
   if (off % gran_ != 0 && off < end && dirty_.test(off / gran_))
@@ -136,24 +141,39 @@ Task<Result<void>> MirrorJob::active_write(Node& node, const WriteRequest& req) 
   if (end % gran_ != 0 && end != length_ && off < end && dirty_.test((end - 1) / gran_))
     end = std::max(off, align_down(end, gran_));
 
-  Result<void> t;
+  // Source and target writes run at the same time: the client waits for the
+  // slower one, not for both in turn. Safe because this write holds its chunks
+  // (no copy reads them, no other write touches them) and the bits are only
+  // cleared once both sides succeeded; a failure on either side re-dirties.
+  auto half = std::make_shared<TargetHalf>();
   if (off < end) {
     active_bytes_ += end - off;
     update_len();
-    t = co_await target_write(req, off, end - off);
-    active_bytes_ -= end - off;
+    asio::co_spawn(loop_.executor(), run_target_half(req, off, end - off, half), asio::detached);
+  } else {
+    half->done = true;
   }
+  auto r = co_await node.perform(req);
+  while (!half->done) co_await half->finished.wait();
+  if (off < end) active_bytes_ -= end - off;
   bool redirtied = op->redirtied;
   active_ops_.erase(op);
-  if (!t) {
+
+  if (!r) {
+    // The source may hold part of the write, the target all of it: the copy
+    // loop sorts it out, and until then the two may differ.
+    mark_dirty(req.offset, req.length);
+    actively_synced_ = false;
+  } else if (!half->result) {
     ++stats_.errors;
     mark_dirty(off, end - off);
-    on_op_error(t.error(), false);
+    on_op_error(half->result.error(), false);
   } else if (off < end) {
     progress_offset_ += end - off;
     stats_.bytes_active += end - off;
     if (req.kind == WriteRequest::Kind::kDiscard || redirtied) {
       mark_dirty(off, end - off);
+      actively_synced_ = false;  // until the copy loop reconciled the range
     } else {
       // The chunks the write covered whole now hold the same bytes on both sides:
       // nobody else could touch them while this write held them.
@@ -164,7 +184,7 @@ Task<Result<void>> MirrorJob::active_write(Node& node, const WriteRequest& req) 
   }
   update_len();
   wake_.notify_all();
-  // The client's write reached the source: that is what it is told.
+  // The client is told what happened on the source: that is its disk.
   co_return r;
 }
 

@@ -120,6 +120,12 @@ class MirrorJob : public Job, public WriteInterceptor {
   Task<Result<void>> active_write(Node& node, const WriteRequest& req);
   // Writes [off, off+len) of req to the target; data is req's data at off.
   Task<Result<void>> target_write(const WriteRequest& req, uint64_t off, uint64_t len);
+  // The target half of an active write, run beside the source half
+  // (active_write.cc). req by value: coroutine parameters are copied, never
+  // referenced; req's data outlives it (active_write waits for it).
+  struct TargetHalf;
+  Task<void> run_target_half(WriteRequest req, uint64_t off, uint64_t len,
+                             std::shared_ptr<TargetHalf> half);
   void switch_to_write_blocking(const std::string& why, bool emit_event);
   void check_adaptive();
   void note_synced_state();

@@ -165,8 +165,11 @@ Task<void> MirrorJob::run_op(std::list<ByteRange>::iterator op, std::shared_ptr<
         result = co_await tgt_.write_zeroes(off, len, ZeroFlags{.may_unmap = p_.unmap});
         break;
       case Kind::kDiscard:
-        result = p_.unmap ? co_await tgt_.discard(off, len)
-                          : co_await tgt_.write_zeroes(off, len, ZeroFlags{});
+        // if/else, not ?: -- GCC 12 destroys a co_await temporary of ?: twice.
+        if (p_.unmap)
+          result = co_await tgt_.discard(off, len);
+        else
+          result = co_await tgt_.write_zeroes(off, len, ZeroFlags{});
         break;
     }
   }

@@ -16,7 +16,7 @@ struct ActiveFixture {
   Loop loop{2};
   Graph graph;
   std::shared_ptr<MemoryDevice> src, dst;
-  std::shared_ptr<FaultDevice> dst_fault;
+  std::shared_ptr<FaultDevice> src_fault, dst_fault;
   std::vector<std::byte> model;
   Recorder rec;
   std::shared_ptr<MirrorJob> job;
@@ -29,7 +29,8 @@ struct ActiveFixture {
     dst = std::make_shared<MemoryDevice>(size, memory_opts(true, jitter, seed + 1));
     model = fill ? fill_random(*src, rng) : std::vector<std::byte>(size);
     dst_fault = std::make_shared<FaultDevice>(dst, seed + 2);
-    EXPECT_TRUE(graph.add("src", src));
+    src_fault = std::make_shared<FaultDevice>(src, seed + 3);
+    EXPECT_TRUE(graph.add("src", src_fault));
     EXPECT_TRUE(graph.add("dst", dst_fault));
     client = graph.attach(graph.find("src"), "client");
   }
@@ -461,6 +462,29 @@ TEST(MirrorActive, WriteFromBeforeTheSwitchKeepsChunkDirty) {
     co_await job->wait_concluded();
     co_return true;
   }()));
+}
+
+// The source and target halves of an active write run at once: when the
+// source half fails, the client gets the error and the target (which may hold
+// the new data) is resynchronised from the source.
+TEST(MirrorActive, SourceWriteErrorReturnedAndRangeResynced) {
+  ActiveFixture f(2 << 20, 12, true);
+  f.make(f.params(CopyMode::kWriteBlocking));
+  ASSERT_TRUE(f.loop.run([&]() -> Task<bool> {
+    f.job->start(f.loop.executor());
+    if (!co_await wait_until([&] { return f.job->actively_synced(); })) co_return false;
+    f.src_fault->add_rule(
+        FaultRule{.ops = FaultRule::kWrite, .offset = 65536, .length = 65536, .remaining = 1});
+    std::vector<std::byte> data(65536, std::byte{0x99});
+    auto r = co_await f.client->write(65536, data);
+    EXPECT_FALSE(r);
+    EXPECT_FALSE(f.rec.last(JobEvent::Kind::kError));  // the job's own I/O did not fail
+    if (!co_await wait_until([&] { return f.job->actively_synced(); })) co_return false;
+    EXPECT_EQ(first_difference(contents(*f.dst), contents(*f.src)), -1);
+    co_return co_await f.complete();
+  }()));
+  EXPECT_FALSE(f.job->failure());
+  EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
 }
 
 // A failing synchronous target write: the client still gets the source's
