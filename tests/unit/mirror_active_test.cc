@@ -490,8 +490,12 @@ TEST(MirrorActive, SourceWriteErrorReturnedAndRangeResynced) {
 // A failing synchronous target write: the client still gets the source's
 // success; the range is dirty again; the policy decides what the job does.
 TEST(MirrorActive, TargetWriteErrorUnderEachPolicy) {
-  for (ErrorPolicy policy : {ErrorPolicy::kReport, ErrorPolicy::kIgnore, ErrorPolicy::kStop}) {
+  for (ErrorPolicy policy : {ErrorPolicy::kReport, ErrorPolicy::kIgnore, ErrorPolicy::kStop,
+                             ErrorPolicy::kEnospc}) {
     SCOPED_TRACE(static_cast<int>(policy));
+    // enospc is tried with ENOSPC (stops, io-status nospace); with EIO it
+    // would report, as kReport shows.
+    int errnum = policy == ErrorPolicy::kEnospc ? ENOSPC : EIO;
     ActiveFixture f(2 << 20, 11, false);
     auto p = f.params(CopyMode::kWriteBlocking);
     p.on_target_error = policy;
@@ -501,7 +505,8 @@ TEST(MirrorActive, TargetWriteErrorUnderEachPolicy) {
       if (!co_await f.ready()) co_return false;
       if (!co_await wait_until([&] { return f.job->actively_synced(); })) co_return false;
       f.dst_fault->add_rule(
-          FaultRule{.ops = FaultRule::kAllWrites, .offset = 1 << 20, .length = 65536, .remaining = 1});
+          FaultRule{.ops = FaultRule::kAllWrites, .offset = 1 << 20, .length = 65536,
+                    .remaining = 1, .errnum = errnum});
       EXPECT_TRUE(co_await f.write(1 << 20, 65536, 0x66));  // client sees the source's success
       EXPECT_TRUE(f.target_has(1 << 20, 65536, 0));
       auto* err = f.rec.last(JobEvent::Kind::kError);
@@ -522,7 +527,8 @@ TEST(MirrorActive, TargetWriteErrorUnderEachPolicy) {
           EXPECT_EQ(err ? err->action : "", "stop");
           if (!co_await wait_until([&] { return f.job->status() == JobStatus::kStandby; }))
             co_return false;
-          EXPECT_EQ(f.job->info().io_status, IoStatus::kFailed);
+          EXPECT_EQ(f.job->info().io_status,
+                    errnum == ENOSPC ? IoStatus::kNoSpace : IoStatus::kFailed);
           EXPECT_FALSE(f.job->actively_synced());
           // Stopped: writes are only tracked, not mirrored, until resume.
           EXPECT_TRUE(co_await f.write(0, 4096, 0x77));
