@@ -13,9 +13,10 @@
 //   2. run the request on the source and, at the same time, write the same
 //      bytes to the target, except an unaligned head or tail whose chunk is
 //      dirty (the background copy owns that chunk anyway);
-//   4. only when the target write succeeded, clear the bits of the chunks the
-//      request covered whole; a failure re-dirties the range and goes to the
-//      target error policy. The client gets the source's result either way.
+//   3. only when both succeeded, clear the bits of the chunks the request
+//      covered whole. A failed target write re-dirties the range and goes to the
+//      target error policy; a failed source write re-dirties it too (the target
+//      may hold the new data). The client gets the source's result either way.
 // Write-zeroes goes to the target as write-zeroes. A discard goes to the target
 // as a discard, but since discarded contents are unspecified its chunks are
 // left dirty: the copy loop reconciles them from block status.
