@@ -54,29 +54,64 @@ Task<Result<void>> Child::read(uint64_t off, std::span<std::byte> buf) {
   co_return r;
 }
 
-Task<Result<void>> Child::write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) {
+Task<Result<void>> Node::perform(const WriteRequest& req) {
+  switch (req.kind) {
+    case WriteRequest::Kind::kWrite:
+      co_return co_await dev_->write(req.offset, req.data, req.wflags);
+    case WriteRequest::Kind::kWriteZeroes:
+      co_return co_await dev_->write_zeroes(req.offset, req.length, req.zflags);
+    case WriteRequest::Kind::kDiscard:
+      co_return co_await dev_->discard(req.offset, req.length);
+  }
+  co_return make_plain_error(EINVAL, "unknown write request");
+}
+
+Result<void> Node::set_interceptor(WriteInterceptor* i) {
+  if (interceptor_ && interceptor_ != i)
+    return make_plain_error(EBUSY, fmt::format("Node '{}' already has a write interceptor", name_));
+  interceptor_ = i;
+  return {};
+}
+
+Task<Result<void>> Child::submit(const WriteRequest& req) {
   Node* n = co_await enter();
-  auto r = co_await n->dev_->write(off, buf, f);
+  // if/else, not ?: -- GCC 12 destroys a co_await temporary of ?: twice.
+  Result<void> r;
+  if (n->interceptor_)
+    r = co_await n->interceptor_->intercept(*n, req);
+  else
+    r = co_await n->perform(req);
   // Even a failed write may have changed part of the range.
-  n->notify_write(off, buf.size());
+  n->notify_write(req.offset, req.length);
   leave(n);
   co_return r;
+}
+
+Task<Result<void>> Child::write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) {
+  WriteRequest req;
+  req.kind = WriteRequest::Kind::kWrite;
+  req.offset = off;
+  req.length = buf.size();
+  req.data = buf;
+  req.wflags = f;
+  co_return co_await submit(req);
 }
 
 Task<Result<void>> Child::write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) {
-  Node* n = co_await enter();
-  auto r = co_await n->dev_->write_zeroes(off, len, f);
-  n->notify_write(off, len);
-  leave(n);
-  co_return r;
+  WriteRequest req;
+  req.kind = WriteRequest::Kind::kWriteZeroes;
+  req.offset = off;
+  req.length = len;
+  req.zflags = f;
+  co_return co_await submit(req);
 }
 
 Task<Result<void>> Child::discard(uint64_t off, uint64_t len) {
-  Node* n = co_await enter();
-  auto r = co_await n->dev_->discard(off, len);
-  n->notify_write(off, len);
-  leave(n);
-  co_return r;
+  WriteRequest req;
+  req.kind = WriteRequest::Kind::kDiscard;
+  req.offset = off;
+  req.length = len;
+  co_return co_await submit(req);
 }
 
 Task<Result<void>> Child::flush() {

@@ -6,9 +6,11 @@
 //     edge points at, so a request queued across a switch-over lands on the new
 //     node;
 //   - counts requests in flight, so drain() knows when the node is idle;
-//   - tells the node's write observers (a running mirror) about every write,
-//     write-zeroes and discard after it finished, successful or not, so a write
-//     that lands during a copy dirties its chunks again.
+//   - hands every write, write-zeroes and discard to the node's WriteInterceptor
+//     when it has one (a mirror: in write-blocking mode it also writes the
+//     target before the client's reply), else runs it on the device;
+//   - tells the node's write observers about every write, write-zeroes and
+//     discard after it finished, successful or not.
 // Graph::replace() moves every parent of one node to another: the switch-over.
 //
 // Threading rule: loop thread only. Nodes are owned by the Graph; a Child must be
@@ -21,6 +23,7 @@
 #include <list>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -30,6 +33,7 @@
 namespace blkmirror {
 
 class Child;
+class Node;
 
 // Something that must hear of every write to a node (the mirror's dirty
 // tracking). Called after the write finished on the device.
@@ -37,6 +41,28 @@ class WriteObserver {
  public:
   virtual ~WriteObserver() = default;
   virtual void on_write(uint64_t offset, uint64_t length) = 0;
+};
+
+// One write-type request on its way to a node's device.
+struct WriteRequest {
+  enum class Kind { kWrite, kWriteZeroes, kDiscard };
+  Kind kind = Kind::kWrite;
+  uint64_t offset = 0, length = 0;
+  std::span<const std::byte> data;  // kWrite: length bytes, outlive the request
+  WriteFlags wflags;                // kWrite
+  ZeroFlags zflags;                 // kWriteZeroes
+};
+
+// Something that takes part in every write to a node *before* the client's reply
+// (the mirror job: dirty tracking, and in write-blocking mode the synchronous
+// copy to its target). intercept() must run the request on the node's device
+// exactly once, through Node::perform(), and return the result the client gets.
+// It runs inside the request's in-flight accounting, so a drain waits for it.
+// At most one interceptor per node.
+class WriteInterceptor {
+ public:
+  virtual ~WriteInterceptor() = default;
+  virtual Task<Result<void>> intercept(Node& node, const WriteRequest& req) = 0;
 };
 
 class Node {
@@ -52,6 +78,14 @@ class Node {
 
   void add_observer(WriteObserver* o) { observers_.push_back(o); }
   void remove_observer(WriteObserver* o);
+  // Errors: EBUSY when another interceptor is installed.
+  Result<void> set_interceptor(WriteInterceptor* i);
+  void clear_interceptor(WriteInterceptor* i) {
+    if (interceptor_ == i) interceptor_ = nullptr;
+  }
+  // Runs req on the device, nothing else (no drain, no observers): for the
+  // interceptor.
+  Task<Result<void>> perform(const WriteRequest& req);
 
   // Stops new requests from starting and waits for those in flight to finish.
   // Drains nest; each drain() needs one undrain().
@@ -71,6 +105,7 @@ class Node {
   std::string name_;
   BlockDevicePtr dev_;
   std::vector<WriteObserver*> observers_;
+  WriteInterceptor* interceptor_ = nullptr;
   std::vector<Child*> parents_;
   unsigned quiesce_ = 0;
   uint64_t in_flight_ = 0;
@@ -102,6 +137,7 @@ class Child {
   // Waits out a drain and registers a request on the node the edge points at now.
   Task<Node*> enter();
   void leave(Node* n);
+  Task<Result<void>> submit(const WriteRequest& req);
   void move_to(Node* n);
 
   Node* node_;

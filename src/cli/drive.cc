@@ -45,6 +45,26 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
   };
   resume_signal.async_wait(on_usr2);
 
+  // SIGHUP switches a running mirror to write-blocking (block-job-change for the
+  // standalone CLI): for when the writers turn out faster than the copy.
+  asio::signal_set hup_signal(loop.ctx(), SIGHUP);
+  std::function<void(const std::error_code&, int)> on_hup = [&](const std::error_code& ec, int) {
+    if (ec) return;
+    bool was = job->copy_mode() == CopyMode::kWriteBlocking;
+    auto r = job->change_copy_mode(CopyMode::kWriteBlocking);
+    if (!r) {
+      progress.note("copy mode: " + r.error().message());
+    } else if (!was) {
+      JobEvent e{JobEvent::Kind::kCopyModeChange, job->id()};
+      e.device = job->id();
+      e.copy_mode = to_string(CopyMode::kWriteBlocking);
+      e.message = "SIGHUP";
+      progress.event(e);
+    }
+    hup_signal.async_wait(on_hup);
+  };
+  hup_signal.async_wait(on_hup);
+
   bool usr1 = false;
   asio::signal_set usr1_signal(loop.ctx());
   if (opts.complete_on_usr1) {
@@ -73,6 +93,7 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
   signals.cancel();
   usr1_signal.cancel();
   resume_signal.cancel();
+  hup_signal.cancel();
   progress.finish();
 
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
@@ -91,11 +112,15 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
                               "copy of the source as of now ({:.1f}s)", secs));
     co_return exit_code::kCancelled;
   }
+  std::string active =
+      job->copy_mode() == CopyMode::kWriteBlocking
+          ? fmt::format(", {} client writes mirrored synchronously", format_size(st.bytes_active))
+          : "";
   progress.note(fmt::format(
-      "mirror completed in {:.2f}s: {} copied, {} zeroed, {} ops, {} errors retried; "
+      "mirror completed in {:.2f}s: {} copied, {} zeroed, {} ops, {} errors retried{}; "
       "target {}",
       secs, format_size(st.bytes_copied), format_size(st.bytes_zeroed), st.ops, st.errors,
-      job->switched() ? "switched in" : "in sync"));
+      active, job->switched() ? "switched in" : "in sync"));
   co_return exit_code::kOk;
 }
 

@@ -95,9 +95,11 @@ int run_mirror(const MirrorArgs& a) {
     if (auto r = a.serve.start(server, "src"); !r) return fail_input(r.error().message());
 
   Progress progress(a.opts.progress_style());
-  progress.note(fmt::format("mirroring {} -> {} ({}, granularity {}, buffer {})", a.src, a.dst,
-                            format_size((*src)->length()), format_size((*job)->granularity()),
-                            format_size((*job)->buf_size())));
+  progress.set_json_interval(a.opts.progress_interval);
+  progress.note(fmt::format("mirroring {} -> {} ({}, granularity {}, buffer {}, copy mode {})",
+                            a.src, a.dst, format_size((*src)->length()),
+                            format_size((*job)->granularity()), format_size((*job)->buf_size()),
+                            to_string((*job)->copy_mode())));
   if (serving)
     progress.note(fmt::format("serving {} at {} (clients switch to {} on completion)", a.src,
                               a.serve.where(server), a.dst));
@@ -105,12 +107,18 @@ int run_mirror(const MirrorArgs& a) {
   DriveOptions drive;
   drive.auto_complete = !a.no_auto_complete;
   drive.complete_on_usr1 = a.no_auto_complete;
+  // Registered for the whole run: a SIGTERM landing after the job ended but
+  // before the wait below must not meet the default action (asio restores it
+  // when drive_mirror's own signal_set goes away). A signal during the job is
+  // queued here too, but then the job did not end switched and nobody waits.
+  asio::signal_set stop_signals(loop.ctx(), SIGINT, SIGTERM);
   return loop.run([&]() -> Task<int> {
     int rc = co_await drive_mirror(loop, *job, progress, drive);
     if (serving) {
       if (rc == exit_code::kOk && (*job)->switched()) {
         progress.note(fmt::format("serving {} now; SIGINT/SIGTERM to stop", a.dst));
-        co_await wait_stop_signal(loop);
+        std::error_code ec;
+        co_await stop_signals.async_wait(asio::redirect_error(asio::use_awaitable, ec));
       }
       if (auto f = co_await stop_and_flush(server, graph); !f) {
         progress.note("stopped serving; flush failed: " + f.error().message());

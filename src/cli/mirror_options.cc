@@ -27,9 +27,20 @@ void MirrorCliOptions::add_to(CLI::App& cmd) {
   cmd.add_option("--speed", speed, "copy rate limit in bytes/s, e.g. 100M (0: none)");
   cmd.add_option("--on-source-error", on_source_error, "report | ignore | stop | enospc");
   cmd.add_option("--on-target-error", on_target_error, "report | ignore | stop | enospc");
+  cmd.add_option("--copy-mode", copy_mode,
+                 "background | write-blocking | adaptive (background until the dirty count "
+                 "stops falling, then write-blocking)")
+      ->capture_default_str();
+  cmd.add_option("--adaptive-window", adaptive_window_ms,
+                 "adaptive: milliseconds without progress before switching to write-blocking")
+      ->capture_default_str();
   cmd.add_flag("--direct", direct, "O_DIRECT I/O (cache.direct)");
   cmd.add_flag("--json", json, "one JSON object per event on stdout");
   cmd.add_flag("--no-progress", no_progress, "no progress display");
+  cmd.add_option("--progress-interval", progress_interval,
+                 "seconds between --json PROGRESS objects (0.2 or more)")
+      ->check(CLI::Range(0.2, 3600.0))
+      ->capture_default_str();
 }
 
 Result<MirrorParams> MirrorCliOptions::to_params() const {
@@ -59,6 +70,10 @@ Result<MirrorParams> MirrorCliOptions::to_params() const {
   if (!se) return make_error(se.error());
   auto te = parse_error_policy(on_target_error, "on-target-error");
   if (!te) return make_error(te.error());
+  auto cm = parse_copy_mode(copy_mode);
+  if (!cm) return make_error(cm.error());
+  p.copy_mode = *cm;
+  p.adaptive_window_ms = adaptive_window_ms;
   p.on_source_error = *se;
   p.on_target_error = *te;
   if (auto r = validate_params(p); !r) return make_error(r.error());

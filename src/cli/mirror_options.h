@@ -1,5 +1,5 @@
 // The mirror options shared by CLI subcommands (--sync, --granularity, sizes
-// with suffixes, --speed, error policies, output style), and their conversion to
+// with suffixes, --speed, error policies, --copy-mode, output style), and their conversion to
 // MirrorParams with one clear error per bad value.
 #pragma once
 
@@ -16,9 +16,12 @@ struct MirrorCliOptions {
   std::string sync = "full";
   std::string granularity, buf_size, speed;
   std::string on_source_error = "report", on_target_error = "report";
+  std::string copy_mode = "adaptive";  // bench/README.md: converges where background does not, same cost otherwise
+  uint64_t adaptive_window_ms = kDefaultAdaptiveWindowMs;
   bool direct = false;
   bool json = false;
   bool no_progress = false;
+  double progress_interval = 1.0;  // seconds between --json PROGRESS objects
 
   void add_to(CLI::App& cmd);
   Result<MirrorParams> to_params() const;

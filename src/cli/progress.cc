@@ -51,6 +51,10 @@ nlohmann::json event_json(const JobEvent& e) {
       data = {{"device", e.device}, {"operation", e.operation}, {"action", e.action},
               {"message", e.message}};
       break;
+    case K::kCopyModeChange:
+      name = "COPY_MODE_CHANGE";
+      data = {{"device", e.device}, {"copy-mode", e.copy_mode}, {"message", e.message}};
+      break;
     case K::kNote:
       name = "NOTE";
       data = {{"message", e.message}};
@@ -101,6 +105,10 @@ void Progress::event(const JobEvent& e) {
     case K::kError:
       note(fmt::format("error: {} ({} error, action {})", e.message, e.operation, e.action));
       break;
+    case K::kCopyModeChange:
+      note(fmt::format("copy mode: {} ({}) after {:.1f}s", e.copy_mode, e.message,
+                       seconds_since(start_)));
+      break;
     default:
       break;
   }
@@ -132,11 +140,12 @@ void Progress::tick(const JobInfo& info) {
   if (style_ == ProgressStyle::kNone) return;
   double since_print = std::chrono::duration<double>(now - last_print_).count();
   if (style_ == ProgressStyle::kJson) {
-    if (since_print < 1.0) return;
+    if (since_print < json_interval_) return;
     nlohmann::json j = {{"event", "PROGRESS"},
                         {"data", {{"id", info.id}, {"status", to_string(info.status)},
                                   {"offset", info.offset}, {"len", info.len},
-                                  {"rate", static_cast<uint64_t>(rate_)}}}};
+                                  {"rate", static_cast<uint64_t>(rate_)},
+                                  {"actively-synced", info.actively_synced}}}};
     fmt::print(stdout, "{}\n", j.dump());
     std::fflush(stdout);
   } else if (tty_) {

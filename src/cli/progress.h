@@ -28,6 +28,8 @@ class Progress {
   void finish();
   void note(const std::string& text);
   bool json() const { return style_ == ProgressStyle::kJson; }
+  // Seconds between JSON PROGRESS objects (default 1).
+  void set_json_interval(double s) { json_interval_ = s; }
 
  private:
   std::string bar_line(const JobInfo& info, double rate) const;
@@ -39,6 +41,7 @@ class Progress {
   std::chrono::steady_clock::time_point start_, last_sample_, last_print_;
   uint64_t last_offset_ = 0;
   double rate_ = 0;  // bytes/s, smoothed
+  double json_interval_ = 1.0;
 };
 
 }  // namespace blkmirror

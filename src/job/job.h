@@ -36,7 +36,10 @@ enum class IoStatus { kOk, kFailed, kNoSpace };
 const char* to_string(IoStatus s);
 
 struct JobEvent {
-  enum class Kind { kStatusChange, kReady, kCompleted, kCancelled, kError, kPending, kNote };
+  enum class Kind {
+    kStatusChange, kReady, kCompleted, kCancelled, kError, kPending, kNote,
+    kCopyModeChange,  // a mirror changed its copy mode by itself (adaptive)
+  };
   JobEvent(Kind k, std::string job_id) : kind(k), id(std::move(job_id)) {}
   Kind kind;
   std::string id;
@@ -48,7 +51,8 @@ struct JobEvent {
   // kError:
   std::string operation;  // "read" | "write"
   std::string action;     // "ignore" | "report" | "stop"
-  std::string message;    // kNote: free text
+  std::string message;    // kNote: free text; kCopyModeChange: why
+  std::string copy_mode;  // kCopyModeChange: the new mode ("write-blocking")
 };
 
 struct JobInfo {
@@ -59,6 +63,9 @@ struct JobInfo {
   IoStatus io_status = IoStatus::kOk;
   bool auto_finalize = true, auto_dismiss = true;
   std::optional<std::string> error;
+  // Mirror: every client write reaches the target before its reply, and the
+  // target held everything else already (QEMU's actively-synced).
+  bool actively_synced = false;
 };
 
 class Job : public std::enable_shared_from_this<Job> {
@@ -115,6 +122,7 @@ class Job : public std::enable_shared_from_this<Job> {
   Task<void> pause_point();
   void set_ready();
   void set_io_status(IoStatus s) { io_status_ = s; }
+  IoStatus io_status() const { return io_status_; }
   // Stops the job as the `stop` error policy does: a user pause with io-status.
   void pause_for_error(IoStatus s);
   void emit(JobEvent e);

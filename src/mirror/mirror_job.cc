@@ -23,8 +23,6 @@ const Child* job_edge(const Node& n) {
 
 Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, MirrorParams p) {
   if (auto r = validate_params(p); !r) return make_error(r.error());
-  if (p.copy_mode == CopyMode::kWriteBlocking)
-    return make_plain_error(ENOTSUP, "copy-mode 'write-blocking' is not supported yet");
   Node* src = graph.find(p.device);
   if (!src) return make_plain_error(ENOENT, node_not_found(p.device));
   Node* tgt = graph.find(p.target);
@@ -79,11 +77,14 @@ MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, Node* src, Node* 
                                                             1 << 20)),
                                          gran_))),
       dirty_(div_round_up(length_, gran_)),
+      mode_(p_.copy_mode),
+      active_(p_.copy_mode == CopyMode::kWriteBlocking),
       pool_(max_op_, buf_size_ / max_op_ + 1) {
   if (tgt_.caps().cluster_size > gran_)
     buf_size_ = std::max(buf_size_, align_up(tgt_.caps().cluster_size, gran_));
   rate_.set_speed(static_cast<uint64_t>(p_.speed));
-  src_node_->add_observer(this);
+  // create() refused a node another job holds, so the slot is free.
+  (void)src_node_->set_interceptor(this);
 }
 
 MirrorJob::~MirrorJob() { detach(); }
@@ -91,12 +92,7 @@ MirrorJob::~MirrorJob() { detach(); }
 void MirrorJob::detach() {
   if (!attached_) return;
   attached_ = false;
-  src_node_->remove_observer(this);
-}
-
-void MirrorJob::on_write(uint64_t offset, uint64_t length) {
-  mark_dirty(offset, length);
-  wake_.notify_all();
+  src_node_->clear_interceptor(this);
 }
 
 void MirrorJob::mark_dirty(uint64_t off, uint64_t len) {
@@ -122,7 +118,7 @@ uint64_t MirrorJob::dirty_bytes() const {
 uint64_t MirrorJob::progress_len() const {
   uint64_t in_flight = 0;
   for (auto& r : in_flight_) in_flight += r.length;
-  return progress_offset_ + dirty_bytes() + in_flight;
+  return progress_offset_ + dirty_bytes() + in_flight + active_bytes_;
 }
 
 void MirrorJob::update_len() { progress_len_ = progress_len(); }
@@ -131,6 +127,7 @@ JobInfo MirrorJob::info() const {
   // Fresh, not the last update_len(): client writes dirty chunks in between.
   JobInfo i = Job::info();
   i.len = progress_len();
+  i.actively_synced = actively_synced();
   return i;
 }
 
@@ -188,8 +185,10 @@ Task<Result<void>> MirrorJob::run() {
       undrain_sources();
       update_len();
       co_await pause_point();
+      adaptive_low_ = UINT64_MAX;  // a pause is not a failure to converge
       continue;
     }
+    check_adaptive();
     if (dirty_.count() > 0) {
       if (auto d = rate_.delay(); d > RateLimiter::Clock::duration::zero()) {
         co_await wake_.wait(d);
@@ -226,6 +225,7 @@ Task<Result<void>> MirrorJob::run() {
       }
       co_return Result<void>{};  // stays drained until commit() or abort()
     }
+    note_synced_state();
     co_await wake_.wait();
   }
 }
@@ -243,6 +243,9 @@ Task<void> MirrorJob::commit() {
 Task<void> MirrorJob::abort() {
   co_await wait_idle();
   detach();
+  // Client writes the job saw finish before it reports the end: no target write
+  // after BLOCK_JOB_CANCELLED / COMPLETED.
+  while (intercepts_ > 0) co_await intercepts_done_.wait();
   undrain_sources();
 }
 

@@ -2,8 +2,12 @@
 // the target in for the source. Behaviour: shared/spec/MIRROR.md; design:
 // docs/design/mirror-job.md.
 //
-// The job puts itself in the source node's write path as a WriteObserver, so
-// every write made through the graph marks the dirty bitmap after it finished.
+// The job puts itself in the source node's write path as its WriteInterceptor
+// (active_write.cc). In background mode a client write marks the dirty bitmap
+// after it finished. In write-blocking mode (active mirroring) the write also
+// goes to the target before the client's reply, for the chunks it can make
+// clean; adaptive mode starts as background and switches itself to
+// write-blocking when the dirty count stops falling.
 // The copy loop takes the next dirty run, clears its bits *before* reading (a
 // write that lands during the copy dirties the chunk again), asks the source's
 // block status, and copies, zeroes or discards. Ready = nothing dirty, nothing in
@@ -16,6 +20,7 @@
 #include <cstdint>
 #include <list>
 #include <memory>
+#include <chrono>
 #include <optional>
 
 #include "base/align.h"
@@ -31,11 +36,12 @@ namespace blkmirror {
 struct MirrorStats {
   uint64_t bytes_copied = 0;  // data read from the source and written to the target
   uint64_t bytes_zeroed = 0;  // made zero on the target without sending data
+  uint64_t bytes_active = 0;  // client writes mirrored synchronously (write-blocking)
   uint64_t ops = 0;
   uint64_t errors = 0;
 };
 
-class MirrorJob : public Job, public WriteObserver {
+class MirrorJob : public Job, public WriteInterceptor {
  public:
   // Checks everything (parameters, nodes, sizes, busy nodes) and attaches to the
   // nodes; nothing is read or written until start(). Errors carry QEMU's texts.
@@ -53,7 +59,21 @@ class MirrorJob : public Job, public WriteObserver {
   bool switched() const { return switched_; }
 
   JobInfo info() const override;
-  void on_write(uint64_t offset, uint64_t length) override;
+
+  // The copy mode in effect: background, write-blocking, or adaptive until it
+  // switched itself (then write-blocking).
+  CopyMode copy_mode() const { return mode_; }
+  // block-job-change: switches background or adaptive -> write-blocking while the
+  // job runs (running, paused, ready, standby). Asking for the current mode is a
+  // no-op. Errors (QEMU's texts): "Change to copy mode '<m>' is not implemented",
+  // or the verb-table text for other states.
+  Result<void> change_copy_mode(CopyMode m);
+  // Every client write reaches the target before its reply and nothing else is
+  // left to copy (QEMU's actively-synced).
+  bool actively_synced() const;
+
+  // WriteInterceptor: every client write to the source passes through here.
+  Task<Result<void>> intercept(Node& node, const WriteRequest& req) override;
 
  protected:
   Task<Result<void>> run() override;
@@ -86,12 +106,38 @@ class MirrorJob : public Job, public WriteObserver {
   void on_op_error(const Error& e, bool is_read);
   Task<void> wait_idle();
 
+  // Active mirroring (active_write.cc).
+  // A client write holding whole chunks [chunks) against the copy loop and
+  // other active writes; redirtied when a write that started in background
+  // mode marked one of them meanwhile (its bits must then stay set).
+  struct ActiveOp {
+    ByteRange chunks;
+    bool redirtied = false;
+  };
+  bool copy_to_target() const;
+  bool overlaps_any_op(const ByteRange& r) const;
+  Task<Result<void>> passive_write(Node& node, const WriteRequest& req);
+  Task<Result<void>> active_write(Node& node, const WriteRequest& req);
+  // Writes [off, off+len) of req to the target; data is req's data at off.
+  Task<Result<void>> target_write(const WriteRequest& req, uint64_t off, uint64_t len);
+  // The target half of an active write, run beside the source half
+  // (active_write.cc). req by value: coroutine parameters are copied, never
+  // referenced; req's data outlives it (active_write waits for it).
+  struct TargetHalf;
+  Task<void> run_target_half(WriteRequest req, uint64_t off, uint64_t len,
+                             std::shared_ptr<TargetHalf> half);
+  void switch_to_write_blocking(const std::string& why, bool emit_event);
+  void check_adaptive();
+  void note_synced_state();
+
   // Phase 5.
   Task<void> drain_sources();
   void undrain_sources();
   void detach();
 
   ByteRange chunk_bytes(uint64_t first, uint64_t end) const;
+  // The whole chunks covering [off, off+len), clipped to the device.
+  ByteRange chunks_covering(uint64_t off, uint64_t len) const;
   void mark_dirty(uint64_t off, uint64_t len);
   void update_len();
   // len = offset + dirty + in flight (MIRROR.md "Progress").
@@ -111,7 +157,25 @@ class MirrorJob : public Job, public WriteObserver {
   uint64_t buf_size_;
   uint64_t max_op_;
   DirtyBitmap dirty_;
-  std::list<ByteRange> in_flight_;
+  std::list<ByteRange> in_flight_;  // background operations
+  std::list<ActiveOp> active_ops_;  // client writes in write-blocking mode
+  uint64_t active_bytes_ = 0;       // bytes those writes still owe the target
+  uint64_t intercepts_ = 0;         // client writes inside intercept() now
+  uint64_t passive_writes_ = 0;     // of those, the ones only marking dirty
+  Notifier intercepts_done_;        // intercepts_ reached 0
+  CopyMode mode_;                   // see copy_mode()
+  bool active_ = false;             // write-blocking in effect
+  bool actively_synced_ = false;
+  bool running_ = false;            // run() has started and not returned
+  // Adaptive: the lowest dirty count seen since the window began, and when.
+  uint64_t adaptive_low_ = UINT64_MAX;
+  std::chrono::steady_clock::time_point adaptive_low_at_{};
+  // ... and the dirty count at the start of the current window, with the
+  // estimated time to converge at the end of the last one.
+  std::chrono::steady_clock::time_point adaptive_window_start_{};
+  uint64_t adaptive_window_dirty_ = 0;
+  uint64_t adaptive_eta_ms_ = 0;
+  unsigned adaptive_eta_growth_ = 0;  // windows in a row the estimate grew
   uint64_t in_flight_bytes_ = 0;  // buffer reserved by running operations
   uint64_t cursor_ = 0;           // chunk where the next search starts
   bool synced_ = false;

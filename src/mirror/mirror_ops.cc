@@ -12,6 +12,9 @@ const ByteRange* MirrorJob::in_flight_at(uint64_t chunk) const {
   ByteRange c = chunk_bytes(chunk, chunk + 1);
   for (auto& r : in_flight_)
     if (r.overlaps(c)) return &r;
+  // A client write being mirrored synchronously owns its chunks too.
+  for (auto& a : active_ops_)
+    if (a.chunks.overlaps(c)) return &a.chunks;
   return nullptr;
 }
 
@@ -24,10 +27,10 @@ std::optional<MirrorJob::Run> MirrorJob::pick_run() {
   uint64_t limit = std::min(max_op_, free) / gran_;  // chunks in one operation
   // Find a dirty chunk that no running operation covers; a chunk dirtied again
   // while its copy runs waits for that copy to finish. Each skip passes one
-  // in-flight operation, so a few tries cover them all.
+  // in-flight operation (or active write), so a few tries cover them all.
   uint64_t pos = cursor_ < nchunks ? cursor_ : 0;
   bool wrapped = false;
-  for (size_t tries = 0; tries < 2 * in_flight_.size() + 2; ++tries) {
+  for (size_t tries = 0; tries < 2 * (in_flight_.size() + active_ops_.size()) + 2; ++tries) {
     auto next = dirty_.next_set(pos);
     if (!next) {
       if (wrapped) return std::nullopt;
@@ -162,8 +165,11 @@ Task<void> MirrorJob::run_op(std::list<ByteRange>::iterator op, std::shared_ptr<
         result = co_await tgt_.write_zeroes(off, len, ZeroFlags{.may_unmap = p_.unmap});
         break;
       case Kind::kDiscard:
-        result = p_.unmap ? co_await tgt_.discard(off, len)
-                          : co_await tgt_.write_zeroes(off, len, ZeroFlags{});
+        // if/else, not ?: -- GCC 12 destroys a co_await temporary of ?: twice.
+        if (p_.unmap)
+          result = co_await tgt_.discard(off, len);
+        else
+          result = co_await tgt_.write_zeroes(off, len, ZeroFlags{});
         break;
     }
   }
@@ -192,6 +198,7 @@ void MirrorJob::on_op_error(const Error& e, bool is_read) {
   ErrorAction action =
       action_for(is_read ? p_.on_source_error : p_.on_target_error, e.errnum());
   synced_ = false;
+  actively_synced_ = false;
   JobEvent ev = block_event(JobEvent::Kind::kError);
   ev.operation = is_read ? "read" : "write";
   ev.action = to_string(action);

@@ -20,6 +20,7 @@ Result<SyncMode> parse_sync_mode(std::string_view s) {
 Result<CopyMode> parse_copy_mode(std::string_view s) {
   if (s == "background") return CopyMode::kBackground;
   if (s == "write-blocking") return CopyMode::kWriteBlocking;
+  if (s == "adaptive") return CopyMode::kAdaptive;
   return make_plain_error(EINVAL, fmt::format("Parameter 'copy-mode' does not accept value '{}'", s));
 }
 
@@ -36,6 +37,15 @@ const char* to_string(SyncMode m) {
     case SyncMode::kFull: return "full";
     case SyncMode::kTop: return "top";
     case SyncMode::kNone: return "none";
+  }
+  return "?";
+}
+
+const char* to_string(CopyMode m) {
+  switch (m) {
+    case CopyMode::kBackground: return "background";
+    case CopyMode::kWriteBlocking: return "write-blocking";
+    case CopyMode::kAdaptive: return "adaptive";
   }
   return "?";
 }
@@ -68,6 +78,8 @@ Result<void> validate_params(const MirrorParams& p) {
   }
   if (p.buf_size < 0) return make_plain_error(EINVAL, "Invalid parameter 'buf-size'");
   if (p.speed < 0) return make_plain_error(EINVAL, "Parameter 'speed' expects a non-negative value");
+  if (p.adaptive_window_ms == 0 || p.adaptive_window_ms > 3600 * 1000)
+    return make_plain_error(EINVAL, "Parameter 'adaptive-window' expects a value in range [1, 3600000] ms");
   if (p.max_in_flight == 0 || p.max_in_flight > 1024)
     return make_plain_error(EINVAL, "Parameter 'max-in-flight' expects a value in range [1, 1024]");
   return {};

@@ -13,7 +13,12 @@
 namespace blkmirror {
 
 enum class SyncMode { kFull, kTop, kNone };
-enum class CopyMode { kBackground, kWriteBlocking };
+// background: client writes only mark chunks dirty; the copy loop catches up.
+// write-blocking: a client write is also written to the target before its reply
+//   (active mirroring), so the job converges whatever the write rate.
+// adaptive: starts as background and switches itself to write-blocking when the
+//   dirty count stops falling for adaptive_window_ms.
+enum class CopyMode { kBackground, kWriteBlocking, kAdaptive };
 enum class ErrorPolicy { kReport, kIgnore, kStop, kEnospc };
 enum class ErrorAction { kReport, kIgnore, kStop };
 
@@ -21,9 +26,12 @@ Result<SyncMode> parse_sync_mode(std::string_view s);
 Result<CopyMode> parse_copy_mode(std::string_view s);
 Result<ErrorPolicy> parse_error_policy(std::string_view s, std::string_view param);
 const char* to_string(SyncMode m);
+const char* to_string(CopyMode m);
 const char* to_string(ErrorAction a);
 // What a policy does with one failure: `enospc` stops on ENOSPC, reports otherwise.
 ErrorAction action_for(ErrorPolicy p, int errnum);
+
+inline constexpr uint64_t kDefaultAdaptiveWindowMs = 3000;
 
 struct MirrorParams {
   std::string job_id;
@@ -42,6 +50,9 @@ struct MirrorParams {
   bool auto_finalize = true;
   bool auto_dismiss = true;
   unsigned max_in_flight = 16;
+  // adaptive: switch to write-blocking when the dirty count has not reached a
+  // new low for this long while not converged.
+  uint64_t adaptive_window_ms = kDefaultAdaptiveWindowMs;
 };
 
 inline constexpr int64_t kDefaultBufSize = 16 << 20;

@@ -260,14 +260,22 @@ CASES = [
 ]
 
 
+# write-blocking mirrors every client write to the target before its reply;
+# adaptive (with a short window, so it may switch mid-run) starts as background.
+COPY_MODES = ["background", "write-blocking", "adaptive"]
+
+
+@pytest.mark.parametrize("copy_mode", COPY_MODES)
 @pytest.mark.parametrize("seed,disk_mib,granularity,speed,ops,auto,sparse", CASES)
 def test_writes_survive_live_switchover(mirror_server, tmp_path, seed, disk_mib, granularity,
-                                        speed, ops, auto, sparse):
+                                        speed, ops, auto, sparse, copy_mode):
     size = disk_mib * MiB
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     original = make_source(src, size, seed, sparse)
 
-    args = ["--create", "--speed", speed, "--no-progress"]
+    args = ["--create", "--speed", speed, "--no-progress", "--copy-mode", copy_mode]
+    if copy_mode == "adaptive":
+        args += ["--adaptive-window", "300"]
     if granularity:
         args += ["--granularity", granularity]
     if not auto:

@@ -1,6 +1,7 @@
 // The engine's correctness proof: a client writes concurrently during the whole
 // job (before ready, while ready, across complete and after the switch); the
-// target must end holding exactly the model of every acknowledged write.
+// target must end holding exactly the model of every acknowledged write. Runs in
+// every copy mode, and with a switch background -> write-blocking mid-run.
 #include <gtest/gtest.h>
 
 #include "harness.h"
@@ -17,11 +18,14 @@ struct RandomCase {
   int64_t buf_size;
   unsigned in_flight;
   bool target_zero_init;
+  CopyMode mode = CopyMode::kBackground;
+  bool switch_mid_run = false;  // background, then block-job-change to write-blocking
 };
 
 void run_random_case(const RandomCase& c) {
   SCOPED_TRACE(::testing::Message() << "seed=" << c.seed << " size=" << c.size
-                                    << " granularity=" << c.granularity);
+                                    << " granularity=" << c.granularity << " mode="
+                                    << to_string(c.mode) << (c.switch_mid_run ? "+switch" : ""));
   std::mt19937_64 rng(c.seed);
   Loop loop(2);
   Graph graph;
@@ -43,6 +47,8 @@ void run_random_case(const RandomCase& c) {
   p.granularity = c.granularity;
   p.buf_size = c.buf_size;
   p.max_in_flight = c.in_flight;
+  p.copy_mode = c.mode;
+  p.adaptive_window_ms = 1 + rng() % 30;
   auto job = MirrorJob::create(loop, graph, p);
   ASSERT_TRUE(job) << job.error().message();
   Recorder rec;
@@ -57,9 +63,17 @@ void run_random_case(const RandomCase& c) {
     asio::co_spawn(loop.executor(), client.run(), asio::detached);
     co_await sleep_for(std::chrono::microseconds(rng() % 2000));
     (*job)->start(loop.executor());
-    // Writes race the copy; if the job cannot converge within a while (slow
-    // sanitizer builds, tiny granularity) the client holds off until it does.
-    if (!co_await wait_until([&] { return (*job)->info().ready || (*job)->concluded(); }, 3s)) {
+    if (c.switch_mid_run) {
+      co_await sleep_for(std::chrono::microseconds(rng() % 3000));
+      if (!(*job)->change_copy_mode(CopyMode::kWriteBlocking)) co_return false;
+    }
+    // Write-blocking converges against any writer: the client never holds off.
+    bool can_hold = c.mode == CopyMode::kBackground && !c.switch_mid_run;
+    // Writes race the copy; if a background job cannot converge within a while
+    // (slow sanitizer builds, tiny granularity) the client holds off until it does.
+    if (!co_await wait_until([&] { return (*job)->info().ready || (*job)->concluded(); },
+                             can_hold ? 3s : 120s)) {
+      if (!can_hold) co_return false;
       client.hold = true;
       if (!co_await wait_until([&] { return (*job)->info().ready || (*job)->concluded(); }))
         co_return false;
@@ -88,20 +102,62 @@ void run_random_case(const RandomCase& c) {
   // Progress: offset only grew and ended equal to len.
   auto info = (*job)->info();
   EXPECT_EQ(info.offset, info.len);
+  if (c.mode == CopyMode::kWriteBlocking || c.switch_mid_run) {
+    EXPECT_EQ((*job)->copy_mode(), CopyMode::kWriteBlocking);
+  }
+}
+
+RandomCase random_case(uint64_t seed) {
+  std::mt19937_64 r(seed);
+  RandomCase c;
+  c.seed = seed;
+  c.granularity = uint64_t{512} << (r() % 8);  // 512 B .. 64 KiB
+  c.size = (1 + r() % 24) * 65536 + (r() % 2 ? r() % 65536 : 0);  // some unaligned
+  c.buf_size = (r() % 3 == 0) ? 4096 : 0;
+  c.in_flight = 1 + r() % 16;
+  c.target_zero_init = r() % 2;
+  return c;
 }
 
 TEST(MirrorRandom, ConcurrentWritesManySeeds) {
   for (uint64_t seed = 1; seed <= 40; ++seed) {
-    std::mt19937_64 r(seed);
-    RandomCase c;
-    c.seed = seed;
-    c.granularity = uint64_t{512} << (r() % 8);  // 512 B .. 64 KiB
-    c.size = (1 + r() % 24) * 65536 + (r() % 2 ? r() % 65536 : 0);  // some unaligned
-    c.buf_size = (r() % 3 == 0) ? 4096 : 0;
-    c.in_flight = 1 + r() % 16;
-    c.target_zero_init = r() % 2;
+    run_random_case(random_case(seed));
+    if (HasFatalFailure() || HasFailure()) break;
+  }
+}
+
+TEST(MirrorRandom, WriteBlockingManySeeds) {
+  for (uint64_t seed = 201; seed <= 240; ++seed) {
+    RandomCase c = random_case(seed);
+    c.mode = CopyMode::kWriteBlocking;
     run_random_case(c);
     if (HasFatalFailure() || HasFailure()) break;
+  }
+}
+
+TEST(MirrorRandom, AdaptiveManySeeds) {
+  for (uint64_t seed = 301; seed <= 330; ++seed) {
+    RandomCase c = random_case(seed);
+    c.mode = CopyMode::kAdaptive;
+    run_random_case(c);
+    if (HasFatalFailure() || HasFailure()) break;
+  }
+}
+
+TEST(MirrorRandom, SwitchMidRunManySeeds) {
+  for (uint64_t seed = 401; seed <= 430; ++seed) {
+    RandomCase c = random_case(seed);
+    c.switch_mid_run = true;
+    run_random_case(c);
+    if (HasFatalFailure() || HasFailure()) break;
+  }
+}
+
+TEST(MirrorRandom, WriteBlockingLargerDisk) {
+  for (uint64_t seed = 500; seed < 502; ++seed) {
+    RandomCase c{seed, 16 << 20, 0, 0, 16, seed % 2 == 0};
+    c.mode = CopyMode::kWriteBlocking;
+    run_random_case(c);
   }
 }
 
