@@ -78,6 +78,9 @@ std::string event_line(const Json& e) {
   if (name == "JOB_STATUS_CHANGE") return fmt::format("job {}: {}", d.value("id", ""), d.value("status", ""));
   if (name == "BLOCK_JOB_ERROR")
     return fmt::format("job {}: {} error, action {}", d.value("device", ""), d.value("operation", ""), d.value("action", ""));
+  if (name == "BLOCK_JOB_COPY_MODE_CHANGED")
+    return fmt::format("job {}: copy mode now {} ({})", d.value("device", ""), d.value("copy-mode", ""),
+                       d.value("reason", ""));
   if (name == "BLOCK_JOB_COMPLETED" && d.contains("error"))
     return fmt::format("job {}: failed: {}", d.value("device", ""), d["error"].get<std::string>());
   return fmt::format("{} {}", name, d.dump());
@@ -238,6 +241,9 @@ int run_ctl(CLI::App* ctl, const CtlArgs& a) {
   if (cmd == "complete" || cmd == "pause" || cmd == "resume") {
     qmp_cmd = "block-job-" + cmd;
     args = {{"device", a.job}};
+  } else if (cmd == "change") {
+    qmp_cmd = "block-job-change";
+    args = {{"id", a.job}, {"type", "mirror"}, {"copy-mode", a.copy_mode}};
   } else if (cmd == "cancel") {
     qmp_cmd = "block-job-cancel";
     args = {{"device", a.job}, {"force", a.force}};
@@ -278,7 +284,7 @@ CommandRunner add_ctl_command(CLI::App& app) {
   m->add_option("--buf-size", a->buf_size, "copy buffer size");
   m->add_option("--on-source-error", a->on_source_error, "report, ignore, stop or enospc");
   m->add_option("--on-target-error", a->on_target_error, "report, ignore, stop or enospc");
-  m->add_option("--copy-mode", a->copy_mode, "background or write-blocking");
+  m->add_option("--copy-mode", a->copy_mode, "background, write-blocking or adaptive");
   m->add_flag("--wait", a->wait, "wait until the job is ready");
   m->add_flag("--complete", a->complete, "wait until ready, complete, and wait for the switch-over");
   for (const char* verb : {"complete", "pause", "resume"})
@@ -289,6 +295,9 @@ CommandRunner add_ctl_command(CLI::App& app) {
   auto* speed = ctl->add_subcommand("speed", "change a job's speed limit (0: unlimited)");
   speed->add_option("JOB", a->job)->required();
   speed->add_option("SPEED", a->speed)->required();
+  auto* change = ctl->add_subcommand("change", "switch a running mirror's copy mode (to write-blocking)");
+  change->add_option("JOB", a->job)->required();
+  change->add_option("--copy-mode", a->copy_mode, "the new mode")->required();
   ctl->add_subcommand("nodes", "list block nodes");
   ctl->add_subcommand("exports", "list NBD exports");
   ctl->add_subcommand("raw", "send one QMP command given as JSON")->add_option("JSON", a->raw)->required();

@@ -61,6 +61,12 @@ void Daemon::on_job_event(const JobEvent& e) {
     case JobEvent::Kind::kPending:
       emit("BLOCK_JOB_PENDING", {{"type", e.type}, {"id", e.id}});
       break;
+    case JobEvent::Kind::kCopyModeChange:
+      // blkmirror's own event (adaptive mode switched itself); QMP clients
+      // ignore events they do not know.
+      emit("BLOCK_JOB_COPY_MODE_CHANGED",
+           {{"device", e.device}, {"copy-mode", e.copy_mode}, {"reason", e.message}});
+      break;
     case JobEvent::Kind::kNote:
       break;
   }
@@ -101,6 +107,12 @@ Task<QResult<Json>> Daemon::cmd_blockdev_mirror(Json& a) {
   p.auto_dismiss = a.value("auto-dismiss", true);
   p.target_is_zero = a.value("target-is-zero", false);
   p.unmap = a.value("unmap", true);
+  if (a.contains("x-adaptive-window-ms")) {
+    int64_t w = a["x-adaptive-window-ms"].get<int64_t>();
+    if (w < 1 || w > 3600000)
+      co_return generic_error("Parameter 'x-adaptive-window-ms' expects a value in range [1, 3600000]");
+    p.adaptive_window_ms = static_cast<uint64_t>(w);
+  }
   if (auto v = validate_params(p); !v) co_return from(v.error());
   auto job = MirrorJob::create(loop_, graph_, p);
   if (!job) co_return from(job.error());
@@ -120,6 +132,7 @@ Task<QResult<Json>> Daemon::cmd_query_block_jobs(Json&) {
               {"ready", i.ready},         {"status", to_string(i.status)},
               {"auto-finalize", i.auto_finalize}, {"auto-dismiss", i.auto_dismiss}};
     if (i.error) j["error"] = *i.error;
+    if (i.type == "mirror") j["actively-synced"] = i.actively_synced;
     list.push_back(j);
   }
   co_return list;
@@ -192,6 +205,21 @@ Task<QResult<Json>> Daemon::cmd_block_job_cancel(Json& a) {
   if (i.paused && !force)
     co_return generic_error(fmt::format("The block job for device '{}' is currently paused", id));
   if (auto r = it->second->cancel(force); !r) co_return from(r.error());
+  co_return Json::object();
+}
+
+
+// block-job-change {id, type: mirror, copy-mode}: QEMU 8.2's command; the only
+// change a mirror accepts is to write-blocking.
+Task<QResult<Json>> Daemon::cmd_block_job_change(Json& a) {
+  std::string id = a["id"].get<std::string>();
+  auto it = jobs_.find(id);
+  if (it == jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
+  auto mirror = std::dynamic_pointer_cast<MirrorJob>(it->second);
+  if (!mirror) co_return generic_error(fmt::format("Job '{}' is not a mirror job", id));
+  auto mode = parse_copy_mode(a["copy-mode"].get<std::string>());
+  if (!mode) co_return from(mode.error());
+  if (auto r = mirror->change_copy_mode(*mode); !r) co_return from(r.error());
   co_return Json::object();
 }
 

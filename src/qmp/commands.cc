@@ -30,6 +30,7 @@ const Schema kMirror = {
     {"auto-dismiss", Type::kBool},
     {"target-is-zero", Type::kBool},
     {"unmap", Type::kBool},
+    {"x-adaptive-window-ms", Type::kInt},
 };
 const Schema kDevice = {{"device", Type::kString, true}};
 const Schema kId = {{"id", Type::kString, true}};
@@ -68,6 +69,7 @@ const std::map<std::string, Daemon::Command>& Daemon::commands() {
       {"block-job-cancel", {&kCancel, &Daemon::cmd_block_job_cancel}},
       {"block-job-finalize", {&kId, &Daemon::cmd_block_job_verb}},
       {"block-job-dismiss", {&kId, &Daemon::cmd_block_job_verb}},
+      {"block-job-change", {&kJobChange, &Daemon::cmd_block_job_change}},
       {"job-pause", {&kId, &Daemon::cmd_job_verb}},
       {"job-resume", {&kId, &Daemon::cmd_job_verb}},
       {"job-cancel", {&kId, &Daemon::cmd_job_verb}},

@@ -104,6 +104,7 @@ class Daemon {
   Task<QResult<Json>> cmd_job_verb(Json& args);
   Task<QResult<Json>> cmd_block_job_set_speed(Json& args);
   Task<QResult<Json>> cmd_block_job_cancel(Json& args);
+  Task<QResult<Json>> cmd_block_job_change(Json& args);
   void add_job(std::shared_ptr<Job> job);
   void on_job_event(const JobEvent& e);
   // cmd_nbd.cc

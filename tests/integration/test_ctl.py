@@ -104,6 +104,8 @@ def test_errors_print_daemon_desc_and_exit_nonzero(ctl, images):
     assert r.stderr.strip() == "blkmirror: Cannot find device='nope' nor node-name='nope'"
     r = ctl("complete", "nojob", check_rc=1)
     assert r.stderr.strip() == "blkmirror: Block job 'nojob' not found"
+    r = ctl("change", "nojob", "--copy-mode", "write-blocking", check_rc=1)
+    assert r.stderr.strip() == "blkmirror: Block job 'nojob' not found"
     r = ctl("speed", "nojob", "fast", check_rc=2)
     assert "speed" in r.stderr
     r = ctl("raw", "not json", check_rc=2)

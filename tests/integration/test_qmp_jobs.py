@@ -453,3 +453,60 @@ def test_bad_startup_options(blkmirror_bin, workdir, opt, value, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], r.stderr
     assert not (workdir / "q.sock").exists()
+
+
+def test_write_blocking_reports_actively_synced(qmp, images, check):
+    src, dst = pair(qmp, images, 4 * MiB)
+    mirror(qmp, copy_mode="write-blocking")
+    qmp.wait_event("BLOCK_JOB_READY", match={"device": "j"})
+    deadline = time.monotonic() + 30
+    while not qmp.job("j")["actively-synced"]:
+        assert time.monotonic() < deadline, qmp.job("j")
+        time.sleep(0.05)
+    qmp.cmd("block-job-complete", device="j")
+    qmp.wait_event("BLOCK_JOB_COMPLETED", match={"device": "j"})
+    check.assert_identical(src, dst)
+
+
+def test_block_job_change_to_write_blocking_while_running(qmp, images, check, workdir):
+    size = 16 * MiB
+    src, dst = pair(qmp, images, size)
+    sock = workdir / "nbd.sock"
+    qmp.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+    qmp.cmd("block-export-add", type="nbd", id="e0", node_name="src", writable=True)
+    model = bytearray(open(src, "rb").read())
+    mirror(qmp, speed=4 * MiB)
+    assert qmp.job("j")["actively-synced"] is False
+    stop, log = threading.Event(), []
+    t = threading.Thread(target=nbd_writer, args=(sock, size, stop, log, 11))
+    t.start()
+    try:
+        time.sleep(0.3)
+        qmp.cmd("block-job-change", id="j", type="mirror", copy_mode="write-blocking")
+        assert qmp.error("block-job-change", id="j", type="mirror", copy_mode="background") == \
+            ("GenericError", "Change to copy mode 'background' is not implemented")
+        assert qmp.error("block-job-change", id="nope", type="mirror", copy_mode="write-blocking") == \
+            ("DeviceNotActive", "Block job 'nope' not found")
+        qmp.cmd("block-job-set-speed", device="j", speed=0)
+        qmp.wait_event("BLOCK_JOB_READY", match={"device": "j"}, timeout=120)
+        qmp.cmd("block-job-complete", device="j")
+        qmp.wait_event("BLOCK_JOB_COMPLETED", match={"device": "j"})
+    finally:
+        stop.set()
+        t.join(60)
+    for off, data in log:
+        model[off:off + len(data)] = data
+    with open(dst, "rb") as f:
+        assert f.read() == bytes(model)
+
+
+def test_adaptive_window_parameter(qmp, images, check):
+    src, dst = pair(qmp, images, 2 * MiB)
+    r = qmp.request("blockdev-mirror", {"device": "src", "target": "dst", "sync": "full",
+                                        "copy-mode": "adaptive", "x-adaptive-window-ms": 0})
+    assert r["error"]["desc"] == "Parameter 'x-adaptive-window-ms' expects a value in range [1, 3600000]"
+    r = qmp.request("blockdev-mirror", {"device": "src", "target": "dst", "sync": "full", "copy-mode": "fast"})
+    assert r["error"]["desc"] == "Parameter 'copy-mode' does not accept value 'fast'"
+    mirror(qmp, copy_mode="adaptive", x_adaptive_window_ms=500)
+    finish(qmp)
+    check.assert_identical(src, dst)
