@@ -1,5 +1,6 @@
 #include "blockdev/nbd_connection.h"
 
+#include <poll.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -112,7 +113,10 @@ Connected connect_blocking(const NbdConnectOptions& o) {
 Task<Result<std::unique_ptr<NbdConnection>>> NbdConnection::open(Loop& loop,
                                                                  NbdConnectOptions opts) {
   if (auto v = opts.validate(); !v) co_return make_error(v.error());
-  Connected c = co_await loop.blocking([opts]() { return connect_blocking(opts); });
+  // Shared, not copied into the lambda: GCC 12 mis-destroys a coroutine's
+  // by-value class parameter captured by copy in a lambda it passes on.
+  auto shared = std::make_shared<const NbdConnectOptions>(opts);
+  Connected c = co_await loop.blocking([shared]() { return connect_blocking(*shared); });
   if (!c.h)
     co_return make_plain_error(c.err, fmt::format("{}: cannot connect: {}", opts.display(), c.msg));
   std::unique_ptr<NbdConnection> conn(new NbdConnection(loop, c.h, opts.display()));
@@ -183,35 +187,47 @@ void NbdConnection::die(std::string reason) {
   while (!pending_.empty()) finish(pending_.front(), EIO);
 }
 
+// Asio's reactor is edge-triggered, but libnbd expects level-triggered
+// polling: its state machine does not always read until EAGAIN (a reply that
+// arrives while it is midway through sending a large write payload is read
+// one at a time), so after an edge the socket may still hold data and no new
+// edge will come. pump() therefore asks the socket itself (poll with no
+// timeout) and keeps handing readiness to libnbd while there is some in a
+// direction libnbd wants; only then does it wait for the next edge.
 void NbdConnection::pump() {
-  if (dead_) return;
-  if (nbd_aio_is_dead(h_) || nbd_aio_is_closed(h_)) {
-    die(nbd_aio_is_closed(h_) ? "closed by the server" : libnbd_reason());
-    return;
+  for (;;) {
+    if (dead_) return;
+    if (nbd_aio_is_dead(h_) || nbd_aio_is_closed(h_))
+      return die(nbd_aio_is_closed(h_) ? "closed by the server" : libnbd_reason());
+    unsigned dir = nbd_aio_get_direction(h_);
+    pollfd p{nbd_aio_get_fd(h_), 0, 0};
+    if (dir & LIBNBD_AIO_DIRECTION_READ) p.events |= POLLIN;
+    if (dir & LIBNBD_AIO_DIRECTION_WRITE) p.events |= POLLOUT;
+    if (p.events == 0 || ::poll(&p, 1, 0) <= 0) break;
+    int rc = 0;
+    if (p.revents & (POLLIN | POLLHUP | POLLERR))
+      rc = nbd_aio_notify_read(h_);
+    else if (p.revents & POLLOUT)
+      rc = nbd_aio_notify_write(h_);
+    else
+      break;
+    if (rc == -1 && (nbd_aio_is_dead(h_) || nbd_aio_is_closed(h_))) return die(libnbd_reason());
   }
   unsigned dir = nbd_aio_get_direction(h_);
-  if ((dir & LIBNBD_AIO_DIRECTION_READ) && !want_read_) {
-    want_read_ = true;
-    fd_.async_wait(asio::posix::descriptor_base::wait_read,
-                   [this, alive = alive_](const std::error_code& ec) {
-                     if (!*alive) return;
-                     want_read_ = false;
-                     if (ec || dead_) return;
-                     if (nbd_aio_notify_read(h_) == -1) return die(libnbd_reason());
-                     pump();
-                   });
-  }
-  if ((dir & LIBNBD_AIO_DIRECTION_WRITE) && !want_write_) {
-    want_write_ = true;
-    fd_.async_wait(asio::posix::descriptor_base::wait_write,
-                   [this, alive = alive_](const std::error_code& ec) {
-                     if (!*alive) return;
-                     want_write_ = false;
-                     if (ec || dead_) return;
-                     if (nbd_aio_notify_write(h_) == -1) return die(libnbd_reason());
-                     pump();
-                   });
-  }
+  if ((dir & LIBNBD_AIO_DIRECTION_READ) && !want_read_) arm(true);
+  if ((dir & LIBNBD_AIO_DIRECTION_WRITE) && !want_write_) arm(false);
+}
+
+void NbdConnection::arm(bool read) {
+  (read ? want_read_ : want_write_) = true;
+  fd_.async_wait(read ? asio::posix::descriptor_base::wait_read
+                      : asio::posix::descriptor_base::wait_write,
+                 [this, read, alive = alive_](const std::error_code& ec) {
+                   if (!*alive) return;
+                   (read ? want_read_ : want_write_) = false;
+                   if (ec || dead_) return;
+                   pump();
+                 });
 }
 
 Task<int> NbdConnection::run(std::span<const Issue> batch, std::string* why) {

@@ -71,6 +71,7 @@ class NbdConnection {
   static void on_free(void* user_data);
   void finish(Op* op, int err);
   void pump();
+  void arm(bool read);
   void die(std::string reason);
   void release_fd();
 
@@ -79,7 +80,7 @@ class NbdConnection {
   std::string where_;  // display URI, for messages
   asio::posix::stream_descriptor fd_;
   bool fd_open_ = false;
-  bool want_read_ = false, want_write_ = false;
+  bool want_read_ = false, want_write_ = false;    // a wait is pending
   bool dead_ = false;
   std::string death_reason_;
   unsigned in_flight_ = 0;
