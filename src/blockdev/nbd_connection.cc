@@ -172,7 +172,14 @@ void NbdConnection::on_free(void* user_data) {
 void NbdConnection::finish(Op* op, int err) {
   op->completed = true;
   pending_.erase(op->pos);
-  if (err && op->why_out && dead_) *op->why_out = "connection lost: " + death_reason_;
+  // libnbd fails commands cut off by a lost connection with ENOTCONN; for the
+  // job that is an I/O error like any other (and not the server's errno).
+  bool lost = dead_ || err == ENOTCONN || err == ESHUTDOWN || err == ECONNRESET || err == EPIPE;
+  if (err && lost) {
+    if (op->why_out)
+      *op->why_out = "connection lost: " + (dead_ ? death_reason_ : std::string(std::strerror(err)));
+    err = EIO;
+  }
   op->complete(loop_.executor(), err);
   if (op->refs == 0) delete op;
 }
@@ -249,12 +256,14 @@ Task<int> NbdConnection::run(std::span<const Issue> batch, std::string* why) {
           if (issue(h_, nbd_completion_callback{on_complete, op, on_free}) == -1) {
             int err = libnbd_errno();
             std::string reason = libnbd_reason();
+            bool lost = nbd_aio_is_dead(h_) || nbd_aio_is_closed(h_);
+            if (lost) err = EIO;  // not ENOTCONN: a lost connection is an I/O error
             --op->remaining;
             if (!op->completed) {
               if (!op->first_err) op->first_err = err;
               if (why) *why = reason;
             }
-            if (!dead_ && (nbd_aio_is_dead(h_) || nbd_aio_is_closed(h_))) die(reason);
+            if (lost) die(reason);
             break;
           }
           if (!op->completed) ++in_flight_;

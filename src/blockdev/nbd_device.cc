@@ -231,12 +231,14 @@ Task<Result<void>> NbdDevice::write_unaligned(uint64_t off, std::span<const std:
   uint64_t a = caps_.min_block;
   uint64_t start = align_down(off, a), end = std::min(align_up(off + buf.size(), a), length_);
   std::vector<std::byte> bounce(end - start);
-  if (start < off) {
+  bool head = start < off;
+  if (head) {
     auto r = co_await read_aligned(start, std::span(bounce).first(std::min(a, end - start)));
     if (!r) co_return r;
   }
+  // The last block, unless it is the head block just read.
   uint64_t tail = align_down(off + buf.size(), a);
-  if (off + buf.size() < end && tail >= start + a) {
+  if (off + buf.size() < end && !(head && tail == start)) {
     auto r = co_await read_aligned(tail, std::span(bounce).subspan(tail - start, end - tail));
     if (!r) co_return r;
   }
