@@ -220,6 +220,13 @@ std::string NbdConnectOptions::display() const {
   return fmt::format("{}://{}{}{}:{}/{}", scheme, v6 ? "[" : "", host, v6 ? "]" : "", port, exp);
 }
 
+std::string NbdConnectOptions::tls_caveat() const {
+  if (tls == NbdTls::kX509 && verify_peer && transport == NbdTransport::kUnix)
+    return display() + ": the server certificate is not verified over a UNIX socket (libnbd "
+                       "checks it only against a TCP host name); traffic is still encrypted";
+  return {};
+}
+
 Result<void> NbdConnectOptions::validate() const {
   std::string where = display();
   if (transport == NbdTransport::kUnix && path.empty())

@@ -45,6 +45,10 @@ struct NbdConnectOptions {
 
   // A URI naming the export, without secrets, for messages and describe().
   std::string display() const;
+  // A caveat the user should see before connecting, or "": libnbd 1.14 checks
+  // the server's X.509 certificate only against a host name, so over a UNIX
+  // socket (no host name) the certificate is not verified at all.
+  std::string tls_caveat() const;
   // Checks the combination (a socket path for UNIX, a host for TCP, a PSK file
   // for PSK); errors are one user-facing sentence.
   Result<void> validate() const;

@@ -1,5 +1,7 @@
 #include "cli/device_spec.h"
 
+#include <fmt/format.h>
+
 #include "blockdev/nbd_device.h"
 #include "blockdev/nbd_uri.h"
 
@@ -15,6 +17,8 @@ Result<OpenedDevice> open_device_spec(Loop& loop, const std::string& spec, FileO
   }
   auto o = parse_nbd_uri(spec);
   if (!o) return make_error(o.error());
+  if (auto caveat = o->tls_caveat(); !caveat.empty())
+    fmt::print(stderr, "blkmirror: warning: {}\n", caveat);
   auto dev = loop.run(open_nbd(loop, *o));
   if (!dev) return make_error(dev.error());
   return OpenedDevice{*dev, nullptr};

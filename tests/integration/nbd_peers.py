@@ -178,13 +178,11 @@ def make_x509(d: Path, cn_suffix=""):
         "[srv]\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
         "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
         "[cli]\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=clientAuth\n"
-        "[ca]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n")
+        "extendedKeyUsage=clientAuth\n")
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem",
              "-out", "ca-cert.pem", "-days", "2", "-subj", f"/CN=blkmirror test CA{cn_suffix}",
-             "-extensions", "ca", "-config", "/usr/lib/ssl/openssl.cnf", "-addext",
-             "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-             cwd=d)
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
     for role, ext_name in (("server", "srv"), ("client", "cli")):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{role}-key.pem",
                  "-out", f"{role}.csr", "-subj", f"/CN={'localhost' if role == 'server' else 'client'}",
