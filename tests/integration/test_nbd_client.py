@@ -122,8 +122,11 @@ def test_bad_nbd_uri_is_one_clear_line(cli, check, src, uri, needle):
 
 
 def error_target(peers, rate, *extra):
-    return peers.nbdkit("--filter=error", "memory", SIZE, f"error-pwrite-rate={rate}",
-                        "error-pwrite=EIO", *extra)
+    # A 64 KiB maximum request makes the 8 MiB of data 128 writes, so a 10%
+    # error rate fails some of them (all pass with probability 0.9^128 ~ 1e-6).
+    return peers.nbdkit("--filter=error", "--filter=blocksize-policy", "memory", SIZE,
+                        f"error-pwrite-rate={rate}", "error-pwrite=EIO",
+                        "blocksize-maximum=65536", "blocksize-preferred=4096", *extra)
 
 
 def test_write_errors_with_report_fail_cleanly(cli, check, peers, src):
@@ -146,11 +149,13 @@ def test_write_errors_with_ignore_end_in_exact_copy(cli, check, workdir, peers, 
 
 
 def test_read_errors_of_remote_source_with_ignore_end_in_exact_copy(cli, check, images, peers, src):
-    srv = peers.nbdkit("--filter=error", "file", src, "error-pread-rate=10%", "error-pread=EIO",
-                       "--readonly")
+    srv = peers.nbdkit("--filter=error", "--filter=blocksize-policy", "file", src,
+                       "error-pread-rate=10%", "error-pread=EIO", "blocksize-maximum=65536",
+                       "blocksize-preferred=4096", "--readonly")
     dst = images.path("dst.img")
     res = cli.mirror(srv.uri, dst, "--create", "--no-progress", "--on-source-error", "ignore")
     assert res.returncode == 0, check.describe(res)
+    assert " 0 errors retried" not in res.stderr, res.stderr
     check.assert_identical(src, dst)
 
 
