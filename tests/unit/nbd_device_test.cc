@@ -89,7 +89,9 @@ TEST(NbdDevice, OperationsAgainstNbdkitMemory) {
     EXPECT_TRUE(dev.caps().can_zero);
     EXPECT_TRUE(dev.caps().can_trim);
     EXPECT_FALSE(dev.caps().read_only);
-    EXPECT_GE(dev.connections(), 1u);
+    // nbdkit's memory plugin advertises multi-conn: requests spread over 4.
+    EXPECT_TRUE(dev.multi_conn());
+    EXPECT_EQ(dev.connections(), 4u);
 
     // A fresh memory disk is one hole.
     auto e = co_await dev.block_status(0, 16 << 20);
@@ -191,6 +193,18 @@ TEST(NbdDevice, DeadServerFailsWithEioThenReconnects) {
     EXPECT_TRUE(co_await dev.read(0, back));
     EXPECT_EQ(back, data);
   }());
+}
+
+TEST(NbdDevice, OneConnectionWithoutMultiConn) {
+  // Without multi-conn a second connection may not see the first one's writes
+  // (nor be covered by its flush): one connection only.
+  Nbdkit srv({"--filter=multi-conn", "memory", "1M", "multi-conn-mode=disable"}, "mc");
+  ASSERT_TRUE(srv.available());
+  Loop loop(2);
+  auto d = loop.run(NbdDevice::open(loop, srv.options()));
+  ASSERT_TRUE(d) << d.error().message();
+  EXPECT_FALSE((*d)->multi_conn());
+  EXPECT_EQ((*d)->connections(), 1u);
 }
 
 TEST(NbdDevice, ConnectErrorIsOneLineNamingTheExport) {
