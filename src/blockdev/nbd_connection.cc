@@ -113,10 +113,11 @@ Connected connect_blocking(const NbdConnectOptions& o) {
 Task<Result<std::unique_ptr<NbdConnection>>> NbdConnection::open(Loop& loop,
                                                                  NbdConnectOptions opts) {
   if (auto v = opts.validate(); !v) co_return make_error(v.error());
-  // Shared, not copied into the lambda: GCC 12 mis-destroys a coroutine's
-  // by-value class parameter captured by copy in a lambda it passes on.
-  auto shared = std::make_shared<const NbdConnectOptions>(opts);
-  Connected c = co_await loop.blocking([shared]() { return connect_blocking(*shared); });
+  // Only a pointer is captured: GCC 12 destroys a temporary lambda inside a
+  // co_await expression twice, harmless for trivial captures only. opts lives
+  // in this frame, which waits, untouched, while the worker reads it.
+  const NbdConnectOptions* o = &opts;
+  Connected c = co_await loop.blocking([o]() { return connect_blocking(*o); });
   if (!c.h)
     co_return make_plain_error(c.err, fmt::format("{}: cannot connect: {}", opts.display(), c.msg));
   std::unique_ptr<NbdConnection> conn(new NbdConnection(loop, c.h, opts.display()));
