@@ -1,13 +1,12 @@
 #include "blockdev/nbd_connection.h"
 
+#include <fmt/format.h>
 #include <poll.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <string_view>
-
-#include <fmt/format.h>
 
 namespace blkmirror {
 
@@ -71,14 +70,16 @@ Connected fail_connect(nbd_handle* h) {
 // Runs on a worker thread: everything here may block (DNS, connect, TLS).
 Connected connect_blocking(const NbdConnectOptions& o) {
   if (o.tls == NbdTls::kPsk && ::access(o.tls_psk_file.c_str(), R_OK) != 0)
-    return {nullptr, errno, fmt::format("tls-psk-file {}: {}", o.tls_psk_file, std::strerror(errno))};
+    return {nullptr, errno,
+            fmt::format("tls-psk-file {}: {}", o.tls_psk_file, std::strerror(errno))};
   if (o.tls == NbdTls::kX509 && !o.tls_cert_dir.empty()) {
     struct stat st {};
     if (::stat(o.tls_cert_dir.c_str(), &st) != 0)
       return {nullptr, errno,
               fmt::format("tls-certificates {}: {}", o.tls_cert_dir, std::strerror(errno))};
     if (!S_ISDIR(st.st_mode))
-      return {nullptr, ENOTDIR, fmt::format("tls-certificates {}: not a directory", o.tls_cert_dir)};
+      return {nullptr, ENOTDIR,
+              fmt::format("tls-certificates {}: not a directory", o.tls_cert_dir)};
   }
   nbd_handle* h = nbd_create();
   if (!h) return {nullptr, libnbd_errno(), libnbd_reason()};
@@ -178,7 +179,8 @@ void NbdConnection::finish(Op* op, int err) {
   bool lost = dead_ || err == ENOTCONN || err == ESHUTDOWN || err == ECONNRESET || err == EPIPE;
   if (err && lost) {
     if (op->why_out)
-      *op->why_out = "connection lost: " + (dead_ ? death_reason_ : std::string(std::strerror(err)));
+      *op->why_out =
+          "connection lost: " + (dead_ ? death_reason_ : std::string(std::strerror(err)));
     err = EIO;
   }
   op->complete(loop_.executor(), err);
@@ -228,14 +230,14 @@ void NbdConnection::pump() {
 
 void NbdConnection::arm(bool read) {
   (read ? want_read_ : want_write_) = true;
-  fd_.async_wait(read ? asio::posix::descriptor_base::wait_read
-                      : asio::posix::descriptor_base::wait_write,
-                 [this, read, alive = alive_](const std::error_code& ec) {
-                   if (!*alive) return;
-                   (read ? want_read_ : want_write_) = false;
-                   if (ec || dead_) return;
-                   pump();
-                 });
+  fd_.async_wait(
+      read ? asio::posix::descriptor_base::wait_read : asio::posix::descriptor_base::wait_write,
+      [this, read, alive = alive_](const std::error_code& ec) {
+        if (!*alive) return;
+        (read ? want_read_ : want_write_) = false;
+        if (ec || dead_) return;
+        pump();
+      });
 }
 
 Task<int> NbdConnection::run(std::span<const Issue> batch, std::string* why) {

@@ -17,14 +17,13 @@
 
 #include <libnbd.h>
 
+#include <asio.hpp>
 #include <cstdint>
 #include <functional>
 #include <list>
 #include <memory>
 #include <span>
 #include <string>
-
-#include <asio.hpp>
 
 #include "base/result.h"
 #include "base/task.h"
@@ -80,7 +79,7 @@ class NbdConnection {
   std::string where_;  // display URI, for messages
   asio::posix::stream_descriptor fd_;
   bool fd_open_ = false;
-  bool want_read_ = false, want_write_ = false;    // a wait is pending
+  bool want_read_ = false, want_write_ = false;  // a wait is pending
   bool dead_ = false;
   std::string death_reason_;
   unsigned in_flight_ = 0;

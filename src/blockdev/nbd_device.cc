@@ -1,9 +1,9 @@
 #include "blockdev/nbd_device.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cstring>
-
-#include <fmt/format.h>
 
 #include "base/align.h"
 
@@ -39,8 +39,8 @@ struct StatusRun {
   bool any = false, done = false;
 };
 
-int on_extents(void* user_data, const char* context, uint64_t offset, uint32_t* entries,
-               size_t nr, int* error) {
+int on_extents(void* user_data, const char* context, uint64_t offset, uint32_t* entries, size_t nr,
+               int* error) {
   auto* run = static_cast<StatusRun*>(user_data);
   if (std::strcmp(context, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0 || run->done) return 0;
   run->end = offset;
@@ -97,7 +97,8 @@ void NbdDevice::learn(nbd_handle* h) {
   c.pref_block = pref > 0 ? static_cast<uint32_t>(pref) : std::max<uint32_t>(4096, c.min_block);
   uint64_t maxp = max > 0 ? std::min<uint64_t>(static_cast<uint64_t>(max), kDefaultMaxPayload)
                           : kDefaultMaxPayload;
-  c.max_transfer = static_cast<uint32_t>(std::max<uint64_t>(align_down(maxp, c.min_block), c.min_block));
+  c.max_transfer =
+      static_cast<uint32_t>(std::max<uint64_t>(align_down(maxp, c.min_block), c.min_block));
   can_flush_ = nbd_can_flush(h) == 1;
   can_fast_zero_ = nbd_can_fast_zero(h) == 1;
   multi_conn_ = nbd_can_multi_conn(h) == 1;
@@ -178,8 +179,9 @@ Task<Result<void>> NbdDevice::run(const char* what, uint64_t off, std::vector<Is
   auto c = co_await connection();
   if (!c) {
     auto e = c.error();
-    co_return make_plain_error(e.errnum() == EROFS ? EROFS : EIO,
-                               fmt::format("{} {} at offset {}: {}", what, where_, off, e.message()));
+    co_return make_plain_error(
+        e.errnum() == EROFS ? EROFS : EIO,
+        fmt::format("{} {} at offset {}: {}", what, where_, off, e.message()));
   }
   std::string why;
   int err = co_await (*c)->run(batch, &why);
@@ -211,7 +213,8 @@ Task<Result<void>> NbdDevice::read(uint64_t off, std::span<std::byte> buf) {
   co_return r;
 }
 
-Task<Result<void>> NbdDevice::write_aligned(uint64_t off, std::span<const std::byte> buf, bool fua) {
+Task<Result<void>> NbdDevice::write_aligned(uint64_t off, std::span<const std::byte> buf,
+                                            bool fua) {
   uint32_t flags = fua && caps_.can_fua ? LIBNBD_CMD_FLAG_FUA : 0;
   std::vector<Issue> batch;
   for_pieces(off, buf.size(), caps_.max_transfer, [&](uint64_t pos, uint64_t rel, uint64_t n) {
@@ -260,7 +263,8 @@ Task<Result<void>> NbdDevice::write_zero_data(uint64_t off, uint64_t len, bool f
   std::vector<std::byte> zeroes(std::min<uint64_t>(len, 1u << 20));
   for (uint64_t pos = off; pos < off + len;) {
     uint64_t n = std::min<uint64_t>(zeroes.size(), off + len - pos);
-    auto r = co_await write(pos, std::span<const std::byte>(zeroes.data(), n), WriteFlags{.fua = fua});
+    auto r =
+        co_await write(pos, std::span<const std::byte>(zeroes.data(), n), WriteFlags{.fua = fua});
     if (!r) co_return r;
     pos += n;
   }
@@ -317,7 +321,8 @@ Task<Result<void>> NbdDevice::discard(uint64_t off, uint64_t len) {
 Task<Result<void>> NbdDevice::flush() {
   if (!can_flush_) co_return Result<void>{};  // the server has nothing to flush
   std::vector<Issue> batch;
-  batch.push_back([](nbd_handle* h, nbd_completion_callback cb) { return nbd_aio_flush(h, cb, 0); });
+  batch.push_back(
+      [](nbd_handle* h, nbd_completion_callback cb) { return nbd_aio_flush(h, cb, 0); });
   co_return co_await run("flush", 0, std::move(batch));
 }
 
@@ -332,7 +337,8 @@ Task<Result<Extent>> NbdDevice::block_status(uint64_t off, uint64_t len) {
   StatusRun* sp = &status;  // lives in this frame until the reply is in
   std::vector<Issue> batch;
   batch.push_back([sp, start, count](nbd_handle* h, nbd_completion_callback cb) {
-    return nbd_aio_block_status(h, count, start, nbd_extent_callback{on_extents, sp, nullptr}, cb, 0);
+    return nbd_aio_block_status(h, count, start, nbd_extent_callback{on_extents, sp, nullptr}, cb,
+                                0);
   });
   auto r = co_await run("block status", off, std::move(batch));
   if (!r) co_return make_error(r.error());

@@ -81,7 +81,8 @@ class NbdDevice : public BlockDevice {
   Task<Result<void>> write_aligned(uint64_t off, std::span<const std::byte> buf, bool fua);
   Task<Result<void>> write_unaligned(uint64_t off, std::span<const std::byte> buf, bool fua);
   Task<Result<void>> write_zero_data(uint64_t off, uint64_t len, bool fua);
-  tl::unexpected<Error> fail(const char* what, uint64_t off, int err, const std::string& why = {}) const;
+  tl::unexpected<Error> fail(const char* what, uint64_t off, int err,
+                             const std::string& why = {}) const;
 
   Loop& loop_;
   NbdConnectOptions opts_;

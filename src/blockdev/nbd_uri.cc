@@ -1,12 +1,12 @@
 #include "blockdev/nbd_uri.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cctype>
 #include <charconv>
 #include <optional>
 #include <string_view>
-
-#include <fmt/format.h>
 
 namespace blkmirror {
 
@@ -19,9 +19,9 @@ struct Scheme {
 };
 
 constexpr Scheme kSchemes[] = {
-    {"nbd", NbdTransport::kTcp, false},        {"nbds", NbdTransport::kTcp, true},
-    {"nbd+tcp", NbdTransport::kTcp, false},    {"nbds+tcp", NbdTransport::kTcp, true},
-    {"nbd+unix", NbdTransport::kUnix, false},  {"nbds+unix", NbdTransport::kUnix, true},
+    {"nbd", NbdTransport::kTcp, false},       {"nbds", NbdTransport::kTcp, true},
+    {"nbd+tcp", NbdTransport::kTcp, false},   {"nbds+tcp", NbdTransport::kTcp, true},
+    {"nbd+unix", NbdTransport::kUnix, false}, {"nbds+unix", NbdTransport::kUnix, true},
 };
 
 int hex_value(char c) {
@@ -95,7 +95,8 @@ Result<void> parse_authority(const std::string& uri, std::string_view auth, NbdC
     o.host = std::string(auth.substr(0, colon));
     if (colon != std::string_view::npos) port = auth.substr(colon + 1);
   }
-  if (o.host.empty()) return bad(uri, "no host name (use nbd+unix:///EXPORT?socket=PATH for a UNIX socket)");
+  if (o.host.empty())
+    return bad(uri, "no host name (use nbd+unix:///EXPORT?socket=PATH for a UNIX socket)");
   if (!port.empty()) {
     unsigned v = 0;
     auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), v);
@@ -115,7 +116,8 @@ Result<void> parse_query(const std::string& uri, std::string_view query, NbdConn
     if (item.empty()) continue;
     auto eq = item.find('=');
     std::string key(item.substr(0, eq));
-    auto value = percent_decode(eq == std::string_view::npos ? std::string_view{} : item.substr(eq + 1));
+    auto value =
+        percent_decode(eq == std::string_view::npos ? std::string_view{} : item.substr(eq + 1));
     if (!value) return bad(uri, fmt::format("bad percent-encoding in parameter '{}'", key));
     if (eq == std::string_view::npos || value->empty())
       return bad(uri, fmt::format("parameter '{}' needs a value", key));
@@ -127,12 +129,14 @@ Result<void> parse_query(const std::string& uri, std::string_view query, NbdConn
       o.tls_psk_file = *value;
     } else if (key == "tls-verify-peer") {
       auto b = parse_bool(*value);
-      if (!b) return bad(uri, fmt::format("tls-verify-peer expects true or false, not '{}'", *value));
+      if (!b)
+        return bad(uri, fmt::format("tls-verify-peer expects true or false, not '{}'", *value));
       o.verify_peer = *b;
       verify_given = true;
     } else {
       return bad(uri, fmt::format("unknown parameter '{}' (known: socket, tls-certificates, "
-                                  "tls-psk-file, tls-verify-peer)", key));
+                                  "tls-psk-file, tls-verify-peer)",
+                                  key));
     }
   }
   return {};
@@ -157,8 +161,8 @@ Result<NbdConnectOptions> parse_nbd_uri(const std::string& uri) {
   for (auto& s : kSchemes)
     if (s.name == scheme) sc = &s;
   if (!sc)
-    return bad(uri, fmt::format("unsupported scheme '{}' (use nbd, nbds, nbd+unix or nbds+unix)",
-                                scheme));
+    return bad(
+        uri, fmt::format("unsupported scheme '{}' (use nbd, nbds, nbd+unix or nbds+unix)", scheme));
   std::string_view rest(uri.data() + colon + 1, uri.size() - colon - 1);
   if (!rest.starts_with("//")) return bad(uri, "expected '//' after the scheme");
   rest.remove_prefix(2);
@@ -170,7 +174,8 @@ Result<NbdConnectOptions> parse_nbd_uri(const std::string& uri) {
   }
   auto slash = rest.find('/');
   std::string_view auth = rest.substr(0, slash);
-  std::string_view path = slash == std::string_view::npos ? std::string_view{} : rest.substr(slash + 1);
+  std::string_view path =
+      slash == std::string_view::npos ? std::string_view{} : rest.substr(slash + 1);
   auto exp = percent_decode(path);
   if (!exp) return bad(uri, "bad percent-encoding in the export name");
   o.export_name = *exp;
@@ -189,12 +194,13 @@ Result<NbdConnectOptions> parse_nbd_uri(const std::string& uri) {
       auth = auth.substr(at + 1);
     }
     if (!auth.empty())
-      return bad(uri, fmt::format("a UNIX socket URI has no host ('{}'); write {}:///EXPORT?socket=PATH",
-                                  auth, scheme));
+      return bad(uri,
+                 fmt::format("a UNIX socket URI has no host ('{}'); write {}:///EXPORT?socket=PATH",
+                             auth, scheme));
     if (o.path.empty()) return bad(uri, "missing ?socket=PATH");
   }
-  bool tls_params = !o.tls_cert_dir.empty() || !o.tls_psk_file.empty() || verify_given ||
-                    !o.tls_username.empty();
+  bool tls_params =
+      !o.tls_cert_dir.empty() || !o.tls_psk_file.empty() || verify_given || !o.tls_username.empty();
   if (!sc->tls) {
     if (tls_params)
       return bad(uri, fmt::format("TLS parameters need a TLS scheme ({}s{})", scheme.substr(0, 3),
@@ -222,8 +228,9 @@ std::string NbdConnectOptions::display() const {
 
 std::string NbdConnectOptions::tls_caveat() const {
   if (tls == NbdTls::kX509 && verify_peer && transport == NbdTransport::kUnix)
-    return display() + ": the server certificate is not verified over a UNIX socket (libnbd "
-                       "checks it only against a TCP host name); traffic is still encrypted";
+    return display() +
+           ": the server certificate is not verified over a UNIX socket (libnbd "
+           "checks it only against a TCP host name); traffic is still encrypted";
   return {};
 }
 
@@ -236,8 +243,10 @@ Result<void> NbdConnectOptions::validate() const {
   if (tls == NbdTls::kPsk && tls_psk_file.empty())
     return make_plain_error(EINVAL, where + ": TLS PSK needs a key file");
   if (export_name.size() > 4096)
-    return make_plain_error(EINVAL, where.substr(0, 64) + "...: export name longer than 4096 bytes");
-  if (max_connections == 0) return make_plain_error(EINVAL, where + ": max_connections must be >= 1");
+    return make_plain_error(EINVAL,
+                            where.substr(0, 64) + "...: export name longer than 4096 bytes");
+  if (max_connections == 0)
+    return make_plain_error(EINVAL, where + ": max_connections must be >= 1");
   return {};
 }
 

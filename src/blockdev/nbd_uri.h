@@ -30,17 +30,17 @@ enum class NbdTls { kOff, kX509, kPsk };
 
 struct NbdConnectOptions {
   NbdTransport transport = NbdTransport::kUnix;
-  std::string path;            // UNIX socket path (kUnix)
-  std::string host;            // host name or address, IPv6 without brackets (kTcp)
-  uint16_t port = 10809;       // (kTcp)
-  std::string export_name;     // "" = the server's default export
+  std::string path;         // UNIX socket path (kUnix)
+  std::string host;         // host name or address, IPv6 without brackets (kTcp)
+  uint16_t port = 10809;    // (kTcp)
+  std::string export_name;  // "" = the server's default export
   NbdTls tls = NbdTls::kOff;
-  std::string tls_cert_dir;    // kX509: directory of PEM files; "" = libnbd's default
-                               // locations, then the system trust store
-  std::string tls_psk_file;    // kPsk: required
-  std::string tls_username;    // kPsk: "" = libnbd's default (the login name)
-  bool verify_peer = true;     // kX509: check the server's certificate chain (and, over
-                               // TCP, that it names `host`)
+  std::string tls_cert_dir;      // kX509: directory of PEM files; "" = libnbd's default
+                                 // locations, then the system trust store
+  std::string tls_psk_file;      // kPsk: required
+  std::string tls_username;      // kPsk: "" = libnbd's default (the login name)
+  bool verify_peer = true;       // kX509: check the server's certificate against the CA
+                                 // and `host` (TCP only with libnbd 1.14: tls_caveat())
   unsigned max_connections = 4;  // used only when the server advertises multi-conn
 
   // A URI naming the export, without secrets, for messages and describe().

@@ -1,6 +1,10 @@
 // NbdDevice against a real server (nbdkit's memory plugin, spawned here): every
 // operation, splitting and alignment to the server's block sizes (blocksize
 // filter), and a connection that dies and comes back.
+#include "blockdev/nbd_device.h"
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/stat.h>
@@ -13,10 +17,6 @@
 #include <thread>
 #include <vector>
 
-#include <fmt/format.h>
-#include <gtest/gtest.h>
-
-#include "blockdev/nbd_device.h"
 #include "io/loop.h"
 
 extern char** environ;
@@ -28,7 +28,8 @@ namespace {
 class Nbdkit {
  public:
   explicit Nbdkit(std::vector<std::string> args, const char* tag)
-      : sock_(fmt::format("/tmp/blkmirror-nbdkit-{}-{}.sock", tag, ::getpid())), args_(std::move(args)) {
+      : sock_(fmt::format("/tmp/blkmirror-nbdkit-{}-{}.sock", tag, ::getpid())),
+        args_(std::move(args)) {
     start();
   }
   ~Nbdkit() { stop(); }
@@ -134,9 +135,10 @@ TEST(NbdDevice, SplitsAndAlignsToServerBlockSizes) {
   // The server advertises a 4 KiB minimum and 64 KiB maximum and fails any
   // request that breaks them: a 1 MiB write must be split into 16 commands and
   // an unaligned one done as a read-modify-write.
-  Nbdkit srv({"--filter=blocksize-policy", "memory", "8M", "blocksize-minimum=4096",
-              "blocksize-preferred=4096", "blocksize-maximum=65536", "blocksize-error-policy=error"},
-             "bs");
+  Nbdkit srv(
+      {"--filter=blocksize-policy", "memory", "8M", "blocksize-minimum=4096",
+       "blocksize-preferred=4096", "blocksize-maximum=65536", "blocksize-error-policy=error"},
+      "bs");
   ASSERT_TRUE(srv.available());
   Loop loop(2);
   loop.run([&]() -> Task<void> {
@@ -180,7 +182,8 @@ TEST(NbdDevice, DeadServerFailsWithEioThenReconnects) {
     EXPECT_FALSE(r1);
     if (!r1) {
       EXPECT_EQ(r1.error().errnum(), EIO) << r1.error().message();
-      EXPECT_NE(r1.error().message().find(dev.describe()), std::string::npos) << r1.error().message();
+      EXPECT_NE(r1.error().message().find(dev.describe()), std::string::npos)
+          << r1.error().message();
     }
     auto r2 = co_await dev.write(0, data, {});
     EXPECT_FALSE(r2);
@@ -214,7 +217,9 @@ TEST(NbdDevice, ConnectErrorIsOneLineNamingTheExport) {
   auto d = loop.run(open_nbd(loop, o));
   ASSERT_FALSE(d);
   std::string m = d.error().message();
-  EXPECT_NE(m.find("nbd+unix:///?socket=/nonexistent/blkmirror.sock: cannot connect"), std::string::npos) << m;
+  EXPECT_NE(m.find("nbd+unix:///?socket=/nonexistent/blkmirror.sock: cannot connect"),
+            std::string::npos)
+      << m;
   EXPECT_EQ(m.find('\n'), std::string::npos) << m;
 }
 

@@ -1,7 +1,7 @@
 // The NBD URI parser: every accepted form, and one clear line for each bad one.
-#include <gtest/gtest.h>
-
 #include "blockdev/nbd_uri.h"
+
+#include <gtest/gtest.h>
 
 namespace blkmirror {
 namespace {
