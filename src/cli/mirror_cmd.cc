@@ -1,4 +1,4 @@
-// `blkmirror mirror SRC DST`: mirror one file or block device to another.
+// `blkmirror mirror SRC DST`: mirror one file, block device or NBD export to another.
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -12,6 +12,7 @@
 #include "base/size_parse.h"
 #include "blockdev/file_device.h"
 #include "cli/commands.h"
+#include "cli/device_spec.h"
 #include "cli/drive.h"
 #include "cli/exit_codes.h"
 #include "cli/fault_env.h"
@@ -52,27 +53,33 @@ int run_mirror(const MirrorArgs& a) {
   Graph graph;  // devices use the loop's services: destroyed before the loop
   // Served, the source takes the clients' writes; otherwise it is only read.
   bool serving = a.serve.enabled();
-  auto src = FileDevice::open(loop, a.src, FileOptions{.read_only = !serving, .direct = a.opts.direct});
+  auto src = open_device_spec(loop, a.src, FileOptions{.read_only = !serving, .direct = a.opts.direct});
   if (!src) return fail_input(src.error().message());
+  uint64_t size = src->dev->length();
   if (a.create) {
-    if (auto r = FileDevice::create(a.dst, (*src)->length()); !r)
+    if (is_nbd_spec(a.dst))
+      return fail_input(a.dst + ": --create makes files; an NBD export is created by its server "
+                                "(drop --create)");
+    if (auto r = FileDevice::create(a.dst, size); !r)
       return fail_input(r.error().message() + (r.error().errnum() == EEXIST
                                                    ? " (drop --create to mirror into it)"
                                                    : ""));
     created = true;
   }
-  auto dst = FileDevice::open(loop, a.dst, FileOptions{.read_only = false, .direct = a.opts.direct});
+  auto dst = open_device_spec(loop, a.dst, FileOptions{.read_only = false, .direct = a.opts.direct});
   if (!dst) return fail_input(dst.error().message());
-  if (a.create) (*dst)->set_zero_init(true);
-  if ((*src)->identity() == (*dst)->identity())
-    return fail_input(fmt::format("{} and {} are the same file", a.src, a.dst));
-  if ((*src)->length() != (*dst)->length())
+  if (a.create) dst->file->set_zero_init(true);
+  bool same = src->file && dst->file ? src->file->identity() == dst->file->identity()
+                                     : src->dev->describe() == dst->dev->describe();
+  if (same) return fail_input(fmt::format("{} and {} are the same {}", a.src, a.dst,
+                                          src->file ? "file" : "export"));
+  if (size != dst->dev->length())
     return fail_input(fmt::format("{}: size {} differs from {}'s size {} (Source and target "
                                   "image have different sizes)",
-                                  a.dst, (*dst)->length(), a.src, (*src)->length()));
+                                  a.dst, dst->dev->length(), a.src, size));
 
-  auto src_dev = apply_fault_env(*src, "src");
-  auto dst_dev = apply_fault_env(*dst, "dst");
+  auto src_dev = apply_fault_env(src->dev, "src");
+  auto dst_dev = apply_fault_env(dst->dev, "dst");
   if (!src_dev || !dst_dev)
     return fail_input((!src_dev ? src_dev.error() : dst_dev.error()).message());
   (void)graph.add("src", *src_dev);
@@ -80,7 +87,7 @@ int run_mirror(const MirrorArgs& a) {
   params->device = "src";
   params->target = "dst";
   params->job_id = "mirror";
-  if (serving && a.opts.granularity.empty() && (*src)->length() <= kFineTrackingMaxDisk) {
+  if (serving && a.opts.granularity.empty() && size <= kFineTrackingMaxDisk) {
     // Live clients write in small blocks; 64 KiB tracking would re-copy 64 KiB
     // for every 4 KiB write. 4 KiB tracking copies what was written, at one bit
     // per 4 KiB (8 MiB of bitmap at the 256 GiB limit). Runs are still coalesced
@@ -97,7 +104,7 @@ int run_mirror(const MirrorArgs& a) {
   Progress progress(a.opts.progress_style());
   progress.set_json_interval(a.opts.progress_interval);
   progress.note(fmt::format("mirroring {} -> {} ({}, granularity {}, buffer {}, copy mode {})",
-                            a.src, a.dst, format_size((*src)->length()),
+                            a.src, a.dst, format_size(size),
                             format_size((*job)->granularity()), format_size((*job)->buf_size()),
                             to_string((*job)->copy_mode())));
   if (serving)
@@ -136,8 +143,8 @@ int run_mirror(const MirrorArgs& a) {
 CommandRunner add_mirror_command(CLI::App& app) {
   auto args = std::make_shared<MirrorArgs>();
   auto* cmd = app.add_subcommand("mirror", "Mirror SRC to DST while SRC stays usable");
-  cmd->add_option("SRC", args->src, "source file or block device")->required();
-  cmd->add_option("DST", args->dst, "target file or block device (same size)")->required();
+  cmd->add_option("SRC", args->src, "source: file, block device or NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds...)")->required();
+  cmd->add_option("DST", args->dst, "target: file, block device or NBD URI (same size)")->required();
   cmd->add_flag("--create", args->create, "create DST as a sparse file of SRC's size");
   args->opts.add_to(*cmd);
   args->serve.add_to(*cmd, false);
