@@ -2,6 +2,7 @@
 // query-named-block-nodes.
 #include <sys/stat.h>
 
+#include <charconv>
 #include <filesystem>
 
 // GCC 12 warns falsely about Asio coroutine frames in the recursive
@@ -12,6 +13,7 @@
 
 #include "blockdev/fault_device.h"
 #include "blockdev/file_device.h"
+#include "blockdev/nbd_device.h"
 #include "blockdev/null_device.h"
 #include "blockdev/raw_device.h"
 #include "qmp/create_job.h"
@@ -54,6 +56,15 @@ const Schema kInjectError = {{"event", Type::kString},
                              {"sector", Type::kInt},
                              {"once", Type::kBool},
                              {"immediately", Type::kBool}};
+const Schema kNbdServer = {{"type", Type::kEnum, true, {"unix", "inet"}},
+                           {"path", Type::kString},
+                           {"host", Type::kString},
+                           {"port", Type::kString},
+                           {"abstract", Type::kBool},
+                           {"numeric", Type::kBool}};
+const Schema kNbd = with(common_members(), {{"server", Type::kObject, true, {}, &kNbdServer},
+                                            {"export", Type::kString},
+                                            {"tls-creds", Type::kString}});
 const Schema kNull = with(common_members(), {{"size", Type::kInt, true}, {"read-zeroes", Type::kBool}});
 
 const Schema kCreateFile = {{"driver", Type::kString, true},
@@ -130,6 +141,7 @@ Task<QResult<Json>> Daemon::cmd_blockdev_add(Json& args) {
                          : driver == "raw"      ? &kRaw
                          : driver == "null-co"  ? &kNull
                          : driver == "blkdebug" ? &kBlkdebug
+                         : driver == "nbd"      ? &kNbd
                                                 : nullptr;
   if (!schema) co_return generic_error(bad_value("driver", driver));
   if (auto r = check(args, *schema, "", coerce_); !r) co_return tl::unexpected(r.error());
@@ -152,6 +164,12 @@ Task<QResult<Json>> Daemon::cmd_blockdev_add(Json& args) {
                                           f.error().plain ? f.error().message() : f.error().reason()));
     }
     dev = *f;
+  } else if (driver == "nbd") {
+    auto d = co_await open_nbd_node(args);
+    if (!d) co_return tl::unexpected(d.error());
+    dev = *d;
+    rec.filename = dev->describe();
+    rec.tls_creds = args.value("tls-creds", "");
   } else if (driver == "null-co") {
     int64_t size = args["size"].get<int64_t>();
     if (size < 0) co_return generic_error("Parameter 'size' expects a non-negative value");
@@ -199,6 +217,57 @@ Task<QResult<Json>> Daemon::cmd_blockdev_add(Json& args) {
   if (auto r = graph_.add(name, dev); !r) co_return generic_error(r.error().message());
   nodes_.emplace(name, std::move(rec));
   co_return Json::object();
+}
+
+// blockdev-add driver nbd: server {type: unix, path} | {type: inet, host, port},
+// export, tls-creds naming a tls-creds-x509/-psk object with a client endpoint.
+Task<QResult<BlockDevicePtr>> Daemon::open_nbd_node(Json& args) {
+  Json& srv = args["server"];
+  NbdConnectOptions o;
+  if (srv["type"] == "unix") {
+    if (!srv.contains("path")) co_return generic_error("Parameter 'server.path' is missing");
+    if (srv.value("abstract", false)) co_return generic_error("Abstract UNIX sockets are not supported");
+    o.transport = NbdTransport::kUnix;
+    o.path = srv["path"].get<std::string>();
+  } else {
+    if (!srv.contains("host")) co_return generic_error("Parameter 'server.host' is missing");
+    if (!srv.contains("port")) co_return generic_error("Parameter 'server.port' is missing");
+    o.transport = NbdTransport::kTcp;
+    o.host = srv["host"].get<std::string>();
+    std::string port = srv["port"].get<std::string>();
+    unsigned n = 0;
+    auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), n);
+    if (ec != std::errc() || p != port.data() + port.size() || n == 0 || n > 65535)
+      co_return generic_error(fmt::format("Parameter 'server.port' does not accept value '{}'", port));
+    o.port = static_cast<uint16_t>(n);
+  }
+  for (const char* k : {"path", "host", "port"}) {
+    bool wanted = o.transport == NbdTransport::kUnix ? std::string_view(k) == "path" : std::string_view(k) != "path";
+    if (srv.contains(k) && !wanted) co_return generic_error(fmt::format("Parameter 'server.{}' is unexpected", k));
+  }
+  o.export_name = args.value("export", "");
+  if (args.contains("tls-creds")) {
+    std::string id = args["tls-creds"].get<std::string>();
+    auto it = objects_.find(id);
+    if (it == objects_.end()) co_return generic_error(fmt::format("No TLS credentials with id '{}'", id));
+    const TlsObject& t = it->second;
+    if (t.endpoint != "client") co_return generic_error("Expecting TLS credentials with a client endpoint");
+    if (t.type == "tls-creds-x509") {
+      o.tls = NbdTls::kX509;
+      o.tls_cert_dir = t.dir;
+      o.verify_peer = t.verify_peer;
+    } else {
+      o.tls = NbdTls::kPsk;
+      o.tls_psk_file = t.dir + "/keys.psk";  // QEMU's layout of a PSK directory
+      o.tls_username = t.username;
+    }
+  }
+  if (auto v = o.validate(); !v) co_return generic_error(v.error().message());
+  auto dev = co_await open_nbd(loop_, o);
+  if (!dev) co_return generic_error(dev.error().message());
+  if (args.value("read-only", false) == false && (*dev)->caps().read_only)
+    co_return generic_error(fmt::format("{}: the export is read-only; add it with read-only=true", o.display()));
+  co_return *dev;
 }
 
 Task<QResult<Json>> Daemon::cmd_blockdev_del(Json& args) {

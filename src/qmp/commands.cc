@@ -57,6 +57,8 @@ const std::map<std::string, Daemon::Command>& Daemon::commands() {
       {"quit", {&kNone, &Daemon::cmd_quit}},
       {"blockdev-add", {nullptr, &Daemon::cmd_blockdev_add}},
       {"blockdev-del", {&kBlockdevDel, &Daemon::cmd_blockdev_del}},
+      {"object-add", {nullptr, &Daemon::cmd_object_add}},
+      {"object-del", {&kId, &Daemon::cmd_object_del}},
       {"blockdev-create", {nullptr, &Daemon::cmd_blockdev_create}},
       {"query-named-block-nodes", {&kQueryNodes, &Daemon::cmd_query_named_block_nodes}},
       {"blockdev-mirror", {&kMirror, &Daemon::cmd_blockdev_mirror}},

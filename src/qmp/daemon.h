@@ -74,6 +74,15 @@ class Daemon {
     bool read_only = false;
     bool direct = false;
     std::unique_ptr<Child> file_edge;  // raw: the edge to its file node
+    std::string tls_creds;             // nbd: the TLS object it uses
+  };
+  // A tls-creds-x509 / tls-creds-psk object made by object-add.
+  struct TlsObject {
+    std::string type;  // "tls-creds-x509" | "tls-creds-psk"
+    std::string dir;
+    std::string endpoint = "client";
+    bool verify_peer = true;
+    std::string username;
   };
   struct ExportRecord {
     std::string id, node, name;
@@ -96,6 +105,10 @@ class Daemon {
   Task<QResult<Json>> cmd_blockdev_create(Json& args);
   Task<QResult<Json>> cmd_query_named_block_nodes(Json& args);
   QResult<std::string> checked_path(const std::string& path) const;
+  Task<QResult<BlockDevicePtr>> open_nbd_node(Json& args);
+  // cmd_objects.cc
+  Task<QResult<Json>> cmd_object_add(Json& args);
+  Task<QResult<Json>> cmd_object_del(Json& args);
   // cmd_jobs.cc
   Task<QResult<Json>> cmd_blockdev_mirror(Json& args);
   Task<QResult<Json>> cmd_query_block_jobs(Json& args);
@@ -121,6 +134,7 @@ class Daemon {
   Loop& loop_;
   DaemonOptions opts_;
   Graph graph_;
+  std::map<std::string, TlsObject> objects_;
   std::map<std::string, NodeRecord> nodes_;
   std::map<std::string, std::shared_ptr<Job>> jobs_;
   std::unique_ptr<nbd::NbdServer> nbd_;

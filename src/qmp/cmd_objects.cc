@@ -1,0 +1,70 @@
+// object-add / object-del for the objects blkmirror uses: TLS credentials
+// (tls-creds-x509 and tls-creds-psk, QEMU's flat form since 6.0), which
+// blockdev-add driver nbd names in tls-creds.
+#include <sys/stat.h>
+
+#include <fmt/format.h>
+
+#include "qmp/daemon.h"
+
+namespace blkmirror::qmp {
+
+namespace {
+
+const Schema kX509 = {{"qom-type", Type::kString, true},
+                      {"id", Type::kString, true},
+                      {"dir", Type::kString},
+                      {"endpoint", Type::kEnum, false, {"client", "server"}},
+                      {"verify-peer", Type::kBool},
+                      {"priority", Type::kString}};
+const Schema kPsk = {{"qom-type", Type::kString, true},
+                     {"id", Type::kString, true},
+                     {"dir", Type::kString},
+                     {"endpoint", Type::kEnum, false, {"client", "server"}},
+                     {"verify-peer", Type::kBool},
+                     {"username", Type::kString},
+                     {"priority", Type::kString}};
+
+}  // namespace
+
+Task<QResult<Json>> Daemon::cmd_object_add(Json& a) {
+  auto t = a.find("qom-type");
+  if (t == a.end()) co_return generic_error("Parameter 'qom-type' is missing");
+  if (!t->is_string()) co_return generic_error("Invalid parameter type for 'qom-type', expected: string");
+  std::string type = t->get<std::string>();
+  if (type != "tls-creds-x509" && type != "tls-creds-psk")
+    co_return generic_error(bad_value("qom-type", type));
+  if (auto r = check(a, type == "tls-creds-x509" ? kX509 : kPsk, "", coerce_); !r) co_return tl::unexpected(r.error());
+  std::string id = a["id"].get<std::string>();
+  if (!id_wellformed(id)) co_return generic_error(fmt::format("Invalid object ID '{}'", id));
+  if (objects_.count(id)) co_return generic_error(fmt::format("attempt to add duplicate property '{}' to object (type 'container')", id));
+  TlsObject o;
+  o.type = type;
+  o.dir = a.value("dir", "");
+  o.endpoint = a.value("endpoint", "client");
+  o.verify_peer = a.value("verify-peer", true);
+  o.username = a.value("username", "");
+  if (!o.dir.empty()) {
+    auto p = checked_path(o.dir);
+    if (!p) co_return tl::unexpected(p.error());
+    struct stat st {};
+    if (::stat(p->c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+      co_return generic_error(fmt::format("Unable to access credentials directory '{}'", o.dir));
+    o.dir = *p;
+  } else if (type == "tls-creds-psk") {
+    co_return generic_error("Parameter 'dir' is missing (the directory holding keys.psk)");
+  }
+  objects_.emplace(id, std::move(o));
+  co_return Json::object();
+}
+
+Task<QResult<Json>> Daemon::cmd_object_del(Json& a) {
+  std::string id = a["id"].get<std::string>();
+  if (!objects_.count(id)) co_return generic_error(fmt::format("object '{}' not found", id));
+  for (auto& [name, rec] : nodes_)
+    if (rec.tls_creds == id) co_return generic_error(fmt::format("object '{}' is in use, can not be deleted", id));
+  objects_.erase(id);
+  co_return Json::object();
+}
+
+}  // namespace blkmirror::qmp
