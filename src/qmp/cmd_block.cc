@@ -10,6 +10,7 @@
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include "blockdev/fault_device.h"
 #include "blockdev/file_device.h"
@@ -263,6 +264,7 @@ Task<QResult<BlockDevicePtr>> Daemon::open_nbd_node(Json& args) {
     }
   }
   if (auto v = o.validate(); !v) co_return generic_error(v.error().message());
+  if (auto caveat = o.tls_caveat(); !caveat.empty()) spdlog::warn("{}", caveat);
   auto dev = co_await open_nbd(loop_, o);
   if (!dev) co_return generic_error(dev.error().message());
   if (args.value("read-only", false) == false && (*dev)->caps().read_only)
