@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "io/unix_listen.h"
 #include "qmp/wire.h"
 
 namespace blkmirror::qmp {
@@ -174,26 +175,12 @@ QmpServer::~QmpServer() {
 }
 
 Result<void> QmpServer::listen_unix(const std::string& path) {
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) == 0) {
-    if (!S_ISSOCK(st.st_mode))
-      return make_plain_error(EEXIST, fmt::format("{}: exists and is not a socket", path));
-    ::unlink(path.c_str());  // a stale socket from an earlier run
-  }
-  auto a = std::make_shared<asio::local::stream_protocol::acceptor>(loop_.ctx());
-  std::error_code ec;
-  a->open(asio::local::stream_protocol(), ec);
-  // QMP has no authentication: only the owner may connect. The umask makes the
-  // socket 0600 from the moment it exists.
-  mode_t old = ::umask(077);
-  if (!ec) a->bind(asio::local::stream_protocol::endpoint(path), ec);
-  ::umask(old);
-  if (!ec && ::chmod(path.c_str(), 0600) < 0) ec = std::error_code(errno, std::generic_category());
-  if (!ec) a->listen(asio::socket_base::max_listen_connections, ec);
-  if (ec) return make_plain_error(ec.value(), fmt::format("cannot listen on {}: {}", path, ec.message()));
+  // QMP has no authentication: only the owner may connect.
+  auto a = listen_unix_socket(loop_.ctx(), path, 0600);
+  if (!a) return make_error(a.error());
   socket_paths_.push_back(path);
-  unix_acceptors_.push_back(a);
-  asio::co_spawn(loop_.executor(), accept_loop(a, AF_UNIX), asio::detached);
+  unix_acceptors_.push_back(*a);
+  asio::co_spawn(loop_.executor(), accept_loop(*a, AF_UNIX), asio::detached);
   return {};
 }
 

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "io/unix_listen.h"
 #include "nbd/server/connection.h"
 
 namespace blkmirror::nbd {
@@ -70,21 +71,11 @@ Task<Result<void>> NbdServer::remove_export(const std::string& name) {
 }
 
 Result<void> NbdServer::listen_unix(const std::string& path) {
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) == 0) {
-    if (!S_ISSOCK(st.st_mode))
-      return make_plain_error(EEXIST, fmt::format("{}: exists and is not a socket", path));
-    ::unlink(path.c_str());  // a stale socket from an earlier run
-  }
-  auto a = std::make_shared<asio::local::stream_protocol::acceptor>(loop_.ctx());
-  std::error_code ec;
-  a->open(asio::local::stream_protocol(), ec);
-  if (!ec) a->bind(asio::local::stream_protocol::endpoint(path), ec);
-  if (!ec) a->listen(asio::socket_base::max_listen_connections, ec);
-  if (ec) return make_error(ec.value(), fmt::format("listen on {}", path));
+  auto a = listen_unix_socket(loop_.ctx(), path);
+  if (!a) return make_error(a.error());
   socket_paths_.push_back(path);
-  unix_acceptors_.push_back(a);
-  asio::co_spawn(loop_.executor(), accept_unix(a), asio::detached);
+  unix_acceptors_.push_back(*a);
+  asio::co_spawn(loop_.executor(), accept_unix(*a), asio::detached);
   return {};
 }
 

@@ -62,7 +62,8 @@ class NbdServer {
   size_t clients_of(const std::string& name) const;
   const std::map<std::string, std::unique_ptr<Export>>& exports() const { return exports_; }
 
-  // Starts listening; the socket file is created with mode 0600 replaced if stale.
+  // Starts listening; a stale socket file is replaced. Its mode follows the umask,
+  // so clients running as other users (a VM's qemu) can be let in.
   Result<void> listen_unix(const std::string& path);
   // host "" means loopback. Port 0 picks a free port (see tcp_port()).
   Result<void> listen_tcp(const std::string& host, uint16_t port);
