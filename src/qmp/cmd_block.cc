@@ -133,7 +133,7 @@ QResult<std::string> Daemon::checked_path(const std::string& path) const {
   return full.string();
 }
 
-Task<QResult<Json>> Daemon::cmd_blockdev_add(Json& args) {
+Task<QResult<Json>> Daemon::cmd_blockdev_add(Json& args, const Call& call) {
   auto drv = args.find("driver");
   if (drv == args.end()) co_return generic_error("Parameter 'driver' is missing");
   if (!drv->is_string()) co_return generic_error("Invalid parameter type for 'driver', expected: string");
@@ -145,7 +145,7 @@ Task<QResult<Json>> Daemon::cmd_blockdev_add(Json& args) {
                          : driver == "nbd"      ? &kNbd
                                                 : nullptr;
   if (!schema) co_return generic_error(bad_value("driver", driver));
-  if (auto r = check(args, *schema, "", coerce_); !r) co_return tl::unexpected(r.error());
+  if (auto r = check(args, *schema, "", call.coerce); !r) co_return tl::unexpected(r.error());
 
   const std::string name = args["node-name"].get<std::string>();
   if (!id_wellformed(name)) co_return generic_error(fmt::format("Invalid node-name: '{}'", name));
@@ -179,7 +179,7 @@ Task<QResult<Json>> Daemon::cmd_blockdev_add(Json& args) {
   } else {  // raw and blkdebug: a format over another node
     std::vector<FaultRule> rules;
     if (driver == "blkdebug") {
-      auto r = inject_rules(args["inject-error"], coerce_);
+      auto r = inject_rules(args["inject-error"], call.coerce);
       if (!r) co_return tl::unexpected(r.error());
       rules = std::move(*r);
     }
@@ -194,7 +194,7 @@ Task<QResult<Json>> Daemon::cmd_blockdev_add(Json& args) {
         for (int i = 0; graph_.find(gen = fmt::format("{}-file{}", name, i == 0 ? "" : std::to_string(i))); ++i) {}
         file["node-name"] = gen;
       }
-      auto r = co_await cmd_blockdev_add(file);
+      auto r = co_await cmd_blockdev_add(file, call);
       if (!r) {
         QmpError e = r.error();
         co_return tl::unexpected(e);
@@ -272,7 +272,7 @@ Task<QResult<BlockDevicePtr>> Daemon::open_nbd_node(Json& args) {
   co_return *dev;
 }
 
-Task<QResult<Json>> Daemon::cmd_blockdev_del(Json& args) {
+Task<QResult<Json>> Daemon::cmd_blockdev_del(Json& args, const Call& call) {
   const std::string name = args["node-name"].get<std::string>();
   Node* n = graph_.find(name);
   if (!n) co_return generic_error(fmt::format("Failed to find node with node-name='{}'", name));
@@ -287,14 +287,14 @@ Task<QResult<Json>> Daemon::cmd_blockdev_del(Json& args) {
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_blockdev_create(Json& args) {
-  if (auto r = check(args, kCreate, "", coerce_); !r) co_return tl::unexpected(r.error());
+Task<QResult<Json>> Daemon::cmd_blockdev_create(Json& args, const Call& call) {
+  if (auto r = check(args, kCreate, "", call.coerce); !r) co_return tl::unexpected(r.error());
   Json& o = args["options"];
   auto drv = o.find("driver");
   if (drv == o.end()) co_return generic_error("Parameter 'options.driver' is missing");
   if (!drv->is_string() || *drv != "file")
     co_return generic_error(bad_value("options.driver", drv->is_string() ? drv->get<std::string>() : drv->dump()));
-  if (auto r = check(o, kCreateFile, "options.", coerce_); !r) co_return tl::unexpected(r.error());
+  if (auto r = check(o, kCreateFile, "options.", call.coerce); !r) co_return tl::unexpected(r.error());
   std::string id = args["job-id"].get<std::string>();
   if (!id_wellformed(id)) co_return generic_error(fmt::format("Invalid job ID '{}'", id));
   if (jobs_.count(id)) co_return generic_error(fmt::format("Job ID '{}' already in use", id));
@@ -307,7 +307,7 @@ Task<QResult<Json>> Daemon::cmd_blockdev_create(Json& args) {
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_query_named_block_nodes(Json&) {
+Task<QResult<Json>> Daemon::cmd_query_named_block_nodes(Json&, const Call&) {
   Json list = Json::array();
   for (Node* n : graph_.nodes()) {
     auto it = nodes_.find(n->name());

@@ -72,7 +72,7 @@ void Daemon::on_job_event(const JobEvent& e) {
   }
 }
 
-Task<QResult<Json>> Daemon::cmd_blockdev_mirror(Json& a) {
+Task<QResult<Json>> Daemon::cmd_blockdev_mirror(Json& a, const Call& call) {
   MirrorParams p;
   p.device = a["device"].get<std::string>();
   p.target = a["target"].get<std::string>();
@@ -120,7 +120,7 @@ Task<QResult<Json>> Daemon::cmd_blockdev_mirror(Json& a) {
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_query_block_jobs(Json&) {
+Task<QResult<Json>> Daemon::cmd_query_block_jobs(Json&, const Call&) {
   Json list = Json::array();
   for (auto& [id, job] : jobs_) {
     if (!is_block_job(*job)) continue;
@@ -138,7 +138,7 @@ Task<QResult<Json>> Daemon::cmd_query_block_jobs(Json&) {
   co_return list;
 }
 
-Task<QResult<Json>> Daemon::cmd_query_jobs(Json&) {
+Task<QResult<Json>> Daemon::cmd_query_jobs(Json&, const Call&) {
   Json list = Json::array();
   for (auto& [id, job] : jobs_) {
     JobInfo i = job->info();
@@ -154,12 +154,12 @@ Task<QResult<Json>> Daemon::cmd_query_jobs(Json&) {
 }
 
 // block-job-{pause,resume,complete,finalize,dismiss}: the job by device (or id).
-Task<QResult<Json>> Daemon::cmd_block_job_verb(Json& a) {
+Task<QResult<Json>> Daemon::cmd_block_job_verb(Json& a, const Call& call) {
   std::string id = a.contains("device") ? a["device"].get<std::string>() : a["id"].get<std::string>();
   auto it = jobs_.find(id);
   if (it == jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
   Job& job = *it->second;
-  const std::string verb = current_command_.substr(sizeof("block-job-") - 1);
+  const std::string verb = call.name.substr(sizeof("block-job-") - 1);
   Result<void> r = verb == "pause"      ? job.pause()
                    : verb == "resume"   ? job.resume()
                    : verb == "complete" ? job.complete()
@@ -171,12 +171,12 @@ Task<QResult<Json>> Daemon::cmd_block_job_verb(Json& a) {
 
 // job-{pause,resume,cancel,complete,finalize,dismiss}: any job, by id. As in
 // QEMU, job-cancel is a forced cancel.
-Task<QResult<Json>> Daemon::cmd_job_verb(Json& a) {
+Task<QResult<Json>> Daemon::cmd_job_verb(Json& a, const Call& call) {
   std::string id = a["id"].get<std::string>();
   auto it = jobs_.find(id);
   if (it == jobs_.end()) co_return generic_error("Job not found");
   Job& job = *it->second;
-  const std::string verb = current_command_.substr(sizeof("job-") - 1);
+  const std::string verb = call.name.substr(sizeof("job-") - 1);
   Result<void> r = verb == "pause"      ? job.pause()
                    : verb == "resume"   ? job.resume()
                    : verb == "cancel"   ? job.cancel(true)
@@ -187,7 +187,7 @@ Task<QResult<Json>> Daemon::cmd_job_verb(Json& a) {
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_block_job_set_speed(Json& a) {
+Task<QResult<Json>> Daemon::cmd_block_job_set_speed(Json& a, const Call& call) {
   std::string id = a["device"].get<std::string>();
   auto it = jobs_.find(id);
   if (it == jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
@@ -195,7 +195,7 @@ Task<QResult<Json>> Daemon::cmd_block_job_set_speed(Json& a) {
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_block_job_cancel(Json& a) {
+Task<QResult<Json>> Daemon::cmd_block_job_cancel(Json& a, const Call& call) {
   std::string id = a["device"].get<std::string>();
   bool force = a.value("force", false);
   auto it = jobs_.find(id);
@@ -211,7 +211,7 @@ Task<QResult<Json>> Daemon::cmd_block_job_cancel(Json& a) {
 
 // block-job-change {id, type: mirror, copy-mode}: QEMU 8.2's command; the only
 // change a mirror accepts is to write-blocking.
-Task<QResult<Json>> Daemon::cmd_block_job_change(Json& a) {
+Task<QResult<Json>> Daemon::cmd_block_job_change(Json& a, const Call& call) {
   std::string id = a["id"].get<std::string>();
   auto it = jobs_.find(id);
   if (it == jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);

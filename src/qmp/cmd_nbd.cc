@@ -21,13 +21,13 @@ tl::unexpected<QmpError> not_running() { return generic_error("NBD server not ru
 
 }  // namespace
 
-Task<QResult<Json>> Daemon::cmd_nbd_server_start(Json& a) {
+Task<QResult<Json>> Daemon::cmd_nbd_server_start(Json& a, const Call& call) {
   if (a.contains("tls-creds"))
     co_return generic_error("TLS on blkmirror's NBD server is not supported yet (tls-creds)");
-  if (auto r = check(a, kStart, "", coerce_); !r) co_return tl::unexpected(r.error());
+  if (auto r = check(a, kStart, "", call.coerce); !r) co_return tl::unexpected(r.error());
   Json& addr = a["addr"];
   bool is_unix = addr["type"] == "unix";
-  if (auto r = check(addr["data"], is_unix ? kUnixData : kInetData, "addr.data.", coerce_); !r)
+  if (auto r = check(addr["data"], is_unix ? kUnixData : kInetData, "addr.data.", call.coerce); !r)
     co_return tl::unexpected(r.error());
   if (nbd_) co_return generic_error("NBD server already running");
   auto server = std::make_unique<nbd::NbdServer>(loop_, graph_);
@@ -51,7 +51,7 @@ Task<QResult<Json>> Daemon::cmd_nbd_server_start(Json& a) {
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_nbd_server_stop(Json&) {
+Task<QResult<Json>> Daemon::cmd_nbd_server_stop(Json&, const Call&) {
   if (!nbd_) co_return not_running();
   auto server = std::move(nbd_);
   co_await server->stop();
@@ -60,7 +60,7 @@ Task<QResult<Json>> Daemon::cmd_nbd_server_stop(Json&) {
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_block_export_add(Json& a) {
+Task<QResult<Json>> Daemon::cmd_block_export_add(Json& a, const Call& call) {
   std::string type = a["type"].get<std::string>();
   if (type != "nbd") co_return generic_error(fmt::format("Export type '{}' is not supported by blkmirror", type));
   if (a.value("writethrough", false))
@@ -80,7 +80,7 @@ Task<QResult<Json>> Daemon::cmd_block_export_add(Json& a) {
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_block_export_del(Json& a) {
+Task<QResult<Json>> Daemon::cmd_block_export_del(Json& a, const Call& call) {
   std::string id = a["id"].get<std::string>();
   auto it = exports_.find(id);
   if (it == exports_.end() || !nbd_) co_return generic_error(fmt::format("Export '{}' is not found", id));
@@ -94,7 +94,7 @@ Task<QResult<Json>> Daemon::cmd_block_export_del(Json& a) {
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_query_block_exports(Json&) {
+Task<QResult<Json>> Daemon::cmd_query_block_exports(Json&, const Call&) {
   Json list = Json::array();
   for (auto& [id, rec] : exports_) {
     // After a mirror's switch-over the export serves the target: say so.

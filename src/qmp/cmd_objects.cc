@@ -27,14 +27,14 @@ const Schema kPsk = {{"qom-type", Type::kString, true},
 
 }  // namespace
 
-Task<QResult<Json>> Daemon::cmd_object_add(Json& a) {
+Task<QResult<Json>> Daemon::cmd_object_add(Json& a, const Call& call) {
   auto t = a.find("qom-type");
   if (t == a.end()) co_return generic_error("Parameter 'qom-type' is missing");
   if (!t->is_string()) co_return generic_error("Invalid parameter type for 'qom-type', expected: string");
   std::string type = t->get<std::string>();
   if (type != "tls-creds-x509" && type != "tls-creds-psk")
     co_return generic_error(bad_value("qom-type", type));
-  if (auto r = check(a, type == "tls-creds-x509" ? kX509 : kPsk, "", coerce_); !r) co_return tl::unexpected(r.error());
+  if (auto r = check(a, type == "tls-creds-x509" ? kX509 : kPsk, "", call.coerce); !r) co_return tl::unexpected(r.error());
   std::string id = a["id"].get<std::string>();
   if (!id_wellformed(id)) co_return generic_error(fmt::format("Invalid object ID '{}'", id));
   if (objects_.count(id)) co_return generic_error(fmt::format("attempt to add duplicate property '{}' to object (type 'container')", id));
@@ -58,7 +58,7 @@ Task<QResult<Json>> Daemon::cmd_object_add(Json& a) {
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_object_del(Json& a) {
+Task<QResult<Json>> Daemon::cmd_object_del(Json& a, const Call& call) {
   std::string id = a["id"].get<std::string>();
   if (!objects_.count(id)) co_return generic_error(fmt::format("object '{}' not found", id));
   for (auto& [name, rec] : nodes_)

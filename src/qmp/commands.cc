@@ -107,25 +107,24 @@ Task<QResult<Json>> Daemon::execute(const std::string& name, Json args, bool fro
     co_return tl::unexpected<QmpError>(
         QmpError{"CommandNotFound", fmt::format("The command {} has not been found", name)});
   if (quitting_) co_return generic_error("The daemon is shutting down");
-  coerce_ = from_command_line;
+  Call call{name, from_command_line};
   if (it->second.schema) {
-    if (auto r = check(args, *it->second.schema, "", coerce_); !r) co_return tl::unexpected(r.error());
+    if (auto r = check(args, *it->second.schema, "", call.coerce); !r) co_return tl::unexpected(r.error());
   } else if (!args.is_object()) {
     args = Json::object();
   }
-  current_command_ = name;
-  co_return co_await (this->*(it->second.handler))(args);
+  co_return co_await (this->*(it->second.handler))(args, call);
 }
 
-Task<QResult<Json>> Daemon::cmd_query_version(Json&) { co_return version_json(); }
+Task<QResult<Json>> Daemon::cmd_query_version(Json&, const Call&) { co_return version_json(); }
 
-Task<QResult<Json>> Daemon::cmd_query_commands(Json&) {
+Task<QResult<Json>> Daemon::cmd_query_commands(Json&, const Call&) {
   Json list = Json::array();
   for (auto& n : command_names()) list.push_back({{"name", n}});
   co_return list;
 }
 
-Task<QResult<Json>> Daemon::cmd_quit(Json&) {
+Task<QResult<Json>> Daemon::cmd_quit(Json&, const Call&) {
   // The reply goes out first; the daemon's main task sees quitting() and shuts down.
   request_quit();
   co_return Json::object();

@@ -88,7 +88,14 @@ class Daemon {
     std::string id, node, name;
     bool writable = false;
   };
-  using Handler = Task<QResult<Json>> (Daemon::*)(Json& args);
+  // What a handler knows of the request besides its arguments. Passed by value
+  // down each call rather than kept in members: requests of several clients
+  // interleave at every co_await.
+  struct Call {
+    std::string name;  // the command ("block-job-pause")
+    bool coerce;       // from the command line: string values convert to the member's type
+  };
+  using Handler = Task<QResult<Json>> (Daemon::*)(Json& args, const Call& call);
   struct Command {
     const Schema* schema;  // nullptr: the handler checks (union types)
     Handler handler;
@@ -96,36 +103,36 @@ class Daemon {
   static const std::map<std::string, Command>& commands();
 
   // commands.cc
-  Task<QResult<Json>> cmd_query_version(Json& args);
-  Task<QResult<Json>> cmd_query_commands(Json& args);
-  Task<QResult<Json>> cmd_quit(Json& args);
+  Task<QResult<Json>> cmd_query_version(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_query_commands(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_quit(Json& args, const Call& call);
   // cmd_block.cc
-  Task<QResult<Json>> cmd_blockdev_add(Json& args);
-  Task<QResult<Json>> cmd_blockdev_del(Json& args);
-  Task<QResult<Json>> cmd_blockdev_create(Json& args);
-  Task<QResult<Json>> cmd_query_named_block_nodes(Json& args);
+  Task<QResult<Json>> cmd_blockdev_add(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_blockdev_del(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_blockdev_create(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_query_named_block_nodes(Json& args, const Call& call);
   QResult<std::string> checked_path(const std::string& path) const;
   Task<QResult<BlockDevicePtr>> open_nbd_node(Json& args);
   // cmd_objects.cc
-  Task<QResult<Json>> cmd_object_add(Json& args);
-  Task<QResult<Json>> cmd_object_del(Json& args);
+  Task<QResult<Json>> cmd_object_add(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_object_del(Json& args, const Call& call);
   // cmd_jobs.cc
-  Task<QResult<Json>> cmd_blockdev_mirror(Json& args);
-  Task<QResult<Json>> cmd_query_block_jobs(Json& args);
-  Task<QResult<Json>> cmd_query_jobs(Json& args);
-  Task<QResult<Json>> cmd_block_job_verb(Json& args);
-  Task<QResult<Json>> cmd_job_verb(Json& args);
-  Task<QResult<Json>> cmd_block_job_set_speed(Json& args);
-  Task<QResult<Json>> cmd_block_job_cancel(Json& args);
-  Task<QResult<Json>> cmd_block_job_change(Json& args);
+  Task<QResult<Json>> cmd_blockdev_mirror(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_query_block_jobs(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_query_jobs(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_block_job_verb(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_job_verb(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_block_job_set_speed(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_block_job_cancel(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_block_job_change(Json& args, const Call& call);
   void add_job(std::shared_ptr<Job> job);
   void on_job_event(const JobEvent& e);
   // cmd_nbd.cc
-  Task<QResult<Json>> cmd_nbd_server_start(Json& args);
-  Task<QResult<Json>> cmd_nbd_server_stop(Json& args);
-  Task<QResult<Json>> cmd_block_export_add(Json& args);
-  Task<QResult<Json>> cmd_block_export_del(Json& args);
-  Task<QResult<Json>> cmd_query_block_exports(Json& args);
+  Task<QResult<Json>> cmd_nbd_server_start(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_nbd_server_stop(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_block_export_add(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_block_export_del(Json& args, const Call& call);
+  Task<QResult<Json>> cmd_query_block_exports(Json& args, const Call& call);
 
   void emit(const std::string& name, const Json& data) {
     if (sink_) sink_(name, data);
@@ -139,9 +146,6 @@ class Daemon {
   std::map<std::string, std::shared_ptr<Job>> jobs_;
   std::unique_ptr<nbd::NbdServer> nbd_;
   std::map<std::string, ExportRecord> exports_;
-  // The verb handlers share one function; this tells it which verb it runs.
-  std::string current_command_;
-  bool coerce_ = false;  // the running command came from the command line
   EventSink sink_;
   bool quitting_ = false;
   Notifier quit_changed_;
