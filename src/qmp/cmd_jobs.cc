@@ -153,37 +153,36 @@ Task<QResult<Json>> Daemon::cmd_query_jobs(Json&, const Call&) {
   co_return list;
 }
 
+namespace {
+
+// The verb a block-job-X / job-X command names (its last word), applied. As in
+// QEMU, job-cancel is a forced cancel; block-job-cancel has its own handler.
+Result<void> apply_verb(Job& job, const std::string& command) {
+  std::string verb = command.substr(command.rfind('-') + 1);
+  if (verb == "pause") return job.pause();
+  if (verb == "resume") return job.resume();
+  if (verb == "cancel") return job.cancel(true);
+  if (verb == "complete") return job.complete();
+  if (verb == "finalize") return job.finalize();
+  return job.dismiss();
+}
+
+}  // namespace
+
 // block-job-{pause,resume,complete,finalize,dismiss}: the job by device (or id).
 Task<QResult<Json>> Daemon::cmd_block_job_verb(Json& a, const Call& call) {
   std::string id = a.contains("device") ? a["device"].get<std::string>() : a["id"].get<std::string>();
   auto it = jobs_.find(id);
   if (it == jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
-  Job& job = *it->second;
-  const std::string verb = call.name.substr(sizeof("block-job-") - 1);
-  Result<void> r = verb == "pause"      ? job.pause()
-                   : verb == "resume"   ? job.resume()
-                   : verb == "complete" ? job.complete()
-                   : verb == "finalize" ? job.finalize()
-                                        : job.dismiss();
-  if (!r) co_return from(r.error());
+  if (auto r = apply_verb(*it->second, call.name); !r) co_return from(r.error());
   co_return Json::object();
 }
 
-// job-{pause,resume,cancel,complete,finalize,dismiss}: any job, by id. As in
-// QEMU, job-cancel is a forced cancel.
+// job-{pause,resume,cancel,complete,finalize,dismiss}: any job, by id.
 Task<QResult<Json>> Daemon::cmd_job_verb(Json& a, const Call& call) {
-  std::string id = a["id"].get<std::string>();
-  auto it = jobs_.find(id);
+  auto it = jobs_.find(a["id"].get<std::string>());
   if (it == jobs_.end()) co_return generic_error("Job not found");
-  Job& job = *it->second;
-  const std::string verb = call.name.substr(sizeof("job-") - 1);
-  Result<void> r = verb == "pause"      ? job.pause()
-                   : verb == "resume"   ? job.resume()
-                   : verb == "cancel"   ? job.cancel(true)
-                   : verb == "complete" ? job.complete()
-                   : verb == "finalize" ? job.finalize()
-                                        : job.dismiss();
-  if (!r) co_return from(r.error());
+  if (auto r = apply_verb(*it->second, call.name); !r) co_return from(r.error());
   co_return Json::object();
 }
 
