@@ -9,23 +9,11 @@
 
 #include "blockdev/graph.h"
 #include "blockdev/memory_device.h"
+#include "fuzz_util.h"
 #include "io/loop.h"
 #include "nbd/server/nbd_server.h"
 
 using namespace blkmirror;
-
-namespace {
-
-Task<void> drain_replies(asio::generic::stream_protocol::socket* s) {
-  std::vector<char> buf(1 << 16);
-  for (;;) {
-    std::error_code ec;
-    co_await s->async_read_some(asio::buffer(buf), asio::redirect_error(asio::use_awaitable, ec));
-    if (ec) co_return;
-  }
-}
-
-}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size > (1 << 16)) return 0;
@@ -43,7 +31,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   server.serve_socket(asio::generic::stream_protocol::socket(loop.ctx(), proto, sv[0]));
   asio::generic::stream_protocol::socket peer(loop.ctx(), proto, sv[1]);
   loop.run([&]() -> Task<void> {
-    asio::co_spawn(loop.executor(), drain_replies(&peer), asio::detached);
+    asio::co_spawn(loop.executor(), fuzz::drain_replies(&peer), asio::detached);
     std::error_code ec;
     co_await asio::async_write(peer, asio::buffer(data, size),
                                asio::redirect_error(asio::use_awaitable, ec));
