@@ -43,11 +43,18 @@ struct ZeroFlags {
 };
 
 // One extent starting at the queried offset. allocated: storage is reserved
-// (data or written zeroes); zero: reads as zeroes. A hole is !allocated && zero.
+// (data or written zeroes) in this device or, for a layered format, anywhere in its
+// backing chain; zero: reads as zeroes. A hole is !allocated && zero.
+// depth: which layer of a backing chain provides the extent's contents, as NBD's
+// qemu:allocation-depth counts them: 0 = no layer (reads from nowhere: zeroes),
+// 1 = this device itself, 2 = its backing device, 3 = that one's backing, ...
+// Devices without a backing chain report 1 (they hold every byte themselves).
+// sync=top copies depth 1 only; sync=full every allocated extent.
 struct Extent {
   uint64_t length = 0;
   bool allocated = true;
   bool zero = false;
+  uint32_t depth = 1;
 };
 
 class BlockDevice {
