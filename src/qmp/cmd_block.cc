@@ -5,8 +5,8 @@
 #include <charconv>
 #include <filesystem>
 
-// GCC 12 warns falsely about Asio coroutine frames in the recursive
-// blockdev-add (an inline file node); the frame allocator pairs are Asio's own.
+// GCC 12 rule 4 (base/task.h): a false -Wmismatched-new-delete on the Asio
+// coroutine frames of the recursive blockdev-add (an inline file node).
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 
 #include <fmt/format.h>
