@@ -10,6 +10,8 @@ void Node::remove_observer(WriteObserver* o) {
   observers_.erase(std::remove(observers_.begin(), observers_.end(), o), observers_.end());
 }
 
+Node* Node::backing() const { return backing_ ? &backing_->node() : nullptr; }
+
 Task<void> Node::drain() {
   ++quiesce_;
   while (in_flight_ > 0) co_await changed_.wait();

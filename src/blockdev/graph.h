@@ -12,6 +12,8 @@
 //   - tells the node's write observers about every write, write-zeroes and
 //     discard after it finished, successful or not.
 // Graph::replace() moves every parent of one node to another: the switch-over.
+// A node may have a backing child (a qcow2 overlay's backing file): an edge like
+// the others, which the node names so chain walkers can follow it.
 //
 // Threading rule: loop thread only. Nodes are owned by the Graph; a Child must be
 // destroyed before its Graph. Declare the Loop before the Graph (devices use the
@@ -76,6 +78,12 @@ class Node {
   const BlockDevicePtr& device_ptr() const { return dev_; }
   uint64_t length() const { return dev_->length(); }
 
+  // The backing child, or nullptr. The edge (role "backing of NAME") is owned by
+  // whoever made the node, which clears it here before destroying it.
+  Node* backing() const;
+  Child* backing_edge() const { return backing_; }
+  void set_backing_edge(Child* edge) { backing_ = edge; }
+
   void add_observer(WriteObserver* o) { observers_.push_back(o); }
   void remove_observer(WriteObserver* o);
   // Errors: EBUSY when another interceptor is installed.
@@ -107,6 +115,7 @@ class Node {
   std::vector<WriteObserver*> observers_;
   WriteInterceptor* interceptor_ = nullptr;
   std::vector<Child*> parents_;
+  Child* backing_ = nullptr;
   unsigned quiesce_ = 0;
   uint64_t in_flight_ = 0;
   Notifier changed_;  // in_flight_ reached 0, or the node was undrained

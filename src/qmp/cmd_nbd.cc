@@ -74,7 +74,8 @@ Task<QResult<Json>> Daemon::cmd_block_export_add(Json& a, const Call& call) {
   if (!id_wellformed(rec.id)) co_return generic_error(fmt::format("Invalid block export id '{}'", rec.id));
   if (exports_.count(rec.id)) co_return generic_error(fmt::format("Block export id '{}' is already in use", rec.id));
   if (rec.name.size() > 4096) co_return generic_error("export name too long to send to clients");
-  nbd::ExportConfig cfg{rec.name, rec.node, a.value("description", std::string()), rec.writable};
+  nbd::ExportConfig cfg{rec.name, rec.node, a.value("description", std::string()), rec.writable,
+                        a.value("allocation-depth", false)};
   if (auto r = nbd_->add_export(cfg); !r) co_return generic_error(r.error().message());
   exports_.emplace(rec.id, rec);
   co_return Json::object();

@@ -43,7 +43,7 @@ const Schema kExportAdd = {
     {"type", Type::kString, true}, {"id", Type::kString, true},
     {"node-name", Type::kString, true}, {"name", Type::kString},
     {"description", Type::kString}, {"writable", Type::kBool},
-    {"writethrough", Type::kBool},
+    {"writethrough", Type::kBool}, {"allocation-depth", Type::kBool},
 };
 const Schema kExportDel = {{"id", Type::kString, true},
                            {"mode", Type::kEnum, false, {"safe", "hard"}}};
