@@ -36,6 +36,7 @@ class ChildDevice : public BlockDevice {
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override {
     return edge_->block_status(off, len);
   }
+  Task<Result<void>> resize(uint64_t new_length) override { return edge_->resize(new_length); }
 
  private:
   Child* edge_;

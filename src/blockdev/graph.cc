@@ -130,6 +130,13 @@ Task<Result<Extent>> Child::block_status(uint64_t off, uint64_t len) {
   co_return r;
 }
 
+Task<Result<void>> Child::resize(uint64_t new_length) {
+  Node* n = co_await enter();
+  auto r = co_await n->dev_->resize(new_length);
+  leave(n);
+  co_return r;
+}
+
 Result<Node*> Graph::add(const std::string& name, BlockDevicePtr dev) {
   if (name.empty()) return make_plain_error(EINVAL, "Parameter 'node-name' must not be empty");
   if (nodes_.count(name)) return make_plain_error(EEXIST, fmt::format("Duplicate nodes with node-name='{}'", name));

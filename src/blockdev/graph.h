@@ -140,6 +140,8 @@ class Child {
   Task<Result<void>> discard(uint64_t off, uint64_t len);
   Task<Result<void>> flush();
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len);
+  // Changes the node's length (a format driver growing its image file).
+  Task<Result<void>> resize(uint64_t new_length);
 
  private:
   friend class Graph;

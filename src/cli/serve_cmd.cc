@@ -6,6 +6,7 @@
 
 #include "blockdev/file_device.h"
 #include "cli/commands.h"
+#include "cli/device_spec.h"
 #include "cli/exit_codes.h"
 #include "cli/mirror_options.h"
 #include "cli/serve_options.h"
@@ -18,22 +19,29 @@ struct ServeArgs {
   std::string image;
   ServeOptions serve;
   bool direct = false;
+  std::string format;  // "" = detect
 };
 
 int run_serve(const ServeArgs& a) {
   if (!a.serve.enabled()) return fail_input("serve: give --socket PATH and/or --listen HOST:PORT");
   Loop loop;
   Graph graph;  // devices use the loop's services: destroyed before the loop
-  auto dev = FileDevice::open(loop, a.image, FileOptions{.read_only = a.serve.read_only, .direct = a.direct});
-  if (!dev) return fail_input(dev.error().message());
-  (void)graph.add("disk", *dev);
+  auto format = parse_format_option(a.format, "--format");
+  if (!format) return fail_input(format.error().message());
+  auto img = open_device_spec(loop, a.image, FileOptions{.read_only = a.serve.read_only, .direct = a.direct},
+                              *format, "IMAGE");
+  if (!img) return fail_input(img.error().message());
+  if (img->is_nbd()) return fail_input(a.image + ": serve takes a file or block device");
+  BlockDevicePtr dev = img->dev;
+  (void)graph.add("disk", dev);
   nbd::NbdServer server(loop, graph);
   if (auto r = a.serve.start(server, "disk"); !r) return fail_input(r.error().message());
-  fmt::print(stderr, "serving {} ({} bytes{}) at {}\n", a.image, (*dev)->length(),
+  fmt::print(stderr, "serving {} ({}, {} bytes{}) at {}\n", a.image, to_string(img->image.format), dev->length(),
              a.serve.read_only ? ", read-only" : "", a.serve.where(server));
   int rc = loop.run([&]() -> Task<int> {
     int sig = co_await wait_stop_signal(loop);
     auto f = co_await stop_and_flush(server, graph);
+    if (auto c = co_await img->image.close(); !c && f) f = c;
     fmt::print(stderr, "{}: stopped serving{}\n", sig == SIGINT ? "interrupted" : "terminated",
                f ? "; flushed" : "; flush failed: " + f.error().message());
     co_return f ? exit_code::kOk : exit_code::kJobFailed;
@@ -49,6 +57,7 @@ CommandRunner add_serve_command(CLI::App& app) {
   cmd->add_option("IMAGE", args->image, "file or block device")->required();
   args->serve.add_to(*cmd, true);
   cmd->add_flag("--direct", args->direct, "O_DIRECT I/O (cache.direct)");
+  cmd->add_option("--format", args->format, "raw | qcow2 (default: detected by magic)");
   return [cmd, args]() -> int {
     if (!cmd->parsed()) return -1;
     return run_serve(*args);

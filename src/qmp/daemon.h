@@ -4,7 +4,8 @@
 // (shared/spec/CONTROL.md). The wire (sockets, negotiation, framing) lives in
 // qmp_server.h; the daemon only sees parsed commands and emits events.
 //
-// Command handlers are split by topic: cmd_block.cc (nodes), cmd_jobs.cc (mirror
+// Command handlers are split by topic: cmd_block.cc (nodes), block_chain.cc
+// (qcow2 nodes, backing chains, image info, qcow2 creation), cmd_jobs.cc (mirror
 // and job verbs), cmd_nbd.cc (NBD server and exports), commands.cc (the command
 // table, version, capabilities).
 //
@@ -20,6 +21,8 @@
 
 #include "base/notifier.h"
 #include "blockdev/graph.h"
+#include "blockdev/image_format.h"
+#include "blockdev/qcow2/qcow2_device.h"
 #include "io/loop.h"
 #include "job/job.h"
 #include "nbd/server/nbd_server.h"
@@ -70,11 +73,18 @@ class Daemon {
  private:
   struct NodeRecord {
     std::string driver;
-    std::string filename;  // file: the path; raw: its file node's
+    std::string filename;  // file: the path; raw, qcow2: its file node's
     bool read_only = false;
     bool direct = false;
-    std::unique_ptr<Child> file_edge;  // raw: the edge to its file node
-    std::string tls_creds;             // nbd: the TLS object it uses
+    bool local = false;                // filename is a local path (file, or over one)
+    std::unique_ptr<Child> file_edge;  // raw, qcow2: the edge to its file node
+    std::unique_ptr<Child> backing_edge;  // qcow2: the edge to its backing node
+    std::shared_ptr<Qcow2Device> qcow2;   // qcow2: the device (info, close)
+    std::string full_backing;  // qcow2: the header's backing file, resolved
+    // Nodes made for this one (an inline file object, a backing file opened from
+    // the header): deleted with it, as QEMU does.
+    std::vector<std::string> implicit;
+    std::string tls_creds;  // nbd: the TLS object it uses
   };
   // A tls-creds-x509 / tls-creds-psk object made by object-add.
   struct TlsObject {
@@ -113,6 +123,30 @@ class Daemon {
   Task<QResult<Json>> cmd_query_named_block_nodes(Json& args, const Call& call);
   QResult<std::string> checked_path(const std::string& path) const;
   Task<QResult<BlockDevicePtr>> open_nbd_node(Json& args);
+  // blockdev-add's body. guard: the chain being opened (a backing file opened
+  // from a header), else nullptr. implicit_name: the node name was made here
+  // (#blockN), so QEMU's rule for user names does not apply.
+  Task<QResult<Json>> add_node(Json& args, const Call& call, ChainGuard* guard, bool implicit_name);
+  // A format's child given as a node name or an inline object (added, named
+  // after the parent, and recorded in rec.implicit). Returns its node name.
+  // trusted: the parent's name was made here, so are its children's.
+  Task<QResult<std::string>> child_ref(Json& ref, const std::string& parent, const std::string& member,
+                                       bool parent_read_only, NodeRecord& rec, const Call& call,
+                                       ChainGuard* guard, bool trusted);
+  // block_chain.cc
+  Task<QResult<BlockDevicePtr>> open_qcow2_node(Json& args, const std::string& name, NodeRecord& rec,
+                                                const Call& call, ChainGuard* guard, bool trusted);
+  // Opens the backing file a qcow2 header names (read-only, format from the
+  // header or probed) as two implicit nodes; returns the format node's name,
+  // recorded in rec.implicit.
+  Task<QResult<std::string>> open_backing_from_header(NodeRecord& rec, const Qcow2Info& info,
+                                                      const Call& call, ChainGuard* guard);
+  std::string implicit_node_name();
+  // Removes a node and, after it, the implicit nodes it made that nobody else
+  // uses. Closes qcow2 devices (metadata written back, image marked clean).
+  Task<void> remove_node_tree(const std::string& name);
+  Json image_info(const Node& n, bool flat) const;
+  Task<QResult<Json>> create_qcow2(Json& args, Json& o, const Call& call);
   // cmd_objects.cc
   Task<QResult<Json>> cmd_object_add(Json& args, const Call& call);
   Task<QResult<Json>> cmd_object_del(Json& args, const Call& call);
@@ -143,6 +177,7 @@ class Daemon {
   Graph graph_;
   std::map<std::string, TlsObject> objects_;
   std::map<std::string, NodeRecord> nodes_;
+  uint64_t implicit_counter_ = 0;  // for #blockN names
   std::map<std::string, std::shared_ptr<Job>> jobs_;
   std::unique_ptr<nbd::NbdServer> nbd_;
   std::map<std::string, ExportRecord> exports_;
