@@ -76,6 +76,17 @@ class BlockDevice {
   virtual Task<Result<void>> flush() = 0;
   // The extent that starts at offset, at most length bytes long (length > 0).
   virtual Task<Result<Extent>> block_status(uint64_t offset, uint64_t length) = 0;
+
+  // Still the disk that was opened, at the length it had: a file not renamed,
+  // unlinked, replaced, truncated or grown. The mirror asks at ready and at
+  // complete. Devices without a name to lose say yes.
+  virtual Task<Result<void>> check_unchanged() { co_return Result<void>{}; }
+  // Counts the times the device reconnected to its server (remote devices):
+  // data acknowledged but not flushed before a change may be lost.
+  virtual uint64_t generation() const { return 0; }
+  // False when a remote device has no live connection: its next request will
+  // reconnect first.
+  virtual bool connected() const { return true; }
 };
 
 using BlockDevicePtr = std::shared_ptr<BlockDevice>;

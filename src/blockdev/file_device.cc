@@ -50,7 +50,9 @@ FileDevice::~FileDevice() {
 Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::string& path,
                                                      FileOptions opts) {
   int flags = opts.read_only ? O_RDONLY : O_RDWR;
-  auto fd = open_fd(path, flags);
+  // O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever (and
+  // freeze the daemon); we look at what was opened before any I/O.
+  auto fd = open_fd(path, flags | O_NONBLOCK);
   if (!fd) return make_error(fd.error());
   struct stat st {};
   if (::fstat(*fd, &st) < 0) {
@@ -62,6 +64,13 @@ Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::stri
     ::close(*fd);
     return make_error(S_ISDIR(st.st_mode) ? EISDIR : EINVAL,
                       path + (S_ISDIR(st.st_mode) ? "" : ": not a regular file or block device"));
+  }
+  ::fcntl(*fd, F_SETFL, ::fcntl(*fd, F_GETFL) & ~O_NONBLOCK);
+  Perms perms{kPermConsistentRead | (opts.read_only ? 0u : kPermWrite),
+              opts.force_share ? kPermAll : kPermConsistentRead | kPermWriteUnchanged};
+  if (auto l = lock_image(*fd, path, perms, opts.locking); !l) {
+    ::close(*fd);  // drops whatever locks were taken
+    return make_error(l.error());
   }
   std::shared_ptr<FileDevice> dev(new FileDevice(loop, path));
   dev->fd_ = *fd;
@@ -89,15 +98,61 @@ Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::stri
   }
   c.pref_block = static_cast<uint32_t>(std::max<long>(st.st_blksize, 512));
   if (opts.direct) {
-    auto dfd = open_fd(path, flags | O_DIRECT);
+    auto dfd = open_fd(path, flags | O_DIRECT | O_NONBLOCK);
     if (!dfd) return with_context(dfd.error(), "cache.direct");
     dev->direct_fd_ = *dfd;
+    // The path is opened twice: both must be the same file.
+    struct stat dst {};
+    if (::fstat(*dfd, &dst) < 0 || dst.st_dev != st.st_dev || dst.st_ino != st.st_ino)
+      return make_plain_error(EAGAIN, path + ": the file was replaced while being opened");
+    ::fcntl(*dfd, F_SETFL, ::fcntl(*dfd, F_GETFL) & ~O_NONBLOCK);
   }
   return dev;
 }
 
 tl::unexpected<Error> FileDevice::io_error(const char* what, uint64_t off, int errnum) const {
   return make_error(errnum, fmt::format("{} {} at offset {}", what, path_, off));
+}
+
+tl::unexpected<Error> FileDevice::shrank_error(uint64_t off) const {
+  struct stat st {};
+  if (is_blk_ || ::fstat(fd_, &st) < 0) return io_error("read", off, EIO);
+  return make_plain_error(EIO, fmt::format("read {} at offset {}: {} shrank from {} to {} bytes while in use",
+                                           path_, off, path_, length_, st.st_size));
+}
+
+Task<Result<void>> FileDevice::check_unchanged() {
+  struct Seen {
+    int fd_err = 0, path_err = 0;
+    uint64_t size = 0, dev = 0, ino = 0;
+  };
+  // stat can block on a network file system: off the loop. Capture plain
+  // values and a pointer (the device outlives the call), not the string.
+  const std::string* path = &path_;
+  int fd = fd_;
+  bool blk = is_blk_;
+  Seen seen = co_await loop_.blocking([path, fd, blk]() {
+    Seen r;
+    struct stat st {};
+    if (::fstat(fd, &st) < 0) r.fd_err = errno;
+    r.size = static_cast<uint64_t>(st.st_size);
+    if (blk && ::ioctl(fd, BLKGETSIZE64, &r.size) < 0) r.fd_err = errno;
+    struct stat ps {};
+    if (::stat(path->c_str(), &ps) < 0) r.path_err = errno;
+    r.dev = ps.st_dev;
+    r.ino = blk ? ps.st_rdev : ps.st_ino;
+    return r;
+  });
+  if (seen.fd_err) co_return make_error(seen.fd_err, path_);
+  if (seen.path_err == ENOENT)
+    co_return make_plain_error(ESTALE, fmt::format("{} was removed (unlinked or renamed) while in use", path_));
+  if (seen.path_err) co_return make_error(seen.path_err, path_);
+  if ((!is_blk_ && seen.dev != dev_) || seen.ino != ino_)
+    co_return make_plain_error(ESTALE, fmt::format("{} now names a different file (renamed or replaced while in use)", path_));
+  if (seen.size != length_)
+    co_return make_plain_error(EIO, fmt::format("{} {} from {} to {} bytes while in use", path_,
+                                                seen.size < length_ ? "shrank" : "grew", length_, seen.size));
+  co_return Result<void>{};
 }
 
 int FileDevice::fd_for(uint64_t off, const void* buf, uint64_t len) const {
@@ -115,7 +170,7 @@ Task<Result<void>> FileDevice::read(uint64_t off, std::span<std::byte> buf) {
     int n = co_await loop_.uring().read(fd, buf.data() + done, buf.size() - done, off + done);
     if (n == -EINTR || n == -EAGAIN) continue;
     if (n < 0) co_return io_error("read", off, -n);
-    if (n == 0) co_return io_error("read", off, EIO);  // the file shrank under us
+    if (n == 0) co_return shrank_error(off + done);  // end of file inside the disk
     done += static_cast<size_t>(n);
   }
   co_return Result<void>{};

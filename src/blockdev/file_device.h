@@ -20,6 +20,7 @@
 #include <asio.hpp>
 
 #include "blockdev/block_device.h"
+#include "blockdev/image_lock.h"
 #include "io/loop.h"
 
 namespace blkmirror {
@@ -27,11 +28,18 @@ namespace blkmirror {
 struct FileOptions {
   bool read_only = false;
   bool direct = false;
+  // Image locks (image_lock.h): a writable open takes write and shares it with
+  // nobody; a read-only one forbids other writers too (it wants a consistent
+  // image) unless force_share, QEMU's force-share=on.
+  LockMode locking = LockMode::kAuto;
+  bool force_share = false;
 };
 
 class FileDevice : public BlockDevice {
  public:
-  // Opens path. Errors read "PATH: reason" (ENOENT, EACCES, EISDIR...).
+  // Opens path: a regular file or a block device, never anything else (a FIFO
+  // is refused without waiting for a writer). Errors read "PATH: reason"
+  // (ENOENT, EACCES, EISDIR...); a lock conflict reads as QEMU's.
   static Result<std::shared_ptr<FileDevice>> open(Loop& loop, const std::string& path,
                                                   FileOptions opts = {});
   // Creates a new sparse file of `size` bytes; fails with EEXIST if path exists.
@@ -54,12 +62,16 @@ class FileDevice : public BlockDevice {
   Task<Result<void>> discard(uint64_t off, uint64_t len) override;
   Task<Result<void>> flush() override;
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override;
+  // The path still names the file opened, and its size did not change.
+  Task<Result<void>> check_unchanged() override;
 
  private:
   FileDevice(Loop& loop, std::string path);
   int fd_for(uint64_t off, const void* buf, uint64_t len) const;
   Task<Result<void>> write_zero_buffers(uint64_t off, uint64_t len);
   tl::unexpected<Error> io_error(const char* what, uint64_t off, int errnum) const;
+  // A read that hit end-of-file: the file shrank, say from what to what.
+  tl::unexpected<Error> shrank_error(uint64_t off) const;
 
   Loop& loop_;
   std::string path_;

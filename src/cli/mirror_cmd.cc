@@ -53,7 +53,8 @@ int run_mirror(const MirrorArgs& a) {
   Graph graph;  // devices use the loop's services: destroyed before the loop
   // Served, the source takes the clients' writes; otherwise it is only read.
   bool serving = a.serve.enabled();
-  auto src = open_device_spec(loop, a.src, FileOptions{.read_only = !serving, .direct = a.opts.direct});
+  auto src = open_device_spec(
+      loop, a.src, FileOptions{.read_only = !serving, .direct = a.opts.direct, .locking = a.opts.lock_mode()});
   if (!src) return fail_input(src.error().message());
   uint64_t size = src->dev->length();
   if (a.create) {
@@ -66,7 +67,16 @@ int run_mirror(const MirrorArgs& a) {
                                                    : ""));
     created = true;
   }
-  auto dst = open_device_spec(loop, a.dst, FileOptions{.read_only = false, .direct = a.opts.direct});
+  // Before opening DST: the same file opened twice would otherwise meet its
+  // own image lock and be refused with a less helpful text.
+  struct stat dst_st {};
+  if (src->file && !is_nbd_spec(a.dst) && ::stat(a.dst.c_str(), &dst_st) == 0 &&
+      src->file->identity() == std::pair<uint64_t, uint64_t>(dst_st.st_dev, S_ISBLK(dst_st.st_mode)
+                                                                                ? dst_st.st_rdev
+                                                                                : dst_st.st_ino))
+    return fail_input(fmt::format("{} and {} are the same file", a.src, a.dst));
+  auto dst = open_device_spec(
+      loop, a.dst, FileOptions{.read_only = false, .direct = a.opts.direct, .locking = a.opts.lock_mode()});
   if (!dst) return fail_input(dst.error().message());
   if (a.create) dst->file->set_zero_init(true);
   bool same = src->file && dst->file ? src->file->identity() == dst->file->identity()

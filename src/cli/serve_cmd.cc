@@ -18,13 +18,17 @@ struct ServeArgs {
   std::string image;
   ServeOptions serve;
   bool direct = false;
+  std::string locking = "auto";
 };
 
 int run_serve(const ServeArgs& a) {
   if (!a.serve.enabled()) return fail_input("serve: give --socket PATH and/or --listen HOST:PORT");
   Loop loop;
   Graph graph;  // devices use the loop's services: destroyed before the loop
-  auto dev = FileDevice::open(loop, a.image, FileOptions{.read_only = a.serve.read_only, .direct = a.direct});
+  auto dev = FileDevice::open(loop, a.image,
+                              FileOptions{.read_only = a.serve.read_only,
+                                          .direct = a.direct,
+                                          .locking = parse_lock_mode(a.locking).value_or(LockMode::kAuto)});
   if (!dev) return fail_input(dev.error().message());
   (void)graph.add("disk", *dev);
   nbd::NbdServer server(loop, graph);
@@ -49,6 +53,7 @@ CommandRunner add_serve_command(CLI::App& app) {
   cmd->add_option("IMAGE", args->image, "file or block device")->required();
   args->serve.add_to(*cmd, true);
   cmd->add_flag("--direct", args->direct, "O_DIRECT I/O (cache.direct)");
+  add_locking_option(*cmd, args->locking);
   return [cmd, args]() -> int {
     if (!cmd->parsed()) return -1;
     return run_serve(*args);

@@ -91,6 +91,9 @@ Task<void> Job::lifecycle(std::shared_ptr<Job> self) {
   } else if (!r) {
     failure_ = r.error();
   }
+  if (!cancelled_ && !failure_) {
+    if (auto p = co_await prepare(); !p) failure_ = p.error();
+  }
   if (cancelled_ || failure_) {
     transition(JobStatus::kAborting);
     co_await abort();

@@ -30,6 +30,7 @@
 #include "io/loop.h"
 #include "job/job.h"
 #include "mirror/mirror_params.h"
+#include "mirror/target_tracker.h"
 
 namespace blkmirror {
 
@@ -77,13 +78,18 @@ class MirrorJob : public Job, public WriteInterceptor {
 
  protected:
   Task<Result<void>> run() override;
+  Task<Result<void>> prepare() override;
   Task<void> commit() override;
   Task<void> abort() override;
   Result<void> on_complete() override;
   bool on_soft_cancel() override;
 
  private:
-  MirrorJob(Loop& loop, Graph& graph, MirrorParams p, Node* src, Node* tgt, Node* replaces);
+  struct Edges {
+    std::unique_ptr<Child> src, tgt, replaces;
+  };
+  MirrorJob(Loop& loop, Graph& graph, MirrorParams p, Node* src, Node* tgt, Node* replaces,
+            Edges edges);
 
   // Phase 1 (dirty_init.cc).
   Task<Result<void>> dirty_init();
@@ -131,6 +137,11 @@ class MirrorJob : public Job, public WriteInterceptor {
   void note_synced_state();
 
   // Phase 5.
+  // complete and prepare: `replaces` still shows the source's data.
+  Result<void> check_still_replaceable() const;
+  // Ready and complete: source and target are still the disks opened, at the
+  // length copied (BlockDevice::check_unchanged); errors say which and how.
+  Task<Result<void>> check_devices();
   Task<void> drain_sources();
   void undrain_sources();
   void detach();
@@ -149,9 +160,15 @@ class MirrorJob : public Job, public WriteInterceptor {
   Node* src_node_;
   Node* tgt_node_;
   Node* replaces_node_;
-  std::unique_ptr<Child> src_edge_, tgt_edge_;
+  // Source: consistent read, shares all but resize. Target: write, shares
+  // only reads and unchanging writes (docs/design/permissions.md). Replaced
+  // node (when not the source): no permissions, keeps it alive and busy.
+  std::unique_ptr<Child> src_edge_, tgt_edge_, replaces_edge_;
+  // Every target request goes through it: unflushed writes are handed back
+  // after a reconnect, and another disk answering is refused (target_tracker.h).
+  std::shared_ptr<TargetTracker> tracker_;
   BlockDevice& src_;
-  BlockDevice& tgt_;
+  BlockDevice& tgt_;  // *tracker_
   uint64_t length_;
   uint64_t gran_;
   uint64_t buf_size_;

@@ -159,7 +159,15 @@ Task<QResult<Json>> Daemon::cmd_blockdev_add(Json& args, const Call& call) {
     auto path = checked_path(args["filename"].get<std::string>());
     if (!path) co_return tl::unexpected(path.error());
     rec.filename = args["filename"].get<std::string>();
-    auto f = FileDevice::open(loop_, *path, FileOptions{.read_only = rec.read_only, .direct = rec.direct});
+    bool force_share = args.value("force-share", false);
+    if (force_share && !rec.read_only)
+      co_return generic_error("force-share=on can only be used with read-only images");
+    auto locking = parse_lock_mode(args.value("locking", "auto"));  // the schema checked the value
+    auto f = FileDevice::open(loop_, *path,
+                              FileOptions{.read_only = rec.read_only,
+                                          .direct = rec.direct,
+                                          .locking = locking.value_or(LockMode::kAuto),
+                                          .force_share = force_share});
     if (!f) {
       co_return generic_error(fmt::format("Could not open '{}': {}", rec.filename,
                                           f.error().plain ? f.error().message() : f.error().reason()));
@@ -207,7 +215,12 @@ Task<QResult<Json>> Daemon::cmd_blockdev_add(Json& args, const Call& call) {
     Node* fnode = graph_.find(child);
     if (!fnode) co_return generic_error(fmt::format("Cannot find device='' nor node-name='{}'", child));
     rec.filename = nodes_.count(child) ? nodes_[child].filename : child;
-    rec.file_edge = graph_.attach(fnode, "raw node " + name);
+    // raw and blkdebug pass their parents' needs through to the file node
+    // (adopted below, once the node exists).
+    const char* child_name = driver == "raw" ? "file" : "image";
+    rec.file_edge = graph_.attach_child(fnode, "raw node " + name,
+                                        EdgeUse{fmt::format("node '{}'", name), child_name, {}},
+                                        EdgeKind::kFilteredFile);
     dev = std::make_shared<RawDevice>(rec.file_edge.get(), rec.read_only);
     if (driver == "blkdebug") {
       auto fault = std::make_shared<FaultDevice>(dev);
@@ -215,7 +228,9 @@ Task<QResult<Json>> Daemon::cmd_blockdev_add(Json& args, const Call& call) {
       dev = fault;
     }
   }
-  if (auto r = graph_.add(name, dev); !r) co_return generic_error(r.error().message());
+  auto node = graph_.add(name, dev);
+  if (!node) co_return generic_error(node.error().message());
+  if (rec.file_edge) graph_.adopt(*node, rec.file_edge.get());
   nodes_.emplace(name, std::move(rec));
   co_return Json::object();
 }

@@ -274,8 +274,10 @@ class Check:
 
     @staticmethod
     def qemu_img_compare(a, b):
-        """`qemu-img compare -f raw -F raw A B` -> (returncode, output)."""
-        r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(a), str(b)],
+        """`qemu-img compare -U -f raw -F raw A B` -> (returncode, output).
+        -U (force-share): a judge reads images a live blkmirror still holds
+        (and image-locks, as QEMU does)."""
+        r = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", str(a), str(b)],
                            capture_output=True, text=True, timeout=120)
         return r.returncode, (r.stdout + r.stderr).strip()
 
@@ -299,7 +301,7 @@ class Check:
     def data_extents(path):
         """Ranges reported as data by `qemu-img map`, adjacent ones merged:
         [(start, length), ...]."""
-        out = subprocess.run(["qemu-img", "map", "--output=json", "-f", "raw", str(path)],
+        out = subprocess.run(["qemu-img", "map", "-U", "--output=json", "-f", "raw", str(path)],
                              capture_output=True, text=True, timeout=120, check=True).stdout
         merged = []
         for e in json.loads(out):

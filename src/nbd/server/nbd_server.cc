@@ -24,11 +24,17 @@ Result<void> NbdServer::add_export(const ExportConfig& cfg) {
                                                 cfg.node, cfg.node));
   if (cfg.writable && node->device().caps().read_only)
     return make_plain_error(EROFS, fmt::format("Node '{}' is read-only", cfg.node));
+  // As QEMU's block exports: consistent read, write only when writable; others
+  // may do anything but resize the disk under the clients.
+  EdgeUse use{fmt::format("NBD export '{}'", cfg.name), "root",
+              Perms{kPermConsistentRead | (cfg.writable ? kPermWrite : 0u), kPermAll & ~kPermResize}};
+  auto edge = graph_.attach(node, "export " + cfg.name, std::move(use));
+  if (!edge) return make_error(edge.error());
   auto e = std::make_unique<Export>();
   e->name = cfg.name;
   e->description = cfg.description;
   e->writable = cfg.writable;
-  e->edge = graph_.attach(node, "export " + cfg.name);
+  e->edge = std::move(*edge);
   exports_.emplace(cfg.name, std::move(e));
   if (!has_default_) {
     has_default_ = true;
