@@ -62,8 +62,8 @@ Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::stri
   }
   if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
     ::close(*fd);
-    return make_error(S_ISDIR(st.st_mode) ? EISDIR : EINVAL,
-                      path + (S_ISDIR(st.st_mode) ? "" : ": not a regular file or block device"));
+    if (S_ISDIR(st.st_mode)) return make_error(EISDIR, path);
+    return make_plain_error(EINVAL, path + ": not a regular file or block device");
   }
   ::fcntl(*fd, F_SETFL, ::fcntl(*fd, F_GETFL) & ~O_NONBLOCK);
   Perms perms{kPermConsistentRead | (opts.read_only ? 0u : kPermWrite),
