@@ -92,7 +92,15 @@ class BlockDevice {
   // nothing. Only devices that add nothing to the bytes answer (a file, raw
   // over a file); wrappers that must see every I/O (fault, throttle) do not.
   virtual std::optional<FileSpan> file_span() const { return std::nullopt; }
+  // Changes length() (grows or shrinks the file itself; a format driver such as
+  // qcow2 grows its image file this way, since writes past length() are not
+  // allowed). Devices of fixed size answer ENOTSUP.
+  virtual Task<Result<void>> resize(uint64_t new_length);
 };
+
+inline Task<Result<void>> BlockDevice::resize(uint64_t new_length) {
+  co_return make_error(ENOTSUP, describe() + ": cannot be resized");
+}
 
 using BlockDevicePtr = std::shared_ptr<BlockDevice>;
 

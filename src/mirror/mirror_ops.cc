@@ -1,10 +1,10 @@
 // The copy loop's operations: picking the next dirty run, and copying, zeroing or
 // discarding it on the target.
 #include <algorithm>
-#include <cassert>
 
 #include <fmt/format.h>
 
+#include "base/assert.h"
 #include "base/limits.h"
 #include "blockdev/file_device.h"
 #include "mirror/mirror_job.h"
@@ -118,7 +118,8 @@ Task<Result<void>> MirrorJob::write_keeping_holes(uint64_t off, std::span<const 
 }
 
 void MirrorJob::set_reserved(MirrorOp& op, uint64_t bytes) {
-  assert(bytes <= op.reserved && op.reserved <= in_flight_bytes_);
+  BLKMIRROR_ASSERT(bytes <= op.reserved && op.reserved <= in_flight_bytes_,
+                   "buffer budget released twice");
   in_flight_bytes_ -= op.reserved - bytes;
   op.reserved = bytes;
 }
@@ -194,7 +195,7 @@ Task<void> MirrorJob::run_op(std::list<MirrorOp>::iterator it, std::shared_ptr<M
         result = co_await tgt_.write_zeroes(off, len, ZeroFlags{.may_unmap = p_.unmap});
         break;
       case Kind::kDiscard:
-        // if/else, not ?: -- GCC 12 destroys a co_await temporary of ?: twice.
+        // if/else, not ?: (GCC 12 rule 1, base/task.h).
         if (p_.unmap)
           result = co_await tgt_.discard(off, len);
         else
