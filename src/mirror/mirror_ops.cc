@@ -130,6 +130,7 @@ Task<void> MirrorJob::run_op(std::list<ByteRange>::iterator op, std::shared_ptr<
   Result<void> result;
   bool is_read = false;
   uint64_t zeroed = 0;  // bytes of a copy written as holes
+  bool out_of_memory = false;
 
   auto st = co_await src_.block_status(off, len);
   if (!st) {
@@ -158,7 +159,16 @@ Task<void> MirrorJob::run_op(std::list<ByteRange>::iterator op, std::shared_ptr<
     }
     switch (kind) {
       case Kind::kCopy: {
-        result = co_await copy_range(off, len, is_read, zeroed);
+        // This coroutine is detached: an exception escaping it would leave the
+        // op in flight forever, and the job (and a forced cancel, and the
+        // process's shutdown) waiting for it. A buffer that cannot be
+        // allocated fails the job with ENOMEM instead; no policy retries it.
+        try {
+          result = co_await copy_range(off, len, is_read, zeroed);
+        } catch (const std::bad_alloc&) {
+          out_of_memory = true;
+          result = make_plain_error(ENOMEM, fmt::format("cannot allocate a {}-byte copy buffer", len));
+        }
         break;
       }
       case Kind::kZero:
@@ -188,7 +198,11 @@ Task<void> MirrorJob::run_op(std::list<ByteRange>::iterator op, std::shared_ptr<
   } else {
     ++stats_.errors;
     mark_dirty(off, len);  // a failed operation is retried later (or the job ends)
-    on_op_error(result.error(), is_read);
+    if (out_of_memory) {
+      if (!fatal_) fatal_ = result.error();
+    } else {
+      on_op_error(result.error(), is_read);
+    }
   }
   update_len();
   wake_.notify_all();
