@@ -161,6 +161,7 @@ Task<void> MirrorJob::run_op(std::list<MirrorOp>::iterator it, std::shared_ptr<M
   MirrorOp& op = *it;
   using Kind = MirrorOp::Kind;
   Result<void> result;
+  bool out_of_memory = false;  // no error policy retries an allocation failure
 
   auto st = co_await src_.block_status(op.range.offset, op.range.length);
   if (!st) {
@@ -189,7 +190,17 @@ Task<void> MirrorJob::run_op(std::list<MirrorOp>::iterator it, std::shared_ptr<M
     }
     switch (op.kind) {
       case Kind::kCopy:
-        result = co_await copy_range(op);
+        // This coroutine is detached: an exception escaping it would leave the
+        // op in flight forever, and the job (and a forced cancel, and the
+        // process's shutdown) waiting for it. A buffer that cannot be
+        // allocated fails the job with ENOMEM instead; no policy retries it.
+        try {
+          result = co_await copy_range(op);
+        } catch (const std::bad_alloc&) {
+          out_of_memory = true;
+          result = make_plain_error(
+              ENOMEM, fmt::format("cannot allocate a {}-byte copy buffer", op.range.length));
+        }
         break;
       case Kind::kZero:
         result = co_await tgt_.write_zeroes(off, len, ZeroFlags{.may_unmap = p_.unmap});
@@ -220,7 +231,11 @@ Task<void> MirrorJob::run_op(std::list<MirrorOp>::iterator it, std::shared_ptr<M
     ++stats_.errors;
     // A failed operation is retried later (or the job ends).
     mark_dirty(done.range.offset, done.range.length);
-    on_op_error(result.error(), done.read_failed);
+    if (out_of_memory) {
+      if (!fatal_) fatal_ = result.error();
+    } else {
+      on_op_error(result.error(), done.read_failed);
+    }
   }
   update_len();
   wake_.notify_all();

@@ -65,6 +65,15 @@ inline constexpr uint64_t kMaxGranularity = 64 << 20;
 // Largest dirty bitmap a job may allocate (16 TiB at 512 B, 2 PiB at 64 KiB).
 inline constexpr uint64_t kMaxBitmapBytes = 4ull << 30;
 
+// The largest buf-size a machine with `physical_memory` bytes can serve: a
+// quarter of it, at most kMaxBufSize. The whole budget may be in flight at
+// once, so a larger value would fail to allocate (or push the host into swap)
+// mid-copy instead of being refused up front.
+inline constexpr uint64_t kMaxBufSize = uint64_t{1} << 30;
+uint64_t max_buf_size_for(uint64_t physical_memory);
+// max_buf_size_for() this machine.
+uint64_t max_buf_size();
+
 // Checks values that need no device: granularity, buf-size, speed, in-flight.
 // Error texts are QEMU's.
 Result<void> validate_params(const MirrorParams& p);
