@@ -35,6 +35,16 @@ struct FileOptions {
   bool force_share = false;
 };
 
+// Copies [off, off+len) of src's file to the same range of dst's file in the
+// kernel (copy_file_range: extents shared on XFS/btrfs with reflink, an in-kernel
+// copy elsewhere), on the loop's worker pool. Exact: holes in the source range
+// stay holes only where the file system shares extents; callers copy data
+// extents. Fails with EXDEV, EOPNOTSUPP, ENOSYS or EINVAL (errnum) when the
+// kernel cannot do it for this pair: the caller then reads and writes.
+// REQUIRES: the range lies within both files; both descriptors outlive the call.
+Task<Result<void>> copy_file_range_all(Loop& loop, FileSpan src, FileSpan dst, uint64_t off,
+                                       uint64_t len);
+
 class FileDevice : public BlockDevice {
  public:
   // Opens path: a regular file or a block device, never anything else (a FIFO
@@ -64,6 +74,9 @@ class FileDevice : public BlockDevice {
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override;
   // The path still names the file opened, and its size did not change.
   Task<Result<void>> check_unchanged() override;
+  std::optional<FileSpan> file_span() const override;
+  // ftruncate on the worker pool (regular files only; block devices: ENOTSUP).
+  Task<Result<void>> resize(uint64_t new_length) override;
 
  private:
   FileDevice(Loop& loop, std::string path);
@@ -79,6 +92,7 @@ class FileDevice : public BlockDevice {
   BlockCaps caps_;
   bool is_blk_ = false;
   uint64_t dev_ = 0, ino_ = 0;
+  bool reflink_ = false;  // on a file system that shares extents (file_span())
   int fd_ = -1;
   int direct_fd_ = -1;  // O_DIRECT, when enabled
   // Last "data" extent seen. Stale data answers are safe (copying zeroes as data

@@ -38,6 +38,8 @@ class BlockDeviceWrapper : public BlockDevice {
   uint64_t generation() const override { return inner_->generation(); }
   bool connected() const override { return inner_->connected(); }
 
+  Task<Result<void>> resize(uint64_t new_length) override { return inner_->resize(new_length); }
+
   const BlockDevicePtr& inner() const { return inner_; }
 
  private:

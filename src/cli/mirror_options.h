@@ -21,6 +21,7 @@ struct MirrorCliOptions {
   uint64_t adaptive_window_ms = kDefaultAdaptiveWindowMs;
   bool direct = false;
   std::string locking = "auto";  // image locks: auto | on | off (image_lock.h)
+  bool no_copy_offload = false;
   bool json = false;
   bool no_progress = false;
   double progress_interval = 1.0;  // seconds between --json PROGRESS objects

@@ -31,7 +31,7 @@ int run_serve(const ServeArgs& a) {
                                           .locking = parse_lock_mode(a.locking).value_or(LockMode::kAuto)});
   if (!dev) return fail_input(dev.error().message());
   (void)graph.add("disk", *dev);
-  nbd::NbdServer server(loop, graph);
+  nbd::NbdServer server(loop, graph, a.serve.limits());
   if (auto r = a.serve.start(server, "disk"); !r) return fail_input(r.error().message());
   fmt::print(stderr, "serving {} ({} bytes{}) at {}\n", a.image, (*dev)->length(),
              a.serve.read_only ? ", read-only" : "", a.serve.where(server));

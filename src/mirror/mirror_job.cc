@@ -69,7 +69,8 @@ Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, M
   if (p.job_id.empty()) p.job_id = p.device;
   // One bit per chunk: refuse a bitmap that would not fit rather than fail an
   // allocation (a 1 PiB node at 512-byte chunks would need 256 GiB).
-  uint64_t gran = p.granularity ? p.granularity : default_granularity(tgt->device().caps().cluster_size);
+  MirrorSizes sizes = derive_sizes(p, tgt->device().caps().cluster_size);
+  uint64_t gran = sizes.granularity;
   if (uint64_t bytes = div_round_up(src->length(), gran) / 8; bytes > kMaxBitmapBytes)
     return make_plain_error(EFBIG, fmt::format("A {}-byte disk needs a {}-byte dirty bitmap at granularity {}; "
                                                "use a larger granularity",
@@ -91,11 +92,11 @@ Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, M
     edges.replaces = std::move(*r);
   }
   return std::shared_ptr<MirrorJob>(
-      new MirrorJob(loop, graph, std::move(p), src, tgt, replaces, std::move(edges)));
+      new MirrorJob(loop, graph, std::move(p), sizes, src, tgt, replaces, std::move(edges)));
 }
 
-MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, Node* src, Node* tgt,
-                     Node* replaces, Edges edges)
+MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes, Node* src,
+                     Node* tgt, Node* replaces, Edges edges)
     : Job(p.job_id, "mirror", p.device, p.auto_finalize, p.auto_dismiss),
       loop_(loop),
       graph_(graph),
@@ -108,7 +109,7 @@ MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, Node* src, Node* 
       replaces_edge_(std::move(edges.replaces)),
       tracker_(std::make_shared<TargetTracker>(
           tgt->device_ptr(),
-          p_.granularity ? p_.granularity : default_granularity(tgt->device().caps().cluster_size),
+          sizes.granularity,
           [this](uint64_t off, uint64_t len) {
             mark_dirty(off, len);
             wake_.notify_all();
@@ -116,21 +117,17 @@ MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, Node* src, Node* 
       src_(src->device()),
       tgt_(*tracker_),
       length_(src->length()),
-      gran_(p_.granularity ? p_.granularity : default_granularity(tgt_.caps().cluster_size)),
-      buf_size_(align_up(p_.buf_size ? static_cast<uint64_t>(p_.buf_size) : kDefaultBufSize,
-                         gran_)),
-      // Large enough to stream well, small enough that max_in_flight ops fit.
-      max_op_(std::max(gran_, align_down(std::min<uint64_t>(
-                                             buf_size_, std::max<uint64_t>(
-                                                            buf_size_ / p_.max_in_flight,
-                                                            1 << 20)),
-                                         gran_))),
+      gran_(sizes.granularity),
+      buf_size_(sizes.buf_size),
+      max_op_(sizes.max_op),
       dirty_(div_round_up(length_, gran_)),
       mode_(p_.copy_mode),
-      active_(p_.copy_mode == CopyMode::kWriteBlocking),
+      adaptive_(p_.adaptive_window_ms),
       pool_(max_op_, buf_size_ / max_op_ + 1) {
-  if (tgt_.caps().cluster_size > gran_)
-    buf_size_ = std::max(buf_size_, align_up(tgt_.caps().cluster_size, gran_));
+  // The target's own device, not the tracker: offload needs a local file,
+  // which never reconnects, so copies the tracker does not see are safe.
+  auto s = src_.file_span(), t = tgt->device().file_span();
+  if (p_.copy_offload && s && t && s->fs_dev == t->fs_dev) offload_ = Offload{*s, *t};
   rate_.set_speed(static_cast<uint64_t>(p_.speed));
   // create() refused a node another job holds, so the slot is free.
   (void)src_node_->set_interceptor(this);
@@ -166,7 +163,7 @@ uint64_t MirrorJob::dirty_bytes() const {
 
 uint64_t MirrorJob::progress_len() const {
   uint64_t in_flight = 0;
-  for (auto& r : in_flight_) in_flight += r.length;
+  for (auto& op : in_flight_) in_flight += op.range.length;
   return progress_offset_ + dirty_bytes() + in_flight + active_bytes_;
 }
 
@@ -245,7 +242,7 @@ Task<Result<void>> MirrorJob::run() {
       undrain_sources();
       update_len();
       co_await pause_point();
-      adaptive_low_ = UINT64_MAX;  // a pause is not a failure to converge
+      adaptive_.restart();  // a pause is not a failure to converge
       continue;
     }
     check_adaptive();
