@@ -76,7 +76,15 @@ class BlockDevice {
   virtual Task<Result<void>> flush() = 0;
   // The extent that starts at offset, at most length bytes long (length > 0).
   virtual Task<Result<Extent>> block_status(uint64_t offset, uint64_t length) = 0;
+  // Changes length() (grows or shrinks the file itself; a format driver such as
+  // qcow2 grows its image file this way, since writes past length() are not
+  // allowed). Devices of fixed size answer ENOTSUP.
+  virtual Task<Result<void>> resize(uint64_t new_length);
 };
+
+inline Task<Result<void>> BlockDevice::resize(uint64_t new_length) {
+  co_return make_error(ENOTSUP, describe() + ": cannot be resized");
+}
 
 using BlockDevicePtr = std::shared_ptr<BlockDevice>;
 

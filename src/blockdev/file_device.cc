@@ -248,4 +248,17 @@ Task<Result<Extent>> FileDevice::block_status(uint64_t off, uint64_t len) {
   co_return Extent{std::min(len, a.end - off), a.data, !a.data};
 }
 
+Task<Result<void>> FileDevice::resize(uint64_t new_length) {
+  if (caps_.read_only) co_return io_error("resize", new_length, EROFS);
+  if (is_blk_) co_return io_error("resize", new_length, ENOTSUP);
+  int fd = fd_;
+  int err = co_await loop_.blocking([fd, new_length]() -> int {
+    return ::ftruncate(fd, static_cast<off_t>(new_length)) == 0 ? 0 : errno;
+  });
+  if (err) co_return io_error("resize", new_length, err);
+  length_ = new_length;
+  data_cache_end_ = data_cache_start_;
+  co_return Result<void>{};
+}
+
 }  // namespace blkmirror

@@ -54,6 +54,8 @@ class FileDevice : public BlockDevice {
   Task<Result<void>> discard(uint64_t off, uint64_t len) override;
   Task<Result<void>> flush() override;
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override;
+  // ftruncate on the worker pool (regular files only; block devices: ENOTSUP).
+  Task<Result<void>> resize(uint64_t new_length) override;
 
  private:
   FileDevice(Loop& loop, std::string path);

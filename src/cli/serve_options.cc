@@ -69,7 +69,7 @@ Task<int> wait_signal(Loop& loop, std::vector<int> sigs) {
 namespace blkmirror {
 
 Task<int> wait_stop_signal(Loop& loop) {
-  std::vector<int> sigs{SIGINT, SIGTERM};  // GCC 12: no braced lists inside co_await
+  std::vector<int> sigs{SIGINT, SIGTERM};  // GCC 12 rule 3 (base/task.h)
   co_return co_await wait_signal(loop, sigs);
 }
 

@@ -165,7 +165,7 @@ Task<void> MirrorJob::run_op(std::list<ByteRange>::iterator op, std::shared_ptr<
         result = co_await tgt_.write_zeroes(off, len, ZeroFlags{.may_unmap = p_.unmap});
         break;
       case Kind::kDiscard:
-        // if/else, not ?: -- GCC 12 destroys a co_await temporary of ?: twice.
+        // if/else, not ?: (GCC 12 rule 1, base/task.h).
         if (p_.unmap)
           result = co_await tgt_.discard(off, len);
         else
