@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from nbd_helpers import MiB, connect, mirror_server  # noqa: F401
+from conftest import MiB
+from nbd_helpers import connect
 
 
 def make_random(path, size, seed):

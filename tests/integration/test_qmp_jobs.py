@@ -4,30 +4,14 @@ The client is tests/integration/qmp_client.py (ours, written for the tests)."""
 
 import os
 import random
-import shutil
 import subprocess
 import threading
 import time
 
 import pytest
 
+from conftest import KiB, MiB
 from qmp_client import Daemon
-
-KiB = 1 << 10
-MiB = 1 << 20
-
-
-@pytest.fixture
-def daemon(blkmirror_bin, workdir):
-    d = Daemon(blkmirror_bin, workdir)
-    yield d
-    d.stop()
-
-
-@pytest.fixture
-def qmp(daemon):
-    with daemon.client() as c:
-        yield c
 
 
 def add_file(qmp, name, path, **opts):
