@@ -19,7 +19,13 @@ class Session : public std::enable_shared_from_this<Session> {
   Task<void> run(std::shared_ptr<Session> self) {
     send(greeting());
     asio::co_spawn(sock_.get_executor(), writer(self), asio::detached);
-    co_await reader();
+    try {
+      co_await reader();
+    } catch (const std::exception& e) {
+      // A bug, not the client's doing; still, the connection must close (an
+      // escaped exception used to leave it open forever, its fd leaked).
+      spdlog::error("qmp: session ended by an internal error: {}", e.what());
+    }
     // The client hung up or the server is stopping: send what is queued (the
     // reply to `quit`, say), for a bounded time, then close.
     flushing_ = true;

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "base/limits.h"
+
 namespace blkmirror::nbd {
 
 // Magics.
@@ -203,7 +205,7 @@ struct ExportLimits {
   bool read_only = false;
   bool structured = false;       // structured replies negotiated
   bool meta_base_allocation = false;
-  uint32_t max_payload = 32u << 20;
+  uint32_t max_payload = kMaxRequestBytes;
 };
 
 // Validate, then dispatch: the wire error for a request before any I/O, or 0.

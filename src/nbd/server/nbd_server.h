@@ -26,6 +26,7 @@
 #include <asio.hpp>
 
 #include "base/gate.h"
+#include "base/limits.h"
 #include "blockdev/graph.h"
 #include "io/listener.h"
 #include "io/loop.h"
@@ -75,7 +76,7 @@ class Connection;
 class NbdServer {
  public:
   // Payload limit advertised as the maximum block size.
-  static constexpr uint32_t kMaxPayload = 32u << 20;
+  static constexpr uint32_t kMaxPayload = kMaxRequestBytes;
   // Requests a single connection may have in flight before reading pauses.
   static constexpr unsigned kMaxInFlightPerConn = 64;
   // Reply bytes a connection may have waiting for a slow reader before it stops
