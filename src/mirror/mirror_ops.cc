@@ -131,7 +131,7 @@ void MirrorJob::set_reserved(MirrorOp& op, uint64_t bytes) {
 }
 
 Task<Result<void>> MirrorJob::copy_range(MirrorOp& op) {
-  if (offload_) {
+  if (offload_ && !op.partly_hole) {
     auto r = co_await copy_file_range_all(loop_, offload_->src, offload_->tgt, op.range.offset,
                                           op.range.length);
     if (r) {
@@ -178,7 +178,7 @@ Task<void> MirrorJob::run_op(std::list<MirrorOp>::iterator it, std::shared_ptr<M
       // The run mixes kinds: keep the part that matches the first extent (whole
       // chunks; a mixed chunk is copied as data) and leave the rest dirty.
       uint64_t oplen = st->length >= gran_ ? align_down(st->length, gran_) : std::min(gran_, len);
-      if (st->length < gran_) st->allocated = true, st->zero = false;
+      if (st->length < gran_) st->allocated = true, st->zero = false, op.partly_hole = true;
       mark_dirty(off + oplen, len - oplen);
       set_reserved(op, std::min(op.reserved, oplen));
       rate_.refund(len - oplen);
