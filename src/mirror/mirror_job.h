@@ -185,9 +185,12 @@ class MirrorJob : public Job, public WriteInterceptor {
     FileSpan src, tgt;
   };
   std::optional<Offload> offload_;
-  // Background operations are kernel copies that share extents: no buffer,
-  // largest requests.
-  bool reflink_ops() const { return offload_ && offload_->src.reflink; }
+  // Background operations are kernel copies: they take no buffer.
+  bool kernel_copies() const { return offload_.has_value(); }
+  // Chunks in one kernel copy: the largest requests (a call's cost is mostly
+  // fixed: docs/design/data-path.md), except under a speed limit, and where
+  // the copy moves data and a client write may wait for it (write-blocking).
+  uint64_t kernel_copy_chunks() const;
   uint64_t cursor_ = 0;           // chunk where the next search starts
   bool synced_ = false;
   bool should_complete_ = false;
