@@ -6,10 +6,6 @@
 
 namespace blkmirror {
 
-void Node::remove_observer(WriteObserver* o) {
-  observers_.erase(std::remove(observers_.begin(), observers_.end(), o), observers_.end());
-}
-
 Task<void> Node::drain() {
   ++quiesce_;
   while (in_flight_ > 0) co_await changed_.wait();
@@ -81,8 +77,6 @@ Task<Result<void>> Child::submit(const WriteRequest& req) {
     r = co_await n->interceptor_->intercept(*n, req);
   else
     r = co_await n->perform(req);
-  // Even a failed write may have changed part of the range.
-  n->notify_write(req.offset, req.length);
   leave(n);
   co_return r;
 }
