@@ -4,15 +4,19 @@
 
 #include <fmt/format.h>
 
+#include "base/assert.h"
+
 namespace blkmirror {
 
 Task<void> Node::drain() {
+  BLKMIRROR_ASSERT_ON_LOOP();
   ++quiesce_;
   while (in_flight_ > 0) co_await changed_.wait();
 }
 
 void Node::undrain() {
-  if (quiesce_ > 0 && --quiesce_ == 0) changed_.notify_all();
+  BLKMIRROR_ASSERT(quiesce_ > 0, "undrain() without a drain()");
+  if (--quiesce_ == 0) changed_.notify_all();
 }
 
 Child::Child(Node* node, std::string role) : node_(node), role_(std::move(role)) {
@@ -40,6 +44,7 @@ Task<Node*> Child::enter() {
 }
 
 void Child::leave(Node* n) {
+  BLKMIRROR_ASSERT(n->in_flight_ > 0, "node requests in flight below zero");
   if (--n->in_flight_ == 0) n->changed_.notify_all();
 }
 

@@ -6,6 +6,8 @@
 #include <asio/experimental/as_tuple.hpp>
 #include <spdlog/spdlog.h>
 
+#include "base/assert.h"
+
 namespace blkmirror::nbd {
 
 namespace {
@@ -67,7 +69,9 @@ Task<void> Connection::run(std::shared_ptr<Connection> self) {
     if (auto hold = exp->gate.try_enter()) co_await transmission(exp);
   }
   close();
-  co_await requests_.close();  // handlers still running keep using the socket's state
+  // Handlers still running keep using the socket's state. transmission() closed
+  // the gate already when it ran.
+  if (!requests_.closed()) co_await requests_.close();
 }
 
 void Connection::queue(std::vector<std::byte> buf) {
@@ -94,6 +98,7 @@ Task<void> Connection::writer(std::shared_ptr<Connection> self) {
       bytes += batch.back().size();
     }
     auto [ec, n] = co_await asio::async_write(sock_, bufs, use_tuple);
+    BLKMIRROR_ASSERT(out_bytes_ >= bytes, "queued reply bytes below zero");
     out_bytes_ -= bytes;
     slot_free_.notify_all();
     if (ec) {
@@ -205,6 +210,7 @@ Task<void> Connection::handle(Request r, std::vector<std::byte> payload,
       co_await do_block_status(r);
       break;
   }
+  BLKMIRROR_ASSERT(in_flight_ > 0, "requests in flight below zero");
   --in_flight_;
   slot_free_.notify_all();
 }
