@@ -116,6 +116,9 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
       job->copy_mode() == CopyMode::kWriteBlocking
           ? fmt::format(", {} client writes mirrored synchronously", format_size(st.bytes_active))
           : "";
+  if (st.bytes_offloaded)
+    active += fmt::format(", {} of the copy by the kernel (copy offload)",
+                          format_size(st.bytes_offloaded));
   progress.note(fmt::format(
       "mirror completed in {:.2f}s: {} copied, {} zeroed, {} ops, {} errors retried{}; "
       "target {}",

@@ -97,7 +97,7 @@ int run_mirror(const MirrorArgs& a) {
   auto job = MirrorJob::create(loop, graph, *params);
   if (!job) return fail_input(job.error().message());
 
-  nbd::NbdServer server(loop, graph);
+  nbd::NbdServer server(loop, graph, a.serve.limits());
   if (serving)
     if (auto r = a.serve.start(server, "src"); !r) return fail_input(r.error().message());
 

@@ -27,7 +27,7 @@ int run_serve(const ServeArgs& a) {
   auto dev = FileDevice::open(loop, a.image, FileOptions{.read_only = a.serve.read_only, .direct = a.direct});
   if (!dev) return fail_input(dev.error().message());
   (void)graph.add("disk", *dev);
-  nbd::NbdServer server(loop, graph);
+  nbd::NbdServer server(loop, graph, a.serve.limits());
   if (auto r = a.serve.start(server, "disk"); !r) return fail_input(r.error().message());
   fmt::print(stderr, "serving {} ({} bytes{}) at {}\n", a.image, (*dev)->length(),
              a.serve.read_only ? ", read-only" : "", a.serve.where(server));

@@ -6,19 +6,37 @@
 
 namespace blkmirror::qmp {
 
-QResult<Request> parse_request(std::string_view line, std::optional<Json>* id) {
-  Json j = Json::parse(line, nullptr, false);
-  if (j.is_discarded()) {
-    // nlohmann's own explanation names the byte; keep it to one line.
-    try {
-      Json again = Json::parse(line);
-      (void)again;
-    } catch (const Json::parse_error& e) {
-      std::string what = e.what();
-      if (auto p = what.find("] "); p != std::string::npos) what = what.substr(p + 2);
-      return generic_error("JSON parse error, " + what);
+bool json_nesting_exceeds(std::string_view text, int limit) {
+  int depth = 0;
+  bool in_string = false, escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (c == '\\') escaped = true;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > limit) return true;
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
     }
-    return generic_error("JSON parse error");
+  }
+  return false;
+}
+
+QResult<Request> parse_request(std::string_view line, std::optional<Json>* id) {
+  if (json_nesting_exceeds(line, kMaxJsonDepth))
+    return generic_error(fmt::format("JSON parse error, nesting deeper than {} levels", kMaxJsonDepth));
+  Json j;
+  try {
+    j = Json::parse(line);
+  } catch (const Json::exception& e) {
+    // A syntax error, or a number beyond double range (out_of_range, 1e400).
+    // nlohmann's own explanation names the byte; keep it to one line.
+    std::string what = e.what();
+    if (auto p = what.find("] "); p != std::string::npos) what = what.substr(p + 2);
+    return generic_error("JSON parse error, " + what);
   }
   if (!j.is_object()) return generic_error("QMP input must be a JSON object");
   if (auto it = j.find("id"); it != j.end()) *id = *it;

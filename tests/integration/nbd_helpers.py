@@ -210,7 +210,7 @@ def _wait_connectable(sock_path, proc, what, log):
 class NbdServer:
     """A running `blkmirror serve IMAGE --socket SOCK`."""
 
-    def __init__(self, binary, image, sock, args, logdir):
+    def __init__(self, binary, image, sock, args, logdir, preexec_fn=None):
         self.image = Path(image)
         self.sock = str(sock)
         self.name = ""
@@ -221,7 +221,7 @@ class NbdServer:
         self._err = open(self.stderr_path, "w+b")
         self.cmd = [binary, "serve", str(image), "--socket", self.sock, *map(str, args)]
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
-                                     stdout=self._err, stderr=self._err)
+                                     stdout=self._err, stderr=self._err, preexec_fn=preexec_fn)
         _wait_connectable(self.sock, self.proc, "blkmirror serve", self.log)
 
     def log(self):
@@ -256,15 +256,16 @@ class NbdServer:
 
 @pytest.fixture
 def nbd_server(blkmirror_bin, tmp_path):
-    """Factory: nbd_server(image, *args, sock=None) -> NbdServer."""
+    """Factory: nbd_server(image, *args, sock=None, preexec_fn=None) -> NbdServer
+    (preexec_fn runs in the child before exec: lower a resource limit, say)."""
     started = []
     count = [0]
 
-    def start(image, *args, sock=None):
+    def start(image, *args, sock=None, preexec_fn=None):
         count[0] += 1
         if sock is None:
             sock = tmp_path / f"nbd{count[0]}.sock"
-        srv = NbdServer(blkmirror_bin, image, sock, list(args), tmp_path)
+        srv = NbdServer(blkmirror_bin, image, sock, list(args), tmp_path, preexec_fn)
         started.append(srv)
         return srv
 

@@ -152,10 +152,15 @@ def test_starttls_refused_without_tls(srv, image):
 
 
 @pytest.mark.parametrize("opt", [OPT_GO, OPT_LIST, OPT_SET_META_CONTEXT, 0x4321])
-def test_option_payload_over_64k_is_too_big(srv, image, opt):
+@pytest.mark.parametrize("size", [12 * KiB + 1, 64 * KiB + 1])
+def test_option_payload_over_12k_is_too_big(srv, image, opt, size):
+    """Options over 12 KiB are not buffered (a connection holds at most 16 KiB
+    before its handshake completes): skipped, answered ERR_TOO_BIG."""
     c = raw(srv)
     c.start()
-    payload = bytes(64 * KiB + 1)
+    final, _ = c.option(0x4321, bytes(12 * KiB))  # at the limit: read, then unsupported
+    assert final == REP_ERR_UNSUP, hex(final)
+    payload = bytes(size)
     c.send_option(opt, payload)
     ropt, rtype, _ = c.read_option_reply()
     assert ropt == opt

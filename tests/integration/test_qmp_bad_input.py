@@ -79,6 +79,48 @@ def test_malformed_requests_get_generic_error_and_connection_survives(qmp, line,
     assert qmp.cmd("query-version")["qemu"]["major"] == 7
 
 
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_deep_nesting_before_negotiation_is_refused_not_a_crash(daemon):
+    # Issue 17 item 4: 60,000 nested arrays (a 120 KB line) overflowed the stack.
+    deep = "[" * 60000 + "]" * 60000
+    with daemon.client(negotiate=False) as c:
+        for line in ('{"execute": "query-version", "id": %s}' % deep,
+                     '{"execute": "query-version", "arguments": {"x": %s}}' % deep,
+                     '{"execute": %s}' % deep, deep):
+            r = raw_line(c, line)
+            assert r["error"] == {"class": "GenericError",
+                                  "desc": "JSON parse error, nesting deeper than 1024 levels"}, r
+        # The connection is still usable, and so is the daemon.
+        assert raw_line(c, '{"execute": "qmp_capabilities", "id": 1}') == {"return": {}, "id": 1}
+        assert c.cmd("query-version")["qemu"]["major"] == 7
+
+
+def test_number_beyond_double_range_gets_an_error_and_no_fd_leak(daemon):
+    # Issue 17 item 5: 1e400 hung the session (no reply to it or anything
+    # after) and leaked its fd.
+    with daemon.client() as c:
+        for line in ('{"execute": "query-version", "arguments": {"x": 1e400}}',
+                     '{"execute": "query-version", "arguments": {"x": [1e400]}}',
+                     '{"execute": "query-version", "id": 1e400}'):
+            r = raw_line(c, line)
+            assert r["error"]["class"] == "GenericError", r
+            assert r["error"]["desc"].startswith("JSON parse error, number overflow"), r
+        assert c.cmd("query-version")["qemu"]["major"] == 7
+    before = open_fds(daemon.proc.pid)
+    for _ in range(50):
+        with daemon.client() as c:
+            c.send_raw(b'{"execute": "query-version", "id": 1e400}\n')
+    with daemon.client() as c:
+        assert c.cmd("query-version")["qemu"]["major"] == 7
+    deadline = time.monotonic() + 10
+    while open_fds(daemon.proc.pid) > before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_fds(daemon.proc.pid) <= before + 2
+
+
 def test_id_is_echoed_on_errors(qmp):
     r = qmp.request("nosuch", id={"any": ["json", 1]})
     assert r == {"error": {"class": "CommandNotFound", "desc": "The command nosuch has not been found"},
