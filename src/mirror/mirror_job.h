@@ -1,6 +1,5 @@
 // MirrorJob: copies a live source node to a target node and, on complete, swaps
-// the target in for the source. Behaviour: shared/spec/MIRROR.md; design:
-// docs/design/mirror-job.md.
+// the target in for the source. Behaviour and design: docs/design/mirror-job.md.
 //
 // The job puts itself in the source node's write path as its WriteInterceptor
 // (active_write.cc). In background mode a client write marks the dirty bitmap
@@ -151,7 +150,7 @@ class MirrorJob : public Job, public WriteInterceptor {
   ByteRange chunks_covering(uint64_t off, uint64_t len) const;
   void mark_dirty(uint64_t off, uint64_t len);
   void update_len();
-  // len = offset + dirty + in flight (MIRROR.md "Progress").
+  // len = offset + dirty + in flight (docs/design/mirror-job.md, "Progress").
   uint64_t progress_len() const;
 
   Loop& loop_;

@@ -1,4 +1,4 @@
-"""PERF.md scenario 4: fio 4 KiB random write and read over NBD against
+"""docs/measuring.md scenario 4: fio 4 KiB random write and read over NBD against
 blkmirror's export and the daemon peer's, no job running."""
 
 from __future__ import annotations
