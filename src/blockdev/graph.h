@@ -8,9 +8,7 @@
 //   - counts requests in flight, so drain() knows when the node is idle;
 //   - hands every write, write-zeroes and discard to the node's WriteInterceptor
 //     when it has one (a mirror: in write-blocking mode it also writes the
-//     target before the client's reply), else runs it on the device;
-//   - tells the node's write observers about every write, write-zeroes and
-//     discard after it finished, successful or not.
+//     target before the client's reply), else runs it on the device.
 // Graph::replace() moves every parent of one node to another: the switch-over.
 //
 // Permissions (permissions.h, docs/design/permissions.md): every edge says what
@@ -56,14 +54,6 @@ struct EdgeUse {
 // in release builds.
 #define BLKMIRROR_ASSERT_THREAD(owner) assert((owner) == std::this_thread::get_id())
 
-// Something that must hear of every write to a node (the mirror's dirty
-// tracking). Called after the write finished on the device.
-class WriteObserver {
- public:
-  virtual ~WriteObserver() = default;
-  virtual void on_write(uint64_t offset, uint64_t length) = 0;
-};
-
 // One write-type request on its way to a node's device.
 struct WriteRequest {
   enum class Kind { kWrite, kWriteZeroes, kDiscard };
@@ -91,20 +81,18 @@ class Node {
   Node(std::string name, BlockDevicePtr dev) : name_(std::move(name)), dev_(std::move(dev)) {}
 
   const std::string& name() const { return name_; }
-  // Direct device access, bypassing drain and observers: for the job that owns
+  // Direct device access, bypassing drain and interceptor: for the job that owns
   // the node's contents (the mirror reading its source).
   BlockDevice& device() { return *dev_; }
   const BlockDevicePtr& device_ptr() const { return dev_; }
   uint64_t length() const { return dev_->length(); }
 
-  void add_observer(WriteObserver* o) { observers_.push_back(o); }
-  void remove_observer(WriteObserver* o);
   // Errors: EBUSY when another interceptor is installed.
   Result<void> set_interceptor(WriteInterceptor* i);
   void clear_interceptor(WriteInterceptor* i) {
     if (interceptor_ == i) interceptor_ = nullptr;
   }
-  // Runs req on the device, nothing else (no drain, no observers): for the
+  // Runs req on the device, nothing else (no drain, no interceptor): for the
   // interceptor.
   Task<Result<void>> perform(const WriteRequest& req);
 
@@ -123,13 +111,8 @@ class Node {
  private:
   friend class Child;
   friend class Graph;
-  void notify_write(uint64_t off, uint64_t len) {
-    for (auto* o : observers_) o->on_write(off, len);
-  }
-
   std::string name_;
   BlockDevicePtr dev_;
-  std::vector<WriteObserver*> observers_;
   WriteInterceptor* interceptor_ = nullptr;
   std::vector<Child*> parents_;
   std::vector<Child*> children_;
