@@ -3,8 +3,10 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <linux/magic.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -88,12 +90,39 @@ Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::stri
     c.has_block_status = true;
   }
   c.pref_block = static_cast<uint32_t>(std::max<long>(st.st_blksize, 512));
+  struct statfs fs {};
+  if (!dev->is_blk_ && ::fstatfs(*fd, &fs) == 0)
+    dev->reflink_ = fs.f_type == XFS_SUPER_MAGIC || fs.f_type == BTRFS_SUPER_MAGIC;
   if (opts.direct) {
     auto dfd = open_fd(path, flags | O_DIRECT);
     if (!dfd) return with_context(dfd.error(), "cache.direct");
     dev->direct_fd_ = *dfd;
   }
   return dev;
+}
+
+std::optional<FileSpan> FileDevice::file_span() const {
+  if (is_blk_) return std::nullopt;  // copy_file_range takes regular files only
+  return FileSpan{fd_, dev_, reflink_};
+}
+
+Task<Result<void>> copy_file_range_all(Loop& loop, FileSpan src, FileSpan dst, uint64_t off,
+                                       uint64_t len) {
+  int in = src.fd, out = dst.fd;
+  int err = co_await loop.blocking([in, out, off, len]() -> int {
+    uint64_t done = 0;
+    while (done < len) {
+      loff_t io = static_cast<loff_t>(off + done), oo = io;
+      ssize_t n = ::copy_file_range(in, &io, out, &oo, len - done, 0);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return errno;
+      if (n == 0) return EIO;  // the source shrank under us
+      done += static_cast<uint64_t>(n);
+    }
+    return 0;
+  });
+  if (err) co_return make_error(err, fmt::format("copy_file_range at offset {}", off));
+  co_return Result<void>{};
 }
 
 tl::unexpected<Error> FileDevice::io_error(const char* what, uint64_t off, int errnum) const {
@@ -246,6 +275,19 @@ Task<Result<Extent>> FileDevice::block_status(uint64_t off, uint64_t len) {
     data_cache_end_ = a.end;
   }
   co_return Extent{std::min(len, a.end - off), a.data, !a.data};
+}
+
+Task<Result<void>> FileDevice::resize(uint64_t new_length) {
+  if (caps_.read_only) co_return io_error("resize", new_length, EROFS);
+  if (is_blk_) co_return io_error("resize", new_length, ENOTSUP);
+  int fd = fd_;
+  int err = co_await loop_.blocking([fd, new_length]() -> int {
+    return ::ftruncate(fd, static_cast<off_t>(new_length)) == 0 ? 0 : errno;
+  });
+  if (err) co_return io_error("resize", new_length, err);
+  length_ = new_length;
+  data_cache_end_ = data_cache_start_;
+  co_return Result<void>{};
 }
 
 }  // namespace blkmirror

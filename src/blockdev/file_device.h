@@ -29,6 +29,16 @@ struct FileOptions {
   bool direct = false;
 };
 
+// Copies [off, off+len) of src's file to the same range of dst's file in the
+// kernel (copy_file_range: extents shared on XFS/btrfs with reflink, an in-kernel
+// copy elsewhere), on the loop's worker pool. Exact: holes in the source range
+// stay holes only where the file system shares extents; callers copy data
+// extents. Fails with EXDEV, EOPNOTSUPP, ENOSYS or EINVAL (errnum) when the
+// kernel cannot do it for this pair: the caller then reads and writes.
+// REQUIRES: the range lies within both files; both descriptors outlive the call.
+Task<Result<void>> copy_file_range_all(Loop& loop, FileSpan src, FileSpan dst, uint64_t off,
+                                       uint64_t len);
+
 class FileDevice : public BlockDevice {
  public:
   // Opens path. Errors read "PATH: reason" (ENOENT, EACCES, EISDIR...).
@@ -54,6 +64,9 @@ class FileDevice : public BlockDevice {
   Task<Result<void>> discard(uint64_t off, uint64_t len) override;
   Task<Result<void>> flush() override;
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override;
+  std::optional<FileSpan> file_span() const override;
+  // ftruncate on the worker pool (regular files only; block devices: ENOTSUP).
+  Task<Result<void>> resize(uint64_t new_length) override;
 
  private:
   FileDevice(Loop& loop, std::string path);
@@ -67,6 +80,7 @@ class FileDevice : public BlockDevice {
   BlockCaps caps_;
   bool is_blk_ = false;
   uint64_t dev_ = 0, ino_ = 0;
+  bool reflink_ = false;  // on a file system that shares extents (file_span())
   int fd_ = -1;
   int direct_fd_ = -1;  // O_DIRECT, when enabled
   // Last "data" extent seen. Stale data answers are safe (copying zeroes as data

@@ -75,7 +75,7 @@ Result<void> Node::set_interceptor(WriteInterceptor* i) {
 
 Task<Result<void>> Child::submit(const WriteRequest& req) {
   Node* n = co_await enter();
-  // if/else, not ?: -- GCC 12 destroys a co_await temporary of ?: twice.
+  // if/else, not ?: (GCC 12 rule 1, base/task.h).
   Result<void> r;
   if (n->interceptor_)
     r = co_await n->interceptor_->intercept(*n, req);

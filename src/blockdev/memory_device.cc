@@ -158,4 +158,21 @@ Task<Result<Extent>> MemoryDevice::block_status(uint64_t off, uint64_t len) {
   co_return e;
 }
 
+Task<Result<void>> MemoryDevice::resize(uint64_t new_length) {
+  if (opts_.caps.read_only) co_return make_error(EROFS, "memory: read-only");
+  co_await maybe_yield();
+  if (new_length < length_) {
+    // Drop whole pages past the end and zero the tail of the last one, so growing
+    // again reads zeroes there.
+    pages_.erase(pages_.lower_bound(div_round_up(new_length, kPage)), pages_.end());
+    if (new_length % kPage) {
+      auto it = pages_.find(new_length / kPage);
+      if (it != pages_.end())
+        std::memset(it->second->data() + new_length % kPage, 0, kPage - new_length % kPage);
+    }
+  }
+  length_ = new_length;
+  co_return Result<void>{};
+}
+
 }  // namespace blkmirror

@@ -40,6 +40,8 @@ class MemoryDevice : public BlockDevice {
   Task<Result<void>> discard(uint64_t off, uint64_t len) override;
   Task<Result<void>> flush() override;
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override;
+  // Shrinking drops the pages past the new end.
+  Task<Result<void>> resize(uint64_t new_length) override;
 
   // Synchronous access for tests (no yield).
   void read_now(uint64_t off, std::span<std::byte> buf) const;

@@ -114,9 +114,8 @@ Connected connect_blocking(const NbdConnectOptions& o) {
 Task<Result<std::unique_ptr<NbdConnection>>> NbdConnection::open(Loop& loop,
                                                                  NbdConnectOptions opts) {
   if (auto v = opts.validate(); !v) co_return make_error(v.error());
-  // Only a pointer is captured: GCC 12 destroys a temporary lambda inside a
-  // co_await expression twice, harmless for trivial captures only. opts lives
-  // in this frame, which waits, untouched, while the worker reads it.
+  // Only a pointer is captured (GCC 12 rule 2, base/task.h): opts lives in this
+  // frame, which waits, untouched, while the worker reads it.
   const NbdConnectOptions* o = &opts;
   Connected c = co_await loop.blocking([o]() { return connect_blocking(*o); });
   if (!c.h)

@@ -35,6 +35,8 @@ class BlockDeviceWrapper : public BlockDevice {
     return inner_->block_status(off, len);
   }
 
+  Task<Result<void>> resize(uint64_t new_length) override { return inner_->resize(new_length); }
+
   const BlockDevicePtr& inner() const { return inner_; }
 
  private:

@@ -19,6 +19,7 @@ struct MirrorCliOptions {
   std::string copy_mode = "adaptive";  // bench/README.md: converges where background does not, same cost otherwise
   uint64_t adaptive_window_ms = kDefaultAdaptiveWindowMs;
   bool direct = false;
+  bool no_copy_offload = false;
   bool json = false;
   bool no_progress = false;
   double progress_interval = 1.0;  // seconds between --json PROGRESS objects

@@ -16,6 +16,7 @@
 
 #include <asio.hpp>
 
+#include "base/assert.h"
 #include "base/task.h"
 #include "io/uring.h"
 
@@ -38,8 +39,8 @@ class Loop {
 
   // Runs f() on the worker pool and resumes on the loop with its result.
   // REQUIRES: f is self-contained (captures by value; no loop-owned state), and
-  // its captures survive a bitwise move: GCC 12 relocates coroutine arguments
-  // that way, which breaks std::string. Capture pointers or integers.
+  // its captures survive a bitwise move: capture pointers or integers (GCC 12
+  // rule 2, base/task.h).
   template <class F>
   Task<std::invoke_result_t<F>> blocking(F f) {
     using R = std::invoke_result_t<F>;
@@ -83,7 +84,14 @@ class Loop {
     }
     ctx_.restart();
     auto guard = asio::make_work_guard(ctx_);
-    ctx_.run();
+    {
+      // Marks this thread as a loop thread while it runs (BLKMIRROR_ASSERT_ON_LOOP).
+      struct Mark {
+        bool was = std::exchange(detail::on_loop_thread, true);
+        ~Mark() { detail::on_loop_thread = was; }
+      } mark;
+      ctx_.run();
+    }
     if (error) std::rethrow_exception(error);
     if constexpr (!std::is_void_v<T>) return std::move(*value);
   }

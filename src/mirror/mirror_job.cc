@@ -45,16 +45,18 @@ Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, M
   if (p.job_id.empty()) p.job_id = p.device;
   // One bit per chunk: refuse a bitmap that would not fit rather than fail an
   // allocation (a 1 PiB node at 512-byte chunks would need 256 GiB).
-  uint64_t gran = p.granularity ? p.granularity : default_granularity(tgt->device().caps().cluster_size);
+  MirrorSizes sizes = derive_sizes(p, tgt->device().caps().cluster_size);
+  uint64_t gran = sizes.granularity;
   if (uint64_t bytes = div_round_up(src->length(), gran) / 8; bytes > kMaxBitmapBytes)
     return make_plain_error(EFBIG, fmt::format("A {}-byte disk needs a {}-byte dirty bitmap at granularity {}; "
                                                "use a larger granularity",
                                                src->length(), bytes, gran));
-  return std::shared_ptr<MirrorJob>(new MirrorJob(loop, graph, std::move(p), src, tgt, replaces));
+  return std::shared_ptr<MirrorJob>(
+      new MirrorJob(loop, graph, std::move(p), sizes, src, tgt, replaces));
 }
 
-MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, Node* src, Node* tgt,
-                     Node* replaces)
+MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes, Node* src,
+                     Node* tgt, Node* replaces)
     : Job(p.job_id, "mirror", p.device, p.auto_finalize, p.auto_dismiss),
       loop_(loop),
       graph_(graph),
@@ -67,21 +69,15 @@ MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, Node* src, Node* 
       src_(src->device()),
       tgt_(tgt->device()),
       length_(src->length()),
-      gran_(p_.granularity ? p_.granularity : default_granularity(tgt_.caps().cluster_size)),
-      buf_size_(align_up(p_.buf_size ? static_cast<uint64_t>(p_.buf_size) : kDefaultBufSize,
-                         gran_)),
-      // Large enough to stream well, small enough that max_in_flight ops fit.
-      max_op_(std::max(gran_, align_down(std::min<uint64_t>(
-                                             buf_size_, std::max<uint64_t>(
-                                                            buf_size_ / p_.max_in_flight,
-                                                            1 << 20)),
-                                         gran_))),
+      gran_(sizes.granularity),
+      buf_size_(sizes.buf_size),
+      max_op_(sizes.max_op),
       dirty_(div_round_up(length_, gran_)),
       mode_(p_.copy_mode),
-      active_(p_.copy_mode == CopyMode::kWriteBlocking),
+      adaptive_(p_.adaptive_window_ms),
       pool_(max_op_, buf_size_ / max_op_ + 1) {
-  if (tgt_.caps().cluster_size > gran_)
-    buf_size_ = std::max(buf_size_, align_up(tgt_.caps().cluster_size, gran_));
+  auto s = src_.file_span(), t = tgt_.file_span();
+  if (p_.copy_offload && s && t && s->fs_dev == t->fs_dev) offload_ = Offload{*s, *t};
   rate_.set_speed(static_cast<uint64_t>(p_.speed));
   // create() refused a node another job holds, so the slot is free.
   (void)src_node_->set_interceptor(this);
@@ -117,7 +113,7 @@ uint64_t MirrorJob::dirty_bytes() const {
 
 uint64_t MirrorJob::progress_len() const {
   uint64_t in_flight = 0;
-  for (auto& r : in_flight_) in_flight += r.length;
+  for (auto& op : in_flight_) in_flight += op.range.length;
   return progress_offset_ + dirty_bytes() + in_flight + active_bytes_;
 }
 
@@ -185,7 +181,7 @@ Task<Result<void>> MirrorJob::run() {
       undrain_sources();
       update_len();
       co_await pause_point();
-      adaptive_low_ = UINT64_MAX;  // a pause is not a failure to converge
+      adaptive_.restart();  // a pause is not a failure to converge
       continue;
     }
     check_adaptive();

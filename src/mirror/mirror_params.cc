@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "base/align.h"
+#include "base/limits.h"
 #include "base/size_parse.h"
 
 namespace blkmirror {
@@ -108,6 +109,21 @@ Result<void> validate_params(const MirrorParams& p) {
 uint64_t default_granularity(uint64_t cluster) {
   if (cluster == 0) return 64 << 10;
   return std::clamp<uint64_t>(cluster, 4 << 10, 64 << 10);
+}
+
+MirrorSizes derive_sizes(const MirrorParams& p, uint64_t cluster) {
+  MirrorSizes s;
+  s.granularity = p.granularity ? p.granularity : default_granularity(cluster);
+  uint64_t g = s.granularity;
+  s.buf_size = align_up(p.buf_size ? static_cast<uint64_t>(p.buf_size) : kDefaultBufSize, g);
+  // A copy of a target cluster must fit the buffer whole.
+  if (cluster > g) s.buf_size = std::max(s.buf_size, align_up(cluster, g));
+  // Large enough to stream well, small enough that max_in_flight operations
+  // fit the buffer, never above the largest request, and at least one chunk.
+  uint64_t share = std::max<uint64_t>(s.buf_size / p.max_in_flight, 1 << 20);
+  uint64_t op = std::min<uint64_t>({s.buf_size, share, kMaxRequestBytes});
+  s.max_op = std::max(g, align_down(op, g));
+  return s;
 }
 
 }  // namespace blkmirror

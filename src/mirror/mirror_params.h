@@ -53,6 +53,10 @@ struct MirrorParams {
   // adaptive: switch to write-blocking when the dirty count has not reached a
   // new low for this long while not converged.
   uint64_t adaptive_window_ms = kDefaultAdaptiveWindowMs;
+  // Let the kernel copy data extents (copy_file_range) when source and target
+  // are regular files on one file system: on XFS/btrfs the target then shares
+  // the source's extents (reflink). Off: every byte is read and written.
+  bool copy_offload = true;
 };
 
 inline constexpr int64_t kDefaultBufSize = 16 << 20;
@@ -77,5 +81,15 @@ Result<void> validate_params(const MirrorParams& p);
 // Default granularity: the target's cluster size clamped to [4 KiB, 64 KiB], or
 // 64 KiB when the target has none.
 uint64_t default_granularity(uint64_t target_cluster_size);
+
+// The sizes a mirror job works with: derived once, from its parameters and the
+// target's cluster size, and fixed for the job's life.
+struct MirrorSizes {
+  uint64_t granularity = 0;  // bytes per dirty bit (a chunk)
+  uint64_t buf_size = 0;     // data all background operations together may hold
+  uint64_t max_op = 0;       // largest single copy operation, whole chunks
+};
+// REQUIRES: validate_params(p) succeeded. Pure.
+MirrorSizes derive_sizes(const MirrorParams& p, uint64_t target_cluster_size);
 
 }  // namespace blkmirror

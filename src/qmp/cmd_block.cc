@@ -2,16 +2,16 @@
 // query-named-block-nodes.
 #include <sys/stat.h>
 
-#include <charconv>
 #include <filesystem>
 
-// GCC 12 warns falsely about Asio coroutine frames in the recursive
-// blockdev-add (an inline file node); the frame allocator pairs are Asio's own.
+// GCC 12 rule 4 (base/task.h): a false -Wmismatched-new-delete on the Asio
+// coroutine frames of the recursive blockdev-add (an inline file node).
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "base/host_port.h"
 #include "blockdev/fault_device.h"
 #include "blockdev/file_device.h"
 #include "blockdev/nbd_device.h"
@@ -256,13 +256,17 @@ Task<QResult<BlockDevicePtr>> Daemon::BlockCommands::open_nbd_node(Daemon& d, Js
     if (!srv.contains("host")) co_return generic_error("Parameter 'server.host' is missing");
     if (!srv.contains("port")) co_return generic_error("Parameter 'server.port' is missing");
     o.transport = NbdTransport::kTcp;
-    o.host = srv["host"].get<std::string>();
-    std::string port = srv["port"].get<std::string>();
-    unsigned n = 0;
-    auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), n);
-    if (ec != std::errc() || p != port.data() + port.size() || n == 0 || n > 65535)
-      co_return generic_error(fmt::format("Parameter 'server.port' does not accept value '{}'", port));
-    o.port = static_cast<uint16_t>(n);
+    std::string host = srv["host"].get<std::string>(), port = srv["port"].get<std::string>();
+    auto h = parse_host(host);
+    if (!h)
+      co_return generic_error(
+          fmt::format("Parameter 'server.host' does not accept value '{}'", host));
+    auto n = parse_port(port, false);
+    if (!n)
+      co_return generic_error(
+          fmt::format("Parameter 'server.port' does not accept value '{}'", port));
+    o.host = *h;
+    o.port = *n;
   }
   for (const char* k : {"path", "host", "port"}) {
     bool wanted = o.transport == NbdTransport::kUnix ? std::string_view(k) == "path" : std::string_view(k) != "path";

@@ -1,9 +1,11 @@
 // NBD server commands: nbd-server-start/stop, block-export-add/del and
 // query-block-exports.
-#include <charconv>
+#include <chrono>
+#include <cstdint>
 
 #include <fmt/format.h>
 
+#include "base/host_port.h"
 #include "qmp/daemon.h"
 
 namespace blkmirror::qmp {
@@ -15,7 +17,22 @@ const Schema kInetData = {{"host", Type::kString, true}, {"port", Type::kString,
                           {"numeric", Type::kBool},     {"ipv4", Type::kBool},
                           {"ipv6", Type::kBool},        {"keep-alive", Type::kBool}};
 const Schema kAddr = {{"type", Type::kEnum, true, {"unix", "inet"}}, {"data", Type::kObject, true}};
-const Schema kStart = {{"addr", Type::kObject, true, {}, &kAddr}};
+// max-connections as QEMU 7.2 takes it; handshake-max-seconds as QEMU took it later (10.0).
+const Schema kStart = {{"addr", Type::kObject, true, {}, &kAddr},
+                       {"max-connections", Type::kInt},
+                       {"handshake-max-seconds", Type::kInt}};
+
+// QAPI's uint32 members: an integer in 0..2^32-1, else QEMU's text.
+QResult<uint32_t> uint32_member(const Json& a, const char* name, uint32_t dflt) {
+  if (!a.contains(name)) return dflt;
+  const Json& v =
+      a[name];  // an integer (check() saw to that): signed from keyval, unsigned from JSON
+  bool fits = v.is_number_unsigned()
+                  ? v.get<uint64_t>() <= UINT32_MAX
+                  : v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT64_C(0xffffffff);
+  if (!fits) return generic_error(fmt::format("Parameter '{}' expects uint32_t", name));
+  return static_cast<uint32_t>(v.get<uint64_t>());
+}
 
 tl::unexpected<QmpError> not_running() { return generic_error("NBD server not running"); }
 
@@ -59,23 +76,30 @@ Task<QResult<Json>> Daemon::NbdCommands::nbd_server_start(Daemon& d, Json& a, co
   bool is_unix = addr["type"] == "unix";
   if (auto r = check(addr["data"], is_unix ? kUnixData : kInetData, "addr.data.", call.coerce); !r)
     co_return tl::unexpected(r.error());
+  nbd::ServerLimits limits;
+  auto max_conn = uint32_member(a, "max-connections", 0);
+  if (!max_conn) co_return tl::unexpected(max_conn.error());
+  auto handshake = uint32_member(a, "handshake-max-seconds", 10);
+  if (!handshake) co_return tl::unexpected(handshake.error());
+  limits.max_connections = *max_conn;
+  limits.handshake_limit = std::chrono::seconds(*handshake);
   if (d.nbd_) co_return generic_error("NBD server already running");
-  auto server = std::make_unique<nbd::NbdServer>(d.loop_, d.graph_);
+  auto server = std::make_unique<nbd::NbdServer>(d.loop_, d.graph_, limits);
   Json& data = addr["data"];
   if (is_unix) {
     if (data.value("abstract", false)) co_return generic_error("Abstract UNIX sockets are not supported");
     if (auto r = server->listen_unix(data["path"].get<std::string>()); !r)
-      co_return generic_error(fmt::format("Failed to bind socket to {}: {}", data["path"].get<std::string>(),
-                                          r.error().reason()));
+      co_return generic_error(fmt::format("Failed to bind socket to {}: {}",
+                                          data["path"].get<std::string>(), r.error().message()));
   } else {
-    std::string port_s = data["port"].get<std::string>();
-    unsigned port = 0;
-    auto [p, ec] = std::from_chars(port_s.data(), port_s.data() + port_s.size(), port);
-    if (ec != std::errc() || p != port_s.data() + port_s.size() || port > 65535)
-      co_return generic_error(fmt::format("Parameter 'addr.data.port' does not accept value '{}'", port_s));
-    if (auto r = server->listen_tcp(data["host"].get<std::string>(), static_cast<uint16_t>(port)); !r)
-      co_return generic_error(fmt::format("Failed to listen on {}:{}: {}", data["host"].get<std::string>(),
-                                          port_s, r.error().message()));
+    std::string host_s = data["host"].get<std::string>(), port_s = data["port"].get<std::string>();
+    auto host = parse_host(host_s);
+    if (!host) co_return generic_error(bad_value("addr.data.host", host_s));
+    auto port = parse_port(port_s);
+    if (!port) co_return generic_error(bad_value("addr.data.port", port_s));
+    if (auto r = server->listen_tcp(*host, *port); !r)
+      co_return generic_error(fmt::format("Failed to listen on {}: {}",
+                                          format_host_port(*host, *port), r.error().message()));
   }
   d.nbd_ = std::move(server);
   co_return Json::object();

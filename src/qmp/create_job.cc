@@ -40,9 +40,8 @@ Result<void> create_file(const CreateFileSpec& s) {
 
 Task<Result<void>> CreateJob::run() {
   progress_len_ = 1;
-  // Capture a pointer, not the strings: GCC 12 relocates a coroutine's by-value
-  // lambda captures bitwise, which breaks std::string's small-string buffer.
-  // The job outlives the call (its lifecycle holds a reference).
+  // Capture a pointer, not the strings (GCC 12 rule 2, base/task.h). The job
+  // outlives the call (its lifecycle holds a reference).
   const CreateFileSpec* spec = &spec_;
   auto r = co_await loop_.blocking([spec]() { return create_file(*spec); });
   if (r) progress_offset_ = 1;

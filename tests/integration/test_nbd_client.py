@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from nbd_peers import export_map, peers, read_export  # noqa: F401
+from conftest import MiB
+from nbd_peers import export_map, read_export
 
-MiB = 1 << 20
 SIZE = 32 * MiB
 # Data in 1 MiB extents at every 4 MiB, the rest holes.
 LAYOUT = [(off, MiB) for off in range(0, SIZE, 4 * MiB)]

@@ -1,7 +1,6 @@
 """Bad input on the QMP socket: each gets the right error class, nothing
 happens as a side effect, the daemon stays up and other clients keep working."""
 
-import json
 import os
 import socket
 import stat
@@ -10,23 +9,15 @@ import time
 
 import pytest
 
-from qmp_client import Daemon, QmpClient
-
-MiB = 1 << 20
-
-
-@pytest.fixture
-def daemon(blkmirror_bin, workdir):
-    d = Daemon(blkmirror_bin, workdir)
-    yield d
-    assert d.proc.poll() is None, f"daemon died: {d.output()}"
-    d.stop()
+from conftest import MiB
+from qmp_client import Daemon
 
 
 @pytest.fixture
-def qmp(daemon):
-    with daemon.client() as c:
-        yield c
+def daemon(daemon):
+    """conftest's daemon, checked after the test: bad input never takes it down."""
+    yield daemon
+    assert daemon.proc.poll() is None, f"daemon died: {daemon.output()}"
 
 
 def raw_line(qmp, text):

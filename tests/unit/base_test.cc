@@ -1,7 +1,9 @@
 #include <gtest/gtest.h>
 
 #include "base/align.h"
+#include "base/assert.h"
 #include "base/size_parse.h"
+#include "io/loop.h"
 
 namespace blkmirror {
 namespace {
@@ -30,6 +32,27 @@ TEST(Align, Helpers) {
   EXPECT_TRUE(range_within(10, 0, 10));
   EXPECT_FALSE(range_within(5, 6, 10));
   EXPECT_FALSE(range_within(UINT64_MAX, 2, UINT64_MAX));
+}
+
+TEST(AssertDeathTest, AbortsNamingTheCondition) {
+  int counter = 0;
+  BLKMIRROR_ASSERT(counter == 0);  // holds: nothing happens
+  EXPECT_DEATH(BLKMIRROR_ASSERT(counter > 0, "counter below one"),
+               "assertion failed: counter > 0: counter below one");
+}
+
+TEST(AssertDeathTest, OnLoopOnlyInsideLoopRun) {
+  EXPECT_FALSE(on_loop_thread());
+  EXPECT_DEATH(BLKMIRROR_ASSERT_ON_LOOP(), "off the loop thread");
+  Loop loop(1);
+  bool inside = loop.run([]() -> Task<bool> { co_return on_loop_thread(); }());
+  EXPECT_TRUE(inside);
+  EXPECT_FALSE(on_loop_thread());
+  // The worker pool's threads are not loop threads.
+  bool on_worker = loop.run([](Loop* l) -> Task<bool> {
+    co_return co_await l->blocking([] { return on_loop_thread(); });
+  }(&loop));
+  EXPECT_FALSE(on_worker);
 }
 
 }  // namespace

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "base/limits.h"
+
 namespace blkmirror::nbd {
 
 // Magics.
@@ -120,7 +122,6 @@ uint32_t errno_to_wire(int errnum);
 
 inline constexpr const char* kBaseAllocation = "base:allocation";
 inline constexpr size_t kMaxStringLen = 4096;
-inline constexpr size_t kMaxOptionLen = 64 * 1024;  // larger option payloads are refused
 inline constexpr size_t kRequestSize = 28;
 
 struct Request {
@@ -177,6 +178,12 @@ struct GoRequest {
   std::vector<uint16_t> infos;
 };
 std::optional<GoRequest> decode_go(std::span<const std::byte> data);
+// The optional NBD_INFO replies a GO/INFO request gets (kInfoName,
+// kInfoDescription), each once, in the order first asked: however often a
+// client repeats a type, the reply stays a few messages. NBD_INFO_EXPORT and
+// NBD_INFO_BLOCK_SIZE are always sent and unknown types ignored, so neither
+// appears here.
+std::vector<uint16_t> info_replies(const GoRequest& go);
 
 // NBD_OPT_{LIST,SET}_META_CONTEXT data: export name and queries.
 struct MetaRequest {
@@ -198,7 +205,7 @@ struct ExportLimits {
   bool read_only = false;
   bool structured = false;       // structured replies negotiated
   bool meta_base_allocation = false;
-  uint32_t max_payload = 32u << 20;
+  uint32_t max_payload = kMaxRequestBytes;
 };
 
 // Validate, then dispatch: the wire error for a request before any I/O, or 0.
