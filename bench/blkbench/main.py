@@ -64,7 +64,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         prog="bench/compare",
         description="blkmirror vs qemu-storage-daemon, nbdcopy and the device limit, "
-                    "side by side (PERF.md scenarios). Prints markdown tables and writes "
+                    "side by side (docs/measuring.md scenarios). Prints markdown tables and writes "
                     "them to DIR/results.md.")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help=f"comma list of {','.join(SCENARIOS)} (default all)")

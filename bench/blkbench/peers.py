@@ -57,7 +57,7 @@ class QMP(QmpClient):
 
 
 def qsd_mirror(src: str, dst: str, workdir: str) -> dict:
-    """One qemu-storage-daemon mirror of src to dst, flow of PERF.md. Returns
+    """One qemu-storage-daemon mirror of src to dst, flow of docs/measuring.md. Returns
     job time (blockdev-mirror sent .. BLOCK_JOB_COMPLETED), total (spawn ..
     daemon exited after quit) and the daemon's peak RSS."""
     sock = os.path.join(workdir, f"qmp-{os.getpid()}.sock")
@@ -274,7 +274,7 @@ def parse_fio_json(out: str, rw: str) -> dict:
 
 
 class FioNbd:
-    """fio over NBD: 4 KiB blocks, queue depth 16, time based (PERF.md)."""
+    """fio over NBD: 4 KiB blocks, queue depth 16, time based (docs/measuring.md)."""
 
     def __init__(self, uri: str, rw: str, runtime: int, cwd: str):
         self.rw = rw

@@ -4,19 +4,19 @@
 
 #include <fmt/format.h>
 
+#include "base/assert.h"
+
 namespace blkmirror {
 
-void Node::remove_observer(WriteObserver* o) {
-  observers_.erase(std::remove(observers_.begin(), observers_.end(), o), observers_.end());
-}
-
 Task<void> Node::drain() {
+  BLKMIRROR_ASSERT_ON_LOOP();
   ++quiesce_;
   while (in_flight_ > 0) co_await changed_.wait();
 }
 
 void Node::undrain() {
-  if (quiesce_ > 0 && --quiesce_ == 0) changed_.notify_all();
+  BLKMIRROR_ASSERT(quiesce_ > 0, "undrain() without a drain()");
+  if (--quiesce_ == 0) changed_.notify_all();
 }
 
 Child::Child(Node* node, std::string role) : node_(node), role_(std::move(role)) {
@@ -44,6 +44,7 @@ Task<Node*> Child::enter() {
 }
 
 void Child::leave(Node* n) {
+  BLKMIRROR_ASSERT(n->in_flight_ > 0, "node requests in flight below zero");
   if (--n->in_flight_ == 0) n->changed_.notify_all();
 }
 
@@ -81,8 +82,6 @@ Task<Result<void>> Child::submit(const WriteRequest& req) {
     r = co_await n->interceptor_->intercept(*n, req);
   else
     r = co_await n->perform(req);
-  // Even a failed write may have changed part of the range.
-  n->notify_write(req.offset, req.length);
   leave(n);
   co_return r;
 }

@@ -8,9 +8,7 @@
 //   - counts requests in flight, so drain() knows when the node is idle;
 //   - hands every write, write-zeroes and discard to the node's WriteInterceptor
 //     when it has one (a mirror: in write-blocking mode it also writes the
-//     target before the client's reply), else runs it on the device;
-//   - tells the node's write observers about every write, write-zeroes and
-//     discard after it finished, successful or not.
+//     target before the client's reply), else runs it on the device.
 // Graph::replace() moves every parent of one node to another: the switch-over.
 //
 // Threading rule: loop thread only. Nodes are owned by the Graph; a Child must be
@@ -34,14 +32,6 @@ namespace blkmirror {
 
 class Child;
 class Node;
-
-// Something that must hear of every write to a node (the mirror's dirty
-// tracking). Called after the write finished on the device.
-class WriteObserver {
- public:
-  virtual ~WriteObserver() = default;
-  virtual void on_write(uint64_t offset, uint64_t length) = 0;
-};
 
 // One write-type request on its way to a node's device.
 struct WriteRequest {
@@ -70,20 +60,18 @@ class Node {
   Node(std::string name, BlockDevicePtr dev) : name_(std::move(name)), dev_(std::move(dev)) {}
 
   const std::string& name() const { return name_; }
-  // Direct device access, bypassing drain and observers: for the job that owns
+  // Direct device access, bypassing drain and interceptor: for the job that owns
   // the node's contents (the mirror reading its source).
   BlockDevice& device() { return *dev_; }
   const BlockDevicePtr& device_ptr() const { return dev_; }
   uint64_t length() const { return dev_->length(); }
 
-  void add_observer(WriteObserver* o) { observers_.push_back(o); }
-  void remove_observer(WriteObserver* o);
   // Errors: EBUSY when another interceptor is installed.
   Result<void> set_interceptor(WriteInterceptor* i);
   void clear_interceptor(WriteInterceptor* i) {
     if (interceptor_ == i) interceptor_ = nullptr;
   }
-  // Runs req on the device, nothing else (no drain, no observers): for the
+  // Runs req on the device, nothing else (no drain, no interceptor): for the
   // interceptor.
   Task<Result<void>> perform(const WriteRequest& req);
 
@@ -98,13 +86,8 @@ class Node {
  private:
   friend class Child;
   friend class Graph;
-  void notify_write(uint64_t off, uint64_t len) {
-    for (auto* o : observers_) o->on_write(off, len);
-  }
-
   std::string name_;
   BlockDevicePtr dev_;
-  std::vector<WriteObserver*> observers_;
   WriteInterceptor* interceptor_ = nullptr;
   std::vector<Child*> parents_;
   unsigned quiesce_ = 0;

@@ -33,6 +33,8 @@
 
 #include <fmt/format.h>
 
+#include "base/assert.h"
+
 #include "mirror/mirror_job.h"
 
 namespace blkmirror {
@@ -76,6 +78,7 @@ Task<Result<void>> MirrorJob::intercept(Node& node, const WriteRequest& req) {
     r = co_await active_write(node, req);
   else
     r = co_await passive_write(node, req);
+  BLKMIRROR_ASSERT(intercepts_ > 0, "intercepted writes below zero");
   if (--intercepts_ == 0) intercepts_done_.notify_all();
   co_return r;
 }
@@ -83,6 +86,7 @@ Task<Result<void>> MirrorJob::intercept(Node& node, const WriteRequest& req) {
 Task<Result<void>> MirrorJob::passive_write(Node& node, const WriteRequest& req) {
   ++passive_writes_;
   auto r = co_await node.perform(req);
+  BLKMIRROR_ASSERT(passive_writes_ > 0, "passive writes below zero");
   --passive_writes_;
   // Even a failed write may have changed part of the range.
   mark_dirty(req.offset, req.length);
@@ -157,7 +161,10 @@ Task<Result<void>> MirrorJob::active_write(Node& node, const WriteRequest& req) 
   }
   auto r = co_await node.perform(req);
   while (!half->done) co_await half->finished.wait();
-  if (off < end) active_bytes_ -= end - off;
+  if (off < end) {
+    BLKMIRROR_ASSERT(active_bytes_ >= end - off, "active write bytes below zero");
+    active_bytes_ -= end - off;
+  }
   bool redirtied = op->redirtied;
   active_ops_.erase(op);
 

@@ -4,6 +4,8 @@
 
 #include <fmt/format.h>
 
+#include "base/assert.h"
+
 namespace blkmirror {
 
 namespace {
@@ -180,6 +182,7 @@ Task<Result<void>> MirrorJob::run() {
       co_await wait_idle();
       undrain_sources();
       update_len();
+      BLKMIRROR_ASSERT(in_flight_.empty() && !drained_, "paused with I/O in flight or drained");
       co_await pause_point();
       adaptive_.restart();  // a pause is not a failure to converge
       continue;

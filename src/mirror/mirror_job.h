@@ -1,6 +1,5 @@
 // MirrorJob: copies a live source node to a target node and, on complete, swaps
-// the target in for the source. Behaviour: shared/spec/MIRROR.md; design:
-// docs/design/mirror-job.md.
+// the target in for the source. Behaviour and design: docs/design/mirror-job.md.
 //
 // The job puts itself in the source node's write path as its WriteInterceptor
 // (active_write.cc). In background mode a client write marks the dirty bitmap
@@ -151,7 +150,7 @@ class MirrorJob : public Job, public WriteInterceptor {
   ByteRange chunks_covering(uint64_t off, uint64_t len) const;
   void mark_dirty(uint64_t off, uint64_t len);
   void update_len();
-  // len = offset + dirty + in flight (MIRROR.md "Progress").
+  // len = offset + dirty + in flight (docs/design/mirror-job.md, "Progress").
   uint64_t progress_len() const;
 
   Loop& loop_;
@@ -185,9 +184,12 @@ class MirrorJob : public Job, public WriteInterceptor {
     FileSpan src, tgt;
   };
   std::optional<Offload> offload_;
-  // Background operations are kernel copies that share extents: no buffer,
-  // largest requests.
-  bool reflink_ops() const { return offload_ && offload_->src.reflink; }
+  // Background operations are kernel copies: they take no buffer.
+  bool kernel_copies() const { return offload_.has_value(); }
+  // Chunks in one kernel copy: the largest requests (a call's cost is mostly
+  // fixed: docs/design/data-path.md), except under a speed limit, and where
+  // the copy moves data and a client write may wait for it (write-blocking).
+  uint64_t kernel_copy_chunks() const;
   uint64_t cursor_ = 0;           // chunk where the next search starts
   bool synced_ = false;
   bool should_complete_ = false;

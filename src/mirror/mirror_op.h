@@ -20,6 +20,8 @@ struct MirrorOp {
   ByteRange range;  // whole chunks, clipped to the device
   Kind kind = Kind::kCopy;
   bool read_failed = false;  // the failure (if any) was the source's, not the target's
+  bool partly_hole = false;  // one chunk holding data and holes: copied through a buffer,
+                             // whose all-zero blocks become holes (a kernel copy fills them)
   uint64_t zeroed = 0;       // bytes of a copy written as holes (all-zero blocks)
   uint64_t reserved = 0;     // buffer budget held: range.length while it may copy data
 };

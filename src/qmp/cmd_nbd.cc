@@ -25,8 +25,8 @@ const Schema kStart = {{"addr", Type::kObject, true, {}, &kAddr},
 // QAPI's uint32 members: an integer in 0..2^32-1, else QEMU's text.
 QResult<uint32_t> uint32_member(const Json& a, const char* name, uint32_t dflt) {
   if (!a.contains(name)) return dflt;
-  const Json& v =
-      a[name];  // an integer (check() saw to that): signed from keyval, unsigned from JSON
+  // An integer (check() saw to that): signed from keyval, unsigned from JSON.
+  const Json& v = a[name];
   bool fits = v.is_number_unsigned()
                   ? v.get<uint64_t>() <= UINT32_MAX
                   : v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT64_C(0xffffffff);

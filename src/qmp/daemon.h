@@ -1,7 +1,7 @@
 // Daemon: the state a QMP-driven storage daemon keeps (named block nodes, jobs,
 // the NBD server and its exports) and the commands that act on it, with the
 // arguments, replies, events and error texts qemu-storage-daemon 7.2 uses
-// (shared/spec/CONTROL.md). The wire (sockets, negotiation, framing) lives in
+// (docs/qmp.md says what a client sees). The wire (sockets, negotiation, framing) lives in
 // qmp_server.h; the daemon only sees parsed commands and emits events.
 //
 // Commands are split by topic into cmd_*.cc files, each with the table of its

@@ -1,6 +1,7 @@
 // libFuzzer target: the whole NBD server (handshake, option parsing, request
 // decoding, validation, dispatch) fed arbitrary client bytes over a socketpair.
-// Built by scripts/fuzz with clang; the seed corpus is tests/fuzz/corpus/nbd.
+// Built by the CMake preset `fuzz` (clang); scripts/fuzz builds and runs it; the
+// seed corpus is tests/fuzz/corpus/nbd.
 //
 // The input is the client's byte stream; its length picks one of four
 // scenarios, so every stream is also tried against what a hostile client or an

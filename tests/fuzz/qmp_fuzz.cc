@@ -1,8 +1,8 @@
 // libFuzzer target: the QMP server and dispatcher (line framing, JSON parsing,
 // negotiation, argument checking, every command) fed arbitrary client bytes
 // over a socketpair. Files are confined to a scratch directory (--file-root),
-// so blockdev-add/blockdev-create cannot touch anything else. Built by
-// scripts/fuzz; seeds in tests/fuzz/corpus/qmp.
+// so blockdev-add/blockdev-create cannot touch anything else. Built by the
+// CMake preset `fuzz` (scripts/fuzz builds and runs it); seeds in tests/fuzz/corpus/qmp.
 //
 // Beyond crashes, the target fails (aborts) when a request line gets no reply:
 // every complete non-blank line must be answered, whatever it holds (a number

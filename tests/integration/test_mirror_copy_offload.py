@@ -25,7 +25,11 @@ def write_layout(path, size, extents, seed):
             f.write(rnd.randbytes(length))
 
 
-LAYOUT = [(0, 3 * MiB), (8 * MiB, 1 * MiB + 4096), (20 * MiB, 5 * MiB), (63 * MiB, MiB)]
+# Data in whole 64 KiB chunks (the default granularity): every data chunk goes to the
+# kernel. A chunk holding data and holes is copied through a buffer instead, so its
+# holes stay holes (test_mirror_cli.py's hole tests); UNALIGNED has one.
+LAYOUT = [(0, 3 * MiB), (8 * MiB, 1 * MiB + 64 * 1024), (20 * MiB, 5 * MiB), (63 * MiB, MiB)]
+UNALIGNED = [(0, 3 * MiB), (8 * MiB, 1 * MiB + 4096), (20 * MiB, 5 * MiB)]
 SIZE = 64 * MiB
 
 
@@ -95,6 +99,19 @@ def test_xfs_no_copy_offload_writes_its_own_extents(cli, xfs_dir):
     assert src.read_bytes() == dst.read_bytes()
     flags = fiemap_flags(dst)
     assert flags and not any(f & SHARED for f in flags), flags
+
+
+def test_xfs_chunk_with_data_and_holes_keeps_its_holes(cli, xfs_dir):
+    """The 4 KiB past 9 MiB shares a 64 KiB chunk with a hole: that chunk is
+    read and written (not shared), the rest shared, and nothing is filled."""
+    src, dst = xfs_dir / "src.img", xfs_dir / "dst.img"
+    write_layout(src, SIZE, UNALIGNED, 6)
+    r = cli.mirror(src, dst, "--create", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert src.read_bytes() == dst.read_bytes()
+    assert allocated(dst) <= allocated(src), (allocated(dst), allocated(src))
+    flags = fiemap_flags(dst)
+    assert sum(1 for f in flags if f & SHARED) >= 3, flags
 
 
 def test_xfs_offload_over_existing_target_data(cli, xfs_dir):

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
+from conftest import KiB, MiB  # noqa: F401
 from nbd_helpers import (  # noqa: F401
-    CMD_WRITE, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_DESCRIPTION, KiB, MiB,
+    CMD_WRITE, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_DESCRIPTION,
     OPT_GO, OPT_INFO, REP_ACK, REP_INFO, RawNbd, assert_serves, connect, nbd_server)
 from qmp_client import Daemon, QmpClient
 

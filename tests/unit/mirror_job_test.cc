@@ -12,60 +12,11 @@ namespace {
 
 using namespace std::chrono_literals;
 
-struct Fixture {
-  Loop loop{2};
-  Graph graph;
-  std::shared_ptr<MemoryDevice> src, dst;
-  std::shared_ptr<FaultDevice> src_fault, dst_fault;
-  std::vector<std::byte> model;
-  Recorder rec;
-  std::vector<std::shared_ptr<MirrorJob>> jobs;
-
-  explicit Fixture(uint64_t size, uint64_t seed = 1, bool target_zero = true) {
-    std::mt19937_64 rng(seed);
-    src = std::make_shared<MemoryDevice>(size, memory_opts());
-    dst = std::make_shared<MemoryDevice>(size, memory_opts(target_zero));
-    model = fill_random(*src, rng);
-    src_fault = std::make_shared<FaultDevice>(src, seed);
-    dst_fault = std::make_shared<FaultDevice>(dst, seed + 1);
-    EXPECT_TRUE(graph.add("src", src_fault));
-    EXPECT_TRUE(graph.add("dst", dst_fault));
-  }
-
-  MirrorParams params() {
-    MirrorParams p;
-    p.job_id = "job0";
-    p.device = "src";
-    p.target = "dst";
-    return p;
-  }
-
-  std::shared_ptr<MirrorJob> make(MirrorParams p) {
-    auto j = MirrorJob::create(loop, graph, p);
-    EXPECT_TRUE(j) << j.error().message();
-    if (!j) return nullptr;
-    rec.attach(**j);
-    jobs.push_back(*j);
-    return *j;
-  }
-
-  // Shut down through the front door: a job a test left running is cancelled
-  // and finishes before the graph goes.
-  ~Fixture() {
-    loop.run([this]() -> Task<void> {
-      for (auto& j : jobs) {
-        if (j->status() == JobStatus::kCreated) continue;
-        if (!j->concluded()) (void)j->cancel(true);
-        co_await j->wait_concluded();
-      }
-    }());
-  }
-
-  // Runs fn as a coroutine on the loop.
-  template <class F>
-  bool run(F fn) {
-    return loop.run(fn());
-  }
+// The harness's MirrorFixture with this file's shorthand: size, seed, and whether
+// the target reads as zeroes.
+struct Fixture : MirrorFixture {
+  explicit Fixture(uint64_t size, uint64_t seed = 1, bool target_zero = true)
+      : MirrorFixture({.size = size, .seed = seed, .target_zero = target_zero}) {}
 };
 
 Task<bool> until(std::function<bool()> pred, std::chrono::milliseconds t = 30s) {

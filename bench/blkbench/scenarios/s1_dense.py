@@ -1,4 +1,4 @@
-"""PERF.md scenario 1: an idle dense copy, on disk with a cold page cache and on
+"""docs/measuring.md scenario 1: an idle dense copy, on disk with a cold page cache and on
 tmpfs, against the daemon peer, nbdcopy, qemu-img, cp and the device limit."""
 
 from __future__ import annotations

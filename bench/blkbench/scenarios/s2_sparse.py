@@ -1,4 +1,4 @@
-"""PERF.md scenario 2: a sparse disk (1 MiB data extents at random offsets):
+"""docs/measuring.md scenario 2: a sparse disk (1 MiB data extents at random offsets):
 time, and how much of the target ends up allocated."""
 
 from __future__ import annotations

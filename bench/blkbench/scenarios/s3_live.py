@@ -1,4 +1,4 @@
-"""PERF.md scenario 3: a live mirror while fio writes to the source over NBD,
+"""docs/measuring.md scenario 3: a live mirror while fio writes to the source over NBD,
 for each copy mode, through blkmirror's CLI (`blkmirror mirror --socket`), its
 QMP daemon (`blkmirror daemon`), and qemu-storage-daemon."""
 
@@ -48,7 +48,7 @@ def live_blkmirror(ctx: Ctx, v: Variant, copy_mode: str = "background") -> Measu
     """`blkmirror mirror --socket --no-auto-complete` with fio writing to its
     export. blkmirror cannot start the job later than its export, so fio starts
     right after the export is up, i.e. together with the mirror (the daemon's
-    job starts 1 s after fio, per PERF.md). At fio's end: wait for ready,
+    job starts 1 s after fio, per docs/measuring.md). At fio's end: wait for ready,
     SIGUSR1 (complete: the export switches to DST), BLOCK_JOB_COMPLETED,
     SIGTERM, cmp."""
     a = ctx.args
@@ -401,7 +401,7 @@ def live_table(ctx: Ctx, v: Variant, cs: list[Contestant], res: dict[str, list[M
     ln = load_note(res)
     if ln:
         t.notes.append(ln)
-    t.notes.append("start: the daemon's job starts 1 s after fio (PERF.md). blkmirror has no way to "
+    t.notes.append("start: the daemon's job starts 1 s after fio (docs/measuring.md). blkmirror has no way to "
                    "start the job after its export is up, so its mirror starts with the export and "
                    "fio connects right after: blkmirror mirrors during all of fio's run, including "
                    "the first second (a small handicap for blkmirror)")

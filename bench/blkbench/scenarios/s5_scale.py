@@ -1,4 +1,4 @@
-"""PERF.md scenario 5: scale. The same amount of data (1 GiB in 1 MiB extents at
+"""docs/measuring.md scenario 5: scale. The same amount of data (1 GiB in 1 MiB extents at
 random offsets) in ever larger virtual disks, against the same data dense: time
 must follow the data, not the virtual size, and memory must follow the buffer
 and the dirty bitmap (buf-size + bitmap + 32 MiB).

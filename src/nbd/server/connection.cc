@@ -7,6 +7,8 @@
 #include <asio/experimental/as_tuple.hpp>
 #include <spdlog/spdlog.h>
 
+#include "base/assert.h"
+
 namespace blkmirror::nbd {
 
 namespace {
@@ -112,8 +114,10 @@ Task<void> Connection::run(std::shared_ptr<Connection> self) {
   disarm();
   if (chosen) co_await transmission();
   close();
-  co_await requests_.close();  // handlers still running keep using the socket's state
-  export_ = {};                // nothing refers to the export any more
+  // Handlers still running keep using the socket's state. transmission() closed
+  // the gate already when it ran.
+  if (!requests_.closed()) co_await requests_.close();
+  export_ = {};  // nothing refers to the export any more
 }
 
 void Connection::queue(std::vector<std::byte> buf) {
@@ -140,6 +144,7 @@ Task<void> Connection::writer(std::shared_ptr<Connection> self) {
       bytes += batch.back().size();
     }
     auto [ec, n] = co_await asio::async_write(sock_, bufs, use_tuple);
+    BLKMIRROR_ASSERT(out_bytes_ >= bytes, "queued reply bytes below zero");
     out_bytes_ -= bytes;
     slot_free_.notify_all();
     if (ec) {
@@ -263,6 +268,7 @@ Task<void> Connection::handle(Request r, Payload payload, std::shared_ptr<Connec
       co_await do_block_status(r);
       break;
   }
+  BLKMIRROR_ASSERT(in_flight_ > 0, "requests in flight below zero");
   --in_flight_;
   slot_free_.notify_all();
 }
