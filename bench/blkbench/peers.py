@@ -17,7 +17,7 @@ from typing import Callable
 
 from .core import Contestant, Ctx, Measure, Variant
 from .measure import FIO_GRACE, JOB_TIMEOUT, proc_cpu, proc_hwm_kib
-from .procs import Child, RunFailed, Spawned, check_proc, file_tail, run_timed
+from .procs import Child, RunFailed, Spawned, check_proc, file_tail, kill_group, run_timed
 from .util import REPO, GiB, KiB, MiB, RUN_TIMEOUT, allocated, fdatasync_path, fmt_size, fresh_sparse, log, remove
 
 
@@ -305,12 +305,7 @@ class FioNbd:
         return parse_fio_json(out, self.rw)
 
     def kill(self) -> None:
-        if self.p.poll() is None:
-            try:
-                os.killpg(self.p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            self.p.wait()
+        kill_group(self.p)
 
     def close(self) -> None:
         self.kill()

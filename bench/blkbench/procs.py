@@ -143,6 +143,16 @@ def check_proc(name: str, cmd: list[str], p: Proc) -> None:
         raise RunFailed(f"{name}: exit {p.rc}: {shlex.join(cmd)}\n{tail}")
 
 
+def kill_group(p: subprocess.Popen) -> None:
+    """SIGKILLs a still-running child's process group and reaps it."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        p.wait()
+
+
 def file_tail(f, n: int = 800) -> str:
     """The last n bytes of a file a child may still write to (pread: the
     shared file offset stays where the child's writes expect it)."""
@@ -249,12 +259,7 @@ class Child:
         return rc
 
     def kill(self) -> None:
-        if self.p.poll() is None:
-            try:
-                os.killpg(self.p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            self.p.wait()
+        kill_group(self.p)
 
     def close(self) -> None:
         self.kill()

@@ -17,6 +17,7 @@
 #include "cli/exit_codes.h"
 #include "cli/mirror_options.h"
 #include "cli/serve_options.h"
+#include "cli/signals.h"
 #include "qmp/daemon.h"
 #include "qmp/qmp_server.h"
 
@@ -46,6 +47,7 @@ qmp::Json nbd_server_args(qmp::Json j) {
 
 int run_daemon(const DaemonArgs& a) {
   Loop loop;
+  StraySignalGuard stray_signals(loop);  // before any other signal_set: outlives them
   qmp::Daemon daemon(loop, qmp::DaemonOptions{a.file_root});
   qmp::QmpServer server(loop, daemon);
   if (auto r = server.listen_unix(a.qmp); !r) return fail_input(r.error().message());

@@ -18,6 +18,7 @@
 #include "cli/fault_env.h"
 #include "cli/serve_options.h"
 #include "cli/mirror_options.h"
+#include "cli/signals.h"
 
 namespace blkmirror {
 
@@ -50,6 +51,7 @@ int run_mirror(const MirrorArgs& a) {
     }
   } cleanup{a.dst, created};
   Loop loop;
+  StraySignalGuard stray_signals(loop);  // before any other signal_set: outlives them
   Graph graph;  // devices use the loop's services: destroyed before the loop
   // Served, the source takes the clients' writes; otherwise it is only read.
   bool serving = a.serve.enabled();
@@ -134,6 +136,14 @@ int run_mirror(const MirrorArgs& a) {
     if (serving) {
       if (rc == exit_code::kOk && (*job)->switched()) {
         progress.note(fmt::format("serving {} now; SIGINT/SIGTERM to stop", a.dst));
+        std::error_code ec;
+        co_await stop_signals.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+      } else if (rc == exit_code::kJobFailed) {
+        // The job failed on its own (a target problem, say): the clients keep
+        // their disk, as in QEMU. Only the operator ends the process.
+        progress.note(fmt::format("the mirror failed; still serving {} (the source, unchanged "
+                                  "by the failure) at {}; SIGINT/SIGTERM to stop (exit {})",
+                                  a.src, a.serve.where(server), exit_code::kJobFailed));
         std::error_code ec;
         co_await stop_signals.async_wait(asio::redirect_error(asio::use_awaitable, ec));
       }

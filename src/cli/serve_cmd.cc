@@ -9,6 +9,7 @@
 #include "cli/exit_codes.h"
 #include "cli/mirror_options.h"
 #include "cli/serve_options.h"
+#include "cli/signals.h"
 
 namespace blkmirror {
 
@@ -24,6 +25,7 @@ struct ServeArgs {
 int run_serve(const ServeArgs& a) {
   if (!a.serve.enabled()) return fail_input("serve: give --socket PATH and/or --listen HOST:PORT");
   Loop loop;
+  StraySignalGuard stray_signals(loop);  // before any other signal_set: outlives them
   Graph graph;  // devices use the loop's services: destroyed before the loop
   auto dev = FileDevice::open(loop, a.image,
                               FileOptions{.read_only = a.serve.read_only,

@@ -1,11 +1,12 @@
 // Job commands: blockdev-mirror, the job queries, the block-job-* and job-*
-// verbs, and the translation of job events into QMP events.
+// verbs, and the job events sent as QMP events (qmp/job_events.h).
 #include <cassert>
 
 #include <fmt/format.h>
 
 #include "mirror/mirror_job.h"
 #include "qmp/daemon.h"
+#include "qmp/job_events.h"
 
 namespace blkmirror::qmp {
 
@@ -64,9 +65,6 @@ const Schema kJobChange = {{"id", Type::kString, true},
                            {"type", Type::kEnum, true, {"mirror"}},
                            {"copy-mode", Type::kString, true}};
 
-Json block_event_data(const JobEvent& e) {
-  return {{"type", e.type}, {"device", e.device}, {"len", e.len}, {"offset", e.offset}, {"speed", e.speed}};
-}
 
 }  // namespace
 
@@ -117,41 +115,14 @@ void Daemon::add_job(std::shared_ptr<Job> job) {
 void Daemon::on_job_event(const JobEvent& e) {
   auto it = jobs_.find(e.id);
   bool block = it != jobs_.end() && is_block_job(*it->second);
-  switch (e.kind) {
-    case JobEvent::Kind::kStatusChange:
-      emit("JOB_STATUS_CHANGE", {{"id", e.id}, {"status", to_string(e.status)}});
-      // A null job is gone: its id may be used again. The job's own coroutine
-      // still holds a reference, so dropping ours here is safe.
-      if (e.status == JobStatus::kNull && it != jobs_.end()) jobs_.erase(it);
-      break;
-    case JobEvent::Kind::kReady:
-      emit("BLOCK_JOB_READY", block_event_data(e));
-      break;
-    case JobEvent::Kind::kCompleted: {
-      if (!block) break;
-      Json d = block_event_data(e);
-      if (e.error) d["error"] = *e.error;
-      emit("BLOCK_JOB_COMPLETED", d);
-      break;
-    }
-    case JobEvent::Kind::kCancelled:
-      if (block) emit("BLOCK_JOB_CANCELLED", block_event_data(e));
-      break;
-    case JobEvent::Kind::kError:
-      emit("BLOCK_JOB_ERROR", {{"device", e.device}, {"operation", e.operation}, {"action", e.action}});
-      break;
-    case JobEvent::Kind::kPending:
-      emit("BLOCK_JOB_PENDING", {{"type", e.type}, {"id", e.id}});
-      break;
-    case JobEvent::Kind::kCopyModeChange:
-      // blkmirror's own event (adaptive mode switched itself); QMP clients
-      // ignore events they do not know.
-      emit("BLOCK_JOB_COPY_MODE_CHANGED",
-           {{"device", e.device}, {"copy-mode", e.copy_mode}, {"reason", e.message}});
-      break;
-    case JobEvent::Kind::kNote:
-      break;
-  }
+  // QEMU sends BLOCK_JOB_COMPLETED/CANCELLED for block jobs only (not for
+  // blockdev-create's job).
+  bool block_only = e.kind == JobEvent::Kind::kCompleted || e.kind == JobEvent::Kind::kCancelled;
+  if (auto ev = job_event_json(e); ev && (block || !block_only)) emit(ev->name, ev->data);
+  // A null job is gone: its id may be used again. The job's own coroutine
+  // still holds a reference, so dropping ours here is safe.
+  if (e.kind == JobEvent::Kind::kStatusChange && e.status == JobStatus::kNull && it != jobs_.end())
+    jobs_.erase(it);
 }
 
 Task<QResult<Json>> Daemon::JobCommands::blockdev_mirror(Daemon& d, Json& a, const Call& call) {

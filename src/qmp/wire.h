@@ -40,6 +40,12 @@ QResult<Request> parse_request(std::string_view line, std::optional<Json>* id);
 // inside strings do not count. A lexical scan: no recursion, no allocation.
 bool json_nesting_exceeds(std::string_view text, int limit);
 
+// `j` as one line of JSON text (no newline). Strings are bytes to blkmirror
+// (file names): a byte that is not part of valid UTF-8 appears as the four
+// characters \xNN (backslash, x, two hex digits), the rest as it is. Never
+// throws for text. docs/qmp.md and docs/cli.md state this escaping.
+std::string dump_line(const Json& j);
+
 Json version_json();
 std::string greeting();
 std::string reply(const Json& value, const std::optional<Json>& id);

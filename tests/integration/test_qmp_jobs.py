@@ -255,8 +255,10 @@ def test_error_policy_report(qmp, images, side):
     dev, tgt = ("bad", "dst") if side == "source" else ("src", "bad")
     qmp.cmd("blockdev-mirror", job_id="j", device=dev, target=tgt, sync="full")
     err = qmp.wait_event("BLOCK_JOB_ERROR", match={"device": "j"})
+    # QEMU's members, plus blkmirror's `message` (the same event the CLI's --json prints).
     assert err["data"] == {"device": "j", "operation": "read" if side == "source" else "write",
-                           "action": "report"}
+                           "action": "report", "message": err["data"]["message"]}
+    assert "Input/output error" in err["data"]["message"]
     ev = qmp.wait_event("BLOCK_JOB_COMPLETED", match={"device": "j"})
     assert ev["data"]["error"] == "Input/output error"
     qmp.wait_event("JOB_STATUS_CHANGE", match={"id": "j", "status": "null"})

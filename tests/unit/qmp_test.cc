@@ -130,6 +130,20 @@ TEST(QmpWire, RefusesNumbersBeyondDoubleRange) {
   }
 }
 
+// Issue 17 item 7: a non-UTF-8 file name in --json aborted the CLI (uncaught
+// type_error). File names are bytes: the invalid ones appear as \xNN.
+TEST(QmpWire, DumpLineEscapesBytesThatAreNotUtf8) {
+  Json j = {{"message", "mirroring a\xff\xfe.img -> b\xc3.img"}, {"ok", "caf\xc3\xa9 \xf0\x9f\x98\x80"}};
+  std::string line = dump_line(j);
+  auto back = Json::parse(line);
+  EXPECT_EQ(back["message"], "mirroring a\\xff\\xfe.img -> b\\xc3.img");
+  EXPECT_EQ(back["ok"], "caf\xc3\xa9 \xf0\x9f\x98\x80");  // valid UTF-8 kept as is
+  // Overlong forms and surrogates are not UTF-8 either.
+  EXPECT_EQ(Json::parse(dump_line(Json("\xc0\xaf\xed\xa0\x80"))).get<std::string>(),
+            "\\xc0\\xaf\\xed\\xa0\\x80");
+  EXPECT_EQ(Json::parse(dump_line(Json{{"k\xff", 1}})).begin().key(), "k\\xff");
+}
+
 TEST(QmpWire, RepliesAreSingleLines) {
   std::string e = error_reply(QmpError{"GenericError", "bad\nthing \xff"}, Json(3));
   EXPECT_EQ(e.find('\n'), e.size() - 1);
