@@ -96,6 +96,9 @@ class BlockDevice {
   // Counts the times the device reconnected to its server (remote devices):
   // data acknowledged but not flushed before a change may be lost.
   virtual uint64_t generation() const { return 0; }
+  // True for devices that can reconnect (generation() may move): a writer that
+  // must not lose much on a reconnect flushes them now and then.
+  virtual bool can_reconnect() const { return false; }
   // False when a remote device has no live connection: its next request will
   // reconnect first.
   virtual bool connected() const { return true; }

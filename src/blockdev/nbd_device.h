@@ -61,6 +61,7 @@ class NbdDevice : public BlockDevice {
   // Each reconnect is a new generation: the server may have lost what it
   // acknowledged but had not flushed (mirror/target_tracker.h).
   uint64_t generation() const override { return reconnects_; }
+  bool can_reconnect() const override { return true; }
   bool connected() const override { return connections() > 0; }
 
   const NbdConnectOptions& options() const { return opts_; }

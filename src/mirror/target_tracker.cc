@@ -22,9 +22,11 @@ uint64_t fnv1a(std::span<const std::byte> data) {
 
 }  // namespace
 
-TargetTracker::TargetTracker(BlockDevicePtr inner, uint64_t granularity, Redirty redirty)
+TargetTracker::TargetTracker(BlockDevicePtr inner, uint64_t granularity, Redirty redirty,
+                             std::chrono::milliseconds checkpoint)
     : BlockDeviceWrapper(std::move(inner)),
       gran_(granularity),
+      checkpoint_(checkpoint),
       redirty_(std::move(redirty)),
       unflushed_(div_round_up(this->inner()->length(), granularity)),
       flushing_(div_round_up(this->inner()->length(), granularity)),
@@ -138,7 +140,13 @@ Task<Result<void>> TargetTracker::write(uint64_t off, std::span<const std::byte>
     fingerprint_flushed_ = true;
     co_return co_await flush();
   }
+  if (r && checkpoint_due()) co_return co_await flush();
   co_return r;
+}
+
+bool TargetTracker::checkpoint_due() const {
+  return inner()->can_reconnect() && flushes_running_ == 0 && unflushed_.count() > 0 &&
+         std::chrono::steady_clock::now() - last_flush_start_ >= checkpoint_;
 }
 
 Task<Result<void>> TargetTracker::write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) {
@@ -147,6 +155,7 @@ Task<Result<void>> TargetTracker::write_zeroes(uint64_t off, uint64_t len, ZeroF
   auto r = co_await inner()->write_zeroes(off, len, f);
   if (!f.fua || !r) mark_written(off, len);
   if (auto s = co_await settle(false); !s) co_return s;
+  if (r && checkpoint_due()) co_return co_await flush();
   co_return r;
 }
 
@@ -170,7 +179,10 @@ Task<Result<void>> TargetTracker::flush() {
   unflushed_.reset_all();
   uint64_t seq = ++flushes_started_;
   uint64_t gen = inner()->generation();
+  last_flush_start_ = std::chrono::steady_clock::now();
+  ++flushes_running_;
   auto r = co_await inner()->flush();
+  --flushes_running_;
   if (auto s = co_await settle(false); !s) co_return s;
   if (!r || inner()->generation() != gen) co_return r;
   // A later flush, still running, covers marks this one did not: leave them.

@@ -10,6 +10,10 @@
 // - When the target reconnected (BlockDevice::generation() moved: its server
 //   restarted, or its host crashed and lost what it had not flushed), every
 //   chunk still in unflushed_ or flushing_ goes back to the job as dirty.
+//   So that a reconnect costs at most about a second of copying, a target that
+//   can reconnect is flushed after a write once kCheckpoint passed since the
+//   last flush started (local targets are not: fsync would slow the copy and
+//   they never reconnect).
 // - Identity: the tracker keeps a few samples (offset, length, hash) of data
 //   the job wrote, and marks them durable once a flush covering them
 //   succeeded. Before the first request after the connection was lost, it
@@ -22,6 +26,7 @@
 // Threading rule: loop thread only, as BlockDevice.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -39,8 +44,10 @@ class TargetTracker : public BlockDeviceWrapper {
   using Redirty = std::function<void(uint64_t off, uint64_t len)>;
   static constexpr size_t kMaxSamples = 8;   // of each kind: durable, pending
   static constexpr uint64_t kSampleBytes = 4096;
+  static constexpr std::chrono::milliseconds kCheckpoint{1000};
 
-  TargetTracker(BlockDevicePtr inner, uint64_t granularity, Redirty redirty);
+  TargetTracker(BlockDevicePtr inner, uint64_t granularity, Redirty redirty,
+                std::chrono::milliseconds checkpoint = kCheckpoint);
 
   // Set once another disk answered for the target: the job must fail with it.
   const std::optional<Error>& fatal() const { return fatal_; }
@@ -67,15 +74,19 @@ class TargetTracker : public BlockDeviceWrapper {
   Task<Result<void>> settle(bool before);
   Task<Result<void>> verify();
   void mark_written(uint64_t off, uint64_t len);
+  bool checkpoint_due() const;
   void forget_samples(uint64_t off, uint64_t len);
   void add_sample(uint64_t off, std::span<const std::byte> data);
 
   uint64_t gran_;
+  std::chrono::milliseconds checkpoint_;
   Redirty redirty_;
   DirtyBitmap unflushed_, flushing_;
   std::vector<Sample> samples_;
   uint64_t generation_;
   uint64_t flushes_started_ = 0;
+  std::chrono::steady_clock::time_point last_flush_start_ = std::chrono::steady_clock::now();
+  unsigned flushes_running_ = 0;
   bool fingerprint_flushed_ = false;
   bool verifying_ = false;
   Notifier verified_;

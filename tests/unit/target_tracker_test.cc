@@ -1,6 +1,8 @@
 // TargetTracker (mirror/target_tracker.h): after a remote target reconnects,
 // what it had not flushed is handed back as dirty; another disk answering is
 // refused before anything is written to it.
+#include <thread>
+
 #include <gtest/gtest.h>
 
 #include "harness.h"
@@ -20,6 +22,8 @@ class Remote : public BlockDeviceWrapper {
       : BlockDeviceWrapper(mem), mem_(std::move(mem)), durable_(kSize) {}
 
   uint64_t generation() const override { return gen_; }
+  bool can_reconnect() const override { return reconnects_; }
+  bool reconnects_ = false;  // on: the tracker checkpoints it
   bool connected() const override { return up_; }
 
   Task<Result<void>> read(uint64_t off, std::span<std::byte> buf) override {
@@ -62,11 +66,13 @@ class Remote : public BlockDeviceWrapper {
 };
 
 struct Fixture {
+  explicit Fixture(bool checkpoints = false) { remote->reconnects_ = checkpoints; }
   Loop loop{1};
   std::shared_ptr<MemoryDevice> mem = std::make_shared<MemoryDevice>(kSize);
   std::shared_ptr<Remote> remote = std::make_shared<Remote>(mem);
   std::vector<std::pair<uint64_t, uint64_t>> redirtied;
-  TargetTracker tracker{remote, kGran, [this](uint64_t off, uint64_t len) { redirtied.push_back({off, len}); }};
+  TargetTracker tracker{remote, kGran, [this](uint64_t off, uint64_t len) { redirtied.push_back({off, len}); },
+                        std::chrono::milliseconds(50)};
   std::vector<std::byte> data = std::vector<std::byte>(kGran, std::byte{0x5a});
 
   Result<void> write(uint64_t off) {
@@ -100,6 +106,27 @@ TEST(TargetTracker, RestartHandsBackWhatWasNotFlushed) {
   EXPECT_TRUE(f.redirtied_at(4 * kGran));
   EXPECT_FALSE(f.redirtied_at(0));
   EXPECT_FALSE(f.redirtied_at(8 * kGran));  // written after the reconnect
+}
+
+TEST(TargetTracker, ReconnectingTargetIsFlushedEveryCheckpoint) {
+  Fixture f(true);
+  ASSERT_TRUE(f.write(0));  // fingerprint flush
+  ASSERT_TRUE(f.write(4 * kGran));
+  EXPECT_EQ(f.tracker.unflushed_chunks(), 1u);  // within the checkpoint interval
+  std::this_thread::sleep_for(std::chrono::milliseconds(80));
+  ASSERT_TRUE(f.write(8 * kGran));  // past it: this write is followed by a flush
+  EXPECT_EQ(f.tracker.unflushed_chunks(), 0u);
+  f.remote->restart();
+  ASSERT_TRUE(f.write(12 * kGran));
+  EXPECT_TRUE(f.redirtied.empty());
+}
+
+TEST(TargetTracker, LocalTargetIsNotCheckpointed) {
+  Fixture f(false);
+  ASSERT_TRUE(f.write(0));
+  std::this_thread::sleep_for(std::chrono::milliseconds(80));
+  ASSERT_TRUE(f.write(4 * kGran));
+  EXPECT_EQ(f.tracker.unflushed_chunks(), 1u);
 }
 
 TEST(TargetTracker, FlushedWritesStayDone) {
