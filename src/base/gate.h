@@ -1,11 +1,13 @@
 // Gate: shut down through a gate. Each request enters (holds) the gate while it
-// runs; close() stops new entries and waits until every holder has left.
+// runs; close() stops new entries and waits until every holder has left. A gate
+// is closed once (checked: a second close() aborts, see base/assert.h).
 //
 // Threading rule: loop thread only.
 #pragma once
 
 #include <cstdint>
 
+#include "base/assert.h"
 #include "base/notifier.h"
 
 namespace blkmirror {
@@ -26,7 +28,9 @@ class Gate {
     ~Holder() { release(); }
     explicit operator bool() const { return gate_ != nullptr; }
     void release() {
-      if (gate_ && --gate_->count_ == 0) gate_->idle_.notify_all();
+      if (!gate_) return;
+      BLKMIRROR_ASSERT(gate_->count_ > 0, "gate holder count below zero");
+      if (--gate_->count_ == 0) gate_->idle_.notify_all();
       gate_ = nullptr;
     }
 
@@ -45,6 +49,8 @@ class Gate {
   uint64_t count() const { return count_; }
 
   Task<void> close() {
+    BLKMIRROR_ASSERT_ON_LOOP();
+    BLKMIRROR_ASSERT(!closed_, "gate closed twice");
     closed_ = true;
     while (count_ > 0) co_await idle_.wait();
   }

@@ -2,8 +2,9 @@
 
 #include <algorithm>
 #include <bit>
-#include <cassert>
 #include <limits>
+
+#include "base/assert.h"
 
 namespace blkmirror {
 namespace {
@@ -53,7 +54,7 @@ DirtyBitmap::DirtyBitmap(uint64_t nbits) : nbits_(nbits) {
 }
 
 bool DirtyBitmap::test(uint64_t bit) const {
-  assert(bit < nbits_);
+  BLKMIRROR_ASSERT(bit < nbits_);
   return (levels_[0][word_of(bit)] >> bit_in_word(bit)) & 1;
 }
 
@@ -144,7 +145,7 @@ std::optional<uint64_t> DirtyBitmap::next_set(uint64_t from) const {
   while (level > 0) {
     --level;
     const uint64_t word = levels_[level][found];
-    assert(word != 0 && "summary bit set for a zero word");
+    BLKMIRROR_ASSERT(word != 0, "summary bit set for a zero word");
     found = found * kWordBits + std::countr_zero(word);
   }
   return found;

@@ -10,9 +10,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
+#include "base/limits.h"
 #include "base/result.h"
 #include "base/task.h"
 
@@ -29,7 +31,7 @@ struct BlockCaps {
   uint64_t cluster_size = 0;     // allocation unit of a formatted image; 0: none
   uint32_t min_block = 1;        // smallest aligned I/O unit
   uint32_t pref_block = 4096;    // preferred I/O unit
-  uint32_t max_transfer = 32u << 20;
+  uint32_t max_transfer = kMaxRequestBytes;
 };
 
 struct WriteFlags {
@@ -57,6 +59,16 @@ struct Extent {
   uint32_t depth = 1;
 };
 
+// Where a device's bytes lie in a regular file, for copy offload: the file's
+// descriptor (valid while the device lives) and its file system (st_dev). Byte
+// N of the device is byte N of the file. reflink: the file system can share
+// extents (XFS, btrfs), so a kernel copy costs metadata, not data.
+struct FileSpan {
+  int fd = -1;
+  uint64_t fs_dev = 0;
+  bool reflink = false;
+};
+
 class BlockDevice {
  public:
   virtual ~BlockDevice() = default;
@@ -76,6 +88,24 @@ class BlockDevice {
   virtual Task<Result<void>> flush() = 0;
   // The extent that starts at offset, at most length bytes long (length > 0).
   virtual Task<Result<Extent>> block_status(uint64_t offset, uint64_t length) = 0;
+
+  // Still the disk that was opened, at the length it had: a file not renamed,
+  // unlinked, replaced, truncated or grown. The mirror asks at ready and at
+  // complete. Devices without a name to lose say yes.
+  virtual Task<Result<void>> check_unchanged() { co_return Result<void>{}; }
+  // Counts the times the device reconnected to its server (remote devices):
+  // data acknowledged but not flushed before a change may be lost.
+  virtual uint64_t generation() const { return 0; }
+  // True for devices that can reconnect (generation() may move): a writer that
+  // must not lose much on a reconnect flushes them now and then.
+  virtual bool can_reconnect() const { return false; }
+  // False when a remote device has no live connection: its next request will
+  // reconnect first.
+  virtual bool connected() const { return true; }
+  // Copy offload: the regular file holding this device's bytes one to one, or
+  // nothing. Only devices that add nothing to the bytes answer (a file, raw
+  // over a file); wrappers that must see every I/O (fault, throttle) do not.
+  virtual std::optional<FileSpan> file_span() const { return std::nullopt; }
   // Changes length() (grows or shrinks the file itself; a format driver such as
   // qcow2 grows its image file this way, since writes past length() are not
   // allowed). Devices of fixed size answer ENOTSUP.

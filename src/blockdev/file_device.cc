@@ -3,8 +3,10 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <linux/magic.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -50,7 +52,9 @@ FileDevice::~FileDevice() {
 Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::string& path,
                                                      FileOptions opts) {
   int flags = opts.read_only ? O_RDONLY : O_RDWR;
-  auto fd = open_fd(path, flags);
+  // O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever (and
+  // freeze the daemon); we look at what was opened before any I/O.
+  auto fd = open_fd(path, flags | O_NONBLOCK);
   if (!fd) return make_error(fd.error());
   struct stat st {};
   if (::fstat(*fd, &st) < 0) {
@@ -60,8 +64,15 @@ Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::stri
   }
   if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
     ::close(*fd);
-    return make_error(S_ISDIR(st.st_mode) ? EISDIR : EINVAL,
-                      path + (S_ISDIR(st.st_mode) ? "" : ": not a regular file or block device"));
+    if (S_ISDIR(st.st_mode)) return make_error(EISDIR, path);
+    return make_plain_error(EINVAL, path + ": not a regular file or block device");
+  }
+  ::fcntl(*fd, F_SETFL, ::fcntl(*fd, F_GETFL) & ~O_NONBLOCK);
+  Perms perms{kPermConsistentRead | (opts.read_only ? 0u : kPermWrite),
+              opts.force_share ? kPermAll : kPermConsistentRead | kPermWriteUnchanged};
+  if (auto l = lock_image(*fd, path, perms, opts.locking); !l) {
+    ::close(*fd);  // drops whatever locks were taken
+    return make_error(l.error());
   }
   std::shared_ptr<FileDevice> dev(new FileDevice(loop, path));
   dev->fd_ = *fd;
@@ -88,16 +99,89 @@ Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::stri
     c.has_block_status = true;
   }
   c.pref_block = static_cast<uint32_t>(std::max<long>(st.st_blksize, 512));
+  struct statfs fs {};
+  if (!dev->is_blk_ && ::fstatfs(*fd, &fs) == 0)
+    dev->reflink_ = fs.f_type == XFS_SUPER_MAGIC || fs.f_type == BTRFS_SUPER_MAGIC;
   if (opts.direct) {
-    auto dfd = open_fd(path, flags | O_DIRECT);
+    auto dfd = open_fd(path, flags | O_DIRECT | O_NONBLOCK);
     if (!dfd) return with_context(dfd.error(), "cache.direct");
     dev->direct_fd_ = *dfd;
+    // The path is opened twice: both must be the same file.
+    struct stat dst {};
+    if (::fstat(*dfd, &dst) < 0 || dst.st_dev != st.st_dev || dst.st_ino != st.st_ino)
+      return make_plain_error(EAGAIN, path + ": the file was replaced while being opened");
+    ::fcntl(*dfd, F_SETFL, ::fcntl(*dfd, F_GETFL) & ~O_NONBLOCK);
   }
   return dev;
 }
 
+std::optional<FileSpan> FileDevice::file_span() const {
+  if (is_blk_) return std::nullopt;  // copy_file_range takes regular files only
+  return FileSpan{fd_, dev_, reflink_};
+}
+
+Task<Result<void>> copy_file_range_all(Loop& loop, FileSpan src, FileSpan dst, uint64_t off,
+                                       uint64_t len) {
+  int in = src.fd, out = dst.fd;
+  int err = co_await loop.blocking([in, out, off, len]() -> int {
+    uint64_t done = 0;
+    while (done < len) {
+      loff_t io = static_cast<loff_t>(off + done), oo = io;
+      ssize_t n = ::copy_file_range(in, &io, out, &oo, len - done, 0);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return errno;
+      if (n == 0) return EIO;  // the source shrank under us
+      done += static_cast<uint64_t>(n);
+    }
+    return 0;
+  });
+  if (err) co_return make_error(err, fmt::format("copy_file_range at offset {}", off));
+  co_return Result<void>{};
+}
+
 tl::unexpected<Error> FileDevice::io_error(const char* what, uint64_t off, int errnum) const {
   return make_error(errnum, fmt::format("{} {} at offset {}", what, path_, off));
+}
+
+tl::unexpected<Error> FileDevice::shrank_error(uint64_t off) const {
+  struct stat st {};
+  if (is_blk_ || ::fstat(fd_, &st) < 0) return io_error("read", off, EIO);
+  return make_plain_error(EIO, fmt::format("read {} at offset {}: {} shrank from {} to {} bytes while in use",
+                                           path_, off, path_, length_, st.st_size));
+}
+
+Task<Result<void>> FileDevice::check_unchanged() {
+  struct Seen {
+    int fd_err = 0, path_err = 0;
+    uint64_t size = 0, dev = 0, ino = 0;
+  };
+  // stat can block on a network file system: off the loop. Capture plain
+  // values and a pointer (the device outlives the call), not the string.
+  const std::string* path = &path_;
+  int fd = fd_;
+  bool blk = is_blk_;
+  Seen seen = co_await loop_.blocking([path, fd, blk]() {
+    Seen r;
+    struct stat st {};
+    if (::fstat(fd, &st) < 0) r.fd_err = errno;
+    r.size = static_cast<uint64_t>(st.st_size);
+    if (blk && ::ioctl(fd, BLKGETSIZE64, &r.size) < 0) r.fd_err = errno;
+    struct stat ps {};
+    if (::stat(path->c_str(), &ps) < 0) r.path_err = errno;
+    r.dev = ps.st_dev;
+    r.ino = blk ? ps.st_rdev : ps.st_ino;
+    return r;
+  });
+  if (seen.fd_err) co_return make_error(seen.fd_err, path_);
+  if (seen.path_err == ENOENT)
+    co_return make_plain_error(ESTALE, fmt::format("{} was removed (unlinked or renamed) while in use", path_));
+  if (seen.path_err) co_return make_error(seen.path_err, path_);
+  if ((!is_blk_ && seen.dev != dev_) || seen.ino != ino_)
+    co_return make_plain_error(ESTALE, fmt::format("{} now names a different file (renamed or replaced while in use)", path_));
+  if (seen.size != length_)
+    co_return make_plain_error(EIO, fmt::format("{} {} from {} to {} bytes while in use", path_,
+                                                seen.size < length_ ? "shrank" : "grew", length_, seen.size));
+  co_return Result<void>{};
 }
 
 int FileDevice::fd_for(uint64_t off, const void* buf, uint64_t len) const {
@@ -115,7 +199,7 @@ Task<Result<void>> FileDevice::read(uint64_t off, std::span<std::byte> buf) {
     int n = co_await loop_.uring().read(fd, buf.data() + done, buf.size() - done, off + done);
     if (n == -EINTR || n == -EAGAIN) continue;
     if (n < 0) co_return io_error("read", off, -n);
-    if (n == 0) co_return io_error("read", off, EIO);  // the file shrank under us
+    if (n == 0) co_return shrank_error(off + done);  // end of file inside the disk
     done += static_cast<size_t>(n);
   }
   co_return Result<void>{};

@@ -20,6 +20,7 @@
 #include <asio.hpp>
 
 #include "blockdev/block_device.h"
+#include "blockdev/image_lock.h"
 #include "io/loop.h"
 
 namespace blkmirror {
@@ -27,11 +28,28 @@ namespace blkmirror {
 struct FileOptions {
   bool read_only = false;
   bool direct = false;
+  // Image locks (image_lock.h): a writable open takes write and shares it with
+  // nobody; a read-only one forbids other writers too (it wants a consistent
+  // image) unless force_share, QEMU's force-share=on.
+  LockMode locking = LockMode::kAuto;
+  bool force_share = false;
 };
+
+// Copies [off, off+len) of src's file to the same range of dst's file in the
+// kernel (copy_file_range: extents shared on XFS/btrfs with reflink, an in-kernel
+// copy elsewhere), on the loop's worker pool. Exact: holes in the source range
+// stay holes only where the file system shares extents; callers copy data
+// extents. Fails with EXDEV, EOPNOTSUPP, ENOSYS or EINVAL (errnum) when the
+// kernel cannot do it for this pair: the caller then reads and writes.
+// REQUIRES: the range lies within both files; both descriptors outlive the call.
+Task<Result<void>> copy_file_range_all(Loop& loop, FileSpan src, FileSpan dst, uint64_t off,
+                                       uint64_t len);
 
 class FileDevice : public BlockDevice {
  public:
-  // Opens path. Errors read "PATH: reason" (ENOENT, EACCES, EISDIR...).
+  // Opens path: a regular file or a block device, never anything else (a FIFO
+  // is refused without waiting for a writer). Errors read "PATH: reason"
+  // (ENOENT, EACCES, EISDIR...); a lock conflict reads as QEMU's.
   static Result<std::shared_ptr<FileDevice>> open(Loop& loop, const std::string& path,
                                                   FileOptions opts = {});
   // Creates a new sparse file of `size` bytes; fails with EEXIST if path exists.
@@ -54,6 +72,9 @@ class FileDevice : public BlockDevice {
   Task<Result<void>> discard(uint64_t off, uint64_t len) override;
   Task<Result<void>> flush() override;
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override;
+  // The path still names the file opened, and its size did not change.
+  Task<Result<void>> check_unchanged() override;
+  std::optional<FileSpan> file_span() const override;
   // ftruncate on the worker pool (regular files only; block devices: ENOTSUP).
   Task<Result<void>> resize(uint64_t new_length) override;
 
@@ -62,6 +83,8 @@ class FileDevice : public BlockDevice {
   int fd_for(uint64_t off, const void* buf, uint64_t len) const;
   Task<Result<void>> write_zero_buffers(uint64_t off, uint64_t len);
   tl::unexpected<Error> io_error(const char* what, uint64_t off, int errnum) const;
+  // A read that hit end-of-file: the file shrank, say from what to what.
+  tl::unexpected<Error> shrank_error(uint64_t off) const;
 
   Loop& loop_;
   std::string path_;
@@ -69,6 +92,7 @@ class FileDevice : public BlockDevice {
   BlockCaps caps_;
   bool is_blk_ = false;
   uint64_t dev_ = 0, ino_ = 0;
+  bool reflink_ = false;  // on a file system that shares extents (file_span())
   int fd_ = -1;
   int direct_fd_ = -1;  // O_DIRECT, when enabled
   // Last "data" extent seen. Stale data answers are safe (copying zeroes as data

@@ -8,12 +8,16 @@
 //   - counts requests in flight, so drain() knows when the node is idle;
 //   - hands every write, write-zeroes and discard to the node's WriteInterceptor
 //     when it has one (a mirror: in write-blocking mode it also writes the
-//     target before the client's reply), else runs it on the device;
-//   - tells the node's write observers about every write, write-zeroes and
-//     discard after it finished, successful or not.
+//     target before the client's reply), else runs it on the device.
 // Graph::replace() moves every parent of one node to another: the switch-over.
 // A node may have a backing child (a qcow2 overlay's backing file): an edge like
 // the others, which the node names so chain walkers can follow it.
+//
+// Permissions (permissions.h, docs/design/permissions.md): every edge says what
+// its parent needs of the node and what it lets the node's other parents do.
+// attach(), Child::set_perms() and replace() refuse a change that would leave a
+// node with one parent needing what another does not share, with QEMU's
+// "Permission conflict on node ..." text.
 //
 // Threading rule: loop thread only. Nodes are owned by the Graph; a Child must be
 // destroyed before its Graph. Declare the Loop before the Graph (devices use the
@@ -21,29 +25,36 @@
 // suspended coroutine still holds an edge when the Graph goes.
 #pragma once
 
+#include <cassert>
 #include <cstdint>
 #include <list>
 #include <map>
 #include <memory>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "base/notifier.h"
 #include "blockdev/block_device.h"
+#include "blockdev/permissions.h"
 
 namespace blkmirror {
 
 class Child;
+class Graph;
 class Node;
 
-// Something that must hear of every write to a node (the mirror's dirty
-// tracking). Called after the write finished on the device.
-class WriteObserver {
- public:
-  virtual ~WriteObserver() = default;
-  virtual void on_write(uint64_t offset, uint64_t length) = 0;
+// Who holds an edge, for permission checks and their messages.
+struct EdgeUse {
+  std::string parent;  // as QEMU describes parents: "mirror job 'job0'", "NBD export 'disk'"
+  std::string name;    // the child's name in its parent: "source", "target", "root", "file"
+  Perms perms;         // EdgeKind::kRoot only; other kinds derive theirs
 };
+
+// Loop-thread-only checks: abort in debug and sanitizer builds (assert), free
+// in release builds.
+#define BLKMIRROR_ASSERT_THREAD(owner) assert((owner) == std::this_thread::get_id())
 
 // One write-type request on its way to a node's device.
 struct WriteRequest {
@@ -72,7 +83,7 @@ class Node {
   Node(std::string name, BlockDevicePtr dev) : name_(std::move(name)), dev_(std::move(dev)) {}
 
   const std::string& name() const { return name_; }
-  // Direct device access, bypassing drain and observers: for the job that owns
+  // Direct device access, bypassing drain and interceptor: for the job that owns
   // the node's contents (the mirror reading its source).
   BlockDevice& device() { return *dev_; }
   const BlockDevicePtr& device_ptr() const { return dev_; }
@@ -83,15 +94,12 @@ class Node {
   Node* backing() const;
   Child* backing_edge() const { return backing_; }
   void set_backing_edge(Child* edge) { backing_ = edge; }
-
-  void add_observer(WriteObserver* o) { observers_.push_back(o); }
-  void remove_observer(WriteObserver* o);
   // Errors: EBUSY when another interceptor is installed.
   Result<void> set_interceptor(WriteInterceptor* i);
   void clear_interceptor(WriteInterceptor* i) {
     if (interceptor_ == i) interceptor_ = nullptr;
   }
-  // Runs req on the device, nothing else (no drain, no observers): for the
+  // Runs req on the device, nothing else (no drain, no interceptor): for the
   // interceptor.
   Task<Result<void>> perform(const WriteRequest& req);
 
@@ -102,19 +110,20 @@ class Node {
   bool drained() const { return quiesce_ > 0; }
   uint64_t in_flight() const { return in_flight_; }
   const std::vector<Child*>& parents() const { return parents_; }
+  // Edges this node holds to other nodes (raw's file), adopted by Graph::adopt.
+  const std::vector<Child*>& children() const { return children_; }
+  // What the node's parents need together (ORed) and let others do (ANDed).
+  Perms cumulative_perms() const;
 
  private:
   friend class Child;
   friend class Graph;
-  void notify_write(uint64_t off, uint64_t len) {
-    for (auto* o : observers_) o->on_write(off, len);
-  }
-
   std::string name_;
   BlockDevicePtr dev_;
-  std::vector<WriteObserver*> observers_;
   WriteInterceptor* interceptor_ = nullptr;
   std::vector<Child*> parents_;
+  std::vector<Child*> children_;
+  std::thread::id thread_ = std::this_thread::get_id();  // the loop thread
   Child* backing_ = nullptr;
   unsigned quiesce_ = 0;
   uint64_t in_flight_ = 0;
@@ -124,13 +133,23 @@ class Node {
 // A parent's edge to a node. Detaches itself on destruction.
 class Child {
  public:
-  Child(Node* node, std::string role);
+  // Made by Graph::attach / attach_child.
+  Child(Graph* graph, Node* node, std::string role, EdgeUse use, EdgeKind kind = EdgeKind::kRoot);
   ~Child();
   Child(const Child&) = delete;
   Child& operator=(const Child&) = delete;
 
   Node& node() const { return *node_; }
   const std::string& role() const { return role_; }
+  const EdgeUse& use() const { return use_; }
+  EdgeKind kind() const { return kind_; }
+  // The node whose edge this is (kinds other than kRoot, once adopted).
+  Node* owner() const { return owner_; }
+  // What the edge needs and shares now: declared for kRoot, derived otherwise.
+  Perms perms() const;
+  // Changes a kRoot edge's permissions; refused (nothing changes) when another
+  // parent of the node, or of a node below it, would conflict.
+  Result<void> set_perms(Perms p);
   uint64_t length() const { return node_->length(); }
   const BlockCaps& caps() const { return node_->dev_->caps(); }
 
@@ -151,8 +170,12 @@ class Child {
   Task<Result<void>> submit(const WriteRequest& req);
   void move_to(Node* n);
 
+  Graph* graph_;
   Node* node_;
   std::string role_;
+  EdgeUse use_;
+  EdgeKind kind_;
+  Node* owner_ = nullptr;
 };
 
 class Graph {
@@ -162,16 +185,29 @@ class Graph {
   Node* find(const std::string& name) const;
   // Refuses (EBUSY) a node that still has parents.
   Result<void> remove(const std::string& name);
-  std::unique_ptr<Child> attach(Node* node, std::string role) {
-    return std::make_unique<Child>(node, std::move(role));
-  }
-  // Moves every parent of `from` except those in `keep` to `to`.
+  // An edge from outside the graph (an export, a job), checked against the
+  // node's other parents. Errors: EPERM with QEMU's "Permission conflict" text.
+  Result<std::unique_ptr<Child>> attach(Node* node, std::string role, EdgeUse use);
+  // An edge that needs consistent read and write and shares everything (an
+  // in-process client: demo, tests). REQUIRES: no conflict (asserted).
+  std::unique_ptr<Child> attach(Node* node, std::string role);
+  // An edge a node will hold to its child (raw's file): it needs nothing until
+  // adopt() gives it an owner whose parents need something.
+  std::unique_ptr<Child> attach_child(Node* child, std::string role, EdgeUse use, EdgeKind kind);
+  // Makes `owner` the holder of `edge`. REQUIRES: owner has no parents yet (a
+  // node just added), so nothing can conflict.
+  void adopt(Node* owner, Child* edge);
+  // Moves every parent of `from` except those in `keep` to `to`, unless that
+  // would conflict (EPERM, nothing moved).
   // REQUIRES: both nodes drained by the caller, so no request is mid-flight.
-  void replace(Node* from, Node* to, const std::vector<const Child*>& keep);
+  Result<void> replace(Node* from, Node* to, const std::vector<const Child*>& keep);
   std::vector<Node*> nodes() const;
+  // Every node's parents agree (the first conflict found, as QEMU words it).
+  Result<void> check_perms() const;
 
  private:
   std::map<std::string, std::unique_ptr<Node>> nodes_;
+  std::thread::id thread_ = std::this_thread::get_id();
 };
 
 }  // namespace blkmirror

@@ -6,14 +6,14 @@
 #include <cstring>
 
 #include "base/align.h"
+#include "base/limits.h"
 
 namespace blkmirror {
 
 namespace {
 
-// NBD's default maximum payload when the server states none (and a safe size
-// below libnbd's own 64 MiB limit).
-constexpr uint64_t kDefaultMaxPayload = 32u << 20;
+// NBD's default maximum payload when the server states none.
+constexpr uint64_t kDefaultMaxPayload = kMaxRequestBytes;
 // Zero, trim and block status carry no payload; their length field is 32 bits.
 constexpr uint64_t kMaxNoPayload = 1u << 30;
 // Wait this long after a failed reconnect before trying again.

@@ -58,6 +58,11 @@ class NbdDevice : public BlockDevice {
   Task<Result<void>> discard(uint64_t off, uint64_t len) override;
   Task<Result<void>> flush() override;
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override;
+  // Each reconnect is a new generation: the server may have lost what it
+  // acknowledged but had not flushed (mirror/target_tracker.h).
+  uint64_t generation() const override { return reconnects_; }
+  bool can_reconnect() const override { return true; }
+  bool connected() const override { return connections() > 0; }
 
   const NbdConnectOptions& options() const { return opts_; }
   bool can_fast_zero() const { return can_fast_zero_; }

@@ -4,9 +4,10 @@
 
 #include <algorithm>
 #include <cctype>
-#include <charconv>
 #include <optional>
 #include <string_view>
+
+#include "base/host_port.h"
 
 namespace blkmirror {
 
@@ -80,30 +81,12 @@ Result<void> parse_authority(const std::string& uri, std::string_view auth, NbdC
     o.tls_username = *user;
     auth = auth.substr(at + 1);
   }
-  std::string_view port;
-  if (!auth.empty() && auth.front() == '[') {
-    auto close = auth.find(']');
-    if (close == std::string_view::npos) return bad(uri, "unterminated '[' in IPv6 address");
-    o.host = std::string(auth.substr(1, close - 1));
-    auto rest = auth.substr(close + 1);
-    if (!rest.empty()) {
-      if (rest.front() != ':') return bad(uri, "unexpected text after ']'");
-      port = rest.substr(1);
-    }
-  } else {
-    auto colon = auth.find(':');
-    o.host = std::string(auth.substr(0, colon));
-    if (colon != std::string_view::npos) port = auth.substr(colon + 1);
-  }
+  auto hp = parse_host_port(auth, HostPortRules{.port_required = false, .port_zero_ok = false});
+  if (!hp) return bad(uri, hp.error().message());
+  o.host = hp->host;
   if (o.host.empty())
     return bad(uri, "no host name (use nbd+unix:///EXPORT?socket=PATH for a UNIX socket)");
-  if (!port.empty()) {
-    unsigned v = 0;
-    auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), v);
-    if (ec != std::errc() || p != port.data() + port.size() || v == 0 || v > 65535)
-      return bad(uri, fmt::format("bad port '{}'", port));
-    o.port = static_cast<uint16_t>(v);
-  }
+  if (hp->port) o.port = *hp->port;
   return {};
 }
 
@@ -222,8 +205,7 @@ std::string NbdConnectOptions::display() const {
   std::string exp = percent_encode(export_name, true);
   if (transport == NbdTransport::kUnix)
     return fmt::format("{}+unix:///{}?socket={}", scheme, exp, percent_encode(path, true));
-  bool v6 = host.find(':') != std::string::npos;
-  return fmt::format("{}://{}{}{}:{}/{}", scheme, v6 ? "[" : "", host, v6 ? "]" : "", port, exp);
+  return fmt::format("{}://{}/{}", scheme, format_host_port(host, port), exp);
 }
 
 std::string NbdConnectOptions::tls_caveat() const {

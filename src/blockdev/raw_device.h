@@ -35,6 +35,13 @@ class RawDevice : public BlockDevice {
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override {
     return file_->block_status(off, len);
   }
+  Task<Result<void>> check_unchanged() override { return file_->node().device().check_unchanged(); }
+  uint64_t generation() const override { return file_->node().device().generation(); }
+  bool connected() const override { return file_->node().device().connected(); }
+  // Raw adds nothing to the bytes: a kernel copy of the file is a copy of us.
+  std::optional<FileSpan> file_span() const override {
+    return file_->node().device().file_span();
+  }
 
  private:
   Child* file_;

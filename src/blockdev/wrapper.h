@@ -34,6 +34,10 @@ class BlockDeviceWrapper : public BlockDevice {
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override {
     return inner_->block_status(off, len);
   }
+  Task<Result<void>> check_unchanged() override { return inner_->check_unchanged(); }
+  uint64_t generation() const override { return inner_->generation(); }
+  bool can_reconnect() const override { return inner_->can_reconnect(); }
+  bool connected() const override { return inner_->connected(); }
 
   Task<Result<void>> resize(uint64_t new_length) override { return inner_->resize(new_length); }
 

@@ -8,15 +8,16 @@
 //     --export type=nbd,id=e0,node-name=disk,writable=on
 // `quit`, SIGINT or SIGTERM: running jobs are cancelled (forced), the NBD server
 // stops, nodes are flushed.
-#include <charconv>
 #include <csignal>
 
 #include <fmt/format.h>
 
+#include "base/host_port.h"
 #include "cli/commands.h"
 #include "cli/exit_codes.h"
 #include "cli/mirror_options.h"
 #include "cli/serve_options.h"
+#include "cli/signals.h"
 #include "qmp/daemon.h"
 #include "qmp/qmp_server.h"
 
@@ -44,29 +45,17 @@ qmp::Json nbd_server_args(qmp::Json j) {
   return j;
 }
 
-Result<std::pair<std::string, uint16_t>> split_host_port(const std::string& s) {
-  auto colon = s.rfind(':');
-  if (colon == std::string::npos) return make_plain_error(EINVAL, fmt::format("--qmp-tcp: expected HOST:PORT, got '{}'", s));
-  std::string host = s.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
-  if (host.empty()) host = "127.0.0.1";
-  unsigned port = 0;
-  auto ps = s.substr(colon + 1);
-  auto [p, ec] = std::from_chars(ps.data(), ps.data() + ps.size(), port);
-  if (ec != std::errc() || p != ps.data() + ps.size() || port > 65535)
-    return make_plain_error(EINVAL, fmt::format("--qmp-tcp: bad port '{}'", ps));
-  return std::pair{host, static_cast<uint16_t>(port)};
-}
-
 int run_daemon(const DaemonArgs& a) {
   Loop loop;
+  StraySignalGuard stray_signals(loop);  // before any other signal_set: outlives them
   qmp::Daemon daemon(loop, qmp::DaemonOptions{a.file_root});
   qmp::QmpServer server(loop, daemon);
   if (auto r = server.listen_unix(a.qmp); !r) return fail_input(r.error().message());
   if (!a.qmp_tcp.empty()) {
-    auto hp = split_host_port(a.qmp_tcp);
-    if (!hp) return fail_input(hp.error().message());
-    if (auto r = server.listen_tcp(hp->first, hp->second); !r) return fail_input(r.error().message());
+    auto hp = parse_host_port(a.qmp_tcp);
+    if (!hp) return fail_input(fmt::format("--qmp-tcp '{}': {}", a.qmp_tcp, hp.error().message()));
+    if (auto r = server.listen_tcp(hp->host.empty() ? "127.0.0.1" : hp->host, *hp->port); !r)
+      return fail_input(r.error().message());
   }
   return loop.run([&]() -> Task<int> {
     // Startup objects, in the order a QMP client would make them.

@@ -21,6 +21,7 @@
 #include "cli/drive.h"
 #include "cli/exit_codes.h"
 #include "cli/mirror_options.h"
+#include "cli/signals.h"
 
 namespace blkmirror {
 
@@ -130,6 +131,7 @@ int run_demo(const DemoArgs& a) {
   if (auto r = FileDevice::create(dst_path, *size); !r) return fail_input(r.error().message());
 
   Loop loop;
+  StraySignalGuard stray_signals(loop);  // before any other signal_set: outlives them
   Graph graph;  // devices use the loop's services: destroyed before the loop
   auto src = FileDevice::open(loop, src_path, FileOptions{.direct = a.opts.direct});
   auto dst = FileDevice::open(loop, dst_path, FileOptions{.direct = a.opts.direct});

@@ -1,5 +1,7 @@
 #include "cli/drive.h"
 
+#include <unistd.h>
+
 #include <csignal>
 
 #include "base/notifier.h"
@@ -15,9 +17,18 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
                        DriveOptions opts) {
   bool ready = false, interrupted = false, cancel_was_soft = false;
   Notifier changed;  // a job event or a signal: look again now, not at the next tick
+  bool paused_said = false;  // the "paused, how to resume" line, once per pause
   job->subscribe([&](const JobEvent& e) {
     progress.event(e);
     if (e.kind == JobEvent::Kind::kReady) ready = true;
+    if (e.kind == JobEvent::Kind::kError && e.action == "stop" && !paused_said) {
+      paused_said = true;
+      progress.note(fmt::format("job paused by the {} error policy after a {} error; fix the cause, "
+                                "then resume with SIGUSR2 (kill -USR2 {}), or stop with SIGINT/SIGTERM",
+                                e.operation == "read" ? "on-source-error" : "on-target-error",
+                                e.operation, ::getpid()));
+    }
+    if (e.kind == JobEvent::Kind::kStatusChange && e.status == JobStatus::kRunning) paused_said = false;
     changed.notify_all();
   });
 
@@ -116,6 +127,9 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
       job->copy_mode() == CopyMode::kWriteBlocking
           ? fmt::format(", {} client writes mirrored synchronously", format_size(st.bytes_active))
           : "";
+  if (st.bytes_offloaded)
+    active += fmt::format(", {} of the copy by the kernel (copy offload)",
+                          format_size(st.bytes_offloaded));
   progress.note(fmt::format(
       "mirror completed in {:.2f}s: {} copied, {} zeroed, {} ops, {} errors retried{}; "
       "target {}",

@@ -5,9 +5,11 @@
 
 #include "cli/commands.h"
 #include "cli/exit_codes.h"
+#include "cli/signals.h"
 
 int main(int argc, char** argv) {
   spdlog::set_pattern("%^%l%$: %v");
+  blkmirror::ignore_stray_signals();
   CLI::App app{"blkmirror: copy a disk while it is in use, then switch its users to the copy"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "blkmirror 0.1.0");

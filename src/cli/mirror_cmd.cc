@@ -18,6 +18,7 @@
 #include "cli/fault_env.h"
 #include "cli/serve_options.h"
 #include "cli/mirror_options.h"
+#include "cli/signals.h"
 
 namespace blkmirror {
 
@@ -87,6 +88,7 @@ int run_mirror(const MirrorArgs& a) {
     }
   } cleanup{a.dst, created};
   Loop loop;
+  StraySignalGuard stray_signals(loop);  // before any other signal_set: outlives them
   Graph graph;  // devices use the loop's services: destroyed before the loop
   // Served, the source takes the clients' writes; otherwise it is only read.
   bool serving = a.serve.enabled();
@@ -97,7 +99,7 @@ int run_mirror(const MirrorArgs& a) {
   bool qcow2_target = *dst_fmt == ImageFormat::kQcow2;
   if ((!a.backing.empty() || !a.backing_format.empty()) && !(a.create && qcow2_target))
     return fail_input("--backing and --backing-format need --create --format qcow2");
-  auto src = open_device_spec(loop, a.src, FileOptions{.read_only = !serving, .direct = a.opts.direct},
+  auto src = open_device_spec(loop, a.src, FileOptions{.read_only = !serving, .direct = a.opts.direct, .locking = a.opts.lock_mode()},
                               *src_fmt, "SRC");
   if (!src) return fail_input(src.error().message());
   uint64_t size = src->dev->length();
@@ -113,10 +115,19 @@ int run_mirror(const MirrorArgs& a) {
     if (qcow2_target)
       if (auto r = create_qcow2_target(loop, a, size); !r) return fail_input(r.error().message());
   }
+  // Before opening DST: the same file opened twice would otherwise meet its
+  // own image lock and be refused with a less helpful text.
+  struct stat dst_st {};
+  if (src->file && !is_nbd_spec(a.dst) && ::stat(a.dst.c_str(), &dst_st) == 0 &&
+      src->file->identity() == std::pair<uint64_t, uint64_t>(dst_st.st_dev, S_ISBLK(dst_st.st_mode)
+                                                                                ? dst_st.st_rdev
+                                                                                : dst_st.st_ino))
+    return fail_input(fmt::format("{} and {} are the same file", a.src, a.dst));
   // A target we created is raw or qcow2 as we made it: no detection.
   auto dst_open_fmt = a.create && !*dst_fmt ? std::optional<ImageFormat>(ImageFormat::kRaw) : *dst_fmt;
-  auto dst = open_device_spec(loop, a.dst, FileOptions{.read_only = false, .direct = a.opts.direct},
-                              dst_open_fmt, "DST");
+  auto dst = open_device_spec(
+      loop, a.dst, FileOptions{.read_only = false, .direct = a.opts.direct, .locking = a.opts.lock_mode()},
+      dst_open_fmt, "DST");
   if (!dst) return fail_input(dst.error().message());
   // A raw file we just made reads as zeroes; a new qcow2 image says so itself
   // (and must not, over a backing file).
@@ -149,7 +160,7 @@ int run_mirror(const MirrorArgs& a) {
   auto job = MirrorJob::create(loop, graph, *params);
   if (!job) return fail_input(job.error().message());
 
-  nbd::NbdServer server(loop, graph);
+  nbd::NbdServer server(loop, graph, a.serve.limits());
   if (serving)
     if (auto r = a.serve.start(server, "src"); !r) return fail_input(r.error().message());
 
@@ -176,6 +187,14 @@ int run_mirror(const MirrorArgs& a) {
     if (serving) {
       if (rc == exit_code::kOk && (*job)->switched()) {
         progress.note(fmt::format("serving {} now; SIGINT/SIGTERM to stop", a.dst));
+        std::error_code ec;
+        co_await stop_signals.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+      } else if (rc == exit_code::kJobFailed) {
+        // The job failed on its own (a target problem, say): the clients keep
+        // their disk, as in QEMU. Only the operator ends the process.
+        progress.note(fmt::format("the mirror failed; still serving {} (the source, unchanged "
+                                  "by the failure) at {}; SIGINT/SIGTERM to stop (exit {})",
+                                  a.src, a.serve.where(server), exit_code::kJobFailed));
         std::error_code ec;
         co_await stop_signals.async_wait(asio::redirect_error(asio::use_awaitable, ec));
       }

@@ -35,6 +35,10 @@ void MirrorCliOptions::add_to(CLI::App& cmd) {
                  "adaptive: milliseconds without progress before switching to write-blocking")
       ->capture_default_str();
   cmd.add_flag("--direct", direct, "O_DIRECT I/O (cache.direct)");
+  add_locking_option(cmd, locking);
+  cmd.add_flag("--no-copy-offload", no_copy_offload,
+               "read and write every byte, even where the kernel could copy (copy_file_range; "
+               "reflink on XFS/btrfs)");
   cmd.add_flag("--json", json, "one JSON object per event on stdout");
   cmd.add_flag("--no-progress", no_progress, "no progress display");
   cmd.add_option("--progress-interval", progress_interval,
@@ -74,10 +78,18 @@ Result<MirrorParams> MirrorCliOptions::to_params() const {
   if (!cm) return make_error(cm.error());
   p.copy_mode = *cm;
   p.adaptive_window_ms = adaptive_window_ms;
+  p.copy_offload = !no_copy_offload;
   p.on_source_error = *se;
   p.on_target_error = *te;
   if (auto r = validate_params(p); !r) return make_error(r.error());
   return p;
+}
+
+void add_locking_option(CLI::App& cmd, std::string& locking) {
+  cmd.add_option("--locking", locking,
+                 "image locks shared with QEMU tools: auto | on | off (off: no second-writer protection)")
+      ->check(CLI::IsMember({"auto", "on", "off"}))
+      ->capture_default_str();
 }
 
 int fail_input(const std::string& message) {

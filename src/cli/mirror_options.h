@@ -7,6 +7,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "blockdev/image_lock.h"
 #include "cli/progress.h"
 #include "mirror/mirror_params.h"
 
@@ -19,12 +20,15 @@ struct MirrorCliOptions {
   std::string copy_mode = "adaptive";  // bench/README.md: converges where background does not, same cost otherwise
   uint64_t adaptive_window_ms = kDefaultAdaptiveWindowMs;
   bool direct = false;
+  std::string locking = "auto";  // image locks: auto | on | off (image_lock.h)
+  bool no_copy_offload = false;
   bool json = false;
   bool no_progress = false;
   double progress_interval = 1.0;  // seconds between --json PROGRESS objects
 
   void add_to(CLI::App& cmd);
   Result<MirrorParams> to_params() const;
+  LockMode lock_mode() const { return parse_lock_mode(locking).value_or(LockMode::kAuto); }
   ProgressStyle progress_style() const {
     return json ? ProgressStyle::kJson : no_progress ? ProgressStyle::kNone : ProgressStyle::kAuto;
   }
@@ -32,5 +36,8 @@ struct MirrorCliOptions {
 
 // Prints "blkmirror: <message>" to stderr and returns exit_code::kBadInput.
 int fail_input(const std::string& message);
+
+// --locking auto|on|off: the image locks QEMU tools also take and check.
+void add_locking_option(CLI::App& cmd, std::string& locking);
 
 }  // namespace blkmirror

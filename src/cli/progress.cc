@@ -8,6 +8,8 @@
 #include <nlohmann/json.hpp>
 
 #include "base/size_parse.h"
+#include "qmp/job_events.h"
+#include "qmp/wire.h"
 
 namespace blkmirror {
 
@@ -24,43 +26,10 @@ std::string format_eta(double s) {
   return fmt::format("{}:{:02}", t / 60, t % 60);
 }
 
+// One spelling for QMP and --json (qmp/job_events.h); NOTE is the CLI's own.
 nlohmann::json event_json(const JobEvent& e) {
-  using K = JobEvent::Kind;
-  nlohmann::json data;
-  std::string name;
-  switch (e.kind) {
-    case K::kStatusChange:
-      name = "JOB_STATUS_CHANGE";
-      data = {{"id", e.id}, {"status", to_string(e.status)}};
-      break;
-    case K::kReady:
-    case K::kCompleted:
-    case K::kCancelled:
-      name = e.kind == K::kReady ? "BLOCK_JOB_READY"
-             : e.kind == K::kCompleted ? "BLOCK_JOB_COMPLETED" : "BLOCK_JOB_CANCELLED";
-      data = {{"type", e.type}, {"device", e.device}, {"len", e.len}, {"offset", e.offset},
-              {"speed", e.speed}};
-      if (e.error) data["error"] = *e.error;
-      break;
-    case K::kPending:
-      name = "BLOCK_JOB_PENDING";
-      data = {{"type", e.type}, {"id", e.id}};
-      break;
-    case K::kError:
-      name = "BLOCK_JOB_ERROR";
-      data = {{"device", e.device}, {"operation", e.operation}, {"action", e.action},
-              {"message", e.message}};
-      break;
-    case K::kCopyModeChange:
-      name = "COPY_MODE_CHANGE";
-      data = {{"device", e.device}, {"copy-mode", e.copy_mode}, {"message", e.message}};
-      break;
-    case K::kNote:
-      name = "NOTE";
-      data = {{"message", e.message}};
-      break;
-  }
-  return {{"event", name}, {"data", data}};
+  if (auto ev = qmp::job_event_json(e)) return {{"event", ev->name}, {"data", ev->data}};
+  return {{"event", "NOTE"}, {"data", {{"message", e.message}}}};
 }
 
 }  // namespace
@@ -93,7 +62,7 @@ void Progress::note(const std::string& text) {
 void Progress::event(const JobEvent& e) {
   using K = JobEvent::Kind;
   if (style_ == ProgressStyle::kJson) {
-    fmt::print(stdout, "{}\n", event_json(e).dump());
+    fmt::print(stdout, "{}\n", qmp::dump_line(event_json(e)));
     std::fflush(stdout);
     return;
   }
@@ -146,7 +115,7 @@ void Progress::tick(const JobInfo& info) {
                                   {"offset", info.offset}, {"len", info.len},
                                   {"rate", static_cast<uint64_t>(rate_)},
                                   {"actively-synced", info.actively_synced}}}};
-    fmt::print(stdout, "{}\n", j.dump());
+    fmt::print(stdout, "{}\n", qmp::dump_line(j));
     std::fflush(stdout);
   } else if (tty_) {
     if (since_print < 0.2) return;

@@ -10,6 +10,8 @@
 
 #include <fmt/format.h>
 
+#include "base/host_port.h"
+
 namespace blkmirror {
 
 namespace {
@@ -30,9 +32,10 @@ Result<int> connect_unix(const std::string& path) {
 }
 
 Result<int> connect_tcp(const std::string& hostport) {
-  auto colon = hostport.rfind(':');
-  if (colon == std::string::npos) return make_plain_error(EINVAL, fmt::format("expected tcp:HOST:PORT, got '{}'", hostport));
-  std::string host = hostport.substr(0, colon), port = hostport.substr(colon + 1);
+  auto hp = parse_host_port(hostport, HostPortRules{.port_zero_ok = false});
+  if (!hp)
+    return make_plain_error(EINVAL, fmt::format("tcp:{}: {}", hostport, hp.error().message()));
+  std::string host = hp->host.empty() ? "127.0.0.1" : hp->host, port = std::to_string(*hp->port);
   addrinfo hints{};
   hints.ai_socktype = SOCK_STREAM;
   addrinfo* res = nullptr;

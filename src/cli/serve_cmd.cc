@@ -10,6 +10,7 @@
 #include "cli/exit_codes.h"
 #include "cli/mirror_options.h"
 #include "cli/serve_options.h"
+#include "cli/signals.h"
 
 namespace blkmirror {
 
@@ -20,21 +21,26 @@ struct ServeArgs {
   ServeOptions serve;
   bool direct = false;
   std::string format;  // "" = detect
+  std::string locking = "auto";
 };
 
 int run_serve(const ServeArgs& a) {
   if (!a.serve.enabled()) return fail_input("serve: give --socket PATH and/or --listen HOST:PORT");
   Loop loop;
+  StraySignalGuard stray_signals(loop);  // before any other signal_set: outlives them
   Graph graph;  // devices use the loop's services: destroyed before the loop
   auto format = parse_format_option(a.format, "--format");
   if (!format) return fail_input(format.error().message());
-  auto img = open_device_spec(loop, a.image, FileOptions{.read_only = a.serve.read_only, .direct = a.direct},
+  auto img = open_device_spec(loop, a.image,
+                              FileOptions{.read_only = a.serve.read_only,
+                                          .direct = a.direct,
+                                          .locking = parse_lock_mode(a.locking).value_or(LockMode::kAuto)},
                               *format, "IMAGE");
   if (!img) return fail_input(img.error().message());
   if (img->is_nbd()) return fail_input(a.image + ": serve takes a file or block device");
   BlockDevicePtr dev = img->dev;
   (void)graph.add("disk", dev);
-  nbd::NbdServer server(loop, graph);
+  nbd::NbdServer server(loop, graph, a.serve.limits());
   if (auto r = a.serve.start(server, "disk"); !r) return fail_input(r.error().message());
   fmt::print(stderr, "serving {} ({}, {} bytes{}) at {}\n", a.image, to_string(img->image.format), dev->length(),
              a.serve.read_only ? ", read-only" : "", a.serve.where(server));
@@ -58,6 +64,7 @@ CommandRunner add_serve_command(CLI::App& app) {
   args->serve.add_to(*cmd, true);
   cmd->add_flag("--direct", args->direct, "O_DIRECT I/O (cache.direct)");
   cmd->add_option("--format", args->format, "raw | qcow2 (default: detected by magic)");
+  add_locking_option(*cmd, args->locking);
   return [cmd, args]() -> int {
     if (!cmd->parsed()) return -1;
     return run_serve(*args);

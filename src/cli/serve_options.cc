@@ -5,7 +5,7 @@
 
 #include <csignal>
 
-#include "base/size_parse.h"
+#include "base/host_port.h"
 
 namespace blkmirror {
 
@@ -14,27 +14,37 @@ void ServeOptions::add_to(CLI::App& cmd, bool with_read_only) {
   cmd.add_option("--listen", listen, "serve over NBD on TCP HOST:PORT (loopback unless given)");
   cmd.add_option("--name", name, "NBD export name (default: empty, the default export)");
   if (with_read_only) cmd.add_flag("--read-only", read_only, "refuse writes");
+  cmd.add_option("--handshake-limit", handshake_limit,
+                 "seconds a client has to finish the NBD handshake (0: no limit)")
+      ->capture_default_str();
+  cmd.add_option("--max-connections", max_connections, "NBD clients at once (0: unlimited)")
+      ->capture_default_str();
+}
+
+nbd::ServerLimits ServeOptions::limits() const {
+  nbd::ServerLimits l;
+  l.max_connections = max_connections;
+  l.handshake_limit = std::chrono::seconds(handshake_limit);
+  return l;
 }
 
 Result<void> ServeOptions::start(nbd::NbdServer& server, const std::string& node) const {
+  std::optional<HostPort> tcp;
+  if (!listen.empty()) {
+    auto hp = parse_host_port(listen);
+    if (!hp)
+      return make_plain_error(EINVAL,
+                              fmt::format("--listen '{}': {}", listen, hp.error().message()));
+    tcp = *hp;
+  }
   // qemu:allocation-depth is always offered here: the CLI has no option
   // surface for it, and a client that does not ask for it never sees it.
   nbd::ExportConfig cfg{name, node, "", !read_only, /*allocation_depth=*/true};
   if (auto r = server.add_export(cfg); !r) return r;
   if (!socket.empty())
     if (auto r = server.listen_unix(socket); !r) return r;
-  if (!listen.empty()) {
-    auto colon = listen.rfind(':');
-    if (colon == std::string::npos)
-      return make_plain_error(EINVAL, fmt::format("--listen '{}': expected HOST:PORT", listen));
-    std::string host = listen.substr(0, colon), port_s = listen.substr(colon + 1);
-    if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
-      host = host.substr(1, host.size() - 2);
-    auto port = parse_size(port_s);
-    if (!port || *port > 65535)
-      return make_plain_error(EINVAL, fmt::format("--listen '{}': bad port", listen));
-    if (auto r = server.listen_tcp(host, static_cast<uint16_t>(*port)); !r) return r;
-  }
+  if (tcp)
+    if (auto r = server.listen_tcp(tcp->host, *tcp->port); !r) return r;
   return {};
 }
 
@@ -43,9 +53,9 @@ std::string ServeOptions::where(const nbd::NbdServer& server) const {
   if (!socket.empty()) out += fmt::format("nbd+unix:///{}?socket={}", name, socket);
   if (!listen.empty()) {
     if (!out.empty()) out += " and ";
-    auto colon = listen.rfind(':');
-    std::string host = listen.substr(0, colon);
-    out += fmt::format("nbd://{}:{}/{}", host.empty() ? "127.0.0.1" : host, server.tcp_port(), name);
+    auto hp = parse_host_port(listen);  // accepted by start()
+    std::string host = hp && !hp->host.empty() ? hp->host : "127.0.0.1";
+    out += fmt::format("nbd://{}/{}", format_host_port(host, server.tcp_port()), name);
   }
   return out;
 }

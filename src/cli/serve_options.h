@@ -1,5 +1,6 @@
 // Where and how the CLI serves a disk over NBD (--socket, --listen, --name,
-// --read-only), shared by `serve` and `mirror`.
+// --read-only, --handshake-limit, --max-connections), shared by `serve` and
+// `mirror`.
 #pragma once
 
 #include <string>
@@ -17,8 +18,15 @@ struct ServeOptions {
   std::string listen;  // HOST:PORT, [IPv6]:PORT or :PORT (loopback)
   std::string name;    // export name
   bool read_only = false;
+  unsigned handshake_limit = 10;  // seconds; 0 = none (qemu-nbd's --handshake-limit)
+  unsigned max_connections = kDefaultMaxConnections;  // 0 = unlimited
+
+  // Enough for a VM, tools with multi-conn and a few operators, while a flood
+  // of connections cannot run the process out of descriptors.
+  static constexpr unsigned kDefaultMaxConnections = 256;
 
   void add_to(CLI::App& cmd, bool with_read_only);
+  nbd::ServerLimits limits() const;
   bool enabled() const { return !socket.empty() || !listen.empty(); }
   // Starts the listeners and exports node as name. One-line errors.
   Result<void> start(nbd::NbdServer& server, const std::string& node) const;

@@ -1,9 +1,10 @@
 #include "job/job.h"
 
-#include <cassert>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
+
+#include "base/assert.h"
 
 namespace blkmirror {
 
@@ -61,7 +62,7 @@ void Job::transition(JobStatus to) {
   if (to == status_) return;
   if (!job_transition_allowed(status_, to)) {
     spdlog::error("job {}: illegal transition {} -> {}", id_, to_string(status_), to_string(to));
-    assert(false && "illegal job transition");
+    BLKMIRROR_ASSERT(false, "illegal job transition (job/job_state.cc has the table)");
   }
   status_ = to;
   JobEvent e{JobEvent::Kind::kStatusChange, id_};
@@ -90,6 +91,9 @@ Task<void> Job::lifecycle(std::shared_ptr<Job> self) {
     }
   } else if (!r) {
     failure_ = r.error();
+  }
+  if (!cancelled_ && !failure_) {
+    if (auto p = co_await prepare(); !p) failure_ = p.error();
   }
   if (cancelled_ || failure_) {
     transition(JobStatus::kAborting);
@@ -130,6 +134,7 @@ Result<void> Job::resume() {
   if (auto r = check_verb(JobVerb::kResume); !r) return r;
   if (!user_paused_) return make_plain_error(EINVAL, "Can't resume a job that was not paused");
   user_paused_ = false;
+  BLKMIRROR_ASSERT(pause_requested_ > 0, "pause requests below zero");
   --pause_requested_;
   io_status_ = IoStatus::kOk;
   kick();
@@ -146,6 +151,7 @@ Result<void> Job::cancel(bool force) {
   force_cancel_ = force;
   if (user_paused_) {  // a cancel also ends a pause
     user_paused_ = false;
+    BLKMIRROR_ASSERT(pause_requested_ > 0, "pause requests below zero");
     --pause_requested_;
   }
   kick();

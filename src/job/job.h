@@ -3,8 +3,8 @@
 // complete, finalize, dismiss), the event stream, and the lifecycle around a
 // subclass's body:
 //
-//   start() -> running -> body run() -> waiting -> pending -> commit() -> concluded
-//                                    \-> aborting -> abort() -> concluded
+//   start() -> running -> body run() -> waiting -> pending -> prepare() -> commit() -> concluded
+//                                    \-> aborting -> abort() -> concluded  (also when prepare() fails)
 //   then null once dismissed (automatically with auto-dismiss).
 //
 // Subclasses (the mirror) implement run(), commit(), abort() and the verbs that
@@ -104,6 +104,10 @@ class Job : public std::enable_shared_from_this<Job> {
 
  protected:
   virtual Task<Result<void>> run() = 0;
+  // After run() succeeded (and finalize, without auto-finalize): the last step
+  // that may still fail the job, as QEMU's .prepare. A failure takes the abort
+  // path with that error.
+  virtual Task<Result<void>> prepare() { co_return Result<void>{}; }
   virtual Task<void> commit() { co_return; }
   virtual Task<void> abort() { co_return; }
   // Called by complete() after the verb check; may refuse.

@@ -25,13 +25,15 @@
 // chunks a concurrent active write holds: that active write then leaves its bits
 // set (ActiveOp::redirtied), because the source may hold the older write's data.
 //
-// Adaptive mode (check_adaptive) watches the dirty count from the copy loop and
-// switches to write-blocking when it stops falling.
+// Adaptive mode (check_adaptive, adaptive.h) watches the dirty count from the
+// copy loop and switches to write-blocking when it stops falling.
 //
 // Threading rule: loop thread only, like the rest of the job.
 #include <algorithm>
 
 #include <fmt/format.h>
+
+#include "base/assert.h"
 
 #include "mirror/mirror_job.h"
 
@@ -44,7 +46,8 @@ ByteRange MirrorJob::chunks_covering(uint64_t off, uint64_t len) const {
 }
 
 bool MirrorJob::copy_to_target() const {
-  if (!active_ || !attached_ || fatal_ || cancel_requested() || io_status() != IoStatus::kOk)
+  if (!write_blocking() || !attached_ || fatal_ || cancel_requested() ||
+      io_status() != IoStatus::kOk)
     return false;
   switch (status()) {
     case JobStatus::kRunning:
@@ -60,7 +63,7 @@ bool MirrorJob::copy_to_target() const {
 bool MirrorJob::overlaps_any_op(const ByteRange& r) const {
   if (r.length == 0) return false;
   for (auto& op : in_flight_)
-    if (op.overlaps(r)) return true;
+    if (op.range.overlaps(r)) return true;
   for (auto& a : active_ops_)
     if (a.chunks.overlaps(r)) return true;
   return false;
@@ -75,6 +78,7 @@ Task<Result<void>> MirrorJob::intercept(Node& node, const WriteRequest& req) {
     r = co_await active_write(node, req);
   else
     r = co_await passive_write(node, req);
+  BLKMIRROR_ASSERT(intercepts_ > 0, "intercepted writes below zero");
   if (--intercepts_ == 0) intercepts_done_.notify_all();
   co_return r;
 }
@@ -82,6 +86,7 @@ Task<Result<void>> MirrorJob::intercept(Node& node, const WriteRequest& req) {
 Task<Result<void>> MirrorJob::passive_write(Node& node, const WriteRequest& req) {
   ++passive_writes_;
   auto r = co_await node.perform(req);
+  BLKMIRROR_ASSERT(passive_writes_ > 0, "passive writes below zero");
   --passive_writes_;
   // Even a failed write may have changed part of the range.
   mark_dirty(req.offset, req.length);
@@ -156,7 +161,10 @@ Task<Result<void>> MirrorJob::active_write(Node& node, const WriteRequest& req) 
   }
   auto r = co_await node.perform(req);
   while (!half->done) co_await half->finished.wait();
-  if (off < end) active_bytes_ -= end - off;
+  if (off < end) {
+    BLKMIRROR_ASSERT(active_bytes_ >= end - off, "active write bytes below zero");
+    active_bytes_ -= end - off;
+  }
   bool redirtied = op->redirtied;
   active_ops_.erase(op);
 
@@ -201,8 +209,7 @@ Result<void> MirrorJob::change_copy_mode(CopyMode m) {
 }
 
 void MirrorJob::switch_to_write_blocking(const std::string& why, bool emit_event) {
-  if (active_) return;
-  active_ = true;
+  if (write_blocking()) return;
   mode_ = CopyMode::kWriteBlocking;
   // actively-synced waits for the copy loop's next clean pass with no write
   // from background mode still in flight.
@@ -216,67 +223,20 @@ void MirrorJob::switch_to_write_blocking(const std::string& why, bool emit_event
   wake_.notify_all();
 }
 
-bool MirrorJob::actively_synced() const { return active_ && actively_synced_; }
+bool MirrorJob::actively_synced() const { return write_blocking() && actively_synced_; }
 
 void MirrorJob::note_synced_state() {
-  if (active_ && synced_ && passive_writes_ == 0 && dirty_.count() == 0 && in_flight_.empty())
+  if (write_blocking() && synced_ && passive_writes_ == 0 && dirty_.count() == 0 &&
+      in_flight_.empty())
     actively_synced_ = true;
 }
 
-// Adaptive: switch to write-blocking when the job is not converging. Two signs:
-//   - the dirty count has not reached a new low for a whole window (clients
-//     dirty chunks as fast as the copy loop cleans them);
-//   - it still falls, but so slowly that the estimated time to converge grew
-//     over two windows in a row.
-// Reaching zero restarts the watch: a ready job that briefly lags behind a
-// burst is converging, not stuck.
+// Adaptive: the controller (adaptive.h) watches the dirty count and says when
+// the job stopped converging.
 void MirrorJob::check_adaptive() {
-  if (mode_ != CopyMode::kAdaptive || active_) return;
-  using Clock = std::chrono::steady_clock;
-  auto now = Clock::now();
-  auto window = std::chrono::milliseconds(p_.adaptive_window_ms);
-  uint64_t d = dirty_bytes();
-  if (d == 0) {
-    adaptive_low_ = UINT64_MAX;
-    return;
-  }
-  if (adaptive_low_ == UINT64_MAX) {  // start watching
-    adaptive_low_ = d;
-    adaptive_low_at_ = now;
-    adaptive_window_start_ = now;
-    adaptive_window_dirty_ = d;
-    adaptive_eta_ms_ = 0;
-    adaptive_eta_growth_ = 0;
-    return;
-  }
-  if (d < adaptive_low_) {
-    adaptive_low_ = d;
-    adaptive_low_at_ = now;
-  }
-  if (now - adaptive_low_at_ >= window) {
-    switch_to_write_blocking(
-        fmt::format("dirty count has not fallen below {} bytes for {} ms", adaptive_low_,
-                    p_.adaptive_window_ms),
-        true);
-    return;
-  }
-  if (now - adaptive_window_start_ < window) return;
-  // One window passed: how long would the rest take at this window's pace?
-  uint64_t fell = adaptive_window_dirty_ > d ? adaptive_window_dirty_ - d : 0;
-  uint64_t eta_ms = fell ? static_cast<uint64_t>(static_cast<double>(d) / fell *
-                                                 static_cast<double>(p_.adaptive_window_ms))
-                         : UINT64_MAX;
-  adaptive_eta_growth_ = (adaptive_eta_ms_ && eta_ms > adaptive_eta_ms_) ? adaptive_eta_growth_ + 1 : 0;
-  uint64_t prev = adaptive_eta_ms_;
-  adaptive_eta_ms_ = eta_ms;
-  adaptive_window_start_ = now;
-  adaptive_window_dirty_ = d;
-  if (adaptive_eta_growth_ >= 2 && eta_ms > 2 * p_.adaptive_window_ms) {
-    switch_to_write_blocking(
-        fmt::format("estimated time to converge keeps growing ({} ms -> {} ms, {} bytes dirty)",
-                    prev, eta_ms, d),
-        true);
-  }
+  if (mode_ != CopyMode::kAdaptive) return;
+  if (auto why = adaptive_.observe(dirty_bytes(), AdaptiveController::Clock::now()))
+    switch_to_write_blocking(*why, true);
 }
 
 }  // namespace blkmirror

@@ -52,8 +52,8 @@ Task<Result<void>> MirrorJob::dirty_init() {
   uint64_t pos = 0;
   while (pos < length_) {
     if (cancel_requested()) co_return Result<void>{};
-    // Stay responsive on huge sparse disks: yield at least every 100 ms (the
-    // pause itself happens in the copy loop).
+    // Stay responsive on huge sparse disks: yield every 50 ms (the pause
+    // itself happens in the copy loop).
     if (Clock::now() - last_yield > std::chrono::milliseconds(50)) {
       co_await yield_now();
       last_yield = Clock::now();

@@ -4,12 +4,33 @@
 
 #include <fmt/format.h>
 
+#include "base/assert.h"
+
 namespace blkmirror {
 
 namespace {
 
 std::string node_not_found(const std::string& name) {
   return fmt::format("Cannot find device='{}' nor node-name='{}'", name, name);
+}
+
+// What the job's target edge lets others do: read it (a read-only export
+// watching the copy; QEMU refuses even that) and writes that change nothing.
+// Never other writers or a resize: the copy would no longer match the source.
+constexpr uint32_t kTargetShared = kPermConsistentRead | kPermWriteUnchanged;
+
+// True when `below` is `top` or a node `top` reaches through filter edges only
+// (raw, blkdebug): its visible data is top's, so swapping it for a copy of top
+// changes nothing a reader sees. QEMU's bdrv_recurse_can_replace.
+bool carries_data_of(const Node* top, const Node* below) {
+  for (const Node* n = top; n;) {
+    if (n == below) return true;
+    const Node* next = nullptr;
+    for (const Child* c : n->children())
+      if (c->kind() == EdgeKind::kFilteredFile) next = &c->node();
+    n = next;
+  }
+  return false;
 }
 
 // A node is busy when a job already holds an edge to it.
@@ -32,6 +53,11 @@ Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, M
   if (p.replaces) {
     replaces = graph.find(*p.replaces);
     if (!replaces) return make_plain_error(ENOENT, fmt::format("Node name '{}' not found", *p.replaces));
+    if (!carries_data_of(src, replaces))
+      return make_plain_error(EINVAL, fmt::format("Cannot replace '{}' by a node mirrored from '{}', because it "
+                                                  "cannot be guaranteed that doing so would not lead to an "
+                                                  "abrupt change of visible data",
+                                                  replaces->name(), src->name()));
   }
   for (Node* n : {src, tgt}) {
     if (const Child* c = job_edge(*n))
@@ -45,16 +71,34 @@ Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, M
   if (p.job_id.empty()) p.job_id = p.device;
   // One bit per chunk: refuse a bitmap that would not fit rather than fail an
   // allocation (a 1 PiB node at 512-byte chunks would need 256 GiB).
-  uint64_t gran = p.granularity ? p.granularity : default_granularity(tgt->device().caps().cluster_size);
+  MirrorSizes sizes = derive_sizes(p, tgt->device().caps().cluster_size);
+  uint64_t gran = sizes.granularity;
   if (uint64_t bytes = div_round_up(src->length(), gran) / 8; bytes > kMaxBitmapBytes)
     return make_plain_error(EFBIG, fmt::format("A {}-byte disk needs a {}-byte dirty bitmap at granularity {}; "
                                                "use a larger granularity",
                                                src->length(), bytes, gran));
-  return std::shared_ptr<MirrorJob>(new MirrorJob(loop, graph, std::move(p), src, tgt, replaces));
+  // The edges last: a permission conflict refuses the job before anything else
+  // happened (the edges made so far detach as they go).
+  const std::string who = fmt::format("mirror job '{}'", p.job_id);
+  const std::string role = "job " + p.job_id;
+  Edges edges;
+  auto s = graph.attach(src, role, EdgeUse{who, "source", Perms{kPermConsistentRead, kPermAll & ~kPermResize}});
+  if (!s) return make_error(s.error());
+  edges.src = std::move(*s);
+  auto t = graph.attach(tgt, role, EdgeUse{who, "target", Perms{kPermWrite, kTargetShared}});
+  if (!t) return make_error(t.error());
+  edges.tgt = std::move(*t);
+  if (replaces != src) {
+    auto r = graph.attach(replaces, role, EdgeUse{who, "replaced node", Perms{0, kPermAll}});
+    if (!r) return make_error(r.error());
+    edges.replaces = std::move(*r);
+  }
+  return std::shared_ptr<MirrorJob>(
+      new MirrorJob(loop, graph, std::move(p), sizes, src, tgt, replaces, std::move(edges)));
 }
 
-MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, Node* src, Node* tgt,
-                     Node* replaces)
+MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes, Node* src,
+                     Node* tgt, Node* replaces, Edges edges)
     : Job(p.job_id, "mirror", p.device, p.auto_finalize, p.auto_dismiss),
       loop_(loop),
       graph_(graph),
@@ -62,26 +106,30 @@ MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, Node* src, Node* 
       src_node_(src),
       tgt_node_(tgt),
       replaces_node_(replaces),
-      src_edge_(graph.attach(src, "job " + p_.job_id)),
-      tgt_edge_(graph.attach(tgt, "job " + p_.job_id)),
+      src_edge_(std::move(edges.src)),
+      tgt_edge_(std::move(edges.tgt)),
+      replaces_edge_(std::move(edges.replaces)),
+      tracker_(std::make_shared<TargetTracker>(
+          tgt->device_ptr(),
+          sizes.granularity,
+          [this](uint64_t off, uint64_t len) {
+            mark_dirty(off, len);
+            wake_.notify_all();
+          })),
       src_(src->device()),
-      tgt_(tgt->device()),
+      tgt_(*tracker_),
       length_(src->length()),
-      gran_(p_.granularity ? p_.granularity : default_granularity(tgt_.caps().cluster_size)),
-      buf_size_(align_up(p_.buf_size ? static_cast<uint64_t>(p_.buf_size) : kDefaultBufSize,
-                         gran_)),
-      // Large enough to stream well, small enough that max_in_flight ops fit.
-      max_op_(std::max(gran_, align_down(std::min<uint64_t>(
-                                             buf_size_, std::max<uint64_t>(
-                                                            buf_size_ / p_.max_in_flight,
-                                                            1 << 20)),
-                                         gran_))),
+      gran_(sizes.granularity),
+      buf_size_(sizes.buf_size),
+      max_op_(sizes.max_op),
       dirty_(div_round_up(length_, gran_)),
       mode_(p_.copy_mode),
-      active_(p_.copy_mode == CopyMode::kWriteBlocking),
+      adaptive_(p_.adaptive_window_ms),
       pool_(max_op_, buf_size_ / max_op_ + 1) {
-  if (tgt_.caps().cluster_size > gran_)
-    buf_size_ = std::max(buf_size_, align_up(tgt_.caps().cluster_size, gran_));
+  // The target's own device, not the tracker: offload needs a local file,
+  // which never reconnects, so copies the tracker does not see are safe.
+  auto s = src_.file_span(), t = tgt->device().file_span();
+  if (p_.copy_offload && s && t && s->fs_dev == t->fs_dev) offload_ = Offload{*s, *t};
   rate_.set_speed(static_cast<uint64_t>(p_.speed));
   // create() refused a node another job holds, so the slot is free.
   (void)src_node_->set_interceptor(this);
@@ -117,7 +165,7 @@ uint64_t MirrorJob::dirty_bytes() const {
 
 uint64_t MirrorJob::progress_len() const {
   uint64_t in_flight = 0;
-  for (auto& r : in_flight_) in_flight += r.length;
+  for (auto& op : in_flight_) in_flight += op.range.length;
   return progress_offset_ + dirty_bytes() + in_flight + active_bytes_;
 }
 
@@ -134,6 +182,7 @@ JobInfo MirrorJob::info() const {
 Result<void> MirrorJob::on_complete() {
   if (p_.replaces && !graph_.find(*p_.replaces))
     return make_plain_error(ENOENT, fmt::format("Node name '{}' not found", *p_.replaces));
+  if (auto r = check_still_replaceable(); !r) return r;
   should_complete_ = true;
   swap_on_finish_ = true;
   return {};
@@ -145,6 +194,15 @@ bool MirrorJob::on_soft_cancel() {
   should_complete_ = true;
   swap_on_finish_ = false;
   return true;
+}
+
+Task<Result<void>> MirrorJob::check_devices() {
+  // One call per device, no temporaries across co_await (GCC 12 coroutines).
+  auto r = co_await src_.check_unchanged();
+  if (!r) co_return make_plain_error(r.error().errnum(), "source " + r.error().message());
+  r = co_await tgt_.check_unchanged();
+  if (!r) co_return make_plain_error(r.error().errnum(), "target " + r.error().message());
+  co_return Result<void>{};
 }
 
 Task<void> MirrorJob::wait_idle() {
@@ -168,6 +226,7 @@ Task<Result<void>> MirrorJob::run() {
   if (auto r = co_await dirty_init(); !r) co_return r;
   for (;;) {
     update_len();
+    if (!fatal_ && tracker_->fatal()) fatal_ = *tracker_->fatal();
     if (fatal_) {
       co_await wait_idle();
       undrain_sources();
@@ -184,8 +243,9 @@ Task<Result<void>> MirrorJob::run() {
       co_await wait_idle();
       undrain_sources();
       update_len();
+      BLKMIRROR_ASSERT(in_flight_.empty() && !drained_, "paused with I/O in flight or drained");
       co_await pause_point();
-      adaptive_low_ = UINT64_MAX;  // a pause is not a failure to converge
+      adaptive_.restart();  // a pause is not a failure to converge
       continue;
     }
     check_adaptive();
@@ -208,6 +268,12 @@ Task<Result<void>> MirrorJob::run() {
         on_op_error(f.error(), false);
         continue;
       }
+      // Ready promises a copy where the user asked for it: both disks must
+      // still be the files opened, at the length copied.
+      if (auto c = co_await check_devices(); !c) {
+        fatal_ = c.error();
+        continue;
+      }
       synced_ = true;
       set_ready();
       continue;
@@ -223,6 +289,10 @@ Task<Result<void>> MirrorJob::run() {
         on_op_error(f.error(), false);
         continue;
       }
+      if (auto c = co_await check_devices(); !c) {
+        fatal_ = c.error();
+        continue;
+      }
       co_return Result<void>{};  // stays drained until commit() or abort()
     }
     note_synced_state();
@@ -230,11 +300,39 @@ Task<Result<void>> MirrorJob::run() {
   }
 }
 
-Task<void> MirrorJob::commit() {
-  if (swap_on_finish_) {
-    graph_.replace(replaces_node_, tgt_node_, {src_edge_.get(), tgt_edge_.get()});
-    switched_ = true;
+Result<void> MirrorJob::check_still_replaceable() const {
+  if (carries_data_of(src_node_, replaces_node_)) return {};
+  return make_plain_error(EINVAL, fmt::format("Can no longer replace '{}' by '{}', because it can no longer be "
+                                              "guaranteed that doing so would not lead to an abrupt change of "
+                                              "visible data",
+                                              replaces_node_->name(), tgt_node_->name()));
+}
+
+Task<Result<void>> MirrorJob::prepare() {
+  if (!swap_on_finish_) co_return Result<void>{};
+  if (auto r = check_still_replaceable(); !r) co_return r;
+  // The job lets go of its own needs first (QEMU drops the target's write and
+  // the source's read before bdrv_replace_node): the target's new parents may
+  // well need write. Relaxing never conflicts.
+  Perms src_perms = src_edge_->perms(), tgt_perms = tgt_edge_->perms();
+  (void)src_edge_->set_perms(Perms{});
+  (void)tgt_edge_->set_perms(Perms{});
+  // The target too must be quiet while edges move onto it.
+  co_await tgt_node_->drain();
+  std::vector<const Child*> keep{src_edge_.get(), tgt_edge_.get()};
+  if (replaces_edge_) keep.push_back(replaces_edge_.get());
+  auto r = graph_.replace(replaces_node_, tgt_node_, keep);
+  tgt_node_->undrain();
+  if (!r) {
+    (void)src_edge_->set_perms(src_perms);
+    (void)tgt_edge_->set_perms(tgt_perms);
+    co_return r;
   }
+  switched_ = true;
+  co_return Result<void>{};
+}
+
+Task<void> MirrorJob::commit() {
   detach();
   undrain_sources();
   co_return;

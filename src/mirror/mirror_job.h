@@ -1,6 +1,5 @@
 // MirrorJob: copies a live source node to a target node and, on complete, swaps
-// the target in for the source. Behaviour: shared/spec/MIRROR.md; design:
-// docs/design/mirror-job.md.
+// the target in for the source. Behaviour and design: docs/design/mirror-job.md.
 //
 // The job puts itself in the source node's write path as its WriteInterceptor
 // (active_write.cc). In background mode a client write marks the dirty bitmap
@@ -29,7 +28,10 @@
 #include "io/buffer.h"
 #include "io/loop.h"
 #include "job/job.h"
+#include "mirror/adaptive.h"
+#include "mirror/mirror_op.h"
 #include "mirror/mirror_params.h"
+#include "mirror/target_tracker.h"
 
 namespace blkmirror {
 
@@ -37,6 +39,7 @@ struct MirrorStats {
   uint64_t bytes_copied = 0;  // data read from the source and written to the target
   uint64_t bytes_zeroed = 0;  // made zero on the target without sending data
   uint64_t bytes_active = 0;  // client writes mirrored synchronously (write-blocking)
+  uint64_t bytes_offloaded = 0;  // of bytes_copied, copied by the kernel (copy offload)
   uint64_t ops = 0;
   uint64_t errors = 0;
 };
@@ -51,6 +54,7 @@ class MirrorJob : public Job, public WriteInterceptor {
   const MirrorParams& params() const { return p_; }
   uint64_t granularity() const { return gran_; }
   uint64_t buf_size() const { return buf_size_; }
+  uint64_t max_op() const { return max_op_; }
   const MirrorStats& stats() const { return stats_; }
   uint64_t dirty_bytes() const;
   // True once source and target converged (cleared again by an error).
@@ -77,13 +81,18 @@ class MirrorJob : public Job, public WriteInterceptor {
 
  protected:
   Task<Result<void>> run() override;
+  Task<Result<void>> prepare() override;
   Task<void> commit() override;
   Task<void> abort() override;
   Result<void> on_complete() override;
   bool on_soft_cancel() override;
 
  private:
-  MirrorJob(Loop& loop, Graph& graph, MirrorParams p, Node* src, Node* tgt, Node* replaces);
+  struct Edges {
+    std::unique_ptr<Child> src, tgt, replaces;
+  };
+  MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes, Node* src, Node* tgt,
+            Node* replaces, Edges edges);
 
   // Phase 1 (dirty_init.cc).
   Task<Result<void>> dirty_init();
@@ -97,10 +106,15 @@ class MirrorJob : public Job, public WriteInterceptor {
   std::optional<Run> pick_run();
   const ByteRange* in_flight_at(uint64_t chunk) const;
   bool launch_next();
-  Task<void> run_op(std::list<ByteRange>::iterator op, std::shared_ptr<MirrorJob> self);
-  // Sets is_read when the source read failed (vs the target write); adds to
-  // zeroed the bytes that were all zero and written as holes.
-  Task<Result<void>> copy_range(uint64_t off, uint64_t len, bool& is_read, uint64_t& zeroed);
+  Task<void> run_op(std::list<MirrorOp>::iterator op, std::shared_ptr<MirrorJob> self);
+  // Sets the buffer budget op holds to bytes (never more than it held): the one
+  // place in_flight_bytes_ goes down.
+  void set_reserved(MirrorOp& op, uint64_t bytes);
+  // Copies op's range: by copy offload when it works, else through a buffer
+  // (max_op_ bytes at a time); records a source failure and the bytes written
+  // as holes in op.
+  Task<Result<void>> copy_range(MirrorOp& op);
+  Task<Result<void>> copy_through_buffer(MirrorOp& op);
   Task<Result<void>> write_keeping_holes(uint64_t off, std::span<const std::byte> data,
                                          uint64_t& zeroed);
   void on_op_error(const Error& e, bool is_read);
@@ -114,6 +128,7 @@ class MirrorJob : public Job, public WriteInterceptor {
     ByteRange chunks;
     bool redirtied = false;
   };
+  bool write_blocking() const { return mode_ == CopyMode::kWriteBlocking; }
   bool copy_to_target() const;
   bool overlaps_any_op(const ByteRange& r) const;
   Task<Result<void>> passive_write(Node& node, const WriteRequest& req);
@@ -131,6 +146,11 @@ class MirrorJob : public Job, public WriteInterceptor {
   void note_synced_state();
 
   // Phase 5.
+  // complete and prepare: `replaces` still shows the source's data.
+  Result<void> check_still_replaceable() const;
+  // Ready and complete: source and target are still the disks opened, at the
+  // length copied (BlockDevice::check_unchanged); errors say which and how.
+  Task<Result<void>> check_devices();
   Task<void> drain_sources();
   void undrain_sources();
   void detach();
@@ -140,7 +160,7 @@ class MirrorJob : public Job, public WriteInterceptor {
   ByteRange chunks_covering(uint64_t off, uint64_t len) const;
   void mark_dirty(uint64_t off, uint64_t len);
   void update_len();
-  // len = offset + dirty + in flight (MIRROR.md "Progress").
+  // len = offset + dirty + in flight (docs/design/mirror-job.md, "Progress").
   uint64_t progress_len() const;
 
   Loop& loop_;
@@ -149,34 +169,43 @@ class MirrorJob : public Job, public WriteInterceptor {
   Node* src_node_;
   Node* tgt_node_;
   Node* replaces_node_;
-  std::unique_ptr<Child> src_edge_, tgt_edge_;
+  // Source: consistent read, shares all but resize. Target: write, shares
+  // only reads and unchanging writes (docs/design/permissions.md). Replaced
+  // node (when not the source): no permissions, keeps it alive and busy.
+  std::unique_ptr<Child> src_edge_, tgt_edge_, replaces_edge_;
+  // Every target request goes through it: unflushed writes are handed back
+  // after a reconnect, and another disk answering is refused (target_tracker.h).
+  std::shared_ptr<TargetTracker> tracker_;
   BlockDevice& src_;
-  BlockDevice& tgt_;
-  uint64_t length_;
-  uint64_t gran_;
-  uint64_t buf_size_;
-  uint64_t max_op_;
+  BlockDevice& tgt_;  // *tracker_
+  const uint64_t length_;
+  const uint64_t gran_;      // derive_sizes(): fixed for the job's life
+  const uint64_t buf_size_;
+  const uint64_t max_op_;
   DirtyBitmap dirty_;
-  std::list<ByteRange> in_flight_;  // background operations
+  std::list<MirrorOp> in_flight_;   // background operations
   std::list<ActiveOp> active_ops_;  // client writes in write-blocking mode
   uint64_t active_bytes_ = 0;       // bytes those writes still owe the target
   uint64_t intercepts_ = 0;         // client writes inside intercept() now
   uint64_t passive_writes_ = 0;     // of those, the ones only marking dirty
   Notifier intercepts_done_;        // intercepts_ reached 0
-  CopyMode mode_;                   // see copy_mode()
-  bool active_ = false;             // write-blocking in effect
+  CopyMode mode_;                   // see copy_mode(); write-blocking = active mirroring
   bool actively_synced_ = false;
   bool running_ = false;            // run() has started and not returned
-  // Adaptive: the lowest dirty count seen since the window began, and when.
-  uint64_t adaptive_low_ = UINT64_MAX;
-  std::chrono::steady_clock::time_point adaptive_low_at_{};
-  // ... and the dirty count at the start of the current window, with the
-  // estimated time to converge at the end of the last one.
-  std::chrono::steady_clock::time_point adaptive_window_start_{};
-  uint64_t adaptive_window_dirty_ = 0;
-  uint64_t adaptive_eta_ms_ = 0;
-  unsigned adaptive_eta_growth_ = 0;  // windows in a row the estimate grew
-  uint64_t in_flight_bytes_ = 0;  // buffer reserved by running operations
+  AdaptiveController adaptive_;     // consulted while mode_ is adaptive
+  uint64_t in_flight_bytes_ = 0;  // sum of in_flight_'s reserved: buffer budget in use
+  // Copy offload: both ends' files while the kernel can copy between them;
+  // reset at the first failure (the job then reads and writes).
+  struct Offload {
+    FileSpan src, tgt;
+  };
+  std::optional<Offload> offload_;
+  // Background operations are kernel copies: they take no buffer.
+  bool kernel_copies() const { return offload_.has_value(); }
+  // Chunks in one kernel copy: the largest requests (a call's cost is mostly
+  // fixed: docs/design/data-path.md), except under a speed limit, and where
+  // the copy moves data and a client write may wait for it (write-blocking).
+  uint64_t kernel_copy_chunks() const;
   uint64_t cursor_ = 0;           // chunk where the next search starts
   bool synced_ = false;
   bool should_complete_ = false;

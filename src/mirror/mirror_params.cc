@@ -1,10 +1,14 @@
 #include "mirror/mirror_params.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 
 #include <fmt/format.h>
 
 #include "base/align.h"
+#include "base/limits.h"
+#include "base/size_parse.h"
 
 namespace blkmirror {
 
@@ -69,6 +73,19 @@ ErrorAction action_for(ErrorPolicy p, int errnum) {
   return ErrorAction::kReport;
 }
 
+uint64_t max_buf_size_for(uint64_t physical_memory) {
+  return std::min(kMaxBufSize, physical_memory / 4);
+}
+
+uint64_t max_buf_size() {
+  static const uint64_t max = [] {
+    long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+    if (pages <= 0 || page <= 0) return kMaxBufSize;
+    return max_buf_size_for(static_cast<uint64_t>(pages) * static_cast<uint64_t>(page));
+  }();
+  return max;
+}
+
 Result<void> validate_params(const MirrorParams& p) {
   if (p.granularity != 0) {
     if (p.granularity < kMinGranularity || p.granularity > kMaxGranularity)
@@ -77,6 +94,10 @@ Result<void> validate_params(const MirrorParams& p) {
       return make_plain_error(EINVAL, "Parameter 'granularity' expects a power of 2");
   }
   if (p.buf_size < 0) return make_plain_error(EINVAL, "Invalid parameter 'buf-size'");
+  if (static_cast<uint64_t>(p.buf_size) > max_buf_size())
+    return make_plain_error(EINVAL, fmt::format("Parameter 'buf-size' expects a value of at most {} "
+                                                "(a quarter of this machine's memory, at most 1 GiB)",
+                                                format_size(max_buf_size())));
   if (p.speed < 0) return make_plain_error(EINVAL, "Parameter 'speed' expects a non-negative value");
   if (p.adaptive_window_ms == 0 || p.adaptive_window_ms > 3600 * 1000)
     return make_plain_error(EINVAL, "Parameter 'adaptive-window' expects a value in range [1, 3600000] ms");
@@ -88,6 +109,21 @@ Result<void> validate_params(const MirrorParams& p) {
 uint64_t default_granularity(uint64_t cluster) {
   if (cluster == 0) return 64 << 10;
   return std::clamp<uint64_t>(cluster, 4 << 10, 64 << 10);
+}
+
+MirrorSizes derive_sizes(const MirrorParams& p, uint64_t cluster) {
+  MirrorSizes s;
+  s.granularity = p.granularity ? p.granularity : default_granularity(cluster);
+  uint64_t g = s.granularity;
+  s.buf_size = align_up(p.buf_size ? static_cast<uint64_t>(p.buf_size) : kDefaultBufSize, g);
+  // A copy of a target cluster must fit the buffer whole.
+  if (cluster > g) s.buf_size = std::max(s.buf_size, align_up(cluster, g));
+  // Large enough to stream well, small enough that max_in_flight operations
+  // fit the buffer, never above the largest request, and at least one chunk.
+  uint64_t share = std::max<uint64_t>(s.buf_size / p.max_in_flight, 1 << 20);
+  uint64_t op = std::min<uint64_t>({s.buf_size, share, kMaxRequestBytes});
+  s.max_op = std::max(g, align_down(op, g));
+  return s;
 }
 
 }  // namespace blkmirror

@@ -53,6 +53,10 @@ struct MirrorParams {
   // adaptive: switch to write-blocking when the dirty count has not reached a
   // new low for this long while not converged.
   uint64_t adaptive_window_ms = kDefaultAdaptiveWindowMs;
+  // Let the kernel copy data extents (copy_file_range) when source and target
+  // are regular files on one file system: on XFS/btrfs the target then shares
+  // the source's extents (reflink). Off: every byte is read and written.
+  bool copy_offload = true;
 };
 
 inline constexpr int64_t kDefaultBufSize = 16 << 20;
@@ -61,6 +65,15 @@ inline constexpr uint64_t kMaxGranularity = 64 << 20;
 // Largest dirty bitmap a job may allocate (16 TiB at 512 B, 2 PiB at 64 KiB).
 inline constexpr uint64_t kMaxBitmapBytes = 4ull << 30;
 
+// The largest buf-size a machine with `physical_memory` bytes can serve: a
+// quarter of it, at most kMaxBufSize. The whole budget may be in flight at
+// once, so a larger value would fail to allocate (or push the host into swap)
+// mid-copy instead of being refused up front.
+inline constexpr uint64_t kMaxBufSize = uint64_t{1} << 30;
+uint64_t max_buf_size_for(uint64_t physical_memory);
+// max_buf_size_for() this machine.
+uint64_t max_buf_size();
+
 // Checks values that need no device: granularity, buf-size, speed, in-flight.
 // Error texts are QEMU's.
 Result<void> validate_params(const MirrorParams& p);
@@ -68,5 +81,15 @@ Result<void> validate_params(const MirrorParams& p);
 // Default granularity: the target's cluster size clamped to [4 KiB, 64 KiB], or
 // 64 KiB when the target has none.
 uint64_t default_granularity(uint64_t target_cluster_size);
+
+// The sizes a mirror job works with: derived once, from its parameters and the
+// target's cluster size, and fixed for the job's life.
+struct MirrorSizes {
+  uint64_t granularity = 0;  // bytes per dirty bit (a chunk)
+  uint64_t buf_size = 0;     // data all background operations together may hold
+  uint64_t max_op = 0;       // largest single copy operation, whole chunks
+};
+// REQUIRES: validate_params(p) succeeded. Pure.
+MirrorSizes derive_sizes(const MirrorParams& p, uint64_t target_cluster_size);
 
 }  // namespace blkmirror

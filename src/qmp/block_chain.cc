@@ -7,8 +7,8 @@
 #include <cstring>
 #include <filesystem>
 
-// GCC 12 warns falsely about Asio coroutine frames in the recursive
-// blockdev-add; the frame allocator pairs are Asio's own.
+// GCC 12 rule 4 (base/task.h): a false -Wmismatched-new-delete on the Asio
+// coroutine frames of the recursive blockdev-add.
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 
 #include <fmt/format.h>
@@ -132,7 +132,15 @@ Task<QResult<BlockDevicePtr>> Daemon::open_qcow2_node(Json& args, const std::str
     co_return generic_error(fmt::format("qcow2 node '{}': its file node '{}' is read-only (add it with "
                                         "read-only=true)",
                                         name, *child));
-  rec.file_edge = graph_.attach(fnode, "file of " + name);
+  // As QEMU's format nodes: the image file is read for data and metadata, and
+  // written (metadata too, whatever the parents do) when the node is writable;
+  // nobody else may change it underneath (only writes that change nothing).
+  uint32_t need = kPermConsistentRead | (rec.read_only ? 0u : kPermWrite | kPermResize);
+  auto fe = graph_.attach(fnode, "file of " + name,
+                          EdgeUse{fmt::format("node '{}'", name), "file",
+                                  Perms{need, kPermConsistentRead | kPermWriteUnchanged}});
+  if (!fe) co_return generic_error(fe.error().message());
+  rec.file_edge = std::move(*fe);
   auto file = std::make_shared<ChildDevice>(rec.file_edge.get(), rec.read_only);
   auto info = co_await Qcow2Device::probe(*file);
   if (!info) co_return generic_error(info.error().message());
@@ -167,7 +175,10 @@ Task<QResult<BlockDevicePtr>> Daemon::open_qcow2_node(Json& args, const std::str
   if (backing) {
     Node* bnode = graph_.find(*backing);
     if (!bnode) co_return generic_error(fmt::format("Cannot find device='' nor node-name='{}'", *backing));
-    rec.backing_edge = graph_.attach(bnode, "backing of " + name);
+    // Derived from the node's parents once it exists (Graph::adopt in add_node).
+    rec.backing_edge = graph_.attach_child(bnode, "backing of " + name,
+                                           EdgeUse{fmt::format("node '{}'", name), "backing", {}},
+                                           EdgeKind::kBacking);
     backing_dev = std::make_shared<ChildDevice>(rec.backing_edge.get(), true);
   }
   Qcow2OpenOptions o;
@@ -264,7 +275,12 @@ Task<QResult<Json>> Daemon::create_qcow2(Json& args, Json& o, const Call& call) 
     co_return generic_error(fmt::format("Node '{}' is not empty ({} bytes): blockdev-create formats "
                                         "only a new, empty file",
                                         file, n->length()));
-  add_job(std::make_shared<CreateQcow2Job>(id, graph_.attach(n, "create job " + id), std::move(*opts)));
+  auto edge = graph_.attach(n, "create job " + id,
+                            EdgeUse{fmt::format("blockdev-create job '{}'", id), "file",
+                                    Perms{kPermConsistentRead | kPermWrite | kPermResize,
+                                          kPermConsistentRead | kPermWriteUnchanged}});
+  if (!edge) co_return generic_error(edge.error().message());
+  add_job(std::make_shared<CreateQcow2Job>(id, std::move(*edge), std::move(*opts)));
   co_return Json::object();
 }
 
@@ -300,8 +316,7 @@ Json Daemon::image_info(const Node& n, bool flat) const {
   return image;
 }
 
-Task<QResult<Json>> Daemon::cmd_query_named_block_nodes(Json& args, const Call&) {
-  bool flat = args.value("flat", false);
+Json Daemon::named_block_nodes(bool flat) const {
   Json list = Json::array();
   for (Node* n : graph_.nodes()) {
     auto it = nodes_.find(n->name());
@@ -332,7 +347,7 @@ Task<QResult<Json>> Daemon::cmd_query_named_block_nodes(Json& args, const Call&)
     }
     list.push_back(std::move(node));
   }
-  co_return list;
+  return list;
 }
 
 }  // namespace blkmirror::qmp

@@ -2,7 +2,6 @@
 // query-named-block-nodes.
 #include <sys/stat.h>
 
-#include <charconv>
 #include <filesystem>
 
 // GCC 12 rule 4 (base/task.h): a false -Wmismatched-new-delete on the Asio
@@ -12,6 +11,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "base/host_port.h"
 #include "blockdev/fault_device.h"
 #include "blockdev/file_device.h"
 #include "blockdev/nbd_device.h"
@@ -91,6 +91,8 @@ const Schema kCreateFile = {{"driver", Type::kString, true},
                             {"preallocation", Type::kEnum, false, {"off", "falloc", "full"}},
                             {"nocow", Type::kBool}};
 const Schema kCreate = {{"job-id", Type::kString, true}, {"options", Type::kObject, true}};
+const Schema kBlockdevDel = {{"node-name", Type::kString, true}};
+const Schema kQueryNodes = {{"flat", Type::kBool}};
 
 // blkdebug's inject-error list as FaultDevice rules. The subset of QEMU's
 // blkdebug: an I/O type (or the read_aio/write_aio/flush_to_disk event that
@@ -132,6 +134,26 @@ QResult<std::vector<FaultRule>> inject_rules(Json& list, bool coerce) {
 
 }  // namespace
 
+struct Daemon::BlockCommands {
+  static Task<QResult<Json>> blockdev_add(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> blockdev_del(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> blockdev_create(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> query_named_block_nodes(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<BlockDevicePtr>> open_nbd_node(Daemon& d, Json& args);
+};
+
+std::span<const Daemon::Command> Daemon::block_commands() {
+  // blockdev-add and blockdev-create check their arguments themselves: the
+  // members depend on the driver (QAPI's unions).
+  static const Command table[] = {
+      {"blockdev-add", nullptr, &BlockCommands::blockdev_add},
+      {"blockdev-del", &kBlockdevDel, &BlockCommands::blockdev_del},
+      {"blockdev-create", nullptr, &BlockCommands::blockdev_create},
+      {"query-named-block-nodes", &kQueryNodes, &BlockCommands::query_named_block_nodes},
+  };
+  return table;
+}
+
 QResult<std::string> Daemon::checked_path(const std::string& path) const {
   if (path.empty()) return generic_error("The filename must not be empty");
   if (opts_.file_root.empty()) return path;
@@ -145,8 +167,8 @@ QResult<std::string> Daemon::checked_path(const std::string& path) const {
   return full.string();
 }
 
-Task<QResult<Json>> Daemon::cmd_blockdev_add(Json& args, const Call& call) {
-  co_return co_await add_node(args, call, nullptr, false);
+Task<QResult<Json>> Daemon::BlockCommands::blockdev_add(Daemon& d, Json& args, const Call& call) {
+  co_return co_await d.add_node(args, call, nullptr, false);
 }
 
 Task<QResult<std::string>> Daemon::child_ref(Json& ref, const std::string& parent, const std::string& member,
@@ -157,10 +179,10 @@ Task<QResult<std::string>> Daemon::child_ref(Json& ref, const std::string& paren
     co_return generic_error(fmt::format("Invalid parameter type for '{}', expected: object or string", member));
   // An inline node, as libvirt writes it: give it a name of its own. It
   // inherits read-only from its parent, and goes away with it.
-  bool user_named = ref.contains("node-name");
-  if (!user_named) {
+  if (!ref.contains("node-name")) {
     std::string gen;
-    for (int i = 0; graph_.find(gen = fmt::format("{}-{}{}", parent, member, i == 0 ? "" : std::to_string(i))); ++i) {}
+    for (int i = 0; graph_.find(gen = fmt::format("{}-{}{}", parent, member, i == 0 ? "" : std::to_string(i)));
+         ++i) {}
     ref["node-name"] = gen;
   }
   if (parent_read_only && !ref.contains("read-only")) ref["read-only"] = true;
@@ -176,6 +198,7 @@ Task<QResult<std::string>> Daemon::child_ref(Json& ref, const std::string& paren
 }
 
 Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* guard, bool implicit_name) {
+  Daemon& d = *this;
   auto drv = args.find("driver");
   if (drv == args.end()) co_return generic_error("Parameter 'driver' is missing");
   if (!drv->is_string()) co_return generic_error("Invalid parameter type for 'driver', expected: string");
@@ -192,7 +215,7 @@ Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* g
 
   const std::string name = args["node-name"].get<std::string>();
   if (!implicit_name && !id_wellformed(name)) co_return generic_error(fmt::format("Invalid node-name: '{}'", name));
-  if (graph_.find(name)) co_return generic_error(fmt::format("Duplicate nodes with node-name='{}'", name));
+  if (d.graph_.find(name)) co_return generic_error(fmt::format("Duplicate nodes with node-name='{}'", name));
   NodeRecord rec;
   rec.driver = driver;
   rec.read_only = args.value("read-only", false);
@@ -208,23 +231,31 @@ Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* g
     co_return tl::unexpected(e);
   };
   if (driver == "file") {
-    auto path = checked_path(args["filename"].get<std::string>());
+    auto path = d.checked_path(args["filename"].get<std::string>());
     if (!path) co_return tl::unexpected(path.error());
     rec.filename = args["filename"].get<std::string>();
     rec.local = true;
     if (guard) {
       if (auto g = guard->enter(*path); !g) co_return generic_error(g.error().message());
     }
-    auto f = FileDevice::open(loop_, *path, FileOptions{.read_only = rec.read_only, .direct = rec.direct});
+    bool force_share = args.value("force-share", false);
+    if (force_share && !rec.read_only)
+      co_return generic_error("force-share=on can only be used with read-only images");
+    auto locking = parse_lock_mode(args.value("locking", "auto"));  // the schema checked the value
+    auto f = FileDevice::open(d.loop_, *path,
+                              FileOptions{.read_only = rec.read_only,
+                                          .direct = rec.direct,
+                                          .locking = locking.value_or(LockMode::kAuto),
+                                          .force_share = force_share});
     if (!f) {
       co_return generic_error(fmt::format("Could not open '{}': {}", rec.filename,
                                           f.error().plain ? f.error().message() : f.error().reason()));
     }
     dev = *f;
   } else if (driver == "nbd") {
-    auto d = co_await open_nbd_node(args);
-    if (!d) co_return tl::unexpected(d.error());
-    dev = *d;
+    auto nbd = co_await BlockCommands::open_nbd_node(d, args);
+    if (!nbd) co_return tl::unexpected(nbd.error());
+    dev = *nbd;
     rec.filename = dev->describe();
     rec.tls_creds = args.value("tls-creds", "");
   } else if (driver == "null-co") {
@@ -233,9 +264,9 @@ Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* g
     rec.filename = "null-co://";
     dev = std::make_shared<NullDevice>(static_cast<uint64_t>(size));
   } else if (driver == "qcow2") {
-    auto d = co_await open_qcow2_node(args, name, rec, call, guard, implicit_name);
-    if (!d) co_return co_await fail(this, &rec, d.error());
-    dev = *d;
+    auto q = co_await d.open_qcow2_node(args, name, rec, call, guard, implicit_name);
+    if (!q) co_return co_await fail(this, &rec, q.error());
+    dev = *q;
   } else {  // raw and blkdebug: a format over another node
     std::vector<FaultRule> rules;
     if (driver == "blkdebug") {
@@ -243,18 +274,23 @@ Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* g
       if (!r) co_return tl::unexpected(r.error());
       rules = std::move(*r);
     }
-    const std::string member = driver == "raw" ? "file" : "image";
-    auto child = co_await child_ref(args[member], name, member, rec.read_only, rec, call, guard, implicit_name);
+    const char* child_name = driver == "raw" ? "file" : "image";
+    auto child = co_await d.child_ref(args[child_name], name, child_name, rec.read_only, rec, call, guard,
+                                      implicit_name);
     if (!child) co_return co_await fail(this, &rec, child.error());
-    Node* fnode = graph_.find(*child);
-    if (!fnode) co_return generic_error(fmt::format("Cannot find device='' nor node-name='{}'", *child));
-    if (auto it = nodes_.find(*child); it != nodes_.end()) {
+    Node* fnode = d.graph_.find(*child);
+    if (!fnode) co_return co_await fail(this, &rec, generic_error(fmt::format("Cannot find device='' nor node-name='{}'", *child)).value());
+    if (auto it = d.nodes_.find(*child); it != d.nodes_.end()) {
       rec.filename = it->second.filename;
       rec.local = it->second.local;
     } else {
       rec.filename = *child;
     }
-    rec.file_edge = graph_.attach(fnode, "raw node " + name);
+    // raw and blkdebug pass their parents' needs through to the file node
+    // (adopted below, once the node exists).
+    rec.file_edge = d.graph_.attach_child(fnode, "raw node " + name,
+                                          EdgeUse{fmt::format("node '{}'", name), child_name, {}},
+                                          EdgeKind::kFilteredFile);
     dev = std::make_shared<RawDevice>(rec.file_edge.get(), rec.read_only);
     if (driver == "blkdebug") {
       auto fault = std::make_shared<FaultDevice>(dev);
@@ -262,15 +298,20 @@ Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* g
       dev = fault;
     }
   }
-  if (auto r = graph_.add(name, dev); !r) co_return co_await fail(this, &rec, QmpError{"GenericError", r.error().message()});
-  if (rec.backing_edge) graph_.find(name)->set_backing_edge(rec.backing_edge.get());
-  nodes_.emplace(name, std::move(rec));
+  auto node = d.graph_.add(name, dev);
+  if (!node) co_return co_await fail(this, &rec, QmpError{"GenericError", node.error().message()});
+  if (rec.file_edge && rec.file_edge->kind() != EdgeKind::kRoot) d.graph_.adopt(*node, rec.file_edge.get());
+  if (rec.backing_edge) {
+    d.graph_.adopt(*node, rec.backing_edge.get());
+    (*node)->set_backing_edge(rec.backing_edge.get());
+  }
+  d.nodes_.emplace(name, std::move(rec));
   co_return Json::object();
 }
 
 // blockdev-add driver nbd: server {type: unix, path} | {type: inet, host, port},
 // export, tls-creds naming a tls-creds-x509/-psk object with a client endpoint.
-Task<QResult<BlockDevicePtr>> Daemon::open_nbd_node(Json& args) {
+Task<QResult<BlockDevicePtr>> Daemon::BlockCommands::open_nbd_node(Daemon& d, Json& args) {
   Json& srv = args["server"];
   NbdConnectOptions o;
   if (srv["type"] == "unix") {
@@ -282,13 +323,17 @@ Task<QResult<BlockDevicePtr>> Daemon::open_nbd_node(Json& args) {
     if (!srv.contains("host")) co_return generic_error("Parameter 'server.host' is missing");
     if (!srv.contains("port")) co_return generic_error("Parameter 'server.port' is missing");
     o.transport = NbdTransport::kTcp;
-    o.host = srv["host"].get<std::string>();
-    std::string port = srv["port"].get<std::string>();
-    unsigned n = 0;
-    auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), n);
-    if (ec != std::errc() || p != port.data() + port.size() || n == 0 || n > 65535)
-      co_return generic_error(fmt::format("Parameter 'server.port' does not accept value '{}'", port));
-    o.port = static_cast<uint16_t>(n);
+    std::string host = srv["host"].get<std::string>(), port = srv["port"].get<std::string>();
+    auto h = parse_host(host);
+    if (!h)
+      co_return generic_error(
+          fmt::format("Parameter 'server.host' does not accept value '{}'", host));
+    auto n = parse_port(port, false);
+    if (!n)
+      co_return generic_error(
+          fmt::format("Parameter 'server.port' does not accept value '{}'", port));
+    o.host = *h;
+    o.port = *n;
   }
   for (const char* k : {"path", "host", "port"}) {
     bool wanted = o.transport == NbdTransport::kUnix ? std::string_view(k) == "path" : std::string_view(k) != "path";
@@ -297,8 +342,8 @@ Task<QResult<BlockDevicePtr>> Daemon::open_nbd_node(Json& args) {
   o.export_name = args.value("export", "");
   if (args.contains("tls-creds")) {
     std::string id = args["tls-creds"].get<std::string>();
-    auto it = objects_.find(id);
-    if (it == objects_.end()) co_return generic_error(fmt::format("No TLS credentials with id '{}'", id));
+    auto it = d.objects_.find(id);
+    if (it == d.objects_.end()) co_return generic_error(fmt::format("No TLS credentials with id '{}'", id));
     const TlsObject& t = it->second;
     if (t.endpoint != "client") co_return generic_error("Expecting TLS credentials with a client endpoint");
     if (t.type == "tls-creds-x509") {
@@ -313,45 +358,49 @@ Task<QResult<BlockDevicePtr>> Daemon::open_nbd_node(Json& args) {
   }
   if (auto v = o.validate(); !v) co_return generic_error(v.error().message());
   if (auto caveat = o.tls_caveat(); !caveat.empty()) spdlog::warn("{}", caveat);
-  auto dev = co_await open_nbd(loop_, o);
+  auto dev = co_await open_nbd(d.loop_, o);
   if (!dev) co_return generic_error(dev.error().message());
   if (args.value("read-only", false) == false && (*dev)->caps().read_only)
     co_return generic_error(fmt::format("{}: the export is read-only; add it with read-only=true", o.display()));
   co_return *dev;
 }
 
-Task<QResult<Json>> Daemon::cmd_blockdev_del(Json& args, const Call& call) {
+Task<QResult<Json>> Daemon::BlockCommands::blockdev_del(Daemon& d, Json& args, const Call& call) {
   const std::string name = args["node-name"].get<std::string>();
-  Node* n = graph_.find(name);
+  Node* n = d.graph_.find(name);
   if (!n) co_return generic_error(fmt::format("Failed to find node with node-name='{}'", name));
   if (!n->parents().empty()) {
     std::string users;
     for (const Child* c : n->parents()) users += (users.empty() ? "" : ", ") + c->role();
     co_return generic_error(fmt::format("Node '{}' is busy: in use by {}", name, users));
   }
-  co_await remove_node_tree(name);
+  co_await d.remove_node_tree(name);
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_blockdev_create(Json& args, const Call& call) {
+Task<QResult<Json>> Daemon::BlockCommands::blockdev_create(Daemon& d, Json& args, const Call& call) {
   if (auto r = check(args, kCreate, "", call.coerce); !r) co_return tl::unexpected(r.error());
   Json& o = args["options"];
   auto drv = o.find("driver");
   if (drv == o.end()) co_return generic_error("Parameter 'options.driver' is missing");
   if (!drv->is_string() || (*drv != "file" && *drv != "qcow2"))
     co_return generic_error(bad_value("options.driver", drv->is_string() ? drv->get<std::string>() : drv->dump()));
-  if (*drv == "qcow2") co_return co_await create_qcow2(args, o, call);
+  if (*drv == "qcow2") co_return co_await d.create_qcow2(args, o, call);
   if (auto r = check(o, kCreateFile, "options.", call.coerce); !r) co_return tl::unexpected(r.error());
   std::string id = args["job-id"].get<std::string>();
   if (!id_wellformed(id)) co_return generic_error(fmt::format("Invalid job ID '{}'", id));
-  if (jobs_.count(id)) co_return generic_error(fmt::format("Job ID '{}' already in use", id));
+  if (d.jobs_.count(id)) co_return generic_error(fmt::format("Job ID '{}' already in use", id));
   int64_t size = o["size"].get<int64_t>();
   if (size < 0) co_return generic_error("Parameter 'size' expects a non-negative value");
-  auto path = checked_path(o["filename"].get<std::string>());
+  auto path = d.checked_path(o["filename"].get<std::string>());
   if (!path) co_return tl::unexpected(path.error());
   CreateFileSpec spec{*path, static_cast<uint64_t>(size), o.value("preallocation", "off")};
-  add_job(std::make_shared<CreateJob>(loop_, id, std::move(spec)));
+  d.add_job(std::make_shared<CreateJob>(d.loop_, id, std::move(spec)));
   co_return Json::object();
+}
+
+Task<QResult<Json>> Daemon::BlockCommands::query_named_block_nodes(Daemon& d, Json& args, const Call&) {
+  co_return d.named_block_nodes(args.value("flat", false));
 }
 
 }  // namespace blkmirror::qmp

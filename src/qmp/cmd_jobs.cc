@@ -1,9 +1,12 @@
 // Job commands: blockdev-mirror, the job queries, the block-job-* and job-*
-// verbs, and the translation of job events into QMP events.
+// verbs, and the job events sent as QMP events (qmp/job_events.h).
+#include <cassert>
+
 #include <fmt/format.h>
 
 #include "mirror/mirror_job.h"
 #include "qmp/daemon.h"
+#include "qmp/job_events.h"
 
 namespace blkmirror::qmp {
 
@@ -17,11 +20,88 @@ tl::unexpected<QmpError> from(const Error& e) { return generic_error(e.message()
 
 bool is_block_job(const Job& j) { return j.info().type != "create"; }
 
-Json block_event_data(const JobEvent& e) {
-  return {{"type", e.type}, {"device", e.device}, {"len", e.len}, {"offset", e.offset}, {"speed", e.speed}};
+// The verb of a block-job-X / job-X command (its table entry's), applied. As in
+// QEMU, job-cancel is a forced cancel; block-job-cancel has its own handler.
+Result<void> apply_verb(Job& job, JobVerb verb) {
+  switch (verb) {
+    case JobVerb::kPause: return job.pause();
+    case JobVerb::kResume: return job.resume();
+    case JobVerb::kCancel: return job.cancel(true);
+    case JobVerb::kComplete: return job.complete();
+    case JobVerb::kFinalize: return job.finalize();
+    case JobVerb::kDismiss: return job.dismiss();
+    case JobVerb::kSetSpeed:
+    case JobVerb::kChange: break;  // commands of their own, with arguments
+  }
+  return make_plain_error(EINVAL, fmt::format("no generic handler for the job verb '{}'", to_string(verb)));
 }
 
+const std::vector<std::string> kPolicies = {"report", "ignore", "enospc", "stop"};
+const Schema kMirror = {
+    {"job-id", Type::kString},
+    {"device", Type::kString, true},
+    {"target", Type::kString, true},
+    {"replaces", Type::kString},
+    {"sync", Type::kEnum, true, {"top", "full", "none", "incremental", "bitmap"}},
+    {"speed", Type::kInt},
+    {"granularity", Type::kInt},
+    {"buf-size", Type::kInt},
+    {"on-source-error", Type::kEnum, false, kPolicies},
+    {"on-target-error", Type::kEnum, false, kPolicies},
+    {"filter-node-name", Type::kString},
+    {"copy-mode", Type::kString},
+    {"auto-finalize", Type::kBool},
+    {"auto-dismiss", Type::kBool},
+    {"target-is-zero", Type::kBool},
+    {"unmap", Type::kBool},
+    {"x-adaptive-window-ms", Type::kInt},
+};
+const Schema kNone = {};
+const Schema kDevice = {{"device", Type::kString, true}};
+const Schema kId = {{"id", Type::kString, true}};
+const Schema kSetSpeed = {{"device", Type::kString, true}, {"speed", Type::kInt, true}};
+const Schema kCancel = {{"device", Type::kString, true}, {"force", Type::kBool}};
+const Schema kJobChange = {{"id", Type::kString, true},
+                           {"type", Type::kEnum, true, {"mirror"}},
+                           {"copy-mode", Type::kString, true}};
+
+
 }  // namespace
+
+struct Daemon::JobCommands {
+  static Task<QResult<Json>> blockdev_mirror(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> query_block_jobs(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> query_jobs(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> block_job_verb(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> job_verb(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> block_job_set_speed(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> block_job_cancel(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> block_job_change(Daemon& d, Json& args, const Call& call);
+};
+
+std::span<const Daemon::Command> Daemon::job_commands() {
+  using J = JobCommands;
+  static const Command table[] = {
+      {"blockdev-mirror", &kMirror, &J::blockdev_mirror},
+      {"query-block-jobs", &kNone, &J::query_block_jobs},
+      {"query-jobs", &kNone, &J::query_jobs},
+      {"block-job-set-speed", &kSetSpeed, &J::block_job_set_speed},
+      {"block-job-pause", &kDevice, &J::block_job_verb, JobVerb::kPause},
+      {"block-job-resume", &kDevice, &J::block_job_verb, JobVerb::kResume},
+      {"block-job-complete", &kDevice, &J::block_job_verb, JobVerb::kComplete},
+      {"block-job-cancel", &kCancel, &J::block_job_cancel},  // soft unless force
+      {"block-job-finalize", &kId, &J::block_job_verb, JobVerb::kFinalize},
+      {"block-job-dismiss", &kId, &J::block_job_verb, JobVerb::kDismiss},
+      {"block-job-change", &kJobChange, &J::block_job_change},
+      {"job-pause", &kId, &J::job_verb, JobVerb::kPause},
+      {"job-resume", &kId, &J::job_verb, JobVerb::kResume},
+      {"job-cancel", &kId, &J::job_verb, JobVerb::kCancel},  // QEMU: always forced
+      {"job-complete", &kId, &J::job_verb, JobVerb::kComplete},
+      {"job-finalize", &kId, &J::job_verb, JobVerb::kFinalize},
+      {"job-dismiss", &kId, &J::job_verb, JobVerb::kDismiss},
+  };
+  return table;
+}
 
 void Daemon::add_job(std::shared_ptr<Job> job) {
   const std::string id = job->id();
@@ -35,50 +115,23 @@ void Daemon::add_job(std::shared_ptr<Job> job) {
 void Daemon::on_job_event(const JobEvent& e) {
   auto it = jobs_.find(e.id);
   bool block = it != jobs_.end() && is_block_job(*it->second);
-  switch (e.kind) {
-    case JobEvent::Kind::kStatusChange:
-      emit("JOB_STATUS_CHANGE", {{"id", e.id}, {"status", to_string(e.status)}});
-      // A null job is gone: its id may be used again. The job's own coroutine
-      // still holds a reference, so dropping ours here is safe.
-      if (e.status == JobStatus::kNull && it != jobs_.end()) jobs_.erase(it);
-      break;
-    case JobEvent::Kind::kReady:
-      emit("BLOCK_JOB_READY", block_event_data(e));
-      break;
-    case JobEvent::Kind::kCompleted: {
-      if (!block) break;
-      Json d = block_event_data(e);
-      if (e.error) d["error"] = *e.error;
-      emit("BLOCK_JOB_COMPLETED", d);
-      break;
-    }
-    case JobEvent::Kind::kCancelled:
-      if (block) emit("BLOCK_JOB_CANCELLED", block_event_data(e));
-      break;
-    case JobEvent::Kind::kError:
-      emit("BLOCK_JOB_ERROR", {{"device", e.device}, {"operation", e.operation}, {"action", e.action}});
-      break;
-    case JobEvent::Kind::kPending:
-      emit("BLOCK_JOB_PENDING", {{"type", e.type}, {"id", e.id}});
-      break;
-    case JobEvent::Kind::kCopyModeChange:
-      // blkmirror's own event (adaptive mode switched itself); QMP clients
-      // ignore events they do not know.
-      emit("BLOCK_JOB_COPY_MODE_CHANGED",
-           {{"device", e.device}, {"copy-mode", e.copy_mode}, {"reason", e.message}});
-      break;
-    case JobEvent::Kind::kNote:
-      break;
-  }
+  // QEMU sends BLOCK_JOB_COMPLETED/CANCELLED for block jobs only (not for
+  // blockdev-create's job).
+  bool block_only = e.kind == JobEvent::Kind::kCompleted || e.kind == JobEvent::Kind::kCancelled;
+  if (auto ev = job_event_json(e); ev && (block || !block_only)) emit(ev->name, ev->data);
+  // A null job is gone: its id may be used again. The job's own coroutine
+  // still holds a reference, so dropping ours here is safe.
+  if (e.kind == JobEvent::Kind::kStatusChange && e.status == JobStatus::kNull && it != jobs_.end())
+    jobs_.erase(it);
 }
 
-Task<QResult<Json>> Daemon::cmd_blockdev_mirror(Json& a, const Call& call) {
+Task<QResult<Json>> Daemon::JobCommands::blockdev_mirror(Daemon& d, Json& a, const Call& call) {
   MirrorParams p;
   p.device = a["device"].get<std::string>();
   p.target = a["target"].get<std::string>();
   p.job_id = a.value("job-id", p.device);
   if (!id_wellformed(p.job_id)) co_return generic_error(fmt::format("Invalid job ID '{}'", p.job_id));
-  if (jobs_.count(p.job_id)) co_return generic_error(fmt::format("Job ID '{}' already in use", p.job_id));
+  if (d.jobs_.count(p.job_id)) co_return generic_error(fmt::format("Job ID '{}' already in use", p.job_id));
   auto sync = parse_sync_mode(a["sync"].get<std::string>());
   if (!sync) co_return from(sync.error());
   p.sync = *sync;
@@ -114,15 +167,15 @@ Task<QResult<Json>> Daemon::cmd_blockdev_mirror(Json& a, const Call& call) {
     p.adaptive_window_ms = static_cast<uint64_t>(w);
   }
   if (auto v = validate_params(p); !v) co_return from(v.error());
-  auto job = MirrorJob::create(loop_, graph_, p);
+  auto job = MirrorJob::create(d.loop_, d.graph_, p);
   if (!job) co_return from(job.error());
-  add_job(*job);
+  d.add_job(*job);
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_query_block_jobs(Json&, const Call&) {
+Task<QResult<Json>> Daemon::JobCommands::query_block_jobs(Daemon& d, Json& args, const Call& call) {
   Json list = Json::array();
-  for (auto& [id, job] : jobs_) {
+  for (auto& [id, job] : d.jobs_) {
     if (!is_block_job(*job)) continue;
     JobInfo i = job->info();
     Json j = {{"type", i.type},           {"device", i.id},
@@ -138,9 +191,9 @@ Task<QResult<Json>> Daemon::cmd_query_block_jobs(Json&, const Call&) {
   co_return list;
 }
 
-Task<QResult<Json>> Daemon::cmd_query_jobs(Json&, const Call&) {
+Task<QResult<Json>> Daemon::JobCommands::query_jobs(Daemon& d, Json& args, const Call& call) {
   Json list = Json::array();
-  for (auto& [id, job] : jobs_) {
+  for (auto& [id, job] : d.jobs_) {
     JobInfo i = job->info();
     Json j = {{"id", i.id},
               {"type", i.type},
@@ -153,52 +206,38 @@ Task<QResult<Json>> Daemon::cmd_query_jobs(Json&, const Call&) {
   co_return list;
 }
 
-namespace {
-
-// The verb a block-job-X / job-X command names (its last word), applied. As in
-// QEMU, job-cancel is a forced cancel; block-job-cancel has its own handler.
-Result<void> apply_verb(Job& job, const std::string& command) {
-  std::string verb = command.substr(command.rfind('-') + 1);
-  if (verb == "pause") return job.pause();
-  if (verb == "resume") return job.resume();
-  if (verb == "cancel") return job.cancel(true);
-  if (verb == "complete") return job.complete();
-  if (verb == "finalize") return job.finalize();
-  return job.dismiss();
-}
-
-}  // namespace
-
 // block-job-{pause,resume,complete,finalize,dismiss}: the job by device (or id).
-Task<QResult<Json>> Daemon::cmd_block_job_verb(Json& a, const Call& call) {
+Task<QResult<Json>> Daemon::JobCommands::block_job_verb(Daemon& d, Json& a, const Call& call) {
   std::string id = a.contains("device") ? a["device"].get<std::string>() : a["id"].get<std::string>();
-  auto it = jobs_.find(id);
-  if (it == jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
-  if (auto r = apply_verb(*it->second, call.name); !r) co_return from(r.error());
+  auto it = d.jobs_.find(id);
+  if (it == d.jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
+  assert(call.verb);  // the table gives each verb command its verb
+  if (auto r = apply_verb(*it->second, *call.verb); !r) co_return from(r.error());
   co_return Json::object();
 }
 
 // job-{pause,resume,cancel,complete,finalize,dismiss}: any job, by id.
-Task<QResult<Json>> Daemon::cmd_job_verb(Json& a, const Call& call) {
-  auto it = jobs_.find(a["id"].get<std::string>());
-  if (it == jobs_.end()) co_return generic_error("Job not found");
-  if (auto r = apply_verb(*it->second, call.name); !r) co_return from(r.error());
+Task<QResult<Json>> Daemon::JobCommands::job_verb(Daemon& d, Json& a, const Call& call) {
+  auto it = d.jobs_.find(a["id"].get<std::string>());
+  if (it == d.jobs_.end()) co_return generic_error("Job not found");
+  assert(call.verb);  // the table gives each verb command its verb
+  if (auto r = apply_verb(*it->second, *call.verb); !r) co_return from(r.error());
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_block_job_set_speed(Json& a, const Call& call) {
+Task<QResult<Json>> Daemon::JobCommands::block_job_set_speed(Daemon& d, Json& a, const Call& call) {
   std::string id = a["device"].get<std::string>();
-  auto it = jobs_.find(id);
-  if (it == jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
+  auto it = d.jobs_.find(id);
+  if (it == d.jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
   if (auto r = it->second->set_speed(a["speed"].get<int64_t>()); !r) co_return from(r.error());
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_block_job_cancel(Json& a, const Call& call) {
+Task<QResult<Json>> Daemon::JobCommands::block_job_cancel(Daemon& d, Json& a, const Call& call) {
   std::string id = a["device"].get<std::string>();
   bool force = a.value("force", false);
-  auto it = jobs_.find(id);
-  if (it == jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
+  auto it = d.jobs_.find(id);
+  if (it == d.jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
   JobInfo i = it->second->info();
   // QEMU: a soft cancel of a user-paused job is refused (resume it, or force).
   if (i.paused && !force)
@@ -210,10 +249,10 @@ Task<QResult<Json>> Daemon::cmd_block_job_cancel(Json& a, const Call& call) {
 
 // block-job-change {id, type: mirror, copy-mode}: QEMU 8.2's command; the only
 // change a mirror accepts is to write-blocking.
-Task<QResult<Json>> Daemon::cmd_block_job_change(Json& a, const Call& call) {
+Task<QResult<Json>> Daemon::JobCommands::block_job_change(Daemon& d, Json& a, const Call& call) {
   std::string id = a["id"].get<std::string>();
-  auto it = jobs_.find(id);
-  if (it == jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
+  auto it = d.jobs_.find(id);
+  if (it == d.jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
   auto mirror = std::dynamic_pointer_cast<MirrorJob>(it->second);
   if (!mirror) co_return generic_error(fmt::format("Job '{}' is not a mirror job", id));
   auto mode = parse_copy_mode(a["copy-mode"].get<std::string>());

@@ -1,9 +1,11 @@
 // NBD server commands: nbd-server-start/stop, block-export-add/del and
 // query-block-exports.
-#include <charconv>
+#include <chrono>
+#include <cstdint>
 
 #include <fmt/format.h>
 
+#include "base/host_port.h"
 #include "qmp/daemon.h"
 
 namespace blkmirror::qmp {
@@ -15,13 +17,58 @@ const Schema kInetData = {{"host", Type::kString, true}, {"port", Type::kString,
                           {"numeric", Type::kBool},     {"ipv4", Type::kBool},
                           {"ipv6", Type::kBool},        {"keep-alive", Type::kBool}};
 const Schema kAddr = {{"type", Type::kEnum, true, {"unix", "inet"}}, {"data", Type::kObject, true}};
-const Schema kStart = {{"addr", Type::kObject, true, {}, &kAddr}};
+// max-connections as QEMU 7.2 takes it; handshake-max-seconds as QEMU took it later (10.0).
+const Schema kStart = {{"addr", Type::kObject, true, {}, &kAddr},
+                       {"max-connections", Type::kInt},
+                       {"handshake-max-seconds", Type::kInt}};
+
+// QAPI's uint32 members: an integer in 0..2^32-1, else QEMU's text.
+QResult<uint32_t> uint32_member(const Json& a, const char* name, uint32_t dflt) {
+  if (!a.contains(name)) return dflt;
+  // An integer (check() saw to that): signed from keyval, unsigned from JSON.
+  const Json& v = a[name];
+  bool fits = v.is_number_unsigned()
+                  ? v.get<uint64_t>() <= UINT32_MAX
+                  : v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT64_C(0xffffffff);
+  if (!fits) return generic_error(fmt::format("Parameter '{}' expects uint32_t", name));
+  return static_cast<uint32_t>(v.get<uint64_t>());
+}
 
 tl::unexpected<QmpError> not_running() { return generic_error("NBD server not running"); }
 
+const Schema kNone = {};
+const Schema kExportAdd = {
+    {"type", Type::kString, true}, {"id", Type::kString, true},
+    {"node-name", Type::kString, true}, {"name", Type::kString},
+    {"description", Type::kString}, {"writable", Type::kBool},
+    {"writethrough", Type::kBool}, {"allocation-depth", Type::kBool},
+};
+const Schema kExportDel = {{"id", Type::kString, true},
+                           {"mode", Type::kEnum, false, {"safe", "hard"}}};
+
 }  // namespace
 
-Task<QResult<Json>> Daemon::cmd_nbd_server_start(Json& a, const Call& call) {
+struct Daemon::NbdCommands {
+  static Task<QResult<Json>> nbd_server_start(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> nbd_server_stop(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> block_export_add(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> block_export_del(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> query_block_exports(Daemon& d, Json& args, const Call& call);
+};
+
+std::span<const Daemon::Command> Daemon::nbd_commands() {
+  static const Command table[] = {
+      // nbd-server-start checks its arguments itself (addr is a union).
+      {"nbd-server-start", nullptr, &NbdCommands::nbd_server_start},
+      {"nbd-server-stop", &kNone, &NbdCommands::nbd_server_stop},
+      {"block-export-add", &kExportAdd, &NbdCommands::block_export_add},
+      {"block-export-del", &kExportDel, &NbdCommands::block_export_del},
+      {"query-block-exports", &kNone, &NbdCommands::query_block_exports},
+  };
+  return table;
+}
+
+Task<QResult<Json>> Daemon::NbdCommands::nbd_server_start(Daemon& d, Json& a, const Call& call) {
   if (a.contains("tls-creds"))
     co_return generic_error("TLS on blkmirror's NBD server is not supported yet (tls-creds)");
   if (auto r = check(a, kStart, "", call.coerce); !r) co_return tl::unexpected(r.error());
@@ -29,79 +76,86 @@ Task<QResult<Json>> Daemon::cmd_nbd_server_start(Json& a, const Call& call) {
   bool is_unix = addr["type"] == "unix";
   if (auto r = check(addr["data"], is_unix ? kUnixData : kInetData, "addr.data.", call.coerce); !r)
     co_return tl::unexpected(r.error());
-  if (nbd_) co_return generic_error("NBD server already running");
-  auto server = std::make_unique<nbd::NbdServer>(loop_, graph_);
-  Json& d = addr["data"];
+  nbd::ServerLimits limits;
+  auto max_conn = uint32_member(a, "max-connections", 0);
+  if (!max_conn) co_return tl::unexpected(max_conn.error());
+  auto handshake = uint32_member(a, "handshake-max-seconds", 10);
+  if (!handshake) co_return tl::unexpected(handshake.error());
+  limits.max_connections = *max_conn;
+  limits.handshake_limit = std::chrono::seconds(*handshake);
+  if (d.nbd_) co_return generic_error("NBD server already running");
+  auto server = std::make_unique<nbd::NbdServer>(d.loop_, d.graph_, limits);
+  Json& data = addr["data"];
   if (is_unix) {
-    if (d.value("abstract", false)) co_return generic_error("Abstract UNIX sockets are not supported");
-    if (auto r = server->listen_unix(d["path"].get<std::string>()); !r)
-      co_return generic_error(fmt::format("Failed to bind socket to {}: {}", d["path"].get<std::string>(),
-                                          r.error().reason()));
+    if (data.value("abstract", false)) co_return generic_error("Abstract UNIX sockets are not supported");
+    if (auto r = server->listen_unix(data["path"].get<std::string>()); !r)
+      co_return generic_error(fmt::format("Failed to bind socket to {}: {}",
+                                          data["path"].get<std::string>(), r.error().message()));
   } else {
-    std::string port_s = d["port"].get<std::string>();
-    unsigned port = 0;
-    auto [p, ec] = std::from_chars(port_s.data(), port_s.data() + port_s.size(), port);
-    if (ec != std::errc() || p != port_s.data() + port_s.size() || port > 65535)
-      co_return generic_error(fmt::format("Parameter 'addr.data.port' does not accept value '{}'", port_s));
-    if (auto r = server->listen_tcp(d["host"].get<std::string>(), static_cast<uint16_t>(port)); !r)
-      co_return generic_error(fmt::format("Failed to listen on {}:{}: {}", d["host"].get<std::string>(),
-                                          port_s, r.error().message()));
+    std::string host_s = data["host"].get<std::string>(), port_s = data["port"].get<std::string>();
+    auto host = parse_host(host_s);
+    if (!host) co_return generic_error(bad_value("addr.data.host", host_s));
+    auto port = parse_port(port_s);
+    if (!port) co_return generic_error(bad_value("addr.data.port", port_s));
+    if (auto r = server->listen_tcp(*host, *port); !r)
+      co_return generic_error(fmt::format("Failed to listen on {}: {}",
+                                          format_host_port(*host, *port), r.error().message()));
   }
-  nbd_ = std::move(server);
+  d.nbd_ = std::move(server);
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_nbd_server_stop(Json&, const Call&) {
-  if (!nbd_) co_return not_running();
-  auto server = std::move(nbd_);
+Task<QResult<Json>> Daemon::NbdCommands::nbd_server_stop(Daemon& d, Json& args, const Call& call) {
+  if (!d.nbd_) co_return not_running();
+  auto server = std::move(d.nbd_);
   co_await server->stop();
-  auto gone = std::move(exports_);
-  for (auto& [id, e] : gone) emit("BLOCK_EXPORT_DELETED", {{"id", id}});
+  auto gone = std::move(d.exports_);
+  for (auto& [id, e] : gone) d.emit("BLOCK_EXPORT_DELETED", {{"id", id}});
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_block_export_add(Json& a, const Call& call) {
+Task<QResult<Json>> Daemon::NbdCommands::block_export_add(Daemon& d, Json& a, const Call& call) {
   std::string type = a["type"].get<std::string>();
   if (type != "nbd") co_return generic_error(fmt::format("Export type '{}' is not supported by blkmirror", type));
   if (a.value("writethrough", false))
     co_return generic_error("Parameter 'writethrough' is not supported yet (use FUA or flush from the client)");
-  if (!nbd_) co_return not_running();
+  if (!d.nbd_) co_return not_running();
   ExportRecord rec;
   rec.id = a["id"].get<std::string>();
   rec.node = a["node-name"].get<std::string>();
   rec.name = a.value("name", rec.node);
   rec.writable = a.value("writable", false);
   if (!id_wellformed(rec.id)) co_return generic_error(fmt::format("Invalid block export id '{}'", rec.id));
-  if (exports_.count(rec.id)) co_return generic_error(fmt::format("Block export id '{}' is already in use", rec.id));
+  if (d.exports_.count(rec.id)) co_return generic_error(fmt::format("Block export id '{}' is already in use", rec.id));
   if (rec.name.size() > 4096) co_return generic_error("export name too long to send to clients");
   nbd::ExportConfig cfg{rec.name, rec.node, a.value("description", std::string()), rec.writable,
                         a.value("allocation-depth", false)};
-  if (auto r = nbd_->add_export(cfg); !r) co_return generic_error(r.error().message());
-  exports_.emplace(rec.id, rec);
+  if (auto r = d.nbd_->add_export(cfg); !r) co_return generic_error(r.error().message());
+  d.exports_.emplace(rec.id, rec);
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_block_export_del(Json& a, const Call& call) {
+Task<QResult<Json>> Daemon::NbdCommands::block_export_del(Daemon& d, Json& a, const Call& call) {
   std::string id = a["id"].get<std::string>();
-  auto it = exports_.find(id);
-  if (it == exports_.end() || !nbd_) co_return generic_error(fmt::format("Export '{}' is not found", id));
+  auto it = d.exports_.find(id);
+  if (it == d.exports_.end() || !d.nbd_) co_return generic_error(fmt::format("Export '{}' is not found", id));
   bool hard = a.value("mode", "safe") == "hard";
   std::string name = it->second.name;
-  if (!hard && nbd_->clients_of(name) > 0)
+  if (!hard && d.nbd_->clients_of(name) > 0)
     co_return generic_error(fmt::format("export '{}' still in use (use mode 'hard' to disconnect its clients)", id));
-  if (auto r = co_await nbd_->remove_export(name); !r) co_return generic_error(r.error().message());
-  exports_.erase(id);
-  emit("BLOCK_EXPORT_DELETED", {{"id", id}});
+  if (auto r = co_await d.nbd_->remove_export(name); !r) co_return generic_error(r.error().message());
+  d.exports_.erase(id);
+  d.emit("BLOCK_EXPORT_DELETED", {{"id", id}});
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_query_block_exports(Json&, const Call&) {
+Task<QResult<Json>> Daemon::NbdCommands::query_block_exports(Daemon& d, Json& args, const Call& call) {
   Json list = Json::array();
-  for (auto& [id, rec] : exports_) {
+  for (auto& [id, rec] : d.exports_) {
     // After a mirror's switch-over the export serves the target: say so.
     std::string node = rec.node;
-    if (nbd_) {
-      if (nbd::Export* e = nbd_->find_export(rec.name)) node = e->edge->node().name();
+    if (d.nbd_) {
+      if (nbd::Export* e = d.nbd_->find_export(rec.name)) node = e->edge->node().name();
     }
     list.push_back({{"type", "nbd"}, {"id", id}, {"node-name", node}, {"shutting-down", false}});
   }

@@ -25,9 +25,24 @@ const Schema kPsk = {{"qom-type", Type::kString, true},
                      {"username", Type::kString},
                      {"priority", Type::kString}};
 
+const Schema kId = {{"id", Type::kString, true}};
+
 }  // namespace
 
-Task<QResult<Json>> Daemon::cmd_object_add(Json& a, const Call& call) {
+struct Daemon::ObjectCommands {
+  static Task<QResult<Json>> object_add(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> object_del(Daemon& d, Json& args, const Call& call);
+};
+
+std::span<const Daemon::Command> Daemon::object_commands() {
+  static const Command table[] = {
+      {"object-add", nullptr, &ObjectCommands::object_add},  // members depend on qom-type
+      {"object-del", &kId, &ObjectCommands::object_del},
+  };
+  return table;
+}
+
+Task<QResult<Json>> Daemon::ObjectCommands::object_add(Daemon& d, Json& a, const Call& call) {
   auto t = a.find("qom-type");
   if (t == a.end()) co_return generic_error("Parameter 'qom-type' is missing");
   if (!t->is_string()) co_return generic_error("Invalid parameter type for 'qom-type', expected: string");
@@ -37,7 +52,7 @@ Task<QResult<Json>> Daemon::cmd_object_add(Json& a, const Call& call) {
   if (auto r = check(a, type == "tls-creds-x509" ? kX509 : kPsk, "", call.coerce); !r) co_return tl::unexpected(r.error());
   std::string id = a["id"].get<std::string>();
   if (!id_wellformed(id)) co_return generic_error(fmt::format("Invalid object ID '{}'", id));
-  if (objects_.count(id)) co_return generic_error(fmt::format("attempt to add duplicate property '{}' to object (type 'container')", id));
+  if (d.objects_.count(id)) co_return generic_error(fmt::format("attempt to add duplicate property '{}' to object (type 'container')", id));
   TlsObject o;
   o.type = type;
   o.dir = a.value("dir", "");
@@ -45,7 +60,7 @@ Task<QResult<Json>> Daemon::cmd_object_add(Json& a, const Call& call) {
   o.verify_peer = a.value("verify-peer", true);
   o.username = a.value("username", "");
   if (!o.dir.empty()) {
-    auto p = checked_path(o.dir);
+    auto p = d.checked_path(o.dir);
     if (!p) co_return tl::unexpected(p.error());
     struct stat st {};
     if (::stat(p->c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
@@ -54,16 +69,16 @@ Task<QResult<Json>> Daemon::cmd_object_add(Json& a, const Call& call) {
   } else if (type == "tls-creds-psk") {
     co_return generic_error("Parameter 'dir' is missing (the directory holding keys.psk)");
   }
-  objects_.emplace(id, std::move(o));
+  d.objects_.emplace(id, std::move(o));
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::cmd_object_del(Json& a, const Call& call) {
+Task<QResult<Json>> Daemon::ObjectCommands::object_del(Daemon& d, Json& a, const Call& call) {
   std::string id = a["id"].get<std::string>();
-  if (!objects_.count(id)) co_return generic_error(fmt::format("object '{}' not found", id));
-  for (auto& [name, rec] : nodes_)
+  if (!d.objects_.count(id)) co_return generic_error(fmt::format("object '{}' not found", id));
+  for (auto& [name, rec] : d.nodes_)
     if (rec.tls_creds == id) co_return generic_error(fmt::format("object '{}' is in use, can not be deleted", id));
-  objects_.erase(id);
+  d.objects_.erase(id);
   co_return Json::object();
 }
 

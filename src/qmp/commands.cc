@@ -1,5 +1,7 @@
-// The command table (name -> argument schema and handler), execute(), and the
+// execute() over the joined command tables of the cmd_*.cc files, and the
 // commands about the daemon itself (version, command list, quit).
+#include <cassert>
+
 #include <fmt/format.h>
 
 #include "qmp/daemon.h"
@@ -10,81 +12,37 @@ namespace blkmirror::qmp {
 namespace {
 
 const Schema kNone = {};
-const Schema kQueryNodes = {{"flat", Type::kBool}};
-const Schema kBlockdevDel = {{"node-name", Type::kString, true}};
-const std::vector<std::string> kPolicies = {"report", "ignore", "enospc", "stop"};
-const Schema kMirror = {
-    {"job-id", Type::kString},
-    {"device", Type::kString, true},
-    {"target", Type::kString, true},
-    {"replaces", Type::kString},
-    {"sync", Type::kEnum, true, {"top", "full", "none", "incremental", "bitmap"}},
-    {"speed", Type::kInt},
-    {"granularity", Type::kInt},
-    {"buf-size", Type::kInt},
-    {"on-source-error", Type::kEnum, false, kPolicies},
-    {"on-target-error", Type::kEnum, false, kPolicies},
-    {"filter-node-name", Type::kString},
-    {"copy-mode", Type::kString},
-    {"auto-finalize", Type::kBool},
-    {"auto-dismiss", Type::kBool},
-    {"target-is-zero", Type::kBool},
-    {"unmap", Type::kBool},
-    {"x-adaptive-window-ms", Type::kInt},
-};
-const Schema kDevice = {{"device", Type::kString, true}};
-const Schema kId = {{"id", Type::kString, true}};
-const Schema kSetSpeed = {{"device", Type::kString, true}, {"speed", Type::kInt, true}};
-const Schema kCancel = {{"device", Type::kString, true}, {"force", Type::kBool}};
-const Schema kJobChange = {{"id", Type::kString, true},
-                           {"type", Type::kEnum, true, {"mirror"}},
-                           {"copy-mode", Type::kString, true}};
-const Schema kExportAdd = {
-    {"type", Type::kString, true}, {"id", Type::kString, true},
-    {"node-name", Type::kString, true}, {"name", Type::kString},
-    {"description", Type::kString}, {"writable", Type::kBool},
-    {"writethrough", Type::kBool}, {"allocation-depth", Type::kBool},
-};
-const Schema kExportDel = {{"id", Type::kString, true},
-                           {"mode", Type::kEnum, false, {"safe", "hard"}}};
 
 }  // namespace
 
-const std::map<std::string, Daemon::Command>& Daemon::commands() {
-  static const std::map<std::string, Command> table = {
-      {"query-version", {&kNone, &Daemon::cmd_query_version}},
-      {"query-commands", {&kNone, &Daemon::cmd_query_commands}},
-      {"quit", {&kNone, &Daemon::cmd_quit}},
-      {"blockdev-add", {nullptr, &Daemon::cmd_blockdev_add}},
-      {"blockdev-del", {&kBlockdevDel, &Daemon::cmd_blockdev_del}},
-      {"object-add", {nullptr, &Daemon::cmd_object_add}},
-      {"object-del", {&kId, &Daemon::cmd_object_del}},
-      {"blockdev-create", {nullptr, &Daemon::cmd_blockdev_create}},
-      {"query-named-block-nodes", {&kQueryNodes, &Daemon::cmd_query_named_block_nodes}},
-      {"blockdev-mirror", {&kMirror, &Daemon::cmd_blockdev_mirror}},
-      {"query-block-jobs", {&kNone, &Daemon::cmd_query_block_jobs}},
-      {"query-jobs", {&kNone, &Daemon::cmd_query_jobs}},
-      {"block-job-set-speed", {&kSetSpeed, &Daemon::cmd_block_job_set_speed}},
-      {"block-job-pause", {&kDevice, &Daemon::cmd_block_job_verb}},
-      {"block-job-resume", {&kDevice, &Daemon::cmd_block_job_verb}},
-      {"block-job-complete", {&kDevice, &Daemon::cmd_block_job_verb}},
-      {"block-job-cancel", {&kCancel, &Daemon::cmd_block_job_cancel}},
-      {"block-job-finalize", {&kId, &Daemon::cmd_block_job_verb}},
-      {"block-job-dismiss", {&kId, &Daemon::cmd_block_job_verb}},
-      {"block-job-change", {&kJobChange, &Daemon::cmd_block_job_change}},
-      {"job-pause", {&kId, &Daemon::cmd_job_verb}},
-      {"job-resume", {&kId, &Daemon::cmd_job_verb}},
-      {"job-cancel", {&kId, &Daemon::cmd_job_verb}},
-      {"job-complete", {&kId, &Daemon::cmd_job_verb}},
-      {"job-finalize", {&kId, &Daemon::cmd_job_verb}},
-      {"job-dismiss", {&kId, &Daemon::cmd_job_verb}},
-      {"nbd-server-start", {nullptr, &Daemon::cmd_nbd_server_start}},
-      {"nbd-server-stop", {&kNone, &Daemon::cmd_nbd_server_stop}},
-      {"block-export-add", {&kExportAdd, &Daemon::cmd_block_export_add}},
-      {"block-export-del", {&kExportDel, &Daemon::cmd_block_export_del}},
-      {"query-block-exports", {&kNone, &Daemon::cmd_query_block_exports}},
+struct Daemon::CoreCommands {
+  static Task<QResult<Json>> query_version(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> query_commands(Daemon& d, Json& args, const Call& call);
+  static Task<QResult<Json>> quit(Daemon& d, Json& args, const Call& call);
+};
+
+std::span<const Daemon::Command> Daemon::core_commands() {
+  static const Command table[] = {
+      {"query-version", &kNone, &CoreCommands::query_version},
+      {"query-commands", &kNone, &CoreCommands::query_commands},
+      {"quit", &kNone, &CoreCommands::quit},
   };
   return table;
+}
+
+const std::map<std::string_view, const Daemon::Command*>& Daemon::commands() {
+  static const auto joined = [] {
+    std::map<std::string_view, const Command*> all;
+    for (auto table : {core_commands(), block_commands(), object_commands(), job_commands(), nbd_commands()}) {
+      for (const Command& c : table) {
+        bool fresh = all.emplace(c.name, &c).second;
+        assert(fresh && "a QMP command is listed twice");
+        (void)fresh;
+      }
+    }
+    return all;
+  }();
+  return joined;
 }
 
 Daemon::Daemon(Loop& loop, DaemonOptions opts) : loop_(loop), opts_(std::move(opts)) {}
@@ -97,7 +55,7 @@ bool Daemon::has_command(const std::string& name) const {
 
 std::vector<std::string> Daemon::command_names() const {
   std::vector<std::string> names = {"qmp_capabilities"};
-  for (auto& [name, cmd] : commands()) names.push_back(name);
+  for (auto& [name, cmd] : commands()) names.emplace_back(name);
   return names;
 }
 
@@ -107,26 +65,27 @@ Task<QResult<Json>> Daemon::execute(const std::string& name, Json args, bool fro
     co_return tl::unexpected<QmpError>(
         QmpError{"CommandNotFound", fmt::format("The command {} has not been found", name)});
   if (quitting_) co_return generic_error("The daemon is shutting down");
-  Call call{name, from_command_line};
-  if (it->second.schema) {
-    if (auto r = check(args, *it->second.schema, "", call.coerce); !r) co_return tl::unexpected(r.error());
+  const Command& cmd = *it->second;
+  Call call{name, from_command_line, cmd.verb};
+  if (cmd.schema) {
+    if (auto r = check(args, *cmd.schema, "", call.coerce); !r) co_return tl::unexpected(r.error());
   } else if (!args.is_object()) {
     args = Json::object();
   }
-  co_return co_await (this->*(it->second.handler))(args, call);
+  co_return co_await cmd.handler(*this, args, call);
 }
 
-Task<QResult<Json>> Daemon::cmd_query_version(Json&, const Call&) { co_return version_json(); }
+Task<QResult<Json>> Daemon::CoreCommands::query_version(Daemon&, Json&, const Call&) { co_return version_json(); }
 
-Task<QResult<Json>> Daemon::cmd_query_commands(Json&, const Call&) {
+Task<QResult<Json>> Daemon::CoreCommands::query_commands(Daemon& d, Json&, const Call&) {
   Json list = Json::array();
-  for (auto& n : command_names()) list.push_back({{"name", n}});
+  for (auto& n : d.command_names()) list.push_back({{"name", n}});
   co_return list;
 }
 
-Task<QResult<Json>> Daemon::cmd_quit(Json&, const Call&) {
+Task<QResult<Json>> Daemon::CoreCommands::quit(Daemon& d, Json&, const Call&) {
   // The reply goes out first; the daemon's main task sees quitting() and shuts down.
-  request_quit();
+  d.request_quit();
   co_return Json::object();
 }
 

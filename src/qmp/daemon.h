@@ -1,13 +1,13 @@
 // Daemon: the state a QMP-driven storage daemon keeps (named block nodes, jobs,
 // the NBD server and its exports) and the commands that act on it, with the
 // arguments, replies, events and error texts qemu-storage-daemon 7.2 uses
-// (shared/spec/CONTROL.md). The wire (sockets, negotiation, framing) lives in
+// (docs/qmp.md says what a client sees). The wire (sockets, negotiation, framing) lives in
 // qmp_server.h; the daemon only sees parsed commands and emits events.
 //
-// Command handlers are split by topic: cmd_block.cc (nodes), block_chain.cc
-// (qcow2 nodes, backing chains, image info, qcow2 creation), cmd_jobs.cc (mirror
-// and job verbs), cmd_nbd.cc (NBD server and exports), commands.cc (the command
-// table, version, capabilities).
+// Commands are split by topic into cmd_*.cc files, each with the table of its
+// commands (name, argument schema, handler, job verb); commands.cc joins the
+// tables and runs execute(). block_chain.cc holds what qcow2 nodes and backing
+// chains add to the block commands (see BlockCommands).
 //
 // Threading rule: loop thread only. The Loop must outlive the Daemon; call
 // shutdown() and await it before destroying the Daemon.
@@ -17,7 +17,9 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
+#include <string_view>
 
 #include "base/notifier.h"
 #include "blockdev/graph.h"
@@ -98,34 +100,49 @@ class Daemon {
     std::string id, node, name;
     bool writable = false;
   };
-  // What a handler knows of the request besides its arguments. Passed by value
-  // down each call rather than kept in members: requests of several clients
-  // interleave at every co_await.
+  // What a handler knows of the request besides its arguments. Passed by
+  // reference down each call rather than kept in members: requests of several
+  // clients interleave at every co_await.
   struct Call {
-    std::string name;  // the command ("block-job-pause")
-    bool coerce;       // from the command line: string values convert to the member's type
+    std::string name;              // the command ("block-job-pause")
+    bool coerce;                   // from the command line: string values convert to the member's type
+    std::optional<JobVerb> verb;   // the job verb the command applies (its table entry's)
   };
-  using Handler = Task<QResult<Json>> (Daemon::*)(Json& args, const Call& call);
+  using Handler = Task<QResult<Json>> (*)(Daemon& d, Json& args, const Call& call);
+  // One QMP command. Each cmd_*.cc lists its own commands in a table of these,
+  // so adding a command touches that file only.
   struct Command {
+    std::string_view name;
     const Schema* schema;  // nullptr: the handler checks (union types)
     Handler handler;
+    std::optional<JobVerb> verb = std::nullopt;  // block-job-pause, job-cancel, ...
   };
-  static const std::map<std::string, Command>& commands();
+  // Every command, by name: the tables of the files below joined.
+  static const std::map<std::string_view, const Command*>& commands();
 
-  // commands.cc
-  Task<QResult<Json>> cmd_query_version(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_query_commands(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_quit(Json& args, const Call& call);
-  // cmd_block.cc
-  Task<QResult<Json>> cmd_blockdev_add(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_blockdev_del(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_blockdev_create(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_query_named_block_nodes(Json& args, const Call& call);
-  QResult<std::string> checked_path(const std::string& path) const;
-  Task<QResult<BlockDevicePtr>> open_nbd_node(Json& args);
-  // blockdev-add's body. guard: the chain being opened (a backing file opened
-  // from a header), else nullptr. implicit_name: the node name was made here
-  // (#blockN), so QEMU's rule for user names does not apply.
+  // The command files. Each defines a nested class (so its handlers reach the
+  // daemon's state) holding its handlers, and the table of its commands.
+  struct CoreCommands;    // commands.cc: query-version, query-commands, quit
+  struct BlockCommands;   // cmd_block.cc: blockdev-add/del/create, query-named-block-nodes
+  struct ObjectCommands;  // cmd_objects.cc: object-add/del
+  struct JobCommands;     // cmd_jobs.cc: blockdev-mirror, job queries, block-job-* and job-* verbs
+  struct NbdCommands;     // cmd_nbd.cc: nbd-server-start/stop, block-export-*
+  static std::span<const Command> core_commands();
+  static std::span<const Command> block_commands();
+  static std::span<const Command> object_commands();
+  static std::span<const Command> job_commands();
+  static std::span<const Command> nbd_commands();
+
+  // Shared by several command files.
+  QResult<std::string> checked_path(const std::string& path) const;  // cmd_block.cc
+  void add_job(std::shared_ptr<Job> job);                            // cmd_jobs.cc
+  void on_job_event(const JobEvent& e);                              // cmd_jobs.cc
+
+  // Block nodes and chains: blockdev-add's body and its children (cmd_block.cc),
+  // qcow2 nodes, implicit backing nodes, image info (block_chain.cc).
+  // guard: the chain being opened (a backing file opened from a header), else
+  // nullptr. implicit_name: the node name was made here (#blockN), so QEMU's
+  // rule for user names does not apply.
   Task<QResult<Json>> add_node(Json& args, const Call& call, ChainGuard* guard, bool implicit_name);
   // A format's child given as a node name or an inline object (added, named
   // after the parent, and recorded in rec.implicit). Returns its node name.
@@ -133,7 +150,6 @@ class Daemon {
   Task<QResult<std::string>> child_ref(Json& ref, const std::string& parent, const std::string& member,
                                        bool parent_read_only, NodeRecord& rec, const Call& call,
                                        ChainGuard* guard, bool trusted);
-  // block_chain.cc
   Task<QResult<BlockDevicePtr>> open_qcow2_node(Json& args, const std::string& name, NodeRecord& rec,
                                                 const Call& call, ChainGuard* guard, bool trusted);
   // Opens the backing file a qcow2 header names (read-only, format from the
@@ -146,27 +162,8 @@ class Daemon {
   // uses. Closes qcow2 devices (metadata written back, image marked clean).
   Task<void> remove_node_tree(const std::string& name);
   Json image_info(const Node& n, bool flat) const;
+  Json named_block_nodes(bool flat) const;  // query-named-block-nodes' reply
   Task<QResult<Json>> create_qcow2(Json& args, Json& o, const Call& call);
-  // cmd_objects.cc
-  Task<QResult<Json>> cmd_object_add(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_object_del(Json& args, const Call& call);
-  // cmd_jobs.cc
-  Task<QResult<Json>> cmd_blockdev_mirror(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_query_block_jobs(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_query_jobs(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_block_job_verb(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_job_verb(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_block_job_set_speed(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_block_job_cancel(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_block_job_change(Json& args, const Call& call);
-  void add_job(std::shared_ptr<Job> job);
-  void on_job_event(const JobEvent& e);
-  // cmd_nbd.cc
-  Task<QResult<Json>> cmd_nbd_server_start(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_nbd_server_stop(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_block_export_add(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_block_export_del(Json& args, const Call& call);
-  Task<QResult<Json>> cmd_query_block_exports(Json& args, const Call& call);
 
   void emit(const std::string& name, const Json& data) {
     if (sink_) sink_(name, data);

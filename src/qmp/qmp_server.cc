@@ -1,14 +1,10 @@
 #include "qmp/qmp_server.h"
 
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <deque>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
-#include "io/unix_listen.h"
 #include "qmp/wire.h"
 
 namespace blkmirror::qmp {
@@ -23,7 +19,13 @@ class Session : public std::enable_shared_from_this<Session> {
   Task<void> run(std::shared_ptr<Session> self) {
     send(greeting());
     asio::co_spawn(sock_.get_executor(), writer(self), asio::detached);
-    co_await reader();
+    try {
+      co_await reader();
+    } catch (const std::exception& e) {
+      // A bug, not the client's doing; still, the connection must close (an
+      // escaped exception used to leave it open forever, its fd leaked).
+      spdlog::error("qmp: session ended by an internal error: {}", e.what());
+    }
     // The client hung up or the server is stopping: send what is queued (the
     // reply to `quit`, say), for a bounded time, then close.
     flushing_ = true;
@@ -169,18 +171,14 @@ QmpServer::QmpServer(Loop& loop, Daemon& daemon) : loop_(loop), daemon_(daemon) 
   daemon_.set_event_sink([this](const std::string& name, const Json& data) { broadcast(name, data); });
 }
 
-QmpServer::~QmpServer() {
-  daemon_.set_event_sink(nullptr);
-  for (auto& p : socket_paths_) ::unlink(p.c_str());
-}
+QmpServer::~QmpServer() { daemon_.set_event_sink(nullptr); }
 
 Result<void> QmpServer::listen_unix(const std::string& path) {
   // QMP has no authentication: only the owner may connect.
-  auto a = listen_unix_socket(loop_.ctx(), path, 0600);
-  if (!a) return make_error(a.error());
-  socket_paths_.push_back(path);
-  unix_acceptors_.push_back(*a);
-  asio::co_spawn(loop_.executor(), accept_loop(*a, AF_UNIX), asio::detached);
+  auto l = Listener::unix_socket(loop_.ctx(), path, 0600,
+                                 [this](Listener::Socket s) { serve_socket(std::move(s)); });
+  if (!l) return make_error(l.error());
+  listeners_.push_back(std::move(*l));
   return {};
 }
 
@@ -190,32 +188,12 @@ Result<void> QmpServer::listen_tcp(const std::string& host, uint16_t port) {
   if (ec) return make_plain_error(EINVAL, fmt::format("invalid QMP address '{}'", host));
   if (!addr.is_loopback())
     return make_plain_error(EINVAL, fmt::format("QMP over TCP listens on loopback only, not '{}'", host));
-  auto a = std::make_shared<asio::ip::tcp::acceptor>(loop_.ctx());
-  asio::ip::tcp::endpoint ep(addr, port);
-  a->open(ep.protocol(), ec);
-  if (!ec) a->set_option(asio::socket_base::reuse_address(true), ec);
-  if (!ec) a->bind(ep, ec);
-  if (!ec) a->listen(asio::socket_base::max_listen_connections, ec);
-  if (ec) return make_plain_error(ec.value(), fmt::format("cannot listen on {}:{}: {}", host, port, ec.message()));
-  tcp_port_ = a->local_endpoint().port();
-  tcp_acceptors_.push_back(a);
-  asio::co_spawn(loop_.executor(), accept_loop(a, addr.is_v6() ? AF_INET6 : AF_INET), asio::detached);
+  auto l = Listener::tcp(loop_.ctx(), host, port,
+                         [this](Listener::Socket s) { serve_socket(std::move(s)); });
+  if (!l) return make_error(l.error());
+  tcp_port_ = (*l)->port();
+  listeners_.push_back(std::move(*l));
   return {};
-}
-
-template <class Acceptor>
-Task<void> QmpServer::accept_loop(std::shared_ptr<Acceptor> a, int family) {
-  for (;;) {
-    std::error_code ec;
-    auto s = co_await a->async_accept(asio::redirect_error(asio::use_awaitable, ec));
-    if (ec) {
-      if (ec == asio::error::operation_aborted || !a->is_open()) co_return;
-      co_await sleep_for(std::chrono::milliseconds(50));  // EMFILE: let clients go first
-      continue;
-    }
-    asio::generic::stream_protocol proto(family, SOCK_STREAM);
-    serve_socket(asio::generic::stream_protocol::socket(loop_.ctx(), proto, s.release()));
-  }
 }
 
 void QmpServer::serve_socket(asio::generic::stream_protocol::socket sock) {
@@ -240,13 +218,9 @@ void QmpServer::broadcast(const std::string& name, const Json& data) {
 }
 
 Task<void> QmpServer::stop() {
-  std::error_code ec;
-  for (auto& a : unix_acceptors_) a->close(ec);
-  for (auto& a : tcp_acceptors_) a->close(ec);
+  for (auto& l : listeners_) l->close();  // removes the socket file
   for (auto& s : sessions_) s->finish();
   co_await gate_.close();
-  for (auto& p : socket_paths_) ::unlink(p.c_str());
-  socket_paths_.clear();
 }
 
 }  // namespace blkmirror::qmp

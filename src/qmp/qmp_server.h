@@ -16,6 +16,7 @@
 #include <asio.hpp>
 
 #include "base/gate.h"
+#include "io/listener.h"
 #include "io/loop.h"
 #include "qmp/daemon.h"
 
@@ -46,14 +47,9 @@ class QmpServer {
 
  private:
   friend class Session;
-  template <class Acceptor>
-  Task<void> accept_loop(std::shared_ptr<Acceptor> a, int family);
-
   Loop& loop_;
   Daemon& daemon_;
-  std::vector<std::string> socket_paths_;
-  std::vector<std::shared_ptr<asio::local::stream_protocol::acceptor>> unix_acceptors_;
-  std::vector<std::shared_ptr<asio::ip::tcp::acceptor>> tcp_acceptors_;
+  std::vector<std::unique_ptr<Listener>> listeners_;  // io/listener.h: accept loop, socket file
   uint16_t tcp_port_ = 0;
   std::list<std::shared_ptr<Session>> sessions_;
   Gate gate_;

@@ -39,6 +39,16 @@ seeds = {
     "export_name": flags + opt(1, b"ro") + req(1, 0, 16, payload=b"x" * 16) + req(2),
     "info_unknown": flags + opt(6, struct.pack(">I", 3) + b"zzz" + struct.pack(">H", 0)) +
     opt(99) + meta(9, queries=()) + go(b"ro", (0, 1, 2, 3)),
+    # Many options about an export, each repeating NBD_INFO_DESCRIPTION (the
+    # fuzzer's scenario 1 removes the exports meanwhile).
+    "info_flood": flags + b"".join(
+        opt(6, struct.pack(">I", 2) + b"ro" + struct.pack(">H", 200) + struct.pack(">H", 2) * 200)
+        for _ in range(40)) + go(b"ro", (2,) * 50),
+    # A write whose payload stops short (scenario 2's stall limit), an
+    # over-limit one, and an option over the 12 KiB limit.
+    "write_stall": flags + go() + req(1, 0, 1 << 20, payload=b"\x11" * 300),
+    "write_over_limit": flags + go() + req(1, 0, (32 << 20) + 1, payload=b"\x22" * 100),
+    "option_too_big": flags + opt(7, b"\0" * (12 * 1024 + 1)) + go(),
 }
 for name, data in seeds.items():
     with open(os.path.join(out, name), "wb") as f:

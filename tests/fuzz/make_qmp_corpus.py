@@ -47,6 +47,31 @@ seeds = {
                 ("blockdev-mirror", {"device": 1}), ("nosuch", {})),
     "prenegotiation": b'{"execute": "query-version"}\n{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}\n',
 }
+# Deep nesting inside every field: qmp_fuzz expands \x01 / \x02 / \x03 into
+# arrays nested 1023 / 1025 / 60,000 deep, before and after negotiation, and
+# numbers beyond double range in the same places.
+def deep(marker):
+    m = marker.decode()
+    lines = ['{"execute": "query-version", "id": %s}' % m,
+             '{"execute": %s}' % m,
+             '{"execute": "query-version", "arguments": %s}' % m,
+             '{"execute": "query-version", "arguments": {"x": %s}}' % m,
+             '{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r", "file": {"x": %s}}}' % m,
+             '{"execute": "blockdev-mirror", "arguments": {"device": %s, "target": "b", "sync": "full"}}' % m,
+             m]
+    return ("\n".join(lines) + "\n").encode()
+
+
+for marker in (b"\x01", b"\x02", b"\x03"):
+    n = marker[0]
+    seeds[f"deep{n}-prenegotiation"] = deep(marker)
+    seeds[f"deep{n}"] = b'{"execute": "qmp_capabilities"}\n' + deep(marker)
+big = '1e400'
+seeds["overflow"] = conv('{"execute": "query-version", "id": %s}' % big,
+                         '{"execute": "query-version", "arguments": {"x": [%s]}}' % big,
+                         ("blockdev-add", {"driver": "null-co", "node-name": "n", "size": 1}),
+                         '{"execute": "block-job-set-speed", "arguments": {"device": "j", "speed": %s}}' % big,
+                         ("query-version", {}))
 for name, data in seeds.items():
     with open(os.path.join(out, name), "wb") as f:
         f.write(data)

@@ -14,8 +14,7 @@ Everything here talks to a real `blkmirror serve` / `blkmirror mirror
   tool_env()       an environment in which `nbdsh` runs this Python (which has
                    the `nbd` module) instead of the first python3 on PATH
 
-Test modules import the fixtures they use from here:
-    from nbd_helpers import nbd_server, mirror_server, tool_env  # noqa: F401
+conftest.py registers the fixtures for every test module.
 """
 
 import errno
@@ -33,8 +32,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-KiB = 1 << 10
-MiB = 1 << 20
+from conftest import KiB, stop_process, wait_for
 
 START_TIMEOUT = 15   # seconds for a server to accept connections
 STOP_TIMEOUT = 20    # seconds for a server to exit after SIGTERM
@@ -182,39 +180,37 @@ def make_sparse(path, size, extents, rnd):
 # Processes
 
 
+def _greets(sock_path):
+    """Whether an NBD server greets on the UNIX socket (a real greeting proves
+    the server is behind it)."""
+    if not os.path.exists(sock_path):
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(str(sock_path))
+        hdr = b""
+        while len(hdr) < 18:
+            chunk = s.recv(18 - len(hdr))
+            if not chunk:
+                break
+            hdr += chunk
+        return len(hdr) == 18 and struct.unpack(">QQH", hdr)[:2] == (NBDMAGIC, IHAVEOPT)
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def _wait_connectable(sock_path, proc, what, log):
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with rc={proc.returncode} before listening: {log()}")
-        if os.path.exists(sock_path):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(2)
-            try:
-                s.connect(str(sock_path))
-                # A real greeting proves the NBD server is behind the socket.
-                hdr = b""
-                while len(hdr) < 18:
-                    chunk = s.recv(18 - len(hdr))
-                    if not chunk:
-                        break
-                    hdr += chunk
-                if len(hdr) == 18 and struct.unpack(">QQH", hdr)[:2] == (NBDMAGIC, IHAVEOPT):
-                    return
-            except OSError:
-                pass
-            finally:
-                s.close()
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not accept NBD connections on {sock_path} within "
-                        f"{START_TIMEOUT}s: {log()}")
-        time.sleep(0.02)
+    wait_for(lambda: _greets(sock_path), START_TIMEOUT,
+             f"{what} accepting NBD connections on {sock_path}", proc, log)
 
 
 class NbdServer:
     """A running `blkmirror serve IMAGE --socket SOCK`."""
 
-    def __init__(self, binary, image, sock, args, logdir):
+    def __init__(self, binary, image, sock, args, logdir, preexec_fn=None):
         self.image = Path(image)
         self.sock = str(sock)
         self.name = ""
@@ -225,7 +221,7 @@ class NbdServer:
         self._err = open(self.stderr_path, "w+b")
         self.cmd = [binary, "serve", str(image), "--socket", self.sock, *map(str, args)]
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
-                                     stdout=self._err, stderr=self._err)
+                                     stdout=self._err, stderr=self._err, preexec_fn=preexec_fn)
         _wait_connectable(self.sock, self.proc, "blkmirror serve", self.log)
 
     def log(self):
@@ -243,10 +239,8 @@ class NbdServer:
     def stop(self, sig=signal.SIGTERM):
         """Signals the server and asserts it exits 0 in time; returns stderr."""
         self.assert_alive()
-        self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
+        rc = stop_process(self.proc, sig, STOP_TIMEOUT)
+        if rc is None:
             self.kill()
             pytest.fail(f"blkmirror serve did not exit within {STOP_TIMEOUT}s of {sig!r}: "
                         f"{self.log()}")
@@ -262,15 +256,16 @@ class NbdServer:
 
 @pytest.fixture
 def nbd_server(blkmirror_bin, tmp_path):
-    """Factory: nbd_server(image, *args, sock=None) -> NbdServer."""
+    """Factory: nbd_server(image, *args, sock=None, preexec_fn=None) -> NbdServer
+    (preexec_fn runs in the child before exec: lower a resource limit, say)."""
     started = []
     count = [0]
 
-    def start(image, *args, sock=None):
+    def start(image, *args, sock=None, preexec_fn=None):
         count[0] += 1
         if sock is None:
             sock = tmp_path / f"nbd{count[0]}.sock"
-        srv = NbdServer(blkmirror_bin, image, sock, list(args), tmp_path)
+        srv = NbdServer(blkmirror_bin, image, sock, list(args), tmp_path, preexec_fn)
         started.append(srv)
         return srv
 
@@ -357,10 +352,8 @@ class MirrorServer:
     def stop(self, sig=signal.SIGTERM):
         assert self.proc.poll() is None, \
             f"blkmirror mirror died early (rc={self.proc.returncode}): {self.log()}"
-        self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
+        rc = stop_process(self.proc, sig, STOP_TIMEOUT)
+        if rc is None:
             self.kill()
             pytest.fail(f"blkmirror mirror did not exit within {STOP_TIMEOUT}s: {self.log()}")
         self._reader.join(10)

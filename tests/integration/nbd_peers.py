@@ -17,18 +17,14 @@ import secrets
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port, stop_process, wait_for
+
 START_TIMEOUT = 15
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PORT_TRIES = 5  # a free_port() taken by another process before the peer binds it
 
 
 class Server:
@@ -39,18 +35,24 @@ class Server:
         self.log = log
         self.proc = None
 
-    def start(self):
+    def _launch(self):
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(self.cmd, stdout=self._logf, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self._ready():
-            if self.proc.poll() is not None:
-                pytest.fail(f"{self.cmd[0]} exited rc={self.proc.returncode}: "
-                            f"{Path(self.log).read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"{self.cmd[0]} not accepting within {START_TIMEOUT}s")
-            time.sleep(0.02)
+
+    def _lost_port_race(self):
+        """Whether the server exited at once because its TCP port was taken."""
+        try:
+            self.proc.wait(0.05)
+        except subprocess.TimeoutExpired:
+            return False
+        self._logf.close()
+        return "Address already in use" in Path(self.log).read_text(errors="replace")
+
+    def start(self):
+        self._launch()
+        wait_for(self._ready, START_TIMEOUT, f"{self.cmd[0]} accepting connections", self.proc,
+                 lambda: Path(self.log).read_text(errors="replace"))
         return self
 
     def stop(self, sig=None):
@@ -58,13 +60,9 @@ class Server:
         if self.proc and self.proc.poll() is None:
             if sig is None:
                 self.proc.kill()
-            else:
-                self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
                 self.proc.wait()
+            else:
+                stop_process(self.proc, sig, 20)
         if self.proc:
             self._logf.close()
 
@@ -102,28 +100,41 @@ class Peers:
                 s.close()
         return sock, f"nbd+unix:///?socket={sock}", ready
 
+    def _start(self, tcp, command):
+        """Starts the server command(where) makes; on TCP, a port another process
+        took between free_port() and the bind is retried with a new one."""
+        for _ in range(PORT_TRIES if tcp else 1):
+            where, uri, ready = self._endpoint(tcp)
+            s = Server(command(where), uri, ready, self.tmp / f"peer{self.n}.log")
+            self.servers.append(s)
+            s._launch()
+            if tcp and s._lost_port_race():
+                continue
+            wait_for(ready, START_TIMEOUT, f"{s.cmd[0]} accepting connections", s.proc,
+                     lambda: Path(s.log).read_text(errors="replace"))
+            return s
+        pytest.fail(f"no free TCP port for {s.cmd[0]} after {PORT_TRIES} tries")
+
     def nbdkit(self, *args, tcp=False, tls_args=()):
         if shutil.which("nbdkit") is None:
             pytest.skip("nbdkit not installed")
-        where, uri, ready = self._endpoint(tcp)
-        listen = ["-i", "127.0.0.1", "-p", str(where)] if tcp else ["-U", str(where)]
-        cmd = ["nbdkit", "-f", "--exit-with-parent", *listen, *tls_args, *map(str, args)]
-        s = Server(cmd, uri, ready, self.tmp / f"peer{self.n}.log")
-        self.servers.append(s)
-        return s.start()
+
+        def command(where):
+            listen = ["-i", "127.0.0.1", "-p", str(where)] if tcp else ["-U", str(where)]
+            return ["nbdkit", "-f", "--exit-with-parent", *listen, *tls_args, *map(str, args)]
+        return self._start(tcp, command)
 
     def qemu_nbd(self, image, fmt, *args, tcp=False):
         if shutil.which("qemu-nbd") is None:
             pytest.skip("qemu-nbd not installed")
-        where, uri, ready = self._endpoint(tcp)
-        listen = ["-b", "127.0.0.1", "-p", str(where)] if tcp else ["--socket", str(where)]
-        # Persistent, several clients, writeback cache off so a kill loses
-        # nothing that was acknowledged after a flush.
-        cmd = ["qemu-nbd", *listen, "-f", fmt, "-t", "-e", "4", "--cache=none",
-               "--aio=threads", *map(str, args), str(image)]
-        s = Server(cmd, uri, ready, self.tmp / f"peer{self.n}.log")
-        self.servers.append(s)
-        return s.start()
+
+        def command(where):
+            listen = ["-b", "127.0.0.1", "-p", str(where)] if tcp else ["--socket", str(where)]
+            # Persistent, several clients, writeback cache off so a kill loses
+            # nothing that was acknowledged after a flush.
+            return ["qemu-nbd", *listen, "-f", fmt, "-t", "-e", "4", "--cache=none",
+                    "--aio=threads", *map(str, args), str(image)]
+        return self._start(tcp, command)
 
     def restart(self, server):
         server.stop()

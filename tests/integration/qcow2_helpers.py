@@ -49,7 +49,7 @@ def qemu_io(path, *cmds, fmt="qcow2", image_opts=None):
 
 def check_image(path, leaks_ok=False):
     """qemu-img check: no corruption (and no leaks unless leaks_ok)."""
-    r = qemu_img("check", "--output=json", str(path), check=False)
+    r = qemu_img("check", "-U", "--output=json", str(path), check=False)
     info = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
     assert r.returncode in ((0, 3) if leaks_ok else (0,)), f"qemu-img check rc={r.returncode}: {r.stdout}{r.stderr}"
     assert info.get("corruptions", 0) == 0 and info.get("check-errors", 0) == 0, info

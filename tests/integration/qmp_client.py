@@ -138,13 +138,28 @@ class Daemon:
         self.proc = subprocess.Popen([binary, "daemon", "--qmp", self.path, *extra],
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
+        # The socket file appears at bind(), a moment before listen(): wait until a
+        # connection is accepted, not just for the file (a loaded machine widens
+        # that moment enough for ECONNREFUSED).
         deadline = time.monotonic() + 30
-        while not os.path.exists(self.path):
+        while not self._accepting():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.output()}")
             if time.monotonic() > deadline:
-                raise TimeoutError("daemon did not create its QMP socket")
+                raise TimeoutError("daemon did not accept connections on its QMP socket")
             time.sleep(0.02)
+
+    def _accepting(self):
+        if not os.path.exists(self.path):
+            return False
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(self.path)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
 
     def output(self):
         self.log.flush()

@@ -7,16 +7,7 @@ import time
 
 import pytest
 
-from qmp_client import Daemon
-
-MiB = 1 << 20
-
-
-@pytest.fixture
-def daemon(blkmirror_bin, workdir):
-    d = Daemon(blkmirror_bin, workdir)
-    yield d
-    d.stop()
+from conftest import MiB
 
 
 @pytest.fixture

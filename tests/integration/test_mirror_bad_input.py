@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-KiB = 1 << 10
-MiB = 1 << 20
+from conftest import KiB, MiB
 SIZE = 4 * MiB
 
 

@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-KiB = 1 << 10
-MiB = 1 << 20
+from conftest import KiB, MiB
 
 # 1 MiB random extents at 64 KiB-aligned offsets of a 64 MiB image.
 SMALL_LAYOUT = [(0, MiB), (3 * MiB + 64 * KiB, MiB), (17 * MiB, 2 * MiB),

@@ -1,6 +1,6 @@
 """`blkmirror mirror --copy-mode`: the CLI side of active mirroring. SIGHUP
 switches a running mirror to write-blocking; adaptive announces its own
-switch with a COPY_MODE_CHANGE event; bad values are refused before any I/O.
+switch with a BLOCK_JOB_COPY_MODE_CHANGED event; bad values are refused before any I/O.
 The data path itself is proven by test_nbd_live_switchover.py (parametrised over
 the copy modes) and the unit tests (MirrorActive.*, MirrorRandom.*)."""
 import signal
@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from nbd_helpers import MiB, connect, mirror_server  # noqa: F401
+from conftest import MiB
+from nbd_helpers import connect
 
 
 def make_random(path, size, seed):
@@ -32,9 +33,10 @@ def test_sighup_switches_to_write_blocking(mirror_server, tmp_path):
                       "--no-auto-complete", "--granularity", "64K")
     m.wait_event("JOB_STATUS_CHANGE", 30)
     m.proc.send_signal(signal.SIGHUP)
-    m.wait_event("COPY_MODE_CHANGE", 30, message="SIGHUP")
-    ev = events(m, "COPY_MODE_CHANGE")[0]["data"]
+    m.wait_event("BLOCK_JOB_COPY_MODE_CHANGED", 30)
+    ev = events(m, "BLOCK_JOB_COPY_MODE_CHANGED")[0]["data"]
     assert ev["copy-mode"] == "write-blocking", ev
+    assert ev["reason"] == "SIGHUP", ev
     # A second SIGHUP is a no-op, not an error.
     m.proc.send_signal(signal.SIGHUP)
     h = connect(m.uri)
@@ -44,7 +46,7 @@ def test_sighup_switches_to_write_blocking(mirror_server, tmp_path):
     m.proc.send_signal(signal.SIGUSR1)
     m.wait_event("BLOCK_JOB_COMPLETED", 60)
     m.stop()
-    assert len(events(m, "COPY_MODE_CHANGE")) == 1, m.log()
+    assert len(events(m, "BLOCK_JOB_COPY_MODE_CHANGED")) == 1, m.log()
     progress = events(m, "PROGRESS")
     assert progress and all("actively-synced" in p["data"] for p in progress), progress
     assert dst.read_bytes() == src.read_bytes()
@@ -75,15 +77,15 @@ def test_adaptive_switches_itself_under_a_fast_writer(mirror_server, tmp_path):
     t = threading.Thread(target=writer)
     t.start()
     try:
-        m.wait_event("COPY_MODE_CHANGE", 60)
+        m.wait_event("BLOCK_JOB_COPY_MODE_CHANGED", 60)
         m.wait_event("BLOCK_JOB_READY", 120)
     finally:
         stop.set()
         t.join(30)
     assert not errors, errors
-    ev = events(m, "COPY_MODE_CHANGE")[0]["data"]
+    ev = events(m, "BLOCK_JOB_COPY_MODE_CHANGED")[0]["data"]
     assert ev["copy-mode"] == "write-blocking", ev
-    assert "fall" in ev["message"] or "converge" in ev["message"], ev
+    assert "fall" in ev["reason"] or "converge" in ev["reason"], ev
     m.proc.send_signal(signal.SIGUSR1)
     m.wait_event("BLOCK_JOB_COMPLETED", 60)
     m.stop()

@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-KiB = 1 << 10
-MiB = 1 << 20
+from conftest import KiB, MiB
 SIZE = 16 * MiB
 # Data at [0, 4M) and [8M, 12M); the rest is hole.
 LAYOUT = [(0, 4 * MiB), (8 * MiB, 4 * MiB)]

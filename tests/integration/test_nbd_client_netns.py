@@ -12,10 +12,9 @@ import time
 
 import pytest
 
-from conftest import Check, Cli
+from conftest import Check, Cli, MiB, stop_process
 from nbd_helpers import MirrorServer, run_tool
 
-MiB = 1 << 20
 ADDR_A, ADDR_B, PORT = "10.231.77.1", "10.231.77.2", 10809
 
 
@@ -82,9 +81,8 @@ class Receiver:
         return self
 
     def stop(self, sig=signal.SIGTERM):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(20)
+        if self.proc:
+            stop_process(self.proc, sig, 20)
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
-from nbd_peers import make_psk, make_x509, peers, read_export  # noqa: F401
+from conftest import MiB
+from nbd_peers import make_psk, make_x509
 
-MiB = 1 << 20
 SIZE = 16 * MiB
 LAYOUT = [(0, 2 * MiB), (8 * MiB, 2 * MiB)]
 

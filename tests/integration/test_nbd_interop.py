@@ -16,8 +16,9 @@ import time
 import nbd
 import pytest
 
-from nbd_helpers import (KiB, MiB, assert_serves, connect, file_layout, make_sparse,  # noqa: F401
-                         nbd_server, read_file, run_tool, tool_env, uri_for)
+from conftest import KiB, MiB
+from nbd_helpers import (assert_serves, connect, file_layout, make_sparse, read_file, run_tool,
+                         uri_for)
 
 SIZE = 16 * MiB
 # Data extents (4 KiB aligned, so ext4 keeps exactly these as data) with holes

@@ -22,7 +22,8 @@ import time
 import nbd
 import pytest
 
-from nbd_helpers import KiB, MiB, connect, file_layout, mirror_server, run_tool  # noqa: F401
+from conftest import KiB, MiB
+from nbd_helpers import connect, file_layout, run_tool
 
 BLOCK = 4 * KiB
 GROUP = 96 * KiB    # bytes owned together by one writer: groups straddle 64 KiB chunks

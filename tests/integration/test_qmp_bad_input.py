@@ -1,7 +1,6 @@
 """Bad input on the QMP socket: each gets the right error class, nothing
 happens as a side effect, the daemon stays up and other clients keep working."""
 
-import json
 import os
 import socket
 import stat
@@ -10,23 +9,15 @@ import time
 
 import pytest
 
-from qmp_client import Daemon, QmpClient
-
-MiB = 1 << 20
-
-
-@pytest.fixture
-def daemon(blkmirror_bin, workdir):
-    d = Daemon(blkmirror_bin, workdir)
-    yield d
-    assert d.proc.poll() is None, f"daemon died: {d.output()}"
-    d.stop()
+from conftest import MiB
+from qmp_client import Daemon
 
 
 @pytest.fixture
-def qmp(daemon):
-    with daemon.client() as c:
-        yield c
+def daemon(daemon):
+    """conftest's daemon, checked after the test: bad input never takes it down."""
+    yield daemon
+    assert daemon.proc.poll() is None, f"daemon died: {daemon.output()}"
 
 
 def raw_line(qmp, text):
@@ -86,6 +77,48 @@ def test_malformed_requests_get_generic_error_and_connection_survives(qmp, line,
     assert r["error"]["desc"].startswith(desc_start), r
     assert "\n" not in r["error"]["desc"]
     assert qmp.cmd("query-version")["qemu"]["major"] == 7
+
+
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_deep_nesting_before_negotiation_is_refused_not_a_crash(daemon):
+    # Issue 17 item 4: 60,000 nested arrays (a 120 KB line) overflowed the stack.
+    deep = "[" * 60000 + "]" * 60000
+    with daemon.client(negotiate=False) as c:
+        for line in ('{"execute": "query-version", "id": %s}' % deep,
+                     '{"execute": "query-version", "arguments": {"x": %s}}' % deep,
+                     '{"execute": %s}' % deep, deep):
+            r = raw_line(c, line)
+            assert r["error"] == {"class": "GenericError",
+                                  "desc": "JSON parse error, nesting deeper than 1024 levels"}, r
+        # The connection is still usable, and so is the daemon.
+        assert raw_line(c, '{"execute": "qmp_capabilities", "id": 1}') == {"return": {}, "id": 1}
+        assert c.cmd("query-version")["qemu"]["major"] == 7
+
+
+def test_number_beyond_double_range_gets_an_error_and_no_fd_leak(daemon):
+    # Issue 17 item 5: 1e400 hung the session (no reply to it or anything
+    # after) and leaked its fd.
+    with daemon.client() as c:
+        for line in ('{"execute": "query-version", "arguments": {"x": 1e400}}',
+                     '{"execute": "query-version", "arguments": {"x": [1e400]}}',
+                     '{"execute": "query-version", "id": 1e400}'):
+            r = raw_line(c, line)
+            assert r["error"]["class"] == "GenericError", r
+            assert r["error"]["desc"].startswith("JSON parse error, number overflow"), r
+        assert c.cmd("query-version")["qemu"]["major"] == 7
+    before = open_fds(daemon.proc.pid)
+    for _ in range(50):
+        with daemon.client() as c:
+            c.send_raw(b'{"execute": "query-version", "id": 1e400}\n')
+    with daemon.client() as c:
+        assert c.cmd("query-version")["qemu"]["major"] == 7
+    deadline = time.monotonic() + 10
+    while open_fds(daemon.proc.pid) > before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_fds(daemon.proc.pid) <= before + 2
 
 
 def test_id_is_echoed_on_errors(qmp):

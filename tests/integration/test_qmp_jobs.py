@@ -4,30 +4,14 @@ The client is tests/integration/qmp_client.py (ours, written for the tests)."""
 
 import os
 import random
-import shutil
 import subprocess
 import threading
 import time
 
 import pytest
 
+from conftest import KiB, MiB
 from qmp_client import Daemon
-
-KiB = 1 << 10
-MiB = 1 << 20
-
-
-@pytest.fixture
-def daemon(blkmirror_bin, workdir):
-    d = Daemon(blkmirror_bin, workdir)
-    yield d
-    d.stop()
-
-
-@pytest.fixture
-def qmp(daemon):
-    with daemon.client() as c:
-        yield c
 
 
 def add_file(qmp, name, path, **opts):
@@ -271,8 +255,10 @@ def test_error_policy_report(qmp, images, side):
     dev, tgt = ("bad", "dst") if side == "source" else ("src", "bad")
     qmp.cmd("blockdev-mirror", job_id="j", device=dev, target=tgt, sync="full")
     err = qmp.wait_event("BLOCK_JOB_ERROR", match={"device": "j"})
+    # QEMU's members, plus blkmirror's `message` (the same event the CLI's --json prints).
     assert err["data"] == {"device": "j", "operation": "read" if side == "source" else "write",
-                           "action": "report"}
+                           "action": "report", "message": err["data"]["message"]}
+    assert "Input/output error" in err["data"]["message"]
     ev = qmp.wait_event("BLOCK_JOB_COMPLETED", match={"device": "j"})
     assert ev["data"]["error"] == "Input/output error"
     qmp.wait_event("JOB_STATUS_CHANGE", match={"id": "j", "status": "null"})

@@ -2,25 +2,15 @@
 (nbdkit, qemu-nbd), with TLS credentials made by object-add, as a client of
 qemu-storage-daemon would write them."""
 
-import os
 import re
 import subprocess
 
 import pytest
 
-from nbd_peers import make_psk, make_x509, peers, read_export  # noqa: F401
-from qmp_client import Daemon
+from conftest import MiB
+from nbd_peers import make_psk, make_x509, read_export
 
-MiB = 1 << 20
 SIZE = 8 * MiB
-
-
-@pytest.fixture
-def qmp(blkmirror_bin, workdir):
-    d = Daemon(blkmirror_bin, workdir)
-    with d.client() as c:
-        yield c
-    d.stop()
 
 
 @pytest.fixture(scope="module")

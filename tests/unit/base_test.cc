@@ -2,6 +2,7 @@
 
 #include "base/align.h"
 #include "base/assert.h"
+#include "base/gate.h"
 #include "base/size_parse.h"
 #include "io/loop.h"
 
@@ -53,6 +54,43 @@ TEST(AssertDeathTest, OnLoopOnlyInsideLoopRun) {
     co_return co_await l->blocking([] { return on_loop_thread(); });
   }(&loop));
   EXPECT_FALSE(on_worker);
+}
+
+TEST(GateDeathTest, ClosedTwiceAborts) {
+  EXPECT_DEATH(
+      {
+        Loop loop(1);
+        Gate gate;
+        loop.run([](Gate* g) -> Task<void> {
+          co_await g->close();
+          co_await g->close();
+        }(&gate));
+      },
+      "gate closed twice");
+}
+
+TEST(Gate, CloseWaitsForHoldersAndRefusesNewOnes) {
+  Loop loop(1);
+  Gate gate;
+  bool closed = false;
+  loop.run([](Loop* l, Gate* g, bool* closed) -> Task<void> {
+    auto h = g->try_enter();
+    EXPECT_TRUE(h);
+    EXPECT_EQ(g->count(), 1u);
+    asio::co_spawn(l->executor(), [](Gate* g, bool* closed) -> Task<void> {
+      co_await g->close();
+      *closed = true;
+    }(g, closed), asio::detached);
+    co_await yield_now();
+    EXPECT_TRUE(g->closed());
+    EXPECT_FALSE(*closed);  // waits for h
+    EXPECT_FALSE(g->try_enter());
+    h.release();
+    h.release();  // a second release of one holder is a no-op
+    EXPECT_EQ(g->count(), 0u);
+    while (!*closed) co_await yield_now();
+  }(&loop, &gate, &closed));
+  EXPECT_TRUE(closed);
 }
 
 }  // namespace

@@ -146,4 +146,107 @@ inline MemoryDevice::Options memory_opts(bool zero_init = true, unsigned jitter 
   return o;
 }
 
+// One mirror under test: a source and a target memory device behind fault
+// wrappers in a graph ("src", "dst"), the model of what the source holds, an
+// optional client edge on the source, the jobs made on them and their events.
+// Its destructor cancels (forced) every job a test left running and waits until
+// it concluded, so no job outlives the graph.
+struct MirrorFixture {
+  struct Options {
+    uint64_t size = 0;
+    uint64_t seed = 1;         // data, device jitter and fault probabilities
+    bool fill = true;          // random data in about half of the source; else zeroes
+    bool target_zero = true;   // the target reports that it reads as zeroes
+    unsigned jitter = 0;       // shuffles the order devices complete I/O in
+    bool client = false;       // attach `client`, an edge on the source
+  };
+
+  Loop loop{2};
+  Graph graph;
+  std::shared_ptr<MemoryDevice> src, dst;
+  std::shared_ptr<FaultDevice> src_fault, dst_fault;
+  std::vector<std::byte> model;
+  Recorder rec;
+  std::vector<std::shared_ptr<MirrorJob>> jobs;
+  std::shared_ptr<MirrorJob> job;  // the last one made
+  std::unique_ptr<Child> client;
+
+  explicit MirrorFixture(const Options& o) {
+    std::mt19937_64 rng(o.seed);
+    src = std::make_shared<MemoryDevice>(o.size, memory_opts(true, o.jitter, o.seed));
+    dst = std::make_shared<MemoryDevice>(o.size, memory_opts(o.target_zero, o.jitter, o.seed + 1));
+    model = o.fill ? fill_random(*src, rng) : std::vector<std::byte>(o.size);
+    src_fault = std::make_shared<FaultDevice>(src, o.seed);
+    dst_fault = std::make_shared<FaultDevice>(dst, o.seed + 1);
+    EXPECT_TRUE(graph.add("src", src_fault));
+    EXPECT_TRUE(graph.add("dst", dst_fault));
+    if (o.client) client = graph.attach(graph.find("src"), "client");
+  }
+
+  ~MirrorFixture() {
+    loop.run([](MirrorFixture* f) -> Task<void> {
+      for (auto& j : f->jobs) {
+        if (j->status() == JobStatus::kCreated) continue;
+        if (!j->concluded()) (void)j->cancel(true);
+        co_await j->wait_concluded();
+      }
+    }(this));
+  }
+
+  // job0: src -> dst, every other parameter at its default.
+  MirrorParams params() const {
+    MirrorParams p;
+    p.job_id = "job0";
+    p.device = "src";
+    p.target = "dst";
+    return p;
+  }
+
+  // Creates the job (not started) and records its events; nullptr (and a failed
+  // expectation) when creation fails.
+  std::shared_ptr<MirrorJob> make(const MirrorParams& p) {
+    auto j = MirrorJob::create(loop, graph, p);
+    EXPECT_TRUE(j) << j.error().message();
+    if (!j) return nullptr;
+    rec.attach(**j);
+    jobs.push_back(*j);
+    job = *j;
+    return job;
+  }
+
+  // Runs fn() (a coroutine) on the loop.
+  template <class F>
+  bool run(F fn) {
+    return loop.run(fn());
+  }
+
+  // Writes len bytes of `byte` at off through the client edge; keeps the model.
+  Task<Result<void>> write(uint64_t off, uint64_t len, uint8_t byte) {
+    std::vector<std::byte> data(len, std::byte{byte});
+    auto r = co_await client->write(off, data);
+    if (r) std::memcpy(model.data() + off, data.data(), len);
+    co_return r;
+  }
+
+  bool target_has(uint64_t off, uint64_t len, uint8_t byte) const {
+    std::vector<std::byte> got(len);
+    dst->read_now(off, got);
+    for (auto b : got)
+      if (b != std::byte{byte}) return false;
+    return true;
+  }
+
+  Task<bool> ready() {
+    co_return co_await wait_until([this] { return job->info().ready || job->concluded(); });
+  }
+
+  // Completes once the job is (back) in the ready state: a resume takes effect
+  // when the job's loop runs next.
+  Task<bool> complete() {
+    if (!co_await wait_until([this] { return job->status() == JobStatus::kReady; })) co_return false;
+    if (!job->complete()) co_return false;
+    co_return co_await wait_until([this] { return job->concluded(); });
+  }
+};
+
 }  // namespace blkmirror::test

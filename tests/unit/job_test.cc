@@ -43,7 +43,9 @@ TEST(Job, DismissSurvivesOwnerDroppingLastReference) {
   loop.run([&]() -> Task<void> {
     while (owner.count("q") && !owner["q"]->concluded()) co_await sleep_for(std::chrono::milliseconds(1));
     EXPECT_TRUE(owner.count("q"));
-    if (owner.count("q")) EXPECT_TRUE(owner["q"]->dismiss().has_value());
+    if (owner.count("q")) {
+      EXPECT_TRUE(owner["q"]->dismiss().has_value());
+    }
   }());
   EXPECT_TRUE(owner.empty());
   EXPECT_TRUE(destroyed);

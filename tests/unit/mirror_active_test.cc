@@ -12,81 +12,17 @@ namespace {
 
 using namespace std::chrono_literals;
 
-struct ActiveFixture {
-  Loop loop{2};
-  Graph graph;
-  std::shared_ptr<MemoryDevice> src, dst;
-  std::shared_ptr<FaultDevice> src_fault, dst_fault;
-  std::vector<std::byte> model;
-  Recorder rec;
-  std::shared_ptr<MirrorJob> job;
-  std::unique_ptr<Child> client;
-
+// The harness's MirrorFixture with a client edge on the source.
+struct ActiveFixture : MirrorFixture {
   // fill: random data in about half of the source; jitter shuffles I/O order.
-  ActiveFixture(uint64_t size, uint64_t seed, bool fill, unsigned jitter = 0) {
-    std::mt19937_64 rng(seed);
-    src = std::make_shared<MemoryDevice>(size, memory_opts(true, jitter, seed));
-    dst = std::make_shared<MemoryDevice>(size, memory_opts(true, jitter, seed + 1));
-    model = fill ? fill_random(*src, rng) : std::vector<std::byte>(size);
-    dst_fault = std::make_shared<FaultDevice>(dst, seed + 2);
-    src_fault = std::make_shared<FaultDevice>(src, seed + 3);
-    EXPECT_TRUE(graph.add("src", src_fault));
-    EXPECT_TRUE(graph.add("dst", dst_fault));
-    client = graph.attach(graph.find("src"), "client");
-  }
+  ActiveFixture(uint64_t size, uint64_t seed, bool fill, unsigned jitter = 0)
+      : MirrorFixture({.size = size, .seed = seed, .fill = fill, .jitter = jitter, .client = true}) {}
 
-  MirrorParams params(CopyMode mode, uint64_t granularity = 65536) {
-    MirrorParams p;
-    p.job_id = "job0";
-    p.device = "src";
-    p.target = "dst";
+  MirrorParams params(CopyMode mode, uint64_t granularity = 65536) const {
+    MirrorParams p = MirrorFixture::params();
     p.copy_mode = mode;
     p.granularity = granularity;
     return p;
-  }
-
-  void make(const MirrorParams& p) {
-    auto j = MirrorJob::create(loop, graph, p);
-    ASSERT_TRUE(j) << j.error().message();
-    job = *j;
-    rec.attach(*job);
-  }
-
-  ~ActiveFixture() {
-    if (!job) return;
-    loop.run([this]() -> Task<void> {
-      if (job->status() != JobStatus::kCreated) {
-        if (!job->concluded()) (void)job->cancel(true);
-        co_await job->wait_concluded();
-      }
-    }());
-  }
-
-  // Writes len bytes of `byte` at off through the client edge; keeps the model.
-  Task<Result<void>> write(uint64_t off, uint64_t len, uint8_t byte) {
-    std::vector<std::byte> data(len, std::byte{byte});
-    auto r = co_await client->write(off, data);
-    if (r) std::memcpy(model.data() + off, data.data(), len);
-    co_return r;
-  }
-
-  bool target_has(uint64_t off, uint64_t len, uint8_t byte) const {
-    std::vector<std::byte> got(len);
-    dst->read_now(off, got);
-    for (auto b : got)
-      if (b != std::byte{byte}) return false;
-    return true;
-  }
-
-  Task<bool> ready() {
-    co_return co_await wait_until([this] { return job->info().ready || job->concluded(); });
-  }
-  // Completes once the job is (back) in the ready state: a resume takes effect
-  // when the job's loop runs next.
-  Task<bool> complete() {
-    if (!co_await wait_until([this] { return job->status() == JobStatus::kReady; })) co_return false;
-    if (!job->complete()) co_return false;
-    co_return co_await wait_until([this] { return job->concluded(); });
   }
 };
 

@@ -2,6 +2,9 @@
 // cancel, pause, speed, finalize/dismiss, sparse targets, zero length.
 #include <gtest/gtest.h>
 
+#include <fmt/format.h>
+
+#include "base/size_parse.h"
 #include "harness.h"
 
 namespace blkmirror::test {
@@ -9,60 +12,11 @@ namespace {
 
 using namespace std::chrono_literals;
 
-struct Fixture {
-  Loop loop{2};
-  Graph graph;
-  std::shared_ptr<MemoryDevice> src, dst;
-  std::shared_ptr<FaultDevice> src_fault, dst_fault;
-  std::vector<std::byte> model;
-  Recorder rec;
-  std::vector<std::shared_ptr<MirrorJob>> jobs;
-
-  explicit Fixture(uint64_t size, uint64_t seed = 1, bool target_zero = true) {
-    std::mt19937_64 rng(seed);
-    src = std::make_shared<MemoryDevice>(size, memory_opts());
-    dst = std::make_shared<MemoryDevice>(size, memory_opts(target_zero));
-    model = fill_random(*src, rng);
-    src_fault = std::make_shared<FaultDevice>(src, seed);
-    dst_fault = std::make_shared<FaultDevice>(dst, seed + 1);
-    EXPECT_TRUE(graph.add("src", src_fault));
-    EXPECT_TRUE(graph.add("dst", dst_fault));
-  }
-
-  MirrorParams params() {
-    MirrorParams p;
-    p.job_id = "job0";
-    p.device = "src";
-    p.target = "dst";
-    return p;
-  }
-
-  std::shared_ptr<MirrorJob> make(MirrorParams p) {
-    auto j = MirrorJob::create(loop, graph, p);
-    EXPECT_TRUE(j) << j.error().message();
-    if (!j) return nullptr;
-    rec.attach(**j);
-    jobs.push_back(*j);
-    return *j;
-  }
-
-  // Shut down through the front door: a job a test left running is cancelled
-  // and finishes before the graph goes.
-  ~Fixture() {
-    loop.run([this]() -> Task<void> {
-      for (auto& j : jobs) {
-        if (j->status() == JobStatus::kCreated) continue;
-        if (!j->concluded()) (void)j->cancel(true);
-        co_await j->wait_concluded();
-      }
-    }());
-  }
-
-  // Runs fn as a coroutine on the loop.
-  template <class F>
-  bool run(F fn) {
-    return loop.run(fn());
-  }
+// The harness's MirrorFixture with this file's shorthand: size, seed, and whether
+// the target reads as zeroes.
+struct Fixture : MirrorFixture {
+  explicit Fixture(uint64_t size, uint64_t seed = 1, bool target_zero = true)
+      : MirrorFixture({.size = size, .seed = seed, .target_zero = target_zero}) {}
 };
 
 Task<bool> until(std::function<bool()> pred, std::chrono::milliseconds t = 30s) {
@@ -75,6 +29,13 @@ Task<bool> start_and_complete(std::shared_ptr<MirrorJob> job) {
   if (!co_await until([&] { return job->info().ready; })) co_return false;
   EXPECT_TRUE(job->complete());
   co_return co_await until([&] { return job->concluded(); });
+}
+
+TEST(MirrorParamsTest, MaxBufSizeIsAQuarterOfMemoryAtMostOneGiB) {
+  EXPECT_EQ(max_buf_size_for(uint64_t{64} << 30), uint64_t{1} << 30);
+  EXPECT_EQ(max_buf_size_for(uint64_t{2} << 30), uint64_t{512} << 20);
+  EXPECT_EQ(max_buf_size_for(0), 0u);
+  EXPECT_GE(max_buf_size(), uint64_t{16} << 20);  // the default fits on any test machine
 }
 
 TEST(MirrorJob, CopiesAndSwitches) {
@@ -108,6 +69,16 @@ TEST(MirrorJob, RefusesBadParameters) {
   p = f.params();
   p.buf_size = -1;
   expect_error(p, "Invalid parameter 'buf-size'");
+  // Issue 17 item 6: 1 TiB hung the job (the copy buffer failed to allocate in
+  // a detached coroutine): refused up front now.
+  for (int64_t huge : {int64_t{1} << 40, int64_t{1} << 62, static_cast<int64_t>(max_buf_size()) + 1}) {
+    p.buf_size = huge;
+    expect_error(p, fmt::format("Parameter 'buf-size' expects a value of at most {} (a quarter of this "
+                                "machine's memory, at most 1 GiB)",
+                                format_size(max_buf_size())));
+  }
+  p.buf_size = static_cast<int64_t>(max_buf_size());
+  EXPECT_TRUE(validate_params(p));
   p = f.params();
   p.speed = -5;
   expect_error(p, "Parameter 'speed' expects a non-negative value");
@@ -170,6 +141,38 @@ TEST(MirrorJob, ReadErrorReportFailsJob) {
   EXPECT_EQ(f.rec.statuses().back(), "null");
   EXPECT_NE(std::find(f.rec.statuses().begin(), f.rec.statuses().end(), "aborting"),
             f.rec.statuses().end());
+}
+
+// A device whose reads cannot get memory (as a huge copy buffer once could not).
+struct OutOfMemoryOnRead : BlockDeviceWrapper {
+  using BlockDeviceWrapper::BlockDeviceWrapper;
+  Task<Result<void>> read(uint64_t, std::span<std::byte>) override {
+    throw std::bad_alloc();
+    co_return Result<void>{};
+  }
+};
+
+// Issue 17 item 6: an allocation failure in a copy operation (a detached
+// coroutine) left the op in flight forever: the job hung at offset 0 and even a
+// forced cancel never concluded. It fails the job with ENOMEM now, whatever the
+// policy (ignore would retry it forever).
+TEST(MirrorJob, AllocationFailureInACopyFailsTheJobWithEnomem) {
+  Fixture f(2 << 20);
+  ASSERT_TRUE(f.graph.add("oom", std::make_shared<OutOfMemoryOnRead>(f.src)));
+  auto p = f.params();
+  p.device = "oom";
+  p.on_source_error = ErrorPolicy::kIgnore;
+  auto job = f.make(p);
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    co_return co_await until([&] { return job->concluded(); }, 10s);
+  }));
+  ASSERT_TRUE(job->failure());
+  EXPECT_EQ(job->failure()->errnum(), ENOMEM);
+  auto* done = f.rec.last(JobEvent::Kind::kCompleted);
+  ASSERT_NE(done, nullptr);
+  ASSERT_TRUE(done->error);
+  EXPECT_NE(done->error->find("cannot allocate"), std::string::npos) << *done->error;
 }
 
 TEST(MirrorJob, WriteErrorIgnoreRetriesAndEndsEqual) {

@@ -69,6 +69,19 @@ class Nbdkit {
   pid_t pid_ = -1;
 };
 
+// Opens an NbdDevice on srv and runs body(dev) (a coroutine) on a loop; fails
+// the test when the device does not open.
+template <class Body>
+void with_device(Nbdkit& srv, Body body) {
+  Loop loop(2);
+  loop.run([](Loop* loop, Nbdkit* srv, Body body) -> Task<void> {
+    auto d = co_await NbdDevice::open(*loop, srv->options());
+    EXPECT_TRUE(d) << d.error().message();
+    if (!d) co_return;
+    co_await body(**d);
+  }(&loop, &srv, std::move(body)));
+}
+
 std::vector<std::byte> random_bytes(size_t n, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::vector<std::byte> v(n);
@@ -79,12 +92,7 @@ std::vector<std::byte> random_bytes(size_t n, uint64_t seed) {
 TEST(NbdDevice, OperationsAgainstNbdkitMemory) {
   Nbdkit srv({"memory", "16M"}, "ops");
   ASSERT_TRUE(srv.available()) << "nbdkit not found";
-  Loop loop(2);
-  loop.run([&]() -> Task<void> {
-    auto d = co_await NbdDevice::open(loop, srv.options());
-    EXPECT_TRUE(d) << d.error().message();
-    if (!d) co_return;
-    NbdDevice& dev = **d;
+  with_device(srv, [](NbdDevice& dev) -> Task<void> {
     EXPECT_EQ(dev.length(), 16u << 20);
     EXPECT_TRUE(dev.caps().has_block_status);
     EXPECT_TRUE(dev.caps().can_zero);
@@ -128,7 +136,7 @@ TEST(NbdDevice, OperationsAgainstNbdkitMemory) {
     if (!bad) {
       EXPECT_EQ(bad.error().errnum(), EINVAL);
     }
-  }());
+  });
 }
 
 TEST(NbdDevice, SplitsAndAlignsToServerBlockSizes) {
@@ -140,12 +148,7 @@ TEST(NbdDevice, SplitsAndAlignsToServerBlockSizes) {
        "blocksize-preferred=4096", "blocksize-maximum=65536", "blocksize-error-policy=error"},
       "bs");
   ASSERT_TRUE(srv.available());
-  Loop loop(2);
-  loop.run([&]() -> Task<void> {
-    auto d = co_await NbdDevice::open(loop, srv.options());
-    EXPECT_TRUE(d) << d.error().message();
-    if (!d) co_return;
-    NbdDevice& dev = **d;
+  with_device(srv, [](NbdDevice& dev) -> Task<void> {
     EXPECT_EQ(dev.caps().min_block, 4096u);
     EXPECT_EQ(dev.caps().max_transfer, 65536u);
     std::vector<std::byte> model(8 << 20);
@@ -161,18 +164,13 @@ TEST(NbdDevice, SplitsAndAlignsToServerBlockSizes) {
     EXPECT_TRUE(co_await dev.read(0, all));
     auto diff = std::mismatch(all.begin(), all.end(), model.begin());
     EXPECT_TRUE(diff.first == all.end()) << "first difference at " << (diff.first - all.begin());
-  }());
+  });
 }
 
 TEST(NbdDevice, DeadServerFailsWithEioThenReconnects) {
   Nbdkit srv({"memory", "4M"}, "dead");
   ASSERT_TRUE(srv.available());
-  Loop loop(2);
-  loop.run([&]() -> Task<void> {
-    auto d = co_await NbdDevice::open(loop, srv.options());
-    EXPECT_TRUE(d) << d.error().message();
-    if (!d) co_return;
-    NbdDevice& dev = **d;
+  with_device(srv, [&srv](NbdDevice& dev) -> Task<void> {
     auto data = random_bytes(65536, 3);
     EXPECT_TRUE(co_await dev.write(0, data, {}));
     srv.stop();
@@ -195,7 +193,7 @@ TEST(NbdDevice, DeadServerFailsWithEioThenReconnects) {
     std::vector<std::byte> back(data.size());
     EXPECT_TRUE(co_await dev.read(0, back));
     EXPECT_EQ(back, data);
-  }());
+  });
 }
 
 TEST(NbdDevice, OneConnectionWithoutMultiConn) {

@@ -41,6 +41,19 @@ TEST(NbdProto, GoDecoding) {
   EXPECT_FALSE(decode_go(bytes({0, 0, 0, 2, 'a', 0, 0, 0})));            // NUL in name
 }
 
+// Regression (issue 17 item 3): 30,000 NBD_INFO_DESCRIPTION requests in one
+// option got 30,000 replies; each known type is answered once.
+TEST(NbdProto, InfoRepliesAreOnePerType) {
+  GoRequest g;
+  g.infos.assign(30000, kInfoDescription);
+  g.infos.push_back(kInfoBlockSize);
+  g.infos.push_back(kInfoName);
+  g.infos.push_back(0x7777);
+  g.infos.push_back(kInfoName);
+  EXPECT_EQ(info_replies(g), (std::vector<uint16_t>{kInfoDescription, kInfoName}));
+  EXPECT_TRUE(info_replies(GoRequest{}).empty());
+}
+
 TEST(NbdProto, MetaDecoding) {
   std::vector<std::byte> d;
   Writer(d).u32(0).u32(1).u32(15).str("base:allocation");

@@ -115,7 +115,7 @@ TEST_P(Qcow2WriteTest, ScriptedOpsPassQemuImgCheckAndCompare) {
   }
   EXPECT_EQ(qemu_check(img), "");
   write_model(dir / "model.raw", model);
-  auto cmp = sh(fmt::format("qemu-img compare -f qcow2 -F raw {} {}", img, dir / "model.raw"));
+  auto cmp = sh(fmt::format("qemu-img compare -U -f qcow2 -F raw {} {}", img, dir / "model.raw"));
   EXPECT_EQ(cmp.status, 0) << cmp.out;
   // And read back through a fresh open.
   auto dev = open_qcow2(loop, img, true);
@@ -217,7 +217,7 @@ TEST_P(Qcow2WriteTest, RandomConcurrentOpsMatchModel) {
     ASSERT_TRUE(loop.run(q.close()));
     EXPECT_EQ(qemu_check(img), "");
     write_model(dir / "model.raw", model);
-    auto cmp = sh(fmt::format("qemu-img compare -f qcow2 -F raw {} {}", img, dir / "model.raw"));
+    auto cmp = sh(fmt::format("qemu-img compare -U -f qcow2 -F raw {} {}", img, dir / "model.raw"));
     EXPECT_EQ(cmp.status, 0) << cmp.out;
   }
 }

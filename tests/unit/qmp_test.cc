@@ -2,6 +2,8 @@
 // keyval parser, and request parsing.
 #include <gtest/gtest.h>
 
+#include <fmt/format.h>
+
 #include "qmp/schema.h"
 #include "qmp/wire.h"
 
@@ -89,6 +91,57 @@ TEST(QmpWire, ParsesRequestsAndKeepsIdOnErrors) {
   EXPECT_FALSE(id);
   EXPECT_EQ(parse_request("3", &id).error().desc, "QMP input must be a JSON object");
   EXPECT_EQ(parse_request("{}", &id).error().desc, "QMP input lacks member 'execute'");
+}
+
+// Issue 17 item 4: 60,000 nested arrays as id crashed the daemon (stack
+// overflow copying the JSON) before negotiation.
+TEST(QmpWire, RefusesNestingDeeperThanTheLimit) {
+  auto nested = [](const char* field, int depth) {
+    std::string open(depth, '['), close(depth, ']');
+    return fmt::format(R"({{"execute": "query-version", "{}": {}1{}}})", field, open, close);
+  };
+  std::optional<Json> id;
+  auto r = parse_request(nested("id", 60000), &id);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().desc, "JSON parse error, nesting deeper than 1024 levels");
+  EXPECT_FALSE(id);
+  // The limit counts the request object itself: 1023 more levels are fine.
+  EXPECT_TRUE(parse_request(nested("id", kMaxJsonDepth - 1), &id));
+  EXPECT_FALSE(parse_request(nested("id", kMaxJsonDepth), &id));
+  // Brackets inside strings are text, not nesting.
+  std::string in_string = R"({"execute": "x", "id": ")" + std::string(5000, '[') + R"(\"[["})";
+  EXPECT_TRUE(parse_request(in_string, &id));
+  EXPECT_FALSE(json_nesting_exceeds(R"({"a": "\"{{{"})", 1));
+  EXPECT_TRUE(json_nesting_exceeds("[[]]", 1));
+}
+
+// Issue 17 item 5: a number beyond double range threw out of the parser and
+// hung the session.
+TEST(QmpWire, RefusesNumbersBeyondDoubleRange) {
+  for (const char* line : {R"({"execute": "query-version", "arguments": {"x": 1e400}})",
+                           R"({"execute": "query-version", "arguments": {"x": [1e400]}})",
+                           R"({"execute": "query-version", "id": 1e400})",
+                           R"({"execute": "query-version", "id": -1e400})"}) {
+    std::optional<Json> id;
+    auto r = parse_request(line, &id);
+    ASSERT_FALSE(r) << line;
+    EXPECT_EQ(r.error().cls, "GenericError");
+    EXPECT_EQ(r.error().desc.rfind("JSON parse error, number overflow", 0), 0u) << r.error().desc;
+  }
+}
+
+// Issue 17 item 7: a non-UTF-8 file name in --json aborted the CLI (uncaught
+// type_error). File names are bytes: the invalid ones appear as \xNN.
+TEST(QmpWire, DumpLineEscapesBytesThatAreNotUtf8) {
+  Json j = {{"message", "mirroring a\xff\xfe.img -> b\xc3.img"}, {"ok", "caf\xc3\xa9 \xf0\x9f\x98\x80"}};
+  std::string line = dump_line(j);
+  auto back = Json::parse(line);
+  EXPECT_EQ(back["message"], "mirroring a\\xff\\xfe.img -> b\\xc3.img");
+  EXPECT_EQ(back["ok"], "caf\xc3\xa9 \xf0\x9f\x98\x80");  // valid UTF-8 kept as is
+  // Overlong forms and surrogates are not UTF-8 either.
+  EXPECT_EQ(Json::parse(dump_line(Json("\xc0\xaf\xed\xa0\x80"))).get<std::string>(),
+            "\\xc0\\xaf\\xed\\xa0\\x80");
+  EXPECT_EQ(Json::parse(dump_line(Json{{"k\xff", 1}})).begin().key(), "k\\xff");
 }
 
 TEST(QmpWire, RepliesAreSingleLines) {

@@ -109,6 +109,11 @@ Task<Result<void>> Qcow2Device::create(BlockDevice& file, const Qcow2CreateOptio
   h.refcount_table_clusters = static_cast<uint32_t>(rt);
   h.l1_table_offset = (1 + rt + nb) * cs;
   auto header_bytes = serialize_header(h);
+  if (!header_bytes && h.version == 3) {
+    // Small clusters with a backing name: the (optional) feature table gives way.
+    h.extensions.clear();
+    header_bytes = serialize_header(h);
+  }
   if (!header_bytes) co_return make_error(header_bytes.error());
 
   if (auto r = co_await file.resize(total * cs); !r) co_return with_context(r.error(), "qcow2 create");

@@ -51,7 +51,7 @@ struct Qcow2CreateOptions {
   uint64_t cluster_size = 65536;
   uint32_t refcount_bits = 16;
   bool extended_l2 = false;
-  std::optional<std::string> backing_file, backing_format;
+  std::optional<std::string> backing_file{}, backing_format{};
   enum class Prealloc { kOff, kMetadata } prealloc = Prealloc::kOff;
 };
 

@@ -1,5 +1,6 @@
 #include "nbd/proto/nbd_proto.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -120,6 +121,15 @@ std::optional<GoRequest> decode_go(std::span<const std::byte> data) {
   }
   if (r.left() != 0) return std::nullopt;
   return g;
+}
+
+std::vector<uint16_t> info_replies(const GoRequest& go) {
+  std::vector<uint16_t> out;
+  for (uint16_t t : go.infos) {
+    if (t != kInfoName && t != kInfoDescription) continue;
+    if (std::find(out.begin(), out.end(), t) == out.end()) out.push_back(t);
+  }
+  return out;
 }
 
 std::optional<MetaRequest> decode_meta(std::span<const std::byte> data) {

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "base/limits.h"
+
 namespace blkmirror::nbd {
 
 // Magics.
@@ -126,7 +128,6 @@ inline constexpr const char* kAllocationDepth = "qemu:allocation-depth";
 inline constexpr uint32_t kMetaIdBaseAllocation = 1;
 inline constexpr uint32_t kMetaIdAllocationDepth = 2;
 inline constexpr size_t kMaxStringLen = 4096;
-inline constexpr size_t kMaxOptionLen = 64 * 1024;  // larger option payloads are refused
 inline constexpr size_t kRequestSize = 28;
 
 struct Request {
@@ -183,6 +184,12 @@ struct GoRequest {
   std::vector<uint16_t> infos;
 };
 std::optional<GoRequest> decode_go(std::span<const std::byte> data);
+// The optional NBD_INFO replies a GO/INFO request gets (kInfoName,
+// kInfoDescription), each once, in the order first asked: however often a
+// client repeats a type, the reply stays a few messages. NBD_INFO_EXPORT and
+// NBD_INFO_BLOCK_SIZE are always sent and unknown types ignored, so neither
+// appears here.
+std::vector<uint16_t> info_replies(const GoRequest& go);
 
 // NBD_OPT_{LIST,SET}_META_CONTEXT data: export name and queries.
 struct MetaRequest {
@@ -205,7 +212,7 @@ struct ExportLimits {
   bool structured = false;       // structured replies negotiated
   bool meta_base_allocation = false;
   bool meta_allocation_depth = false;
-  uint32_t max_payload = 32u << 20;
+  uint32_t max_payload = kMaxRequestBytes;
 };
 
 // Validate, then dispatch: the wire error for a request before any I/O, or 0.

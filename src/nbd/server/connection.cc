@@ -1,10 +1,13 @@
 // The transmission phase: read, validate, dispatch, reply.
 #include "nbd/server/connection.h"
 
+#include <array>
 #include <cstring>
 
 #include <asio/experimental/as_tuple.hpp>
 #include <spdlog/spdlog.h>
+
+#include "base/assert.h"
 
 namespace blkmirror::nbd {
 
@@ -21,7 +24,12 @@ uint32_t wire_error(const Result<void>& r) { return r ? 0 : errno_to_wire(r.erro
 
 }  // namespace
 
-Task<bool> Connection::read_exact(void* data, size_t len) {
+Connection::Connection(NbdServer& server, asio::generic::stream_protocol::socket sock)
+    : server_(server), sock_(std::move(sock)), deadline_(sock_.get_executor()) {
+  disarm();
+}
+
+Task<bool> Connection::read_exact(void* data, size_t len, bool guard_stall) {
   auto* out = static_cast<std::byte*>(data);
   while (len > 0) {
     if (closed_) co_return false;
@@ -33,9 +41,13 @@ Task<bool> Connection::read_exact(void* data, size_t len) {
       len -= n;
       continue;
     }
-    if (len >= in_buf_.size()) {  // a large payload goes straight to its buffer
-      auto [ec, n] = co_await asio::async_read(sock_, asio::buffer(out, len), use_tuple);
-      co_return !ec;
+    if (guard_stall) arm(server_.limits().payload_stall_limit);
+    if (len >= in_buf_.size()) {  // a large read goes straight to its buffer
+      auto [ec, n] = co_await sock_.async_read_some(asio::buffer(out, len), use_tuple);
+      if (ec) co_return false;
+      out += n;
+      len -= n;
+      continue;
     }
     auto [ec, n] = co_await sock_.async_read_some(asio::buffer(in_buf_), use_tuple);
     if (ec) co_return false;
@@ -43,6 +55,39 @@ Task<bool> Connection::read_exact(void* data, size_t len) {
     in_end_ = n;
   }
   co_return true;
+}
+
+Task<bool> Connection::skip(uint64_t len, bool guard_stall) {
+  std::array<std::byte, 4096> sink;
+  while (len > 0) {
+    size_t n = static_cast<size_t>(std::min<uint64_t>(len, sink.size()));
+    if (!co_await read_exact(sink.data(), n, guard_stall)) co_return false;
+    len -= n;
+  }
+  co_return true;
+}
+
+void Connection::arm(std::chrono::milliseconds limit) {
+  if (limit.count() <= 0) return disarm();
+  deadline_.expires_after(limit);
+}
+
+void Connection::disarm() { deadline_.expires_at(asio::steady_timer::time_point::max()); }
+
+Task<void> Connection::watchdog(std::shared_ptr<Connection> self) {
+  // Re-arming or disarming cancels the wait; only a deadline that really
+  // passed closes the connection.
+  while (!closed_) {
+    std::error_code ec;  // cancelled: re-armed, disarmed or closed; look again
+    co_await deadline_.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    if (closed_) break;
+    if (deadline_.expiry() <= asio::steady_timer::clock_type::now()) {
+      spdlog::debug("nbd: closing a client that {}", negotiated_
+                                                         ? "stalled in a write payload"
+                                                         : "did not finish the handshake in time");
+      close();
+    }
+  }
 }
 
 Task<bool> Connection::write_all(std::span<const std::byte> data) {
@@ -57,16 +102,21 @@ void Connection::close() {
   std::error_code ec;
   sock_.shutdown(asio::socket_base::shutdown_both, ec);
   sock_.close(ec);
+  deadline_.cancel();
   slot_free_.notify_all();
 }
 
 Task<void> Connection::run(std::shared_ptr<Connection> self) {
-  Export* exp = co_await handshake();
-  if (exp) {
-    if (auto hold = exp->gate.try_enter()) co_await transmission(exp);
-  }
+  asio::co_spawn(sock_.get_executor(), watchdog(self), asio::detached);
+  arm(server_.limits().handshake_limit);
+  bool chosen = co_await handshake();
+  disarm();
+  if (chosen) co_await transmission();
   close();
-  co_await requests_.close();  // handlers still running keep using the socket's state
+  // Handlers still running keep using the socket's state. transmission() closed
+  // the gate already when it ran.
+  if (!requests_.closed()) co_await requests_.close();
+  export_ = {};  // nothing refers to the export any more
 }
 
 void Connection::queue(std::vector<std::byte> buf) {
@@ -93,6 +143,7 @@ Task<void> Connection::writer(std::shared_ptr<Connection> self) {
       bytes += batch.back().size();
     }
     auto [ec, n] = co_await asio::async_write(sock_, bufs, use_tuple);
+    BLKMIRROR_ASSERT(out_bytes_ >= bytes, "queued reply bytes below zero");
     out_bytes_ -= bytes;
     slot_free_.notify_all();
     if (ec) {
@@ -122,14 +173,16 @@ void Connection::send_error(const Request& r, uint32_t error) {
   send_simple(r.cookie, error);
 }
 
-Task<void> Connection::transmission(Export* exp) {
-  export_ = exp;
+Task<void> Connection::transmission() {
+  const Export* exp = export_.get();
+  negotiated_ = true;
   limits_.size = exp->edge->length();
   limits_.read_only = !exp->writable;
   limits_.structured = structured_;
   limits_.meta_base_allocation = meta_base_allocation_ && meta_export_ == exp->name;
   limits_.meta_allocation_depth = meta_allocation_depth_ && meta_export_ == exp->name;
   limits_.max_payload = NbdServer::kMaxPayload;
+  in_buf_.resize(NbdServer::kTransmissionReadBuffer);  // past the handshake: buffer for throughput
 
   std::array<std::byte, kRequestSize> raw;
   while (!closed_) {
@@ -140,17 +193,26 @@ Task<void> Connection::transmission(Export* exp) {
     if (!co_await read_exact(raw.data(), raw.size())) break;
     auto req = decode_request(raw);
     if (!req) break;  // bad magic: the stream is lost, hang up
-    std::vector<std::byte> payload;
-    if (req->type == kCmdWrite) {
+    Payload payload;
+    if (req->type == kCmdWrite && req->length > 0) {
+      // Over the limit, or no memory for it: read and drop (the stream stays in
+      // sync) and answer with an error.
+      uint32_t refuse = 0;
       if (req->length > NbdServer::kMaxPayload) {
         if (req->length > kPayloadDiscardLimit) break;
-        std::vector<std::byte> sink(req->length);
-        if (!co_await read_exact(sink.data(), sink.size())) break;
-        send_error(*req, structured_ ? kEoverflow : kEinval);
+        refuse = structured_ ? kEoverflow : kEinval;
+      } else {
+        payload = Payload(req->length);  // committed as the bytes arrive
+        if (!payload.ok()) refuse = kEnomem;
+      }
+      if (refuse) {
+        if (!co_await skip(req->length, true)) break;
+        disarm();
+        send_error(*req, refuse);
         continue;
       }
-      payload.resize(req->length);
-      if (req->length && !co_await read_exact(payload.data(), payload.size())) break;
+      if (!co_await read_exact(payload.data(), payload.size(), true)) break;
+      disarm();
     }
     if (req->type == kCmdDisc) break;
     if (uint32_t err = validate_request(*req, limits_)) {
@@ -160,19 +222,19 @@ Task<void> Connection::transmission(Export* exp) {
     auto hold = requests_.try_enter();
     if (!hold) break;
     ++in_flight_;
-    asio::co_spawn(sock_.get_executor(),
-                   [](Connection* c, Request r, std::vector<std::byte> p, Gate::Holder h,
-                      std::shared_ptr<Connection> self) -> Task<void> {
-                     co_await c->handle(r, std::move(p), self);
-                   }(this, *req, std::move(payload), std::move(hold), shared_from_this()),
-                   asio::detached);
+    asio::co_spawn(
+        sock_.get_executor(),
+        [](Connection* c, Request r, Payload p, Gate::Holder h,
+           std::shared_ptr<Connection> self) -> Task<void> {
+          co_await c->handle(r, std::move(p), self);
+        }(this, *req, std::move(payload), std::move(hold), shared_from_this()),
+        asio::detached);
   }
   // NBD_CMD_DISC or a lost stream: finish what is in flight, then close.
   co_await requests_.close();
 }
 
-Task<void> Connection::handle(Request r, std::vector<std::byte> payload,
-                              std::shared_ptr<Connection> self) {
+Task<void> Connection::handle(Request r, Payload payload, std::shared_ptr<Connection> self) {
   Child& edge = *export_->edge;
   bool fua = r.flags & kCmdFlagFua;
   switch (r.type) {
@@ -180,7 +242,8 @@ Task<void> Connection::handle(Request r, std::vector<std::byte> payload,
       co_await do_read(r);
       break;
     case kCmdWrite:
-      send_simple(r.cookie, wire_error(co_await edge.write(r.offset, payload, WriteFlags{fua})));
+      send_simple(r.cookie,
+                  wire_error(co_await edge.write(r.offset, payload.span(), WriteFlags{fua})));
       break;
     case kCmdFlush:
       send_simple(r.cookie, wire_error(co_await edge.flush()));
@@ -205,6 +268,7 @@ Task<void> Connection::handle(Request r, std::vector<std::byte> payload,
       co_await do_block_status(r);
       break;
   }
+  BLKMIRROR_ASSERT(in_flight_ > 0, "requests in flight below zero");
   --in_flight_;
   slot_free_.notify_all();
 }

@@ -1,5 +1,9 @@
 // The fixed newstyle handshake: greeting, client flags, then options until
 // NBD_OPT_GO / NBD_OPT_EXPORT_NAME picks an export (or the client aborts).
+//
+// An option about an export holds it (ExportRef in export_) while it is
+// answered: the replies may wait on a slow reader, and meanwhile the export
+// must neither be freed nor be deleted "safely" as if nobody used it.
 #include <array>
 
 #include <spdlog/spdlog.h>
@@ -9,13 +13,19 @@
 namespace blkmirror::nbd {
 
 namespace {
-// Option payloads above this are not read; the connection is closed instead.
+// Option payloads above kMaxOptionData are read and dropped up to this size
+// (ERR_TOO_BIG); above it the connection is closed.
 constexpr uint32_t kOptionDiscardLimit = 1 << 20;
+// A client looping through options forever is cut off.
+constexpr int kMaxOptions = 1000;
 }  // namespace
 
 uint16_t Connection::transmission_flags(const Export& e) const {
   uint16_t f = kFlagHasFlags | kFlagSendFlush | kFlagSendFua | kFlagSendTrim |
-               kFlagSendWriteZeroes | kFlagCanMultiConn | kFlagSendCache | kFlagSendFastZero;
+               kFlagSendWriteZeroes | kFlagSendCache | kFlagSendFastZero;
+  // One connection at most: multi-conn would promise something nobody can use
+  // (QEMU drops it for max-connections=1 too).
+  if (server_.limits().max_connections != 1) f |= kFlagCanMultiConn;
   if (structured_) f |= kFlagSendDf;
   if (!e.writable) f |= kFlagReadOnly;
   return f;
@@ -28,53 +38,51 @@ Task<bool> Connection::send_option_reply(uint32_t option, uint32_t type,
   co_return co_await write_all(buf);
 }
 
-Task<Export*> Connection::handshake() {
+Task<bool> Connection::handshake() {
   std::vector<std::byte> hello;
   Writer(hello).u64(kNbdMagic).u64(kOptsMagic).u16(kFlagFixedNewstyle | kFlagNoZeroes);
-  if (!co_await write_all(hello)) co_return nullptr;
+  if (!co_await write_all(hello)) co_return false;
   std::array<std::byte, 4> cf;
-  if (!co_await read_exact(cf.data(), cf.size())) co_return nullptr;
+  if (!co_await read_exact(cf.data(), cf.size())) co_return false;
   uint32_t client_flags = 0;
   Reader(cf).u32(client_flags);
-  if (client_flags & ~(kClientFixedNewstyle | kClientNoZeroes)) co_return nullptr;
+  if (client_flags & ~(kClientFixedNewstyle | kClientNoZeroes)) co_return false;
   no_zeroes_ = client_flags & kClientNoZeroes;
 
-  Export* chosen = nullptr;
-  for (int options = 0; options < 1000; ++options) {  // a client looping forever is cut off
+  for (int options = 0; options < kMaxOptions; ++options) {
     std::array<std::byte, 16> raw;
-    if (!co_await read_exact(raw.data(), raw.size())) co_return nullptr;
+    if (!co_await read_exact(raw.data(), raw.size())) co_return false;
     auto h = decode_option_header(raw);
-    if (!h) co_return nullptr;  // bad magic: not an NBD client
-    std::vector<std::byte> data;
-    if (h->length > kMaxOptionLen) {
-      // Too big to act on: skip it if that is cheap, else hang up.
-      if (h->length > kOptionDiscardLimit) co_return nullptr;
-      data.resize(h->length);
-      if (!co_await read_exact(data.data(), data.size())) co_return nullptr;
-      if (!co_await send_option_reply(h->option, kRepErrTooBig)) co_return nullptr;
+    if (!h) co_return false;  // bad magic: not an NBD client
+    if (h->length > NbdServer::kMaxOptionData) {
+      // Too big to act on: skip it if that is cheap, else hang up. Skipping
+      // goes through the small read buffer, so it costs no memory.
+      if (h->length > kOptionDiscardLimit) co_return false;
+      if (!co_await skip(h->length, false)) co_return false;
+      if (!co_await send_option_reply(h->option, kRepErrTooBig)) co_return false;
       continue;
     }
-    data.resize(h->length);
-    if (h->length && !co_await read_exact(data.data(), data.size())) co_return nullptr;
+    std::vector<std::byte> data(h->length);
+    if (h->length && !co_await read_exact(data.data(), data.size())) co_return false;
     bool done = false;
-    if (!co_await handle_option(*h, data, chosen, done)) co_return nullptr;
-    if (done) co_return chosen;
+    if (!co_await handle_option(*h, data, done)) co_return false;
+    if (done) co_return true;
+    export_ = {};  // the option is answered: it no longer refers to an export
   }
-  co_return nullptr;
+  co_return false;
 }
 
 Task<bool> Connection::handle_option(const OptionHeader& h, std::vector<std::byte>& data,
-                                     Export*& chosen, bool& done) {
+                                     bool& done) {
   switch (h.option) {
     case kOptExportName: {
       std::string name(reinterpret_cast<const char*>(data.data()), data.size());
-      Export* e = name.empty() ? server_.default_export() : server_.find_export(name);
-      if (!e) co_return false;  // this option has no error reply: hang up
+      export_ = server_.acquire_export(name);
+      if (!export_) co_return false;  // this option has no error reply: hang up
       std::vector<std::byte> buf;
-      Writer(buf).u64(e->edge->length()).u16(transmission_flags(*e));
+      Writer(buf).u64(export_->edge->length()).u16(transmission_flags(*export_));
       if (!no_zeroes_) buf.resize(buf.size() + 124);
       if (!co_await write_all(buf)) co_return false;
-      chosen = e;
       done = true;
       co_return true;
     }
@@ -83,9 +91,10 @@ Task<bool> Connection::handle_option(const OptionHeader& h, std::vector<std::byt
       co_return false;
     case kOptList: {
       if (!data.empty()) co_return co_await send_option_reply(h.option, kRepErrInvalid);
-      for (auto& [name, e] : server_.exports()) {
+      // A copy: exports may come and go while the replies wait on the client.
+      for (auto& [name, description] : server_.export_list()) {
         std::vector<std::byte> d;
-        Writer(d).u32(static_cast<uint32_t>(name.size())).str(name).str(e->description);
+        Writer(d).u32(static_cast<uint32_t>(name.size())).str(name).str(description);
         if (!co_await send_option_reply(h.option, kRepServer, d)) co_return false;
       }
       co_return co_await send_option_reply(h.option, kRepAck);
@@ -98,13 +107,10 @@ Task<bool> Connection::handle_option(const OptionHeader& h, std::vector<std::byt
     case kOptGo: {
       auto go = decode_go(data);
       if (!go) co_return co_await send_option_reply(h.option, kRepErrInvalid);
-      Export* e = go->name.empty() ? server_.default_export() : server_.find_export(go->name);
-      if (!e) co_return co_await send_option_reply(h.option, kRepErrUnknown);
-      if (!co_await reply_info(h.option, *go, e)) co_return false;
-      if (h.option == kOptGo) {
-        chosen = e;
-        done = true;
-      }
+      export_ = server_.acquire_export(go->name);
+      if (!export_) co_return co_await send_option_reply(h.option, kRepErrUnknown);
+      if (!co_await reply_info(h.option, *go, *export_)) co_return false;
+      if (h.option == kOptGo) done = true;  // export_ stays: transmission uses it
       co_return true;
     }
     case kOptListMetaContext:
@@ -113,9 +119,9 @@ Task<bool> Connection::handle_option(const OptionHeader& h, std::vector<std::byt
       if (!m) co_return co_await send_option_reply(h.option, kRepErrInvalid);
       if (h.option == kOptSetMetaContext && !structured_)
         co_return co_await send_option_reply(h.option, kRepErrInvalid);
-      Export* e = m->name.empty() ? server_.default_export() : server_.find_export(m->name);
-      if (!e) co_return co_await send_option_reply(h.option, kRepErrUnknown);
-      co_return co_await reply_meta(h.option, *m, e);
+      export_ = server_.acquire_export(m->name);
+      if (!export_) co_return co_await send_option_reply(h.option, kRepErrUnknown);
+      co_return co_await reply_meta(h.option, *m, *export_);
     }
     case kOptStartTls:  // TLS arrives with the remote-disk work
     default:
@@ -123,19 +129,13 @@ Task<bool> Connection::handle_option(const OptionHeader& h, std::vector<std::byt
   }
 }
 
-Task<bool> Connection::reply_info(uint32_t option, const GoRequest& go, Export* e) {
+Task<bool> Connection::reply_info(uint32_t option, const GoRequest& go, const Export& e) {
   std::vector<std::byte> d;
-  Writer(d).u16(kInfoExport).u64(e->edge->length()).u16(transmission_flags(*e));
+  Writer(d).u16(kInfoExport).u64(e.edge->length()).u16(transmission_flags(e));
   if (!co_await send_option_reply(option, kRepInfo, d)) co_return false;
-  for (uint16_t info : go.infos) {
+  for (uint16_t info : info_replies(go)) {
     d.clear();
-    if (info == kInfoName) {
-      Writer(d).u16(kInfoName).str(e->name);
-    } else if (info == kInfoDescription) {
-      Writer(d).u16(kInfoDescription).str(e->description);
-    } else {
-      continue;  // block size is always sent below; unknown types are ignored
-    }
+    Writer(d).u16(info).str(info == kInfoName ? e.name : e.description);
     if (!co_await send_option_reply(option, kRepInfo, d)) co_return false;
   }
   d.clear();
@@ -144,7 +144,7 @@ Task<bool> Connection::reply_info(uint32_t option, const GoRequest& go, Export* 
   co_return co_await send_option_reply(option, kRepAck);
 }
 
-Task<bool> Connection::reply_meta(uint32_t option, const MetaRequest& m, Export* e) {
+Task<bool> Connection::reply_meta(uint32_t option, const MetaRequest& m, const Export& e) {
   // Two contexts exist: base:allocation, and qemu:allocation-depth when the
   // export offers it. An empty LIST asks for everything; a LIST of "base:" or
   // "qemu:" asks for that whole namespace. Unknown queries match nothing (no
@@ -156,11 +156,11 @@ Task<bool> Connection::reply_meta(uint32_t option, const MetaRequest& m, Export*
     return false;
   };
   bool base = wanted(kBaseAllocation, "base:");
-  bool depth = e->allocation_depth && wanted(kAllocationDepth, "qemu:");
+  bool depth = e.allocation_depth && wanted(kAllocationDepth, "qemu:");
   if (option == kOptSetMetaContext) {
     meta_base_allocation_ = base;
     meta_allocation_depth_ = depth;
-    meta_export_ = e->name;
+    meta_export_ = e.name;
   }
   std::vector<std::byte> d;
   if (base) {

@@ -4,28 +4,38 @@
 // I/O takes the node's write path (a running mirror sees every write) and, after
 // a mirror completes, continues on the target without reconnecting.
 //
+// Exports are shared-owned: a connection that refers to one (while answering an
+// option about it in the handshake, or in transmission) holds an ExportRef, so
+// the export outlives every connection that can still touch it, counts as a
+// client of it (clients_of, `block-export-del` safe), and is closed first when
+// the export is removed.
+//
 // Threading rule: loop thread only. stop() must be awaited before the Graph or
 // the Loop go away.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <list>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <asio.hpp>
 
 #include "base/gate.h"
+#include "base/limits.h"
 #include "blockdev/graph.h"
+#include "io/listener.h"
 #include "io/loop.h"
 
 namespace blkmirror::nbd {
 
 struct ExportConfig {
-  std::string name;         // export name ("" is allowed and is also the default)
-  std::string node;         // node name in the graph
+  std::string name;  // export name ("" is allowed and is also the default)
+  std::string node;  // node name in the graph
   std::string description;
   bool writable = true;
   // Offer the qemu:allocation-depth meta context (QEMU's allocation-depth
@@ -38,7 +48,31 @@ struct Export {
   bool writable = true;
   bool allocation_depth = false;
   std::unique_ptr<Child> edge;
-  Gate gate;  // held by each connection using the export
+  Gate gate;  // held by each ExportRef: closed and waited for by remove_export
+};
+
+// A connection's hold on an export: keeps it alive and counted while held.
+struct ExportRef {
+  std::shared_ptr<Export> exp;
+  Gate::Holder hold;
+  explicit operator bool() const { return exp != nullptr; }
+  Export* operator->() const { return exp.get(); }
+  Export& operator*() const { return *exp; }
+  Export* get() const { return exp.get(); }
+};
+
+// What the server allows its clients (CLI options, nbd-server-start arguments).
+struct ServerLimits {
+  // Connections at once; 0 = unlimited. A connection beyond it is closed at
+  // once, before the greeting. 1 also stops advertising multi-conn (as QEMU).
+  uint32_t max_connections = 0;
+  // Time from accept to the end of the handshake (NBD_OPT_GO or
+  // NBD_OPT_EXPORT_NAME answered); a client still negotiating is disconnected.
+  // Zero: no limit. qemu-nbd's --handshake-limit, default 10 s.
+  std::chrono::milliseconds handshake_limit{std::chrono::seconds(10)};
+  // Time a write payload may go without a byte arriving before the connection
+  // is closed: a stalled payload must not hold its buffer forever.
+  std::chrono::milliseconds payload_stall_limit{std::chrono::seconds(30)};
 };
 
 class Connection;
@@ -46,56 +80,73 @@ class Connection;
 class NbdServer {
  public:
   // Payload limit advertised as the maximum block size.
-  static constexpr uint32_t kMaxPayload = 32u << 20;
+  static constexpr uint32_t kMaxPayload = kMaxRequestBytes;
   // Requests a single connection may have in flight before reading pauses.
   static constexpr unsigned kMaxInFlightPerConn = 64;
   // Reply bytes a connection may have waiting for a slow reader before it stops
   // reading requests: a client that never reads cannot grow our memory.
   static constexpr uint64_t kMaxQueuedReplyBytes = 64u << 20;
+  // Memory a connection may hold before its handshake completes: its read
+  // buffer plus one option's data. An idle or slow client costs at most this.
+  static constexpr size_t kHandshakeReadBuffer = 4u << 10;
+  static constexpr size_t kMaxOptionData = 12u << 10;
+  // The read buffer once in transmission: one recv brings many request headers.
+  static constexpr size_t kTransmissionReadBuffer = 256u << 10;
 
-  NbdServer(Loop& loop, Graph& graph) : loop_(loop), graph_(graph) {}
+  NbdServer(Loop& loop, Graph& graph, ServerLimits limits = {})
+      : loop_(loop), graph_(graph), limits_(limits) {}
   ~NbdServer();
+
+  const ServerLimits& limits() const { return limits_; }
 
   // Errors: unknown node, duplicate export name.
   Result<void> add_export(const ExportConfig& cfg);
-  // Closes the export's connections first.
+  // Closes the connections referring to the export first, then waits for them.
   Task<Result<void>> remove_export(const std::string& name);
   Export* find_export(const std::string& name);
-  Export* default_export();
-  // Connections currently using the export.
+  // A hold on the export named name ("" = the default export), or an empty
+  // ref when there is none or it is being removed.
+  ExportRef acquire_export(const std::string& name);
+  // Connections referring to the export now (in the handshake or transmission).
   size_t clients_of(const std::string& name) const;
-  const std::map<std::string, std::unique_ptr<Export>>& exports() const { return exports_; }
+  // Names and descriptions, copied (NBD_OPT_LIST sends them across suspensions).
+  std::vector<std::pair<std::string, std::string>> export_list() const;
+  const std::map<std::string, std::shared_ptr<Export>>& exports() const { return exports_; }
 
-  // Starts listening; a stale socket file is replaced. Its mode follows the umask,
-  // so clients running as other users (a VM's qemu) can be let in.
+  // Starts listening; a stale socket file is replaced, a live one refused. Its
+  // mode follows the umask, so clients running as other users (a VM's qemu)
+  // can be let in.
   Result<void> listen_unix(const std::string& path);
   // host "" means loopback. Port 0 picks a free port (see tcp_port()).
   Result<void> listen_tcp(const std::string& host, uint16_t port);
   uint16_t tcp_port() const { return tcp_port_; }
 
   // Serves one already connected socket (tests, fuzzing, socket activation).
-  void serve_socket(asio::generic::stream_protocol::socket sock) { start_connection(std::move(sock)); }
+  void serve_socket(asio::generic::stream_protocol::socket sock) {
+    start_connection(std::move(sock));
+  }
 
   // Stops accepting, closes every connection, waits for their requests.
   Task<void> stop();
   size_t connections() const { return conns_.size(); }
+  // Connections closed at once because max_connections was reached.
+  uint64_t refused() const { return refused_; }
 
  private:
   friend class Connection;
-  Task<void> accept_unix(std::shared_ptr<asio::local::stream_protocol::acceptor> a);
-  Task<void> accept_tcp(std::shared_ptr<asio::ip::tcp::acceptor> a);
   void start_connection(asio::generic::stream_protocol::socket sock);
+  Export* default_export();
 
   Loop& loop_;
   Graph& graph_;
-  std::map<std::string, std::unique_ptr<Export>> exports_;
+  ServerLimits limits_;
+  std::map<std::string, std::shared_ptr<Export>> exports_;
   std::string default_name_;
   bool has_default_ = false;
-  std::vector<std::shared_ptr<asio::local::stream_protocol::acceptor>> unix_acceptors_;
-  std::vector<std::shared_ptr<asio::ip::tcp::acceptor>> tcp_acceptors_;
-  std::vector<std::string> socket_paths_;
+  std::vector<std::unique_ptr<Listener>> listeners_;
   uint16_t tcp_port_ = 0;
   std::list<std::shared_ptr<Connection>> conns_;
+  uint64_t refused_ = 0;
   Gate gate_;
 };
 

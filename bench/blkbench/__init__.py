@@ -1,0 +1,1 @@
+"""bench/compare as a package: see main.py."""

@@ -1,0 +1,1 @@
+"""One module per bench/compare scenario; main.discover() finds them."""

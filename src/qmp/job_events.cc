@@ -1,0 +1,44 @@
+#include "qmp/job_events.h"
+
+namespace blkmirror::qmp {
+
+namespace {
+
+Json block_event_data(const JobEvent& e) {
+  return {{"type", e.type}, {"device", e.device}, {"len", e.len}, {"offset", e.offset}, {"speed", e.speed}};
+}
+
+}  // namespace
+
+std::optional<EventJson> job_event_json(const JobEvent& e) {
+  using K = JobEvent::Kind;
+  switch (e.kind) {
+    case K::kStatusChange:
+      return EventJson{"JOB_STATUS_CHANGE", {{"id", e.id}, {"status", to_string(e.status)}}};
+    case K::kReady:
+      return EventJson{"BLOCK_JOB_READY", block_event_data(e)};
+    case K::kCompleted: {
+      Json d = block_event_data(e);
+      if (e.error) d["error"] = *e.error;
+      return EventJson{"BLOCK_JOB_COMPLETED", d};
+    }
+    case K::kCancelled:
+      return EventJson{"BLOCK_JOB_CANCELLED", block_event_data(e)};
+    case K::kError:
+      return EventJson{"BLOCK_JOB_ERROR", {{"device", e.device},
+                                           {"operation", e.operation},
+                                           {"action", e.action},
+                                           {"message", e.message}}};
+    case K::kPending:
+      return EventJson{"BLOCK_JOB_PENDING", {{"type", e.type}, {"id", e.id}}};
+    case K::kCopyModeChange:
+      // blkmirror's own event; QMP clients ignore events they do not know.
+      return EventJson{"BLOCK_JOB_COPY_MODE_CHANGED",
+                       {{"device", e.device}, {"copy-mode", e.copy_mode}, {"reason", e.message}}};
+    case K::kNote:
+      break;
+  }
+  return std::nullopt;
+}
+
+}  // namespace blkmirror::qmp

@@ -1,0 +1,132 @@
+// The mirror's sizes (derive_sizes) and copy offload between two files on one
+// file system, with a client writing to the source during the kernel copies:
+// a chunk written while its copy runs must be copied again, as for read+write.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+
+#include "base/limits.h"
+#include "blockdev/file_device.h"
+#include "harness.h"
+
+namespace blkmirror::test {
+namespace {
+
+using namespace std::chrono_literals;
+
+TEST(MirrorSizes, DerivedOnceFromParamsAndTargetCluster) {
+  MirrorParams p;
+  auto s = derive_sizes(p, 0);
+  EXPECT_EQ(s.granularity, 65536u);
+  EXPECT_EQ(s.buf_size, 16u << 20);
+  EXPECT_EQ(s.max_op, 1u << 20);  // 16 MiB / 16 in flight
+  // A target cluster larger than the granularity: the buffer holds one whole.
+  p.granularity = 4096;
+  p.buf_size = 4096;
+  s = derive_sizes(p, 2 << 20);
+  EXPECT_EQ(s.buf_size, 2u << 20);
+  EXPECT_LE(s.max_op, s.buf_size);
+  // Never above the largest request, never below one chunk.
+  p = MirrorParams{};
+  p.buf_size = int64_t{1} << 30;
+  p.max_in_flight = 1;
+  EXPECT_EQ(derive_sizes(p, 0).max_op, kMaxRequestBytes);
+  p.granularity = 64 << 20;
+  EXPECT_EQ(derive_sizes(p, 0).max_op, 64u << 20);
+}
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char tmpl[] = "/tmp/blkmirror-offload-XXXXXX";
+    path = ::mkdtemp(tmpl);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+};
+
+// Writes model's bytes to a new file (zero runs of 64 KiB stay holes).
+void write_file(const std::string& path, const std::vector<std::byte>& model) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::ftruncate(fd, static_cast<off_t>(model.size())), 0);
+  for (size_t off = 0; off < model.size(); off += 65536) {
+    size_t n = std::min<size_t>(65536, model.size() - off);
+    bool zero = std::all_of(model.begin() + off, model.begin() + off + n,
+                            [](std::byte b) { return b == std::byte{0}; });
+    if (!zero) ASSERT_EQ(::pwrite(fd, model.data() + off, n, static_cast<off_t>(off)), ssize_t(n));
+  }
+  ::close(fd);
+}
+
+std::vector<std::byte> read_file(const std::string& path, size_t size) {
+  std::vector<std::byte> out(size);
+  int fd = ::open(path.c_str(), O_RDONLY);
+  EXPECT_GE(fd, 0);
+  EXPECT_EQ(::pread(fd, out.data(), size, 0), ssize_t(size));
+  ::close(fd);
+  return out;
+}
+
+void run_offload_mirror(bool offload) {
+  constexpr uint64_t kSize = 24 << 20;
+  TempDir dir;
+  std::mt19937_64 rng(7);
+  std::vector<std::byte> model(kSize);
+  // Half data, half holes, in 64 KiB..1 MiB runs.
+  for (uint64_t pos = 0; pos < kSize;) {
+    uint64_t len = std::min<uint64_t>(65536 * (1 + rng() % 16), kSize - pos);
+    if (rng() % 2)
+      for (uint64_t i = 0; i < len; ++i) model[pos + i] = static_cast<std::byte>(rng() | 1);
+    pos += len;
+  }
+  std::string src_path = dir.path + "/src", dst_path = dir.path + "/dst";
+  write_file(src_path, model);
+  ASSERT_TRUE(FileDevice::create(dst_path, kSize));
+
+  Loop loop;
+  Graph graph;
+  auto src = FileDevice::open(loop, src_path);
+  auto dst = FileDevice::open(loop, dst_path);
+  ASSERT_TRUE(src && dst);
+  ASSERT_TRUE(graph.add("src", *src));
+  ASSERT_TRUE(graph.add("dst", *dst));
+  MirrorParams p;
+  p.device = "src";
+  p.target = "dst";
+  p.copy_offload = offload;
+  p.speed = 24 << 20;  // about a second of copying, so the client's writes land during it
+  auto job = MirrorJob::create(loop, graph, p);
+  ASSERT_TRUE(job) << job.error().message();
+  Client client;
+  client.edge = graph.attach(graph.find("src"), "client");
+  client.model = &model;
+  ASSERT_TRUE(loop.run([&]() -> Task<bool> {
+    (*job)->start(loop.executor());
+    asio::co_spawn(loop.executor(), client.run(), asio::detached);
+    co_await sleep_for(500ms);
+    client.stop = true;
+    if (!co_await wait_until([&] { return client.done; })) co_return false;
+    if (!co_await wait_until([&] { return (*job)->info().ready; })) co_return false;
+    EXPECT_TRUE((*job)->complete());
+    co_return co_await wait_until([&] { return (*job)->concluded(); });
+  }()));
+  EXPECT_GT(client.acked, 10u);
+  EXPECT_EQ(first_difference(read_file(dst_path, kSize), model), -1);
+  EXPECT_EQ(first_difference(read_file(src_path, kSize), model), -1);
+  // Linux copies between two files of one file system in the kernel (ext4,
+  // tmpfs: a page-cache copy; XFS, btrfs: shared extents).
+  if (offload)
+    EXPECT_GT((*job)->stats().bytes_offloaded, 0u);
+  else
+    EXPECT_EQ((*job)->stats().bytes_offloaded, 0u);
+}
+
+TEST(MirrorOffload, ClientWritesDuringKernelCopiesAreCopiedAgain) { run_offload_mirror(true); }
+
+TEST(MirrorOffload, OffOnlyReadsAndWrites) { run_offload_mirror(false); }
+
+}  // namespace
+}  // namespace blkmirror::test
