@@ -198,3 +198,15 @@ def test_sync_top_with_a_writing_client_matches_the_model(qmp, workdir, seed, co
         qmp.cmd("blockdev-del", node_name=n)
     check_image(workdir / "copy.qcow2")
     assert read_raw(workdir / "copy.qcow2", workdir / "final.raw") == bytes(model)
+
+
+def test_cli_shallow_copy_with_sync_top(cli, workdir):
+    writes = [(256 * KiB, 64 * KiB), (6 * MiB, 192 * KiB)]
+    base, top = source_chain(workdir, writes)
+    res = cli.mirror(str(top), str(workdir / "copy.qcow2"), "--create", "--format", "qcow2",
+                     "--backing", str(base), "--backing-format", "qcow2", "--sync", "top", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    check_image(workdir / "copy.qcow2")
+    assert allocated_in_top(workdir / "copy.qcow2") == allocated_in_top(top)
+    r = qemu_img("compare", str(top), str(workdir / "copy.qcow2"), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
