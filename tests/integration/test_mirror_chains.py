@@ -12,17 +12,8 @@ import random
 import pytest
 
 from qcow2_helpers import KiB, MiB, check_image, create, qemu_img, qemu_io
-from qmp_client import Daemon
 
 SIZE = 8 * MiB
-
-
-@pytest.fixture
-def qmp(blkmirror_bin, workdir):
-    d = Daemon(blkmirror_bin, workdir)
-    with d.client() as c:
-        yield c
-    d.stop()
 
 
 def in_dir(d, fn):
