@@ -30,8 +30,10 @@ class Session : public std::enable_shared_from_this<Session> {
     // reply to `quit`, say), for a bounded time, then close.
     flushing_ = true;
     out_ready_.notify_all();
+    // The writer ends once the queue is empty and its last write is done (it
+    // pops a reply before writing it: an empty queue is not a sent reply).
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-    while (writing_ && !out_.empty() && std::chrono::steady_clock::now() < deadline)
+    while (writing_ && std::chrono::steady_clock::now() < deadline)
       co_await out_ready_.wait(std::chrono::milliseconds(100));
     close();
     // Let the writer see the close before the session goes.

@@ -1,6 +1,7 @@
 """Bad input on the QMP socket: each gets the right error class, nothing
 happens as a side effect, the daemon stays up and other clients keep working."""
 
+import json
 import os
 import socket
 import stat
@@ -119,6 +120,28 @@ def test_number_beyond_double_range_gets_an_error_and_no_fd_leak(daemon):
     while open_fds(daemon.proc.pid) > before + 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert open_fds(daemon.proc.pid) <= before + 2
+
+
+def test_replies_are_sent_whole_when_the_client_stops_sending(daemon):
+    # Found by the QMP fuzz target: a client that writes its requests and shuts
+    # down its sending side got its last reply cut short when that reply was
+    # large (a parse error quoting a long line): the session closed the socket
+    # while the reply was still being written.
+    big = b'{"execute": "' + b"a" * 400_000 + b'\x04"}'  # a control character: refused
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(daemon.path)
+    s.sendall(b'{"execute": "qmp_capabilities"}\n' + big + b"\n")
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(30)
+    data = b""
+    while chunk := s.recv(1 << 20):
+        data += chunk
+    s.close()
+    lines = data.split(b"\n")
+    assert lines[-1] == b"", "the output ends in a cut line"
+    replies = [json.loads(l) for l in lines[1:-1]]  # after the greeting; each must parse
+    assert replies[0] == {"return": {}}
+    assert replies[1]["error"]["class"] == "GenericError" and len(replies) == 2, [str(r)[:200] for r in replies]
 
 
 def test_id_is_echoed_on_errors(qmp):
