@@ -171,7 +171,7 @@ def mirror_contestant(key: str, src_fmt: str, dst_fmt: str) -> Contestant:
             else:
                 r = qsd_mirror(v.src, dst, v.workdir, src_fmt, dst_fmt)
                 m = Measure({"": r["job"], "total": r["total"]}, rss_kib=r["maxrss_kib"],
-                            info={"cpu": r["cpu"]})
+                            info={"cpu": r["cpu"], "ready": r["ready"], "start": r["start"]})
             m.alloc = allocated(dst)
             verify_images(v.src, src_fmt, dst, dst_fmt, key)
             return m

@@ -84,8 +84,11 @@ Task<Result<void>> Refcounts::set(uint64_t cluster, uint64_t value) {
 
 Task<Result<void>> Refcounts::ensure_file(uint64_t end) {
   if (file_.length() >= end) co_return Result<void>{};
-  // Grow in steps, so appending writes do not each pay for a resize.
-  uint64_t step = std::max<uint64_t>(cluster_size_, 1u << 20);
+  // Grow in steps, so appending writes do not each pay for a resize (which runs
+  // on a worker thread while the allocator's lock is held): an eighth of the
+  // file, 1 to 32 MiB. The holes cost nothing; close() trims the file back.
+  uint64_t step = std::clamp<uint64_t>(end / 8, 1u << 20, 32u << 20);
+  step = std::max<uint64_t>(cluster_size_, uint64_t{1} << (63 - __builtin_clzll(step)));
   co_return co_await file_.resize(align_up(end, step));
 }
 
