@@ -168,5 +168,52 @@ TEST(Qcow2Alloc, CopyOnWriteFromSparseBackingKeepsEveryByte) {
   }
 }
 
+// Zeroing the rest of a chunk around new data (what a mirror into a new image
+// does): bytes that still read as zeroes (unallocated, or holes of a fresh
+// cluster) are left alone, bytes that hold data are zeroed.
+TEST(Qcow2Alloc, PartialZeroesOfZeroBytesWriteNothing) {
+  TempDir dir;
+  Loop loop;
+  const std::string img = dir / "a.qcow2";
+  const uint64_t size = 8 << 20, cs = 65536;
+  ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 {} {}", img, size)).status, 0);
+  std::vector<std::byte> model(size);
+  const uint64_t before = disk_usage(img);
+  {
+    auto dev = open_qcow2(loop, img);
+    ASSERT_TRUE(dev) << dev.error().message();
+    Qcow2Device& q = **dev;
+    std::vector<std::byte> d(4096, std::byte{9});
+    for (uint64_t k = 0; k < 32; ++k) {
+      const uint64_t c = k * 2 * cs;
+      if (k % 2) {  // zeroes first, then the data
+        ASSERT_TRUE(loop.run(q.write_zeroes(c, 8192, {})));
+        ASSERT_TRUE(loop.run(q.write_zeroes(c + 12288, cs - 12288, {})));
+      }
+      ASSERT_TRUE(loop.run(q.write(c + 8192, d, {})));
+      if (!(k % 2)) {  // the data first
+        ASSERT_TRUE(loop.run(q.write_zeroes(c, 8192, {})));
+        ASSERT_TRUE(loop.run(q.write_zeroes(c + 12288, cs - 12288, {})));
+      }
+      std::copy(d.begin(), d.end(), model.begin() + c + 8192);
+    }
+    // A cluster full of data, then zeroed in part: those bytes must change.
+    std::vector<std::byte> full(cs, std::byte{5});
+    ASSERT_TRUE(loop.run(q.write(100 * cs, full, {})));
+    std::copy(full.begin(), full.end(), model.begin() + 100 * cs);
+    ASSERT_TRUE(loop.run(q.write_zeroes(100 * cs + 1000, 20000, {})));
+    std::fill_n(model.begin() + 100 * cs + 1000, 20000, std::byte{0});
+    auto got = loop.run(read_all(q));
+    ASSERT_TRUE(got);
+    EXPECT_EQ(first_diff(*got, model), -1);
+    ASSERT_TRUE(loop.run(q.close()));
+  }
+  const uint64_t grown = disk_usage(img) - before;
+  EXPECT_LT(grown, 32 * 8192 + 6 * cs) << "file grew by " << grown << " bytes";
+  EXPECT_EQ(qemu_check(img), "");
+  write_raw(dir / "model.raw", model);
+  EXPECT_EQ(sh(fmt::format("qemu-img compare -q -U -f qcow2 -F raw {} {}", img, dir / "model.raw")).status, 0);
+}
+
 }  // namespace
 }  // namespace blkmirror::test

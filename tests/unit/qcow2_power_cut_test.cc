@@ -57,8 +57,9 @@ class PowerCutFile : public BlockDevice {
     if (on_op) on_op();
     co_return Result<void>{};
   }
+  // No hole information (caps().has_block_status is false): all data.
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override {
-    co_return Extent{len, false, true};
+    co_return Extent{len, true, false};
   }
   Task<Result<void>> resize(uint64_t n) override {
     record(Op{0, {}, n});

@@ -72,6 +72,7 @@ class Qcow2Impl {
                                      std::span<const std::byte> data,
                                      const std::vector<qcow2::L2Entry>& olds);
   Task<Result<void>> write_zeroes(uint64_t off, uint64_t len, ZeroFlags f);
+  Task<Result<void>> zero_partial(uint64_t off, uint64_t len);
   Task<Result<void>> discard(uint64_t off, uint64_t len);
   void free_entry(const qcow2::L2Entry& e);
   bool has_backing() const { return backing != nullptr || hdr.backing_file.has_value(); }

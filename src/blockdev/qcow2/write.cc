@@ -248,6 +248,40 @@ Task<Result<void>> write_zero_buffers(Qcow2Impl& q, uint64_t off, uint64_t len) 
 
 }  // namespace
 
+// Zeroes part of an allocation unit. Bytes that already read as zeroes from this
+// layer with nothing underneath need nothing: unallocated without a backing
+// file, zero clusters, or a data cluster's bytes that are still a hole in the
+// file (a fresh cluster written only in part). A mirror into a new image zeroes
+// the rest of each chunk around its data; writing those zeroes would fill whole
+// clusters for nothing. The shared lock keeps the mapping still meanwhile.
+Task<Result<void>> Qcow2Impl::zero_partial(uint64_t off, uint64_t len) {
+  if (!has_backing()) {
+    auto guard = co_await locks.lock(off >> cb(), (off + len - 1) >> cb(), false);
+    bool zero = true;
+    uint64_t pos = off;
+    while (zero && pos < off + len) {
+      auto run = co_await resolve(pos, off + len - pos);
+      if (!run) co_return make_error(run.error());
+      uint64_t n = run->length;
+      if (run->kind == Kind::kNormal) {
+        if (!file->caps().has_block_status) {
+          zero = false;  // cannot tell: write them
+          break;
+        }
+        auto st = co_await file->block_status(run->host, n);
+        if (!st) co_return make_error(st.error());
+        zero = st->zero;
+        n = std::min(n, st->length);
+      } else {
+        zero = run->kind == Kind::kZero || run->kind == Kind::kUnallocated;
+      }
+      pos += n;
+    }
+    if (zero) co_return Result<void>{};
+  }
+  co_return co_await write_zero_buffers(*this, off, len);
+}
+
 Task<Result<void>> Qcow2Impl::write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) {
   const uint64_t end = off + len;
   const bool flag = hdr.version >= 3 || ext();
@@ -264,9 +298,9 @@ Task<Result<void>> Qcow2Impl::write_zeroes(uint64_t off, uint64_t len, ZeroFlags
   if ((off < a || b < end) && f.no_fallback)
     co_return make_error(ENOTSUP, fmt::format("qcow2 {}: zeroing {}+{} needs data writes", name, off, len));
   if (off < a)
-    if (auto r = co_await write_zero_buffers(*this, off, std::min(a, end) - off); !r) co_return r;
+    if (auto r = co_await zero_partial(off, std::min(a, end) - off); !r) co_return r;
   if (b < end && b >= a)
-    if (auto r = co_await write_zero_buffers(*this, std::max(b, off), end - std::max(b, off)); !r) co_return r;
+    if (auto r = co_await zero_partial(std::max(b, off), end - std::max(b, off)); !r) co_return r;
   if (a >= b) co_return Result<void>{};
 
   const uint64_t first = a >> cb(), last = (b - 1) >> cb();
