@@ -56,17 +56,19 @@ class QMP(QmpClient):
             self.events.append(self.read())
 
 
-def qsd_mirror(src: str, dst: str, workdir: str) -> dict:
+def qsd_mirror(src: str, dst: str, workdir: str, src_fmt: str = "raw",
+               dst_fmt: str = "raw") -> dict:
     """One qemu-storage-daemon mirror of src to dst, flow of docs/measuring.md. Returns
     job time (blockdev-mirror sent .. BLOCK_JOB_COMPLETED), total (spawn ..
-    daemon exited after quit) and the daemon's peak RSS."""
+    daemon exited after quit) and the daemon's peak RSS. The formats are the
+    drivers of the nodes over the files (raw or qcow2)."""
     sock = os.path.join(workdir, f"qmp-{os.getpid()}.sock")
     remove(sock)
     cmd = ["qemu-storage-daemon",
            "--blockdev", f"driver=file,node-name=srcf,filename={src},aio=threads",
-           "--blockdev", "driver=raw,node-name=src,file=srcf",
+           "--blockdev", f"driver={src_fmt},node-name=src,file=srcf",
            "--blockdev", f"driver=file,node-name=dstf,filename={dst},aio=threads",
-           "--blockdev", "driver=raw,node-name=dst,file=dstf",
+           "--blockdev", f"driver={dst_fmt},node-name=dst,file=dstf",
            "--chardev", f"socket,id=c0,path={sock},server=on,wait=off",
            "--monitor", "chardev=c0"]
     errf = tempfile.TemporaryFile()
@@ -313,10 +315,12 @@ class FioNbd:
         self.err.close()
 
 
-def start_blkmirror_serve(ctx: Ctx, src: str, workdir: str) -> tuple[Child, str]:
+def start_blkmirror_serve(ctx: Ctx, src: str, workdir: str,
+                          fmt: str | None = None) -> tuple[Child, str]:
     sock = os.path.join(workdir, "bm.sock")
     remove(sock)
-    c = Child("blkmirror serve", [ctx.blkmirror, "serve", src, "--socket", sock], workdir)
+    c = Child("blkmirror serve", [ctx.blkmirror, "serve", src, "--socket", sock]
+              + (["--format", fmt] if fmt else []), workdir)
     try:
         c.wait_stderr("serving ", 30)
     except BaseException:
@@ -347,18 +351,19 @@ def start_blkmirror_mirror(ctx: Ctx, src: str, dst: str, workdir: str,
 
 
 def start_qsd_export(src: str, dst: str | None, workdir: str,
-                     blkmirror: str | None = None) -> tuple[Child, QMP, str]:
+                     blkmirror: str | None = None, fmt: str = "raw") -> tuple[Child, QMP, str]:
     """qemu-storage-daemon with raw file nodes (aio=threads), the source
     exported over NBD (writable), QMP last: once QMP answers, every option
     before it (the NBD server and export) is in place. With blkmirror (its
-    binary): `blkmirror daemon`, with the same options, instead."""
+    binary): `blkmirror daemon`, with the same options, instead. fmt: the
+    source node's driver (raw or qcow2)."""
     qsock = os.path.join(workdir, "qmp.sock")
     nsock = os.path.join(workdir, "qsd-nbd.sock")
     remove(qsock, nsock)
     name = "blkmirror daemon" if blkmirror else "qemu-storage-daemon"
     cmd = [blkmirror, "daemon", "--qmp", qsock] if blkmirror else ["qemu-storage-daemon"]
     cmd += ["--blockdev", f"driver=file,node-name=srcf,filename={src},aio=threads",
-           "--blockdev", "driver=raw,node-name=src,file=srcf"]
+           "--blockdev", f"driver={fmt},node-name=src,file=srcf"]
     if dst:
         cmd += ["--blockdev", f"driver=file,node-name=dstf,filename={dst},aio=threads",
                 "--blockdev", "driver=raw,node-name=dst,file=dstf"]
@@ -402,7 +407,8 @@ def qsd_quit(c: Child, qmp: QMP) -> None:
         raise RunFailed(f"qemu-storage-daemon exited {rc} after quit: {c.tail()}")
 
 
-def export_fio(ctx: Ctx, v: Variant, server: str, workloads: list[tuple[str, int]]) -> Measure:
+def export_fio(ctx: Ctx, v: Variant, server: str, workloads: list[tuple[str, int]],
+               fmt: str = "raw") -> Measure:
     """fio against an export with no job running: `blkmirror serve` or the
     daemon's NBD export of v.src. One server, the workloads in order, a sync
     before each (the previous run's dirty pages must not be written back
@@ -412,9 +418,9 @@ def export_fio(ctx: Ctx, v: Variant, server: str, workloads: list[tuple[str, int
     info: dict = {}
     try:
         if server == "blkmirror":
-            c, uri = start_blkmirror_serve(ctx, v.src, v.workdir)
+            c, uri = start_blkmirror_serve(ctx, v.src, v.workdir, None if fmt == "raw" else fmt)
         else:
-            c, qmp, uri = start_qsd_export(v.src, None, v.workdir)
+            c, qmp, uri = start_qsd_export(v.src, None, v.workdir, fmt=fmt)
         for rw, runtime in workloads:
             os.sync()
             cpu0 = proc_cpu(c.p.pid)

@@ -53,6 +53,24 @@ def test_mirror_raw_to_new_qcow2_and_back(cli, check, images, workdir):
     check_image(dst)
 
 
+def test_mirror_into_new_qcow2_writes_no_zeroes(cli, check, images, workdir):
+    # A new image without a backing file reads as zeroes: the mirror copies the
+    # data extents and zeroes the rest of each 64 KiB chunk, which must cost
+    # nothing (no cluster filled with zero bytes), so 4 KiB pieces of data take
+    # about 4 KiB each in the image file, not a 64 KiB cluster each.
+    size = 64 * MiB
+    extents = [(k * 2 * MiB + 8 * KiB, 4 * KiB) for k in range(32)]
+    src = images.sparse("src.raw", size, extents)
+    res = cli.mirror(src, "dst.qcow2", "--create", "--format", "qcow2", "--no-progress")
+    assert res.returncode == 0, check.describe(res)
+    dst = workdir / "dst.qcow2"
+    check_image(dst)
+    r = qemu_img("compare", "-f", "raw", "-F", "qcow2", str(src), str(dst), check=False)
+    assert r.returncode == 0, r.stdout
+    used = dst.stat().st_blocks * 512
+    assert used < 32 * 8 * KiB + 1 * MiB, f"{used} bytes on disk for 128 KiB of data"
+
+
 def test_mirror_create_qcow2_with_backing(cli, check, workdir):
     base = create(workdir / "base.qcow2", SIZE)
     qemu_io(base, "write -P 0x11 0 4M")

@@ -67,7 +67,12 @@ class Qcow2Impl {
   // --- write.cc
   Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf);
   Task<Result<void>> write_locked(uint64_t off, std::span<const std::byte> buf);
+  Task<Result<void>> fill_allocation(qcow2::Refcounts::Allocation a, uint64_t rs,
+                                     uint64_t region_start, uint64_t region_end, uint64_t pos,
+                                     std::span<const std::byte> data,
+                                     const std::vector<qcow2::L2Entry>& olds);
   Task<Result<void>> write_zeroes(uint64_t off, uint64_t len, ZeroFlags f);
+  Task<Result<void>> zero_partial(uint64_t off, uint64_t len);
   Task<Result<void>> discard(uint64_t off, uint64_t len);
   void free_entry(const qcow2::L2Entry& e);
   bool has_backing() const { return backing != nullptr || hdr.backing_file.has_value(); }

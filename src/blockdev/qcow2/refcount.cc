@@ -84,8 +84,11 @@ Task<Result<void>> Refcounts::set(uint64_t cluster, uint64_t value) {
 
 Task<Result<void>> Refcounts::ensure_file(uint64_t end) {
   if (file_.length() >= end) co_return Result<void>{};
-  // Grow in steps, so appending writes do not each pay for a resize.
-  uint64_t step = std::max<uint64_t>(cluster_size_, 1u << 20);
+  // Grow in steps, so appending writes do not each pay for a resize (which runs
+  // on a worker thread while the allocator's lock is held): an eighth of the
+  // file, 1 to 32 MiB. The holes cost nothing; close() trims the file back.
+  uint64_t step = std::clamp<uint64_t>(end / 8, 1u << 20, 32u << 20);
+  step = std::max<uint64_t>(cluster_size_, uint64_t{1} << (63 - __builtin_clzll(step)));
   co_return co_await file_.resize(align_up(end, step));
 }
 
@@ -229,6 +232,12 @@ Task<Result<void>> Refcounts::count_used() {
 }
 
 Task<Result<uint64_t>> Refcounts::allocate(uint64_t n) {
+  auto a = co_await allocate_fresh(n);
+  if (!a) co_return make_error(a.error());
+  co_return a->host;
+}
+
+Task<Result<Refcounts::Allocation>> Refcounts::allocate_fresh(uint64_t n) {
   auto guard = co_await mutex_.lock();
   uint64_t start = 0;
   while (true) {
@@ -243,12 +252,14 @@ Task<Result<uint64_t>> Refcounts::allocate(uint64_t n) {
     }
     if (!created) break;  // else the new blocks may sit in our range: look again
   }
+  // Before alloc_end_ moves: what lies past it was never handed out (see alloc_end_).
+  const uint64_t fresh_from = std::max(alloc_end_, start << p_.cluster_bits);
   for (uint64_t c = start; c < start + n; ++c)
     if (auto r = co_await set(c, 1); !r) co_return make_error(r.error());
   alloc_end_ = std::max(alloc_end_, (start + n) << p_.cluster_bits);
   if (free_hint_ == start) free_hint_ = start + n;
   if (auto r = co_await ensure_file(alloc_end_); !r) co_return make_error(r.error());
-  co_return start << p_.cluster_bits;
+  co_return Allocation{start << p_.cluster_bits, fresh_from};
 }
 
 Task<Result<void>> Refcounts::increment(uint64_t cluster) {

@@ -68,6 +68,15 @@ class Refcounts {
   // n contiguous free clusters, their refcounts set to 1; returns the host offset.
   // The file is grown to hold them.
   Task<Result<uint64_t>> allocate(uint64_t n);
+  // allocate(), also saying from which host offset on the clusters are fresh:
+  // never handed out since open and past the file's end at open, so they read as
+  // zeroes (file holes) until written. Clusters before fresh_from may hold old
+  // data (a reused free cluster, a leak from a crash) and must be written whole.
+  struct Allocation {
+    uint64_t host = 0;
+    uint64_t fresh_from = 0;  // >= host + n clusters: nothing is fresh
+  };
+  Task<Result<Allocation>> allocate_fresh(uint64_t n);
   // Clusters covering [host, host+bytes) lose one reference once the L2 tables that
   // dropped them are on disk (see ORDERING RULE). discard: punch a hole there too.
   void free_later(uint64_t host, uint64_t bytes);
@@ -120,7 +129,10 @@ class Refcounts {
   std::unordered_map<uint64_t, std::unique_ptr<Block>> blocks_;  // by table index
   std::unordered_map<uint64_t, uint64_t> block_clusters_;        // block host cluster -> index
   size_t dirty_blocks_ = 0;
-  uint64_t alloc_end_;   // bytes; clusters at or past it are free
+  // Bytes; clusters at or past it are free. Starts at the file's length and only
+  // grows: clusters past it were never handed out since open and read as zeroes
+  // (the file is grown with holes), which allocate_fresh() reports.
+  uint64_t alloc_end_;
   uint64_t free_hint_ = 0;  // no free cluster below this one
   uint64_t used_ = 0;       // clusters with a refcount above 0
   std::vector<std::pair<uint64_t, uint64_t>> pending_;

@@ -89,6 +89,59 @@ Task<Result<void>> Qcow2Impl::write(uint64_t off, std::span<const std::byte> buf
   co_return co_await write_locked(off, buf);
 }
 
+// Writes the guest data of an allocation run into its new host clusters, with
+// what the rest of each allocation unit read before (copy-on-write). The new
+// clusters start at a.host; the region [region_start, region_end) of guest bytes
+// maps to a.host + rs onwards, and the guest data covers [pos, pos + data.size()).
+// Fresh clusters (never written, file holes) already read as zeroes, so only the
+// parts that are not zero are written: with nothing underneath (no backing, no
+// old host cluster) just the guest data, rounded out to whole pages; else the
+// copied edges without their all-zero pages. Reused clusters may hold old data and
+// are written whole.
+Task<Result<void>> Qcow2Impl::fill_allocation(qcow2::Refcounts::Allocation a, uint64_t rs,
+                                              uint64_t region_start, uint64_t region_end,
+                                              uint64_t pos, std::span<const std::byte> data,
+                                              const std::vector<qcow2::L2Entry>& olds) {
+  const uint64_t host = a.host + rs;
+  const bool fresh = host >= a.fresh_from;
+  const uint64_t head = pos - region_start, tail_at = head + data.size();
+  const uint64_t size = region_end - region_start;
+  // Page granularity of the partial writes (the file may be O_DIRECT; a page
+  // also never needs a read-modify-write in the page cache).
+  const uint64_t page = std::max<uint64_t>(4096, file->caps().min_block);
+  const bool nothing_below =
+      !has_backing() && std::all_of(olds.begin(), olds.end(), [](const L2Entry& e) {
+        return !e.host() && !e.compressed();
+      });
+  // Page-aligned (in the file) bounds of the guest data, within the region.
+  auto down = [&](uint64_t x) { return std::max(host, align_down(host + x, page)) - host; };
+  auto up = [&](uint64_t x) { return std::min(host + size, align_up(host + x, page)) - host; };
+  if (fresh && nothing_below) {
+    // Everything but the guest data reads as zero already.
+    const uint64_t ws = down(head), we = up(tail_at);
+    if (ws == head && we == tail_at) co_return co_await file->write(host + ws, data, {});
+    std::vector<std::byte> out(we - ws);
+    std::memcpy(out.data() + (head - ws), data.data(), data.size());
+    co_return co_await file->write(host + ws, out, {});
+  }
+  std::vector<std::byte> buf(size);
+  if (auto r = co_await read_unlocked(region_start, std::span(buf).first(head)); !r) co_return r;
+  if (auto r = co_await read_unlocked(region_start + tail_at, std::span(buf).subspan(tail_at)); !r)
+    co_return r;
+  std::memcpy(buf.data() + head, data.data(), data.size());
+  uint64_t ws = 0, we = size;
+  if (fresh) {
+    // Leave out the all-zero pages at either end (a backing file with holes there).
+    const auto nz = [](std::byte b) { return b != std::byte{0}; };
+    const uint64_t hs = down(head), te = up(tail_at);
+    auto first = std::find_if(buf.begin(), buf.begin() + hs, nz);
+    ws = down(first - buf.begin());
+    auto last = std::find_if(buf.rbegin(), buf.rend() - te, nz);  // from the end, down to te
+    we = up(size - (last - buf.rbegin()));
+  }
+  co_return co_await file->write(host + ws, std::span(buf).subspan(ws, we - ws), {});
+}
+
 Task<Result<void>> Qcow2Impl::write_locked(uint64_t off, std::span<const std::byte> buf) {
   const uint64_t end = off + buf.size();
   const uint64_t u = unit();
@@ -152,22 +205,18 @@ Task<Result<void>> Qcow2Impl::write_locked(uint64_t off, std::span<const std::by
     const uint64_t re = whole(olds.back()) ? cs() : align_up(run_end - last_start, u);
     const uint64_t region_start = cstart + rs, region_end = last_start + re;
 
-    auto host = co_await rc->allocate(n);
-    if (!host) co_return make_error(host.error());
-    std::vector<std::byte> data(region_end - region_start);
-    auto r = co_await read_unlocked(region_start, std::span(data).first(pos - region_start));
-    if (r) r = co_await read_unlocked(run_end, std::span(data).last(region_end - run_end));
-    if (r) {
-      std::memcpy(data.data() + (pos - region_start), buf.data() + (pos - off), run_end - pos);
-      r = co_await file->write(*host + rs, data, {});
-    }
+    auto alloc = co_await rc->allocate_fresh(n);
+    if (!alloc) co_return make_error(alloc.error());
+    const uint64_t host = alloc->host;
+    auto r = co_await fill_allocation(*alloc, rs, region_start, region_end, pos,
+                                      buf.subspan(pos - off, run_end - pos), olds);
     if (!r) {
-      rc->free_later(*host, n * cs());  // never mapped: give them back after the next flush
+      rc->free_later(host, n * cs());  // never mapped: give them back after the next flush
       co_return r;
     }
     for (uint64_t i = 0; i < n; ++i) {
       const L2Entry& old = olds[i];
-      L2Entry ne{(*host + i * cs()) | kFlagCopied, 0};
+      L2Entry ne{(host + i * cs()) | kFlagCopied, 0};
       if (ext()) {
         if (whole(old)) {
           ne.bitmap = 0xffffffffull;
@@ -199,6 +248,40 @@ Task<Result<void>> write_zero_buffers(Qcow2Impl& q, uint64_t off, uint64_t len) 
 
 }  // namespace
 
+// Zeroes part of an allocation unit. Bytes that already read as zeroes from this
+// layer with nothing underneath need nothing: unallocated without a backing
+// file, zero clusters, or a data cluster's bytes that are still a hole in the
+// file (a fresh cluster written only in part). A mirror into a new image zeroes
+// the rest of each chunk around its data; writing those zeroes would fill whole
+// clusters for nothing. The shared lock keeps the mapping still meanwhile.
+Task<Result<void>> Qcow2Impl::zero_partial(uint64_t off, uint64_t len) {
+  if (!has_backing()) {
+    auto guard = co_await locks.lock(off >> cb(), (off + len - 1) >> cb(), false);
+    bool zero = true;
+    uint64_t pos = off;
+    while (zero && pos < off + len) {
+      auto run = co_await resolve(pos, off + len - pos);
+      if (!run) co_return make_error(run.error());
+      uint64_t n = run->length;
+      if (run->kind == Kind::kNormal) {
+        if (!file->caps().has_block_status) {
+          zero = false;  // cannot tell: write them
+          break;
+        }
+        auto st = co_await file->block_status(run->host, n);
+        if (!st) co_return make_error(st.error());
+        zero = st->zero;
+        n = std::min(n, st->length);
+      } else {
+        zero = run->kind == Kind::kZero || run->kind == Kind::kUnallocated;
+      }
+      pos += n;
+    }
+    if (zero) co_return Result<void>{};
+  }
+  co_return co_await write_zero_buffers(*this, off, len);
+}
+
 Task<Result<void>> Qcow2Impl::write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) {
   const uint64_t end = off + len;
   const bool flag = hdr.version >= 3 || ext();
@@ -215,9 +298,9 @@ Task<Result<void>> Qcow2Impl::write_zeroes(uint64_t off, uint64_t len, ZeroFlags
   if ((off < a || b < end) && f.no_fallback)
     co_return make_error(ENOTSUP, fmt::format("qcow2 {}: zeroing {}+{} needs data writes", name, off, len));
   if (off < a)
-    if (auto r = co_await write_zero_buffers(*this, off, std::min(a, end) - off); !r) co_return r;
+    if (auto r = co_await zero_partial(off, std::min(a, end) - off); !r) co_return r;
   if (b < end && b >= a)
-    if (auto r = co_await write_zero_buffers(*this, std::max(b, off), end - std::max(b, off)); !r) co_return r;
+    if (auto r = co_await zero_partial(std::max(b, off), end - std::max(b, off)); !r) co_return r;
   if (a >= b) co_return Result<void>{};
 
   const uint64_t first = a >> cb(), last = (b - 1) >> cb();
