@@ -227,6 +227,13 @@ void MirrorJob::undrain_sources() {
 }
 
 Task<Result<void>> MirrorJob::run() {
+  // A client write that reached the source before the interceptor was
+  // installed is not marked dirty; once it finishes, dirty init's block status
+  // sees it. Wait for such writes (the node's in-flight requests) first:
+  // otherwise sync=top can read "not in the top layer" for a cluster a write
+  // is still allocating there, and never copy it.
+  co_await src_node_->drain();
+  src_node_->undrain();
   if (auto r = co_await dirty_init(); !r) co_return r;
   for (;;) {
     update_len();
