@@ -7,10 +7,12 @@
 #include <chrono>
 #include <cstdlib>
 #include <thread>
+#include <variant>
 
 #include <fmt/format.h>
 
 #include "base/size_parse.h"
+#include "cli/mirror_options.h"
 #include "cli/commands.h"
 #include "cli/exit_codes.h"
 #include "cli/qmp_client.h"
@@ -24,8 +26,10 @@ using Json = nlohmann::json;
 struct CtlArgs {
   std::string qmp;
   bool json = false;
-  std::string job, src, dst, job_id, sync = "full", speed, granularity, buf_size;
-  std::string on_source_error, on_target_error, copy_mode, raw;
+  std::string job, src, dst, job_id, speed, copy_mode, raw;
+  // mirror: the option table's options (mirror/option_table.h), as the CLI's
+  // `mirror` takes them; sync is QMP's required member.
+  TableValues mirror_opts{{"sync", "full"}};
   bool force = false, wait = false, complete = false;
 };
 
@@ -150,26 +154,26 @@ int watch(QmpClient& c, const std::string& only, bool as_json, bool until_ready 
   }
 }
 
-Result<Json> size_arg(const std::string& text, const char* what) {
-  auto v = parse_size(text);
-  if (!v) return make_plain_error(EINVAL, fmt::format("{}: {}", what, v.error().message()));
-  return Json(*v);
+Result<Json> mirror_args(const CtlArgs& a) {
+  Json args = {{"device", a.src}, {"target", a.dst}, {"job-id", a.job_id.empty() ? a.src : a.job_id}};
+  // Checked here with the table's texts (the daemon checks again): bad input
+  // fails before anything is sent, with the text the CLI and QMP give.
+  MirrorParams checked;
+  auto r = apply_table_options(checked, a.mirror_opts, [&](const MirrorOption& o, const OptionValue& v) {
+    std::visit([&](const auto& x) { args[std::string(o.name)] = x; }, v);
+  });
+  if (!r) return make_error(r.error());
+  return args;
 }
 
-Result<Json> mirror_args(const CtlArgs& a) {
-  Json args = {{"device", a.src}, {"target", a.dst}, {"sync", a.sync},
-               {"job-id", a.job_id.empty() ? a.src : a.job_id}};
-  for (auto [text, key] : {std::pair{&a.speed, "speed"}, std::pair{&a.granularity, "granularity"},
-                           std::pair{&a.buf_size, "buf-size"}}) {
-    if (text->empty()) continue;
-    auto v = size_arg(*text, key);
-    if (!v) return v;
-    args[key] = *v;
-  }
-  if (!a.on_source_error.empty()) args["on-source-error"] = a.on_source_error;
-  if (!a.on_target_error.empty()) args["on-target-error"] = a.on_target_error;
-  if (!a.copy_mode.empty()) args["copy-mode"] = a.copy_mode;
-  return args;
+// `ctl speed`: the table's speed option, as `ctl mirror --speed` takes it.
+Result<Json> speed_arg(const std::string& text) {
+  const MirrorOption& o = *find_mirror_option("speed");
+  auto v = parse_option_text(o, text);
+  if (!v) return make_error(v.error());
+  MirrorParams checked;
+  if (auto r = set_option(checked, o, *v, o.flag); !r) return make_error(r.error());
+  return Json(std::get<int64_t>(*v));
 }
 
 int run_ctl(CLI::App* ctl, const CtlArgs& a) {
@@ -192,7 +196,7 @@ int run_ctl(CLI::App* ctl, const CtlArgs& a) {
     args = *m;
     qmp_cmd = "blockdev-mirror";
   } else if (cmd == "speed") {
-    auto v = size_arg(a.speed, "speed");
+    auto v = speed_arg(a.speed);
     if (!v) return fmt::print(stderr, "blkmirror: {}\n", v.error().message()), exit_code::kBadInput;
     args = {{"device", a.job}, {"speed", *v}};
     qmp_cmd = "block-job-set-speed";
@@ -278,13 +282,7 @@ CommandRunner add_ctl_command(CLI::App& app) {
   m->add_option("SRC-NODE", a->src)->required();
   m->add_option("DST-NODE", a->dst)->required();
   m->add_option("--job-id", a->job_id, "job id (default: SRC-NODE)");
-  m->add_option("--sync", a->sync, "full, top or none")->capture_default_str();
-  m->add_option("--speed", a->speed, "bytes/s limit (suffixes: K, M, G)");
-  m->add_option("--granularity", a->granularity, "dirty chunk size");
-  m->add_option("--buf-size", a->buf_size, "copy buffer size");
-  m->add_option("--on-source-error", a->on_source_error, "report, ignore, stop or enospc");
-  m->add_option("--on-target-error", a->on_target_error, "report, ignore, stop or enospc");
-  m->add_option("--copy-mode", a->copy_mode, "background, write-blocking or adaptive");
+  add_table_options(*m, a->mirror_opts);
   m->add_flag("--wait", a->wait, "wait until the job is ready");
   m->add_flag("--complete", a->complete, "wait until ready, complete, and wait for the switch-over");
   for (const char* verb : {"complete", "pause", "resume"})

@@ -99,7 +99,7 @@ int run_mirror(const MirrorArgs& a) {
   params->device = "src";
   params->target = "dst";
   params->job_id = "mirror";
-  if (serving && a.opts.granularity.empty() && size <= kFineTrackingMaxDisk) {
+  if (serving && !a.opts.given("granularity") && size <= kFineTrackingMaxDisk) {
     // Live clients write in small blocks; 64 KiB tracking would re-copy 64 KiB
     // for every 4 KiB write. 4 KiB tracking copies what was written, at one bit
     // per 4 KiB (8 MiB of bitmap at the 256 GiB limit). Runs are still coalesced
