@@ -51,6 +51,7 @@ struct JobEvent {
   // kError:
   std::string operation;  // "read" | "write"
   std::string action;     // "ignore" | "report" | "stop"
+  uint64_t suppressed = 0;  // errors not reported (rate limit) since the last event sent
   std::string message;    // kNote: free text; kCopyModeChange: why
   std::string copy_mode;  // kCopyModeChange: the new mode ("write-blocking")
 };

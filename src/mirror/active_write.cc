@@ -178,6 +178,7 @@ Task<Result<void>> MirrorJob::active_write(Node& node, const WriteRequest& req) 
     mark_dirty(off, end - off);
     on_op_error(half->result.error(), false);
   } else if (off < end) {
+    on_op_success();
     progress_offset_ += end - off;
     stats_.bytes_active += end - off;
     if (req.kind == WriteRequest::Kind::kDiscard || redirtied) {

@@ -249,6 +249,12 @@ Task<Result<void>> MirrorJob::run() {
       continue;
     }
     check_adaptive();
+    // Operations failed under `ignore` and nothing has succeeded since: wait
+    // before retrying (a success elsewhere ends the hold at once).
+    if (auto hold = backoff_.hold(RetryBackoff::Clock::now()); hold > RetryBackoff::Clock::duration::zero()) {
+      co_await wake_.wait(hold);
+      continue;
+    }
     if (dirty_.count() > 0) {
       if (auto d = rate_.delay(); d > RateLimiter::Clock::duration::zero()) {
         co_await wake_.wait(d);
@@ -268,6 +274,7 @@ Task<Result<void>> MirrorJob::run() {
         on_op_error(f.error(), false);
         continue;
       }
+      on_op_success();
       // Ready promises a copy where the user asked for it: both disks must
       // still be the files opened, at the length copied.
       if (auto c = co_await check_devices(); !c) {
