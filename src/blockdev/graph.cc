@@ -9,6 +9,8 @@
 
 namespace blkmirror {
 
+Node* Node::backing() const { return backing_ ? &backing_->node() : nullptr; }
+
 Task<void> Node::drain() {
   BLKMIRROR_ASSERT_ON_LOOP();
   ++quiesce_;
@@ -191,6 +193,13 @@ Task<Result<void>> Child::flush() {
 Task<Result<Extent>> Child::block_status(uint64_t off, uint64_t len) {
   Node* n = co_await enter();
   auto r = co_await n->dev_->block_status(off, len);
+  leave(n);
+  co_return r;
+}
+
+Task<Result<void>> Child::resize(uint64_t new_length) {
+  Node* n = co_await enter();
+  auto r = co_await n->dev_->resize(new_length);
   leave(n);
   co_return r;
 }

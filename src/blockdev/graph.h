@@ -10,6 +10,8 @@
 //     when it has one (a mirror: in write-blocking mode it also writes the
 //     target before the client's reply), else runs it on the device.
 // Graph::replace() moves every parent of one node to another: the switch-over.
+// A node may have a backing child (a qcow2 overlay's backing file): an edge like
+// the others, which the node names so chain walkers can follow it.
 //
 // Permissions (permissions.h, docs/design/permissions.md): every edge says what
 // its parent needs of the node and what it lets the node's other parents do.
@@ -87,6 +89,11 @@ class Node {
   const BlockDevicePtr& device_ptr() const { return dev_; }
   uint64_t length() const { return dev_->length(); }
 
+  // The backing child, or nullptr. The edge (role "backing of NAME") is owned by
+  // whoever made the node, which clears it here before destroying it.
+  Node* backing() const;
+  Child* backing_edge() const { return backing_; }
+  void set_backing_edge(Child* edge) { backing_ = edge; }
   // Errors: EBUSY when another interceptor is installed.
   Result<void> set_interceptor(WriteInterceptor* i);
   void clear_interceptor(WriteInterceptor* i) {
@@ -117,6 +124,7 @@ class Node {
   std::vector<Child*> parents_;
   std::vector<Child*> children_;
   std::thread::id thread_ = std::this_thread::get_id();  // the loop thread
+  Child* backing_ = nullptr;
   unsigned quiesce_ = 0;
   uint64_t in_flight_ = 0;
   Notifier changed_;  // in_flight_ reached 0, or the node was undrained
@@ -151,6 +159,8 @@ class Child {
   Task<Result<void>> discard(uint64_t off, uint64_t len);
   Task<Result<void>> flush();
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len);
+  // Changes the node's length (a format driver growing its image file).
+  Task<Result<void>> resize(uint64_t new_length);
 
  private:
   friend class Graph;

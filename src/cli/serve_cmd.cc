@@ -6,6 +6,7 @@
 
 #include "blockdev/file_device.h"
 #include "cli/commands.h"
+#include "cli/device_spec.h"
 #include "cli/exit_codes.h"
 #include "cli/mirror_options.h"
 #include "cli/serve_options.h"
@@ -19,6 +20,7 @@ struct ServeArgs {
   std::string image;
   ServeOptions serve;
   bool direct = false;
+  std::string format;  // "" = detect
   std::string locking = "auto";
 };
 
@@ -27,19 +29,25 @@ int run_serve(const ServeArgs& a) {
   Loop loop;
   StraySignalGuard stray_signals(loop);  // before any other signal_set: outlives them
   Graph graph;  // devices use the loop's services: destroyed before the loop
-  auto dev = FileDevice::open(loop, a.image,
+  auto format = parse_format_option(a.format, "--format");
+  if (!format) return fail_input(format.error().message());
+  auto img = open_device_spec(loop, a.image,
                               FileOptions{.read_only = a.serve.read_only,
                                           .direct = a.direct,
-                                          .locking = parse_lock_mode(a.locking).value_or(LockMode::kAuto)});
-  if (!dev) return fail_input(dev.error().message());
-  (void)graph.add("disk", *dev);
+                                          .locking = parse_lock_mode(a.locking).value_or(LockMode::kAuto)},
+                              *format, "IMAGE");
+  if (!img) return fail_input(img.error().message());
+  if (img->is_nbd()) return fail_input(a.image + ": serve takes a file or block device");
+  BlockDevicePtr dev = img->dev;
+  (void)graph.add("disk", dev);
   nbd::NbdServer server(loop, graph, a.serve.limits());
   if (auto r = a.serve.start(server, "disk"); !r) return fail_input(r.error().message());
-  fmt::print(stderr, "serving {} ({} bytes{}) at {}\n", a.image, (*dev)->length(),
+  fmt::print(stderr, "serving {} ({}, {} bytes{}) at {}\n", a.image, to_string(img->image.format), dev->length(),
              a.serve.read_only ? ", read-only" : "", a.serve.where(server));
   int rc = loop.run([&]() -> Task<int> {
     int sig = co_await wait_stop_signal(loop);
     auto f = co_await stop_and_flush(server, graph);
+    if (auto c = co_await img->image.close(); !c && f) f = c;
     fmt::print(stderr, "{}: stopped serving{}\n", sig == SIGINT ? "interrupted" : "terminated",
                f ? "; flushed" : "; flush failed: " + f.error().message());
     co_return f ? exit_code::kOk : exit_code::kJobFailed;
@@ -55,6 +63,7 @@ CommandRunner add_serve_command(CLI::App& app) {
   cmd->add_option("IMAGE", args->image, "file or block device")->required();
   args->serve.add_to(*cmd, true);
   cmd->add_flag("--direct", args->direct, "O_DIRECT I/O (cache.direct)");
+  cmd->add_option("--format", args->format, "raw | qcow2 (default: detected by magic)");
   add_locking_option(*cmd, args->locking);
   return [cmd, args]() -> int {
     if (!cmd->parsed()) return -1;

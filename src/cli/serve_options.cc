@@ -37,7 +37,10 @@ Result<void> ServeOptions::start(nbd::NbdServer& server, const std::string& node
                               fmt::format("--listen '{}': {}", listen, hp.error().message()));
     tcp = *hp;
   }
-  if (auto r = server.add_export(nbd::ExportConfig{name, node, "", !read_only}); !r) return r;
+  // qemu:allocation-depth is always offered here: the CLI has no option
+  // surface for it, and a client that does not ask for it never sees it.
+  nbd::ExportConfig cfg{name, node, "", !read_only, /*allocation_depth=*/true};
+  if (auto r = server.add_export(cfg); !r) return r;
   if (!socket.empty())
     if (auto r = server.listen_unix(socket); !r) return r;
   if (tcp)

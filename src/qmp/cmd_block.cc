@@ -67,6 +67,23 @@ const Schema kNbd = with(common_members(), {{"server", Type::kObject, true, {}, 
                                             {"export", Type::kString},
                                             {"tls-creds", Type::kString}});
 const Schema kNull = with(common_members(), {{"size", Type::kInt, true}, {"read-zeroes", Type::kBool}});
+// QEMU's BlockdevOptionsQcow2: the members blkmirror acts on, and the tuning
+// knobs it accepts and leaves to its own defaults (caches, discard passing,
+// overlap checks). encrypt and data-file are refused when given.
+const Schema kQcow2 = with(common_members(), {{"file", Type::kAny, true},
+                                              {"backing", Type::kAny},
+                                              {"l2-cache-size", Type::kInt},
+                                              {"l2-cache-entry-size", Type::kInt},
+                                              {"cache-size", Type::kInt},
+                                              {"refcount-cache-size", Type::kInt},
+                                              {"cache-clean-interval", Type::kInt},
+                                              {"lazy-refcounts", Type::kBool},
+                                              {"pass-discard-request", Type::kBool},
+                                              {"pass-discard-snapshot", Type::kBool},
+                                              {"pass-discard-other", Type::kBool},
+                                              {"overlap-check", Type::kAny},
+                                              {"encrypt", Type::kAny},
+                                              {"data-file", Type::kAny}});
 
 const Schema kCreateFile = {{"driver", Type::kString, true},
                             {"filename", Type::kString, true},
@@ -115,11 +132,6 @@ QResult<std::vector<FaultRule>> inject_rules(Json& list, bool coerce) {
   return rules;
 }
 
-uint64_t allocated_bytes(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_blocks) * 512 : 0;
-}
-
 }  // namespace
 
 struct Daemon::BlockCommands {
@@ -156,12 +168,44 @@ QResult<std::string> Daemon::checked_path(const std::string& path) const {
 }
 
 Task<QResult<Json>> Daemon::BlockCommands::blockdev_add(Daemon& d, Json& args, const Call& call) {
+  co_return co_await d.add_node(args, call, nullptr, false);
+}
+
+Task<QResult<std::string>> Daemon::child_ref(Json& ref, const std::string& parent, const std::string& member,
+                                             bool parent_read_only, NodeRecord& rec, const Call& call,
+                                             ChainGuard* guard, bool trusted) {
+  if (ref.is_string()) co_return ref.get<std::string>();
+  if (!ref.is_object())
+    co_return generic_error(fmt::format("Invalid parameter type for '{}', expected: object or string", member));
+  // An inline node, as libvirt writes it: give it a name of its own. It
+  // inherits read-only from its parent, and goes away with it.
+  if (!ref.contains("node-name")) {
+    std::string gen;
+    for (int i = 0; graph_.find(gen = fmt::format("{}-{}{}", parent, member, i == 0 ? "" : std::to_string(i)));
+         ++i) {}
+    ref["node-name"] = gen;
+  }
+  if (parent_read_only && !ref.contains("read-only")) ref["read-only"] = true;
+  // Names below a node this daemon named (#blockN) are ours too.
+  auto r = co_await add_node(ref, call, guard, trusted);
+  if (!r) {
+    QmpError e = r.error();
+    co_return tl::unexpected(e);
+  }
+  std::string child = ref["node-name"].get<std::string>();
+  rec.implicit.push_back(child);
+  co_return child;
+}
+
+Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* guard, bool implicit_name) {
+  Daemon& d = *this;
   auto drv = args.find("driver");
   if (drv == args.end()) co_return generic_error("Parameter 'driver' is missing");
   if (!drv->is_string()) co_return generic_error("Invalid parameter type for 'driver', expected: string");
   const std::string driver = drv->get<std::string>();
   const Schema* schema = driver == "file"       ? &kFile
                          : driver == "raw"      ? &kRaw
+                         : driver == "qcow2"    ? &kQcow2
                          : driver == "null-co"  ? &kNull
                          : driver == "blkdebug" ? &kBlkdebug
                          : driver == "nbd"      ? &kNbd
@@ -170,17 +214,30 @@ Task<QResult<Json>> Daemon::BlockCommands::blockdev_add(Daemon& d, Json& args, c
   if (auto r = check(args, *schema, "", call.coerce); !r) co_return tl::unexpected(r.error());
 
   const std::string name = args["node-name"].get<std::string>();
-  if (!id_wellformed(name)) co_return generic_error(fmt::format("Invalid node-name: '{}'", name));
+  if (!implicit_name && !id_wellformed(name)) co_return generic_error(fmt::format("Invalid node-name: '{}'", name));
   if (d.graph_.find(name)) co_return generic_error(fmt::format("Duplicate nodes with node-name='{}'", name));
   NodeRecord rec;
   rec.driver = driver;
   rec.read_only = args.value("read-only", false);
   rec.direct = args.contains("cache") && args["cache"].value("direct", false);
   BlockDevicePtr dev;
+  // A failure after an inline child was added takes the child away again:
+  // a refused blockdev-add leaves no nodes behind.
+  auto fail = [](Daemon* d, NodeRecord* r, QmpError e) -> Task<QResult<Json>> {
+    r->file_edge.reset();
+    r->backing_edge.reset();
+    r->qcow2.reset();
+    for (auto& n : r->implicit) co_await d->remove_node_tree(n);
+    co_return tl::unexpected(e);
+  };
   if (driver == "file") {
     auto path = d.checked_path(args["filename"].get<std::string>());
     if (!path) co_return tl::unexpected(path.error());
     rec.filename = args["filename"].get<std::string>();
+    rec.local = true;
+    if (guard) {
+      if (auto g = guard->enter(*path); !g) co_return generic_error(g.error().message());
+    }
     bool force_share = args.value("force-share", false);
     if (force_share && !rec.read_only)
       co_return generic_error("force-share=on can only be used with read-only images");
@@ -196,7 +253,7 @@ Task<QResult<Json>> Daemon::BlockCommands::blockdev_add(Daemon& d, Json& args, c
     }
     dev = *f;
   } else if (driver == "nbd") {
-    auto nbd = co_await open_nbd_node(d, args);
+    auto nbd = co_await BlockCommands::open_nbd_node(d, args);
     if (!nbd) co_return tl::unexpected(nbd.error());
     dev = *nbd;
     rec.filename = dev->describe();
@@ -206,6 +263,10 @@ Task<QResult<Json>> Daemon::BlockCommands::blockdev_add(Daemon& d, Json& args, c
     if (size < 0) co_return generic_error("Parameter 'size' expects a non-negative value");
     rec.filename = "null-co://";
     dev = std::make_shared<NullDevice>(static_cast<uint64_t>(size));
+  } else if (driver == "qcow2") {
+    auto q = co_await d.open_qcow2_node(args, name, rec, call, guard, implicit_name);
+    if (!q) co_return co_await fail(this, &rec, q.error());
+    dev = *q;
   } else {  // raw and blkdebug: a format over another node
     std::vector<FaultRule> rules;
     if (driver == "blkdebug") {
@@ -213,33 +274,20 @@ Task<QResult<Json>> Daemon::BlockCommands::blockdev_add(Daemon& d, Json& args, c
       if (!r) co_return tl::unexpected(r.error());
       rules = std::move(*r);
     }
-    Json& file = args[driver == "raw" ? "file" : "image"];
-    std::string child;
-    if (file.is_string()) {
-      child = file.get<std::string>();
-    } else if (file.is_object()) {
-      // An inline file node, as libvirt writes it: give it a name of its own.
-      if (!file.contains("node-name")) {
-        std::string gen;
-        for (int i = 0; d.graph_.find(gen = fmt::format("{}-file{}", name, i == 0 ? "" : std::to_string(i))); ++i) {}
-        file["node-name"] = gen;
-      }
-      auto r = co_await blockdev_add(d, file, call);
-      if (!r) {
-        QmpError e = r.error();
-        co_return tl::unexpected(e);
-      }
-      child = file["node-name"].get<std::string>();
+    const char* child_name = driver == "raw" ? "file" : "image";
+    auto child = co_await d.child_ref(args[child_name], name, child_name, rec.read_only, rec, call, guard,
+                                      implicit_name);
+    if (!child) co_return co_await fail(this, &rec, child.error());
+    Node* fnode = d.graph_.find(*child);
+    if (!fnode) co_return co_await fail(this, &rec, generic_error(fmt::format("Cannot find device='' nor node-name='{}'", *child)).value());
+    if (auto it = d.nodes_.find(*child); it != d.nodes_.end()) {
+      rec.filename = it->second.filename;
+      rec.local = it->second.local;
     } else {
-      co_return generic_error(fmt::format("Invalid parameter type for '{}', expected: object or string",
-                                          driver == "raw" ? "file" : "image"));
+      rec.filename = *child;
     }
-    Node* fnode = d.graph_.find(child);
-    if (!fnode) co_return generic_error(fmt::format("Cannot find device='' nor node-name='{}'", child));
-    rec.filename = d.nodes_.count(child) ? d.nodes_[child].filename : child;
     // raw and blkdebug pass their parents' needs through to the file node
     // (adopted below, once the node exists).
-    const char* child_name = driver == "raw" ? "file" : "image";
     rec.file_edge = d.graph_.attach_child(fnode, "raw node " + name,
                                           EdgeUse{fmt::format("node '{}'", name), child_name, {}},
                                           EdgeKind::kFilteredFile);
@@ -251,8 +299,12 @@ Task<QResult<Json>> Daemon::BlockCommands::blockdev_add(Daemon& d, Json& args, c
     }
   }
   auto node = d.graph_.add(name, dev);
-  if (!node) co_return generic_error(node.error().message());
-  if (rec.file_edge) d.graph_.adopt(*node, rec.file_edge.get());
+  if (!node) co_return co_await fail(this, &rec, QmpError{"GenericError", node.error().message()});
+  if (rec.file_edge && rec.file_edge->kind() != EdgeKind::kRoot) d.graph_.adopt(*node, rec.file_edge.get());
+  if (rec.backing_edge) {
+    d.graph_.adopt(*node, rec.backing_edge.get());
+    (*node)->set_backing_edge(rec.backing_edge.get());
+  }
   d.nodes_.emplace(name, std::move(rec));
   co_return Json::object();
 }
@@ -322,9 +374,7 @@ Task<QResult<Json>> Daemon::BlockCommands::blockdev_del(Daemon& d, Json& args, c
     for (const Child* c : n->parents()) users += (users.empty() ? "" : ", ") + c->role();
     co_return generic_error(fmt::format("Node '{}' is busy: in use by {}", name, users));
   }
-  // The node's own edge (raw -> file) goes first, then the node.
-  if (auto it = d.nodes_.find(name); it != d.nodes_.end()) d.nodes_.erase(it);
-  if (auto r = d.graph_.remove(name); !r) co_return generic_error(r.error().message());
+  co_await d.remove_node_tree(name);
   co_return Json::object();
 }
 
@@ -333,8 +383,9 @@ Task<QResult<Json>> Daemon::BlockCommands::blockdev_create(Daemon& d, Json& args
   Json& o = args["options"];
   auto drv = o.find("driver");
   if (drv == o.end()) co_return generic_error("Parameter 'options.driver' is missing");
-  if (!drv->is_string() || *drv != "file")
+  if (!drv->is_string() || (*drv != "file" && *drv != "qcow2"))
     co_return generic_error(bad_value("options.driver", drv->is_string() ? drv->get<std::string>() : drv->dump()));
+  if (*drv == "qcow2") co_return co_await d.create_qcow2(args, o, call);
   if (auto r = check(o, kCreateFile, "options.", call.coerce); !r) co_return tl::unexpected(r.error());
   std::string id = args["job-id"].get<std::string>();
   if (!id_wellformed(id)) co_return generic_error(fmt::format("Invalid job ID '{}'", id));
@@ -348,35 +399,8 @@ Task<QResult<Json>> Daemon::BlockCommands::blockdev_create(Daemon& d, Json& args
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::BlockCommands::query_named_block_nodes(Daemon& d, Json& args, const Call& call) {
-  Json list = Json::array();
-  for (Node* n : d.graph_.nodes()) {
-    auto it = d.nodes_.find(n->name());
-    std::string drv = it != d.nodes_.end() ? it->second.driver : "file";
-    std::string filename = it != d.nodes_.end() ? it->second.filename : n->device().describe();
-    bool direct = it != d.nodes_.end() && it->second.direct;
-    const BlockCaps& caps = n->device().caps();
-    Json image = {{"filename", filename},
-                  {"format", drv},
-                  {"virtual-size", n->length()},
-                  {"dirty-flag", false}};
-    if (drv == "file" || drv == "raw") image["actual-size"] = allocated_bytes(filename);
-    list.push_back({
-        {"node-name", n->name()},
-        {"drv", drv},
-        {"file", filename},
-        {"ro", caps.read_only},
-        {"image", image},
-        {"cache", {{"writeback", true}, {"direct", direct}, {"no-flush", false}}},
-        {"detect_zeroes", "off"},
-        {"encrypted", false},
-        {"backing_file_depth", 0},
-        {"write_threshold", 0},
-        {"bps", 0}, {"bps_rd", 0}, {"bps_wr", 0},
-        {"iops", 0}, {"iops_rd", 0}, {"iops_wr", 0},
-    });
-  }
-  co_return list;
+Task<QResult<Json>> Daemon::BlockCommands::query_named_block_nodes(Daemon& d, Json& args, const Call&) {
+  co_return d.named_block_nodes(args.value("flat", false));
 }
 
 }  // namespace blkmirror::qmp

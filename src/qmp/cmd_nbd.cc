@@ -41,7 +41,7 @@ const Schema kExportAdd = {
     {"type", Type::kString, true}, {"id", Type::kString, true},
     {"node-name", Type::kString, true}, {"name", Type::kString},
     {"description", Type::kString}, {"writable", Type::kBool},
-    {"writethrough", Type::kBool},
+    {"writethrough", Type::kBool}, {"allocation-depth", Type::kBool},
 };
 const Schema kExportDel = {{"id", Type::kString, true},
                            {"mode", Type::kEnum, false, {"safe", "hard"}}};
@@ -128,7 +128,8 @@ Task<QResult<Json>> Daemon::NbdCommands::block_export_add(Daemon& d, Json& a, co
   if (!id_wellformed(rec.id)) co_return generic_error(fmt::format("Invalid block export id '{}'", rec.id));
   if (d.exports_.count(rec.id)) co_return generic_error(fmt::format("Block export id '{}' is already in use", rec.id));
   if (rec.name.size() > 4096) co_return generic_error("export name too long to send to clients");
-  nbd::ExportConfig cfg{rec.name, rec.node, a.value("description", std::string()), rec.writable};
+  nbd::ExportConfig cfg{rec.name, rec.node, a.value("description", std::string()), rec.writable,
+                        a.value("allocation-depth", false)};
   if (auto r = d.nbd_->add_export(cfg); !r) co_return generic_error(r.error().message());
   d.exports_.emplace(rec.id, rec);
   co_return Json::object();

@@ -101,8 +101,16 @@ Task<Result<void>> Daemon::shutdown() {
   }
   exports_.clear();
   Result<void> first;
+  // qcow2 nodes first: closing writes their metadata back through their file
+  // nodes and marks the images clean; the file nodes are flushed after.
+  for (auto& [name, rec] : nodes_) {
+    if (!rec.qcow2) continue;
+    auto r = co_await rec.qcow2->close();
+    if (!r && first && !rec.read_only) first = r;
+  }
   for (Node* n : graph_.nodes()) {
     if (n->device().caps().read_only) continue;
+    if (auto it = nodes_.find(n->name()); it != nodes_.end() && it->second.qcow2) continue;
     auto r = co_await n->device().flush();
     if (!r && first) first = r;
   }

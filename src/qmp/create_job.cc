@@ -7,6 +7,8 @@
 
 #include <fmt/format.h>
 
+#include "blockdev/child_device.h"
+
 namespace blkmirror::qmp {
 
 namespace {
@@ -44,6 +46,16 @@ Task<Result<void>> CreateJob::run() {
   // outlives the call (its lifecycle holds a reference).
   const CreateFileSpec* spec = &spec_;
   auto r = co_await loop_.blocking([spec]() { return create_file(*spec); });
+  if (r) progress_offset_ = 1;
+  co_return r;
+}
+
+Task<Result<void>> CreateQcow2Job::run() {
+  progress_len_ = 1;
+  ChildDevice file(file_.get(), false);
+  auto r = co_await Qcow2Device::create(file, opts_);
+  if (r) r = co_await file.flush();
+  file_.reset();  // the file node is free again (blockdev-add it as qcow2 next)
   if (r) progress_offset_ = 1;
   co_return r;
 }

@@ -6,7 +6,8 @@
 //
 // Commands are split by topic into cmd_*.cc files, each with the table of its
 // commands (name, argument schema, handler, job verb); commands.cc joins the
-// tables and runs execute().
+// tables and runs execute(). block_chain.cc holds what qcow2 nodes and backing
+// chains add to the block commands (see BlockCommands).
 //
 // Threading rule: loop thread only. The Loop must outlive the Daemon; call
 // shutdown() and await it before destroying the Daemon.
@@ -22,6 +23,8 @@
 
 #include "base/notifier.h"
 #include "blockdev/graph.h"
+#include "blockdev/image_format.h"
+#include "blockdev/qcow2/qcow2_device.h"
 #include "io/loop.h"
 #include "job/job.h"
 #include "nbd/server/nbd_server.h"
@@ -72,11 +75,18 @@ class Daemon {
  private:
   struct NodeRecord {
     std::string driver;
-    std::string filename;  // file: the path; raw: its file node's
+    std::string filename;  // file: the path; raw, qcow2: its file node's
     bool read_only = false;
     bool direct = false;
-    std::unique_ptr<Child> file_edge;  // raw: the edge to its file node
-    std::string tls_creds;             // nbd: the TLS object it uses
+    bool local = false;                // filename is a local path (file, or over one)
+    std::unique_ptr<Child> file_edge;  // raw, qcow2: the edge to its file node
+    std::unique_ptr<Child> backing_edge;  // qcow2: the edge to its backing node
+    std::shared_ptr<Qcow2Device> qcow2;   // qcow2: the device (info, close)
+    std::string full_backing;  // qcow2: the header's backing file, resolved
+    // Nodes made for this one (an inline file object, a backing file opened from
+    // the header): deleted with it, as QEMU does.
+    std::vector<std::string> implicit;
+    std::string tls_creds;  // nbd: the TLS object it uses
   };
   // A tls-creds-x509 / tls-creds-psk object made by object-add.
   struct TlsObject {
@@ -128,6 +138,33 @@ class Daemon {
   void add_job(std::shared_ptr<Job> job);                            // cmd_jobs.cc
   void on_job_event(const JobEvent& e);                              // cmd_jobs.cc
 
+  // Block nodes and chains: blockdev-add's body and its children (cmd_block.cc),
+  // qcow2 nodes, implicit backing nodes, image info (block_chain.cc).
+  // guard: the chain being opened (a backing file opened from a header), else
+  // nullptr. implicit_name: the node name was made here (#blockN), so QEMU's
+  // rule for user names does not apply.
+  Task<QResult<Json>> add_node(Json& args, const Call& call, ChainGuard* guard, bool implicit_name);
+  // A format's child given as a node name or an inline object (added, named
+  // after the parent, and recorded in rec.implicit). Returns its node name.
+  // trusted: the parent's name was made here, so are its children's.
+  Task<QResult<std::string>> child_ref(Json& ref, const std::string& parent, const std::string& member,
+                                       bool parent_read_only, NodeRecord& rec, const Call& call,
+                                       ChainGuard* guard, bool trusted);
+  Task<QResult<BlockDevicePtr>> open_qcow2_node(Json& args, const std::string& name, NodeRecord& rec,
+                                                const Call& call, ChainGuard* guard, bool trusted);
+  // Opens the backing file a qcow2 header names (read-only, format from the
+  // header or probed) as two implicit nodes; returns the format node's name,
+  // recorded in rec.implicit.
+  Task<QResult<std::string>> open_backing_from_header(NodeRecord& rec, const Qcow2Info& info,
+                                                      const Call& call, ChainGuard* guard);
+  std::string implicit_node_name();
+  // Removes a node and, after it, the implicit nodes it made that nobody else
+  // uses. Closes qcow2 devices (metadata written back, image marked clean).
+  Task<void> remove_node_tree(const std::string& name);
+  Json image_info(const Node& n, bool flat) const;
+  Json named_block_nodes(bool flat) const;  // query-named-block-nodes' reply
+  Task<QResult<Json>> create_qcow2(Json& args, Json& o, const Call& call);
+
   void emit(const std::string& name, const Json& data) {
     if (sink_) sink_(name, data);
   }
@@ -137,6 +174,7 @@ class Daemon {
   Graph graph_;
   std::map<std::string, TlsObject> objects_;
   std::map<std::string, NodeRecord> nodes_;
+  uint64_t implicit_counter_ = 0;  // for #blockN names
   std::map<std::string, std::shared_ptr<Job>> jobs_;
   std::unique_ptr<nbd::NbdServer> nbd_;
   std::map<std::string, ExportRecord> exports_;

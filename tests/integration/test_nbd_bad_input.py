@@ -243,7 +243,10 @@ def test_list_info_and_meta_context_options(nbd_server, image):
     final, replies = c.option(OPT_LIST_META_CONTEXT, meta_data("disk0", []))
     assert final == REP_ACK
     ctx = [d[4:] for t, d in replies if t == REP_META_CONTEXT]
-    assert ctx == [b"base:allocation"]
+    assert ctx == [b"base:allocation", b"qemu:allocation-depth"]  # serve offers both
+    final, replies = c.option(OPT_LIST_META_CONTEXT, meta_data("disk0", ["qemu:"]))
+    assert final == REP_ACK
+    assert [d[4:] for t, d in replies if t == REP_META_CONTEXT] == [b"qemu:allocation-depth"]
     final, replies = c.option(OPT_LIST_META_CONTEXT, meta_data("disk0", ["qemu:dirty-bitmap:x"]))
     assert final == REP_ACK and [t for t, _ in replies] == [REP_ACK]
 

@@ -121,6 +121,12 @@ inline constexpr uint32_t kEshutdown = 108;
 uint32_t errno_to_wire(int errnum);
 
 inline constexpr const char* kBaseAllocation = "base:allocation";
+// QEMU's context: per extent, the backing-chain layer that provides it (0 none,
+// 1 the exported image, 2 its backing file, ...), as a 32-bit value.
+inline constexpr const char* kAllocationDepth = "qemu:allocation-depth";
+// Context ids we hand out (any non-zero values would do; they are per connection).
+inline constexpr uint32_t kMetaIdBaseAllocation = 1;
+inline constexpr uint32_t kMetaIdAllocationDepth = 2;
 inline constexpr size_t kMaxStringLen = 4096;
 inline constexpr size_t kRequestSize = 28;
 
@@ -205,6 +211,7 @@ struct ExportLimits {
   bool read_only = false;
   bool structured = false;       // structured replies negotiated
   bool meta_base_allocation = false;
+  bool meta_allocation_depth = false;
   uint32_t max_payload = kMaxRequestBytes;
 };
 

@@ -14,7 +14,6 @@ namespace blkmirror::nbd {
 namespace {
 
 constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
-constexpr uint32_t kMetaContextId = 1;
 // A write payload beyond the advertised maximum is read and dropped up to this
 // size (so the stream stays in sync and the client gets an error); beyond it
 // the connection is closed.
@@ -181,6 +180,7 @@ Task<void> Connection::transmission() {
   limits_.read_only = !exp->writable;
   limits_.structured = structured_;
   limits_.meta_base_allocation = meta_base_allocation_ && meta_export_ == exp->name;
+  limits_.meta_allocation_depth = meta_allocation_depth_ && meta_export_ == exp->name;
   limits_.max_payload = NbdServer::kMaxPayload;
   in_buf_.resize(NbdServer::kTransmissionReadBuffer);  // past the handshake: buffer for throughput
 
@@ -325,33 +325,58 @@ Task<void> Connection::do_read(const Request& r) {
   queue(std::move(out));
 }
 
-Task<void> Connection::do_block_status(const Request& r) {
-  Child& edge = *export_->edge;
+namespace {
+
+// One NBD_REPLY_TYPE_BLOCK_STATUS chunk's descriptors; adjacent extents with the
+// same value merge.
+struct Descriptors {
   struct Desc {
     uint32_t length, flags;
   };
-  std::vector<Desc> descs;
+  std::vector<Desc> list;
+  void add(uint64_t length, uint32_t flags) {
+    if (!list.empty() && list.back().flags == flags)
+      list.back().length += static_cast<uint32_t>(length);
+    else
+      list.push_back({static_cast<uint32_t>(length), flags});
+  }
+  void encode(uint16_t reply_flags, uint64_t cookie, uint32_t context_id,
+              std::vector<std::byte>& out) const {
+    encode_structured_header(reply_flags, kReplyBlockStatus, cookie,
+                             static_cast<uint32_t>(4 + 8 * list.size()), out);
+    Writer w(out);
+    w.u32(context_id);
+    for (auto& d : list) w.u32(d.length).u32(d.flags);
+  }
+};
+
+}  // namespace
+
+Task<void> Connection::do_block_status(const Request& r) {
+  // One walk over the device's extents feeds both contexts; each gets its own
+  // chunk (base:allocation first), the last one flagged done. Both describe
+  // the same prefix of the request, which may end early at the descriptor cap.
+  Child& edge = *export_->edge;
+  Descriptors alloc, depth;
   uint64_t pos = r.offset, end = r.offset + r.length;
-  while (pos < end && descs.size() < kMaxBlockStatusDescriptors) {
+  while (pos < end && alloc.list.size() < kMaxBlockStatusDescriptors &&
+         depth.list.size() < kMaxBlockStatusDescriptors) {
     auto st = co_await edge.block_status(pos, end - pos);
     if (!st) {
       send_error(r, errno_to_wire(st.error().errnum()));
       co_return;
     }
-    uint32_t flags = (st->allocated ? 0 : kStateHole) | (st->zero ? kStateZero : 0);
-    if (!descs.empty() && descs.back().flags == flags)
-      descs.back().length += static_cast<uint32_t>(st->length);
-    else
-      descs.push_back({static_cast<uint32_t>(st->length), flags});
+    alloc.add(st->length, (st->allocated ? 0 : kStateHole) | (st->zero ? kStateZero : 0));
+    depth.add(st->length, st->depth);
     pos += st->length;
     if (r.flags & kCmdFlagReqOne) break;
   }
   std::vector<std::byte> out;
-  encode_structured_header(kReplyFlagDone, kReplyBlockStatus, r.cookie,
-                           static_cast<uint32_t>(4 + 8 * descs.size()), out);
-  Writer w(out);
-  w.u32(kMetaContextId);
-  for (auto& d : descs) w.u32(d.length).u32(d.flags);
+  if (limits_.meta_base_allocation)
+    alloc.encode(limits_.meta_allocation_depth ? 0 : kReplyFlagDone, r.cookie,
+                 kMetaIdBaseAllocation, out);
+  if (limits_.meta_allocation_depth)
+    depth.encode(kReplyFlagDone, r.cookie, kMetaIdAllocationDepth, out);
   queue(std::move(out));
 }
 

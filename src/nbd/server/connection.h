@@ -78,8 +78,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   asio::steady_timer deadline_;
   bool no_zeroes_ = false;
   bool structured_ = false;
+  // Meta contexts chosen by the last NBD_OPT_SET_META_CONTEXT, for meta_export_.
   bool meta_base_allocation_ = false;
-  std::string meta_export_;  // export the meta context was negotiated for
+  bool meta_allocation_depth_ = false;
+  std::string meta_export_;  // export the meta contexts were negotiated for
   ExportRef export_;
   ExportLimits limits_;
   bool closed_ = false;

@@ -13,7 +13,6 @@
 namespace blkmirror::nbd {
 
 namespace {
-constexpr uint32_t kMetaContextId = 1;  // our only context: base:allocation
 // Option payloads above kMaxOptionData are read and dropped up to this size
 // (ERR_TOO_BIG); above it the connection is closed.
 constexpr uint32_t kOptionDiscardLimit = 1 << 20;
@@ -146,22 +145,31 @@ Task<bool> Connection::reply_info(uint32_t option, const GoRequest& go, const Ex
 }
 
 Task<bool> Connection::reply_meta(uint32_t option, const MetaRequest& m, const Export& e) {
-  // Only base:allocation exists. An empty LIST asks for everything; "base:"
-  // asks for the whole namespace.
-  bool match = false;
-  if (m.queries.empty()) {
-    match = option == kOptListMetaContext;
-  } else {
+  // Two contexts exist: base:allocation, and qemu:allocation-depth when the
+  // export offers it. An empty LIST asks for everything; a LIST of "base:" or
+  // "qemu:" asks for that whole namespace. Unknown queries match nothing (no
+  // error), as the spec asks.
+  auto wanted = [&](const char* ctx, const char* ns) {
+    if (m.queries.empty()) return option == kOptListMetaContext;
     for (auto& q : m.queries)
-      if (q == kBaseAllocation || (option == kOptListMetaContext && q == "base:")) match = true;
-  }
+      if (q == ctx || (option == kOptListMetaContext && q == ns)) return true;
+    return false;
+  };
+  bool base = wanted(kBaseAllocation, "base:");
+  bool depth = e.allocation_depth && wanted(kAllocationDepth, "qemu:");
   if (option == kOptSetMetaContext) {
-    meta_base_allocation_ = match;
+    meta_base_allocation_ = base;
+    meta_allocation_depth_ = depth;
     meta_export_ = e.name;
   }
-  if (match) {
-    std::vector<std::byte> d;
-    Writer(d).u32(kMetaContextId).str(kBaseAllocation);
+  std::vector<std::byte> d;
+  if (base) {
+    Writer(d).u32(kMetaIdBaseAllocation).str(kBaseAllocation);
+    if (!co_await send_option_reply(option, kRepMetaContext, d)) co_return false;
+  }
+  if (depth) {
+    d.clear();
+    Writer(d).u32(kMetaIdAllocationDepth).str(kAllocationDepth);
     if (!co_await send_option_reply(option, kRepMetaContext, d)) co_return false;
   }
   co_return co_await send_option_reply(option, kRepAck);

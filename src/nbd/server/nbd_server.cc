@@ -29,6 +29,7 @@ Result<void> NbdServer::add_export(const ExportConfig& cfg) {
   e->name = cfg.name;
   e->description = cfg.description;
   e->writable = cfg.writable;
+  e->allocation_depth = cfg.allocation_depth;
   e->edge = std::move(*edge);
   exports_.emplace(cfg.name, std::move(e));
   if (!has_default_) {

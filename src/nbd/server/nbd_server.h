@@ -1,5 +1,5 @@
 // NbdServer: serves exports of graph nodes over NBD (fixed newstyle handshake,
-// structured replies, base:allocation) on UNIX sockets and TCP. Every export
+// structured replies, base:allocation, qemu:allocation-depth) on UNIX sockets and TCP. Every export
 // holds one Child edge to its node, shared by all its connections, so client
 // I/O takes the node's write path (a running mirror sees every write) and, after
 // a mirror completes, continues on the target without reconnecting.
@@ -38,11 +38,15 @@ struct ExportConfig {
   std::string node;  // node name in the graph
   std::string description;
   bool writable = true;
+  // Offer the qemu:allocation-depth meta context (QEMU's allocation-depth
+  // export option; off by default there too).
+  bool allocation_depth = false;
 };
 
 struct Export {
   std::string name, description;
   bool writable = true;
+  bool allocation_depth = false;
   std::unique_ptr<Child> edge;
   Gate gate;  // held by each ExportRef: closed and waited for by remove_export
 };
