@@ -17,8 +17,9 @@ void add_table_options(CLI::App& cmd, TableValues& values) {
   }
 }
 
-Result<void> apply_table_options(MirrorParams& p, const TableValues& values,
-                                 const std::function<void(const MirrorOption&, const OptionValue&)>& each) {
+Result<void> apply_table_options(
+    MirrorParams& p, const TableValues& values,
+    const std::function<void(const MirrorOption&, const OptionValue&)>& each) {
   for (const MirrorOption& o : mirror_options()) {
     auto it = values.find(o.name);
     if (o.flag.empty() || it == values.end() || it->second.empty()) continue;
@@ -59,8 +60,9 @@ Result<MirrorParams> MirrorCliOptions::to_params() const {
 }
 
 void add_locking_option(CLI::App& cmd, std::string& locking) {
-  cmd.add_option("--locking", locking,
-                 "image locks shared with QEMU tools: auto | on | off (off: no second-writer protection)")
+  cmd.add_option(
+         "--locking", locking,
+         "image locks shared with QEMU tools: auto | on | off (off: no second-writer protection)")
       ->check(CLI::IsMember({"auto", "on", "off"}))
       ->capture_default_str();
 }

@@ -203,8 +203,8 @@ Result<void> MirrorJob::change_copy_mode(CopyMode m) {
     return make_plain_error(EPERM, job_verb_error(id(), status(), JobVerb::kChange));
   if (m == mode_) return {};
   if (m != CopyMode::kWriteBlocking)
-    return make_plain_error(ENOTSUP,
-                            fmt::format("Change to copy mode '{}' is not implemented", to_string(m)));
+    return make_plain_error(
+        ENOTSUP, fmt::format("Change to copy mode '{}' is not implemented", to_string(m)));
   switch_to_write_blocking("block-job-change", false);
   return {};
 }

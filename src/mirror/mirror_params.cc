@@ -26,7 +26,8 @@ Result<CopyMode> parse_copy_mode(std::string_view s) {
   if (s == "background") return CopyMode::kBackground;
   if (s == "write-blocking") return CopyMode::kWriteBlocking;
   if (s == "adaptive") return CopyMode::kAdaptive;
-  return make_plain_error(EINVAL, fmt::format("Parameter 'copy-mode' does not accept value '{}'", s));
+  return make_plain_error(EINVAL,
+                          fmt::format("Parameter 'copy-mode' does not accept value '{}'", s));
 }
 
 Result<ErrorPolicy> parse_error_policy(std::string_view s, std::string_view param) {
@@ -34,7 +35,8 @@ Result<ErrorPolicy> parse_error_policy(std::string_view s, std::string_view para
   if (s == "ignore") return ErrorPolicy::kIgnore;
   if (s == "stop") return ErrorPolicy::kStop;
   if (s == "enospc") return ErrorPolicy::kEnospc;
-  return make_plain_error(EINVAL, fmt::format("Parameter '{}' does not accept value '{}'", param, s));
+  return make_plain_error(EINVAL,
+                          fmt::format("Parameter '{}' does not accept value '{}'", param, s));
 }
 
 const char* to_string(SyncMode m) {
@@ -94,9 +96,10 @@ Result<void> validate_params(const MirrorParams& p) {
     if (auto r = check_number(o, o.number(p), o.name); !r) return r;
   }
   if (static_cast<uint64_t>(p.buf_size) > max_buf_size())
-    return make_plain_error(EINVAL, fmt::format("Parameter 'buf-size' expects a value of at most {} "
-                                                "(a quarter of this machine's memory, at most 1 GiB)",
-                                                format_size(max_buf_size())));
+    return make_plain_error(EINVAL,
+                            fmt::format("Parameter 'buf-size' expects a value of at most {} "
+                                        "(a quarter of this machine's memory, at most 1 GiB)",
+                                        format_size(max_buf_size())));
   if (p.max_in_flight == 0 || p.max_in_flight > 1024)
     return make_plain_error(EINVAL, "Parameter 'max-in-flight' expects a value in range [1, 1024]");
   return {};

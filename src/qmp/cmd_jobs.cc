@@ -14,7 +14,8 @@ namespace blkmirror::qmp {
 namespace {
 
 tl::unexpected<QmpError> no_block_job(const std::string& id) {
-  return tl::unexpected<QmpError>(QmpError{"DeviceNotActive", fmt::format("Block job '{}' not found", id)});
+  return tl::unexpected<QmpError>(
+      QmpError{"DeviceNotActive", fmt::format("Block job '{}' not found", id)});
 }
 
 tl::unexpected<QmpError> from(const Error& e) { return generic_error(e.message()); }
@@ -34,7 +35,8 @@ Result<void> apply_verb(Job& job, JobVerb verb) {
     case JobVerb::kSetSpeed:
     case JobVerb::kChange: break;  // commands of their own, with arguments
   }
-  return make_plain_error(EINVAL, fmt::format("no generic handler for the job verb '{}'", to_string(verb)));
+  return make_plain_error(EINVAL,
+                          fmt::format("no generic handler for the job verb '{}'", to_string(verb)));
 }
 
 Type qmp_type(OptionType t) {
@@ -151,12 +153,15 @@ Task<QResult<Json>> Daemon::JobCommands::blockdev_mirror(Daemon& d, Json& a, con
   p.device = a["device"].get<std::string>();
   p.target = a["target"].get<std::string>();
   p.job_id = a.value("job-id", p.device);
-  if (!id_wellformed(p.job_id)) co_return generic_error(fmt::format("Invalid job ID '{}'", p.job_id));
-  if (d.jobs_.count(p.job_id)) co_return generic_error(fmt::format("Job ID '{}' already in use", p.job_id));
+  if (!id_wellformed(p.job_id))
+    co_return generic_error(fmt::format("Invalid job ID '{}'", p.job_id));
+  if (d.jobs_.count(p.job_id))
+    co_return generic_error(fmt::format("Job ID '{}' already in use", p.job_id));
   if (auto r = set_table_options(p, a); !r) co_return from(r.error());
   if (a.contains("replaces")) p.replaces = a["replaces"].get<std::string>();
   if (a.contains("filter-node-name") && !id_wellformed(a["filter-node-name"].get<std::string>()))
-    co_return generic_error(fmt::format("Invalid node-name: '{}'", a["filter-node-name"].get<std::string>()));
+    co_return generic_error(
+        fmt::format("Invalid node-name: '{}'", a["filter-node-name"].get<std::string>()));
   if (auto v = validate_params(p); !v) co_return from(v.error());
   auto job = MirrorJob::create(d.loop_, d.graph_, p);
   if (!job) co_return from(job.error());
@@ -199,7 +204,8 @@ Task<QResult<Json>> Daemon::JobCommands::query_jobs(Daemon& d, Json& args, const
 
 // block-job-{pause,resume,complete,finalize,dismiss}: the job by device (or id).
 Task<QResult<Json>> Daemon::JobCommands::block_job_verb(Daemon& d, Json& a, const Call& call) {
-  std::string id = a.contains("device") ? a["device"].get<std::string>() : a["id"].get<std::string>();
+  std::string id =
+      a.contains("device") ? a["device"].get<std::string>() : a["id"].get<std::string>();
   auto it = d.jobs_.find(id);
   if (it == d.jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
   assert(call.verb);  // the table gives each verb command its verb

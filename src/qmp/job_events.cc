@@ -5,7 +5,11 @@ namespace blkmirror::qmp {
 namespace {
 
 Json block_event_data(const JobEvent& e) {
-  return {{"type", e.type}, {"device", e.device}, {"len", e.len}, {"offset", e.offset}, {"speed", e.speed}};
+  return {{"type", e.type},
+          {"device", e.device},
+          {"len", e.len},
+          {"offset", e.offset},
+          {"speed", e.speed}};
 }
 
 }  // namespace

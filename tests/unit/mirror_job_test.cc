@@ -71,11 +71,13 @@ TEST(MirrorJob, RefusesBadParameters) {
   expect_error(p, "Invalid parameter 'buf-size'");
   // Issue 17 item 6: 1 TiB hung the job (the copy buffer failed to allocate in
   // a detached coroutine): refused up front now.
-  for (int64_t huge : {int64_t{1} << 40, int64_t{1} << 62, static_cast<int64_t>(max_buf_size()) + 1}) {
+  for (int64_t huge :
+       {int64_t{1} << 40, int64_t{1} << 62, static_cast<int64_t>(max_buf_size()) + 1}) {
     p.buf_size = huge;
-    expect_error(p, fmt::format("Parameter 'buf-size' expects a value of at most {} (a quarter of this "
-                                "machine's memory, at most 1 GiB)",
-                                format_size(max_buf_size())));
+    expect_error(
+        p, fmt::format("Parameter 'buf-size' expects a value of at most {} (a quarter of this "
+                       "machine's memory, at most 1 GiB)",
+                       format_size(max_buf_size())));
   }
   p.buf_size = static_cast<int64_t>(max_buf_size());
   EXPECT_TRUE(validate_params(p));
@@ -117,7 +119,8 @@ TEST(MirrorJob, CompleteBeforeReadyRefused) {
   auto job = f.make(f.params());
   auto r = job->complete();
   ASSERT_FALSE(r);
-  EXPECT_EQ(r.error().message(), "Job 'job0' in state 'created' cannot accept command verb 'complete'");
+  EXPECT_EQ(r.error().message(),
+            "Job 'job0' in state 'created' cannot accept command verb 'complete'");
 }
 
 TEST(MirrorJob, ReadErrorReportFailsJob) {
@@ -246,7 +249,8 @@ TEST(MirrorJob, WriteErrorStopPausesThenResumeEndsEqual) {
   std::vector<std::byte> data(65536, std::byte{0x42});  // make sure the range is copied
   f.src->write_now(2 << 20, data);
   std::memcpy(f.model.data() + (2 << 20), data.data(), data.size());
-  f.dst_fault->add_rule(FaultRule{.ops = FaultRule::kAllWrites, .offset = 2 << 20, .length = 65536});
+  f.dst_fault->add_rule(
+      FaultRule{.ops = FaultRule::kAllWrites, .offset = 2 << 20, .length = 65536});
   auto p = f.params();
   p.on_target_error = ErrorPolicy::kStop;
   auto job = f.make(p);
@@ -276,7 +280,8 @@ TEST(MirrorJob, WriteErrorStopPausesThenResumeEndsEqual) {
 TEST(MirrorJob, EnospcPolicyStopsOnEnospcReportsOtherwise) {
   {
     Fixture f(2 << 20, 5);
-    f.dst_fault->add_rule(FaultRule{.ops = FaultRule::kAllWrites, .remaining = 1, .errnum = ENOSPC});
+    f.dst_fault->add_rule(
+        FaultRule{.ops = FaultRule::kAllWrites, .remaining = 1, .errnum = ENOSPC});
     auto p = f.params();
     p.on_target_error = ErrorPolicy::kEnospc;
     auto job = f.make(p);

@@ -48,7 +48,9 @@ TEST(OptionTable, BadGranularityHasOneTextEverywhere) {
     EXPECT_EQ(qmp_error("granularity", g), range) << g;
     EXPECT_EQ(cli_error("granularity", std::to_string(g)), range) << g;
     p.granularity = static_cast<uint64_t>(g);
-    if (g > 0) EXPECT_EQ(validate_error(p), range) << g;
+    if (g > 0) {
+      EXPECT_EQ(validate_error(p), range) << g;
+    }
   }
   EXPECT_EQ(cli_error("granularity", "128M"), range);
   EXPECT_EQ(qmp_error("granularity", int64_t{3000}), pow2);
@@ -61,7 +63,8 @@ TEST(OptionTable, GranularityZeroIsQmpsDefaultButNoCommandLineValue) {
   // QEMU's blockdev-mirror takes 0 as "the default"; a command line leaves the
   // option out for that, so its 0 is a mistake.
   EXPECT_EQ(qmp_error("granularity", int64_t{0}), "");
-  EXPECT_EQ(cli_error("granularity", "0"), "Parameter 'granularity' expects a value in range [512B, 64MB]");
+  EXPECT_EQ(cli_error("granularity", "0"),
+            "Parameter 'granularity' expects a value in range [512B, 64MB]");
 }
 
 TEST(OptionTable, SizesTakeSuffixesAndNegativesGetTheRangeText) {
@@ -94,12 +97,14 @@ TEST(OptionTable, AdaptiveWindowIsNamedAsEachFrontEndSpellsIt) {
   ASSERT_TRUE(set_option(p, w, int64_t{250}, w.flag));
   EXPECT_EQ(p.adaptive_window_ms, 250u);
   p.adaptive_window_ms = 0;
-  EXPECT_EQ(validate_error(p), "Parameter 'x-adaptive-window-ms' expects a value in range [1, 3600000]");
+  EXPECT_EQ(validate_error(p),
+            "Parameter 'x-adaptive-window-ms' expects a value in range [1, 3600000]");
 }
 
 TEST(OptionTable, WordsAreCheckedWithQemusTexts) {
   EXPECT_EQ(cli_error("copy-mode", "fast"), "Parameter 'copy-mode' does not accept value 'fast'");
-  EXPECT_EQ(qmp_error("copy-mode", std::string("fast")), "Parameter 'copy-mode' does not accept value 'fast'");
+  EXPECT_EQ(qmp_error("copy-mode", std::string("fast")),
+            "Parameter 'copy-mode' does not accept value 'fast'");
   EXPECT_EQ(cli_error("on-target-error", "panic"),
             "Parameter 'on-target-error' does not accept value 'panic'");
   EXPECT_EQ(cli_error("sync", "incremental"), "Sync mode 'incremental' not supported");
@@ -119,7 +124,9 @@ TEST(OptionTable, EveryEntryIsComplete) {
   std::set<std::string_view> names, flags;
   for (const MirrorOption& o : mirror_options()) {
     EXPECT_TRUE(names.insert(o.name).second) << o.name;
-    if (!o.flag.empty()) EXPECT_TRUE(flags.insert(o.flag).second) << o.flag;
+    if (!o.flag.empty()) {
+      EXPECT_TRUE(flags.insert(o.flag).second) << o.flag;
+    }
     EXPECT_FALSE(o.help.empty()) << o.name;
     EXPECT_NE(o.store, nullptr) << o.name;
     bool number = o.type == OptionType::kSize || o.type == OptionType::kInteger;
@@ -127,7 +134,9 @@ TEST(OptionTable, EveryEntryIsComplete) {
     EXPECT_EQ(number, !o.range_error.empty()) << o.name;
     EXPECT_EQ(o.type == OptionType::kEnum, !o.words.empty()) << o.name;
     EXPECT_EQ(find_mirror_option(o.name), &o);
-    if (!o.flag.empty()) EXPECT_EQ(find_mirror_option(o.flag), &o);
+    if (!o.flag.empty()) {
+      EXPECT_EQ(find_mirror_option(o.flag), &o);
+    }
   }
   // The options every front end offers (issue 15: `ctl mirror` lacked the window).
   for (auto f : {"sync", "speed", "granularity", "buf-size", "on-source-error", "on-target-error",
