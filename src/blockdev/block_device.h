@@ -29,6 +29,8 @@ struct BlockCaps {
   bool can_fua = false;          // native FUA (otherwise emulated with a flush)
   bool has_block_status = false; // block_status() reports real holes / zero areas
   uint64_t cluster_size = 0;     // allocation unit of a formatted image; 0: none
+  bool has_backing = false;      // a layered format over a backing node: a partial write
+                                 // into an unallocated cluster copies the rest from it
   uint32_t min_block = 1;        // smallest aligned I/O unit
   uint32_t pref_block = 4096;    // preferred I/O unit
   uint32_t max_transfer = kMaxRequestBytes;

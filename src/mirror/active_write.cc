@@ -132,8 +132,12 @@ Task<void> MirrorJob::run_target_half(WriteRequest req, uint64_t off, uint64_t l
 Task<Result<void>> MirrorJob::active_write(Node& node, const WriteRequest& req) {
   ByteRange chunks = chunks_covering(req.offset, req.length);
   while (overlaps_any_op(chunks)) co_await wake_.wait();
-  // The job may have stopped (error, cancel) while this write waited.
-  if (!copy_to_target()) co_return co_await passive_write(node, req);
+  // The job may have stopped (error, cancel) while this write waited. A write
+  // into a target cluster not yet written whole would have the target fill the
+  // rest from its backing node (COW alignment, mirror_job.h): the copy loop
+  // takes those chunks, widened.
+  if (!copy_to_target() || !cow_done(req.offset, std::min(req.offset + req.length, length_)))
+    co_return co_await passive_write(node, req);
   auto op = active_ops_.insert(active_ops_.end(), ActiveOp{chunks, false});
 
   // What goes to the target: all of it, except an unaligned head or tail whose

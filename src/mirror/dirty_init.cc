@@ -40,7 +40,10 @@ Task<Result<void>> MirrorJob::mark_zero_region(uint64_t off, uint64_t len) {
 
 Task<Result<void>> MirrorJob::dirty_init() {
   if (p_.sync == SyncMode::kNone || length_ == 0) co_return Result<void>{};
-  // sync=top behaves as full while nodes have no backing chain.
+  // sync=top: only what the source's top layer holds (depth 1; a device
+  // without a chain holds everything itself). The rest the target is expected
+  // to read from a backing chain with the same contents.
+  const bool top_only = p_.sync == SyncMode::kTop;
   bool target_zero = p_.target_is_zero || tgt_.caps().zero_init;
   if (!target_zero) {
     auto z = co_await target_reads_zero(0, length_);
@@ -62,7 +65,9 @@ Task<Result<void>> MirrorJob::dirty_init() {
     auto e = co_await src_.block_status(pos, length_ - pos);
     if (!e) co_return make_error(e.error());
     if (e->length == 0) co_return make_error(EIO, fmt::format("{}: empty extent", src_.describe()));
-    if (!e->zero) {
+    if (top_only && e->depth != 1) {
+      // Below the top layer (or nowhere): not copied.
+    } else if (!e->zero) {
       mark_dirty(pos, e->length);
     } else if (!target_zero) {
       if (auto r = co_await mark_zero_region(pos, e->length); !r) co_return r;

@@ -126,6 +126,10 @@ MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes
       gran_(sizes.granularity),
       buf_size_(sizes.buf_size),
       max_op_(sizes.max_op),
+      cow_cluster_(tgt->device().caps().has_backing && tgt->device().caps().cluster_size > gran_
+                       ? tgt->device().caps().cluster_size
+                       : 0),
+      cow_written_(cow_cluster_ ? div_round_up(length_, cow_cluster_) : 0),
       dirty_(div_round_up(length_, gran_)),
       mode_(p_.copy_mode),
       adaptive_(p_.adaptive_window_ms),

@@ -113,6 +113,13 @@ class MirrorJob : public Job, public WriteInterceptor {
   std::optional<Run> pick_run();
   const ByteRange* in_flight_at(uint64_t chunk) const;
   bool launch_next();
+  // COW alignment: widens a run's bytes to whole target clusters not yet
+  // written once; nullopt when a widened chunk is busy or the buffer is short
+  // (the run waits). bytes unchanged when no widening is needed.
+  std::optional<ByteRange> cow_align(ByteRange bytes) const;
+  // Every target cluster touching [off, end) was written whole once.
+  bool cow_done(uint64_t off, uint64_t end) const;
+  void mark_cow_done(const ByteRange& r);
   Task<void> run_op(std::list<MirrorOp>::iterator op, std::shared_ptr<MirrorJob> self);
   // Sets the buffer budget op holds to bytes (never more than it held): the one
   // place in_flight_bytes_ goes down.
@@ -193,6 +200,13 @@ class MirrorJob : public Job, public WriteInterceptor {
   const uint64_t gran_;      // derive_sizes(): fixed for the job's life
   const uint64_t buf_size_;
   const uint64_t max_op_;
+  // COW alignment (MIRROR.md phase 3): the target's cluster size when it has a
+  // backing node and its clusters are larger than a chunk, else 0. A partial
+  // first write into such a cluster would have the format fill the rest from
+  // the target's backing node, which need not hold the source's data yet (a
+  // base still being copied), so the first copy into each one covers it whole.
+  const uint64_t cow_cluster_;
+  DirtyBitmap cow_written_;  // per target cluster: written whole once
   DirtyBitmap dirty_;
   std::list<MirrorOp> in_flight_;   // background operations
   std::list<ActiveOp> active_ops_;  // client writes in write-blocking mode

@@ -24,6 +24,8 @@ struct MirrorOp {
                              // whose all-zero blocks become holes (a kernel copy fills them)
   uint64_t zeroed = 0;       // bytes of a copy written as holes (all-zero blocks)
   uint64_t reserved = 0;     // buffer budget held: range.length while it may copy data
+  bool cow_aligned = false;  // widened to whole target clusters (MirrorJob::cow_cluster_):
+                             // copied whole through a buffer, never split by block status
 };
 
 }  // namespace blkmirror

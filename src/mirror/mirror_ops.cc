@@ -61,20 +61,55 @@ std::optional<MirrorJob::Run> MirrorJob::pick_run() {
   return std::nullopt;
 }
 
+bool MirrorJob::cow_done(uint64_t off, uint64_t end) const {
+  if (!cow_cluster_ || off >= end) return true;
+  for (uint64_t c = off / cow_cluster_; c <= (end - 1) / cow_cluster_; ++c)
+    if (!cow_written_.test(c)) return false;
+  return true;
+}
+
+void MirrorJob::mark_cow_done(const ByteRange& r) {
+  if (!cow_cluster_ || r.length == 0) return;
+  // Clusters the range covers whole (the device's last, short one counts).
+  uint64_t first = div_round_up(r.offset, cow_cluster_);
+  uint64_t last = r.end() == length_ ? cow_written_.size() : r.end() / cow_cluster_;
+  if (first < last) cow_written_.set(first, last - first);
+}
+
+std::optional<ByteRange> MirrorJob::cow_align(ByteRange bytes) const {
+  if (!cow_cluster_) return bytes;
+  uint64_t start = bytes.offset, end = bytes.end();
+  if (!cow_written_.test(start / cow_cluster_)) start = align_down(start, cow_cluster_);
+  if (!cow_written_.test((end - 1) / cow_cluster_))
+    end = std::min(align_up(end, cow_cluster_), length_);
+  if (start == bytes.offset && end == bytes.end()) return bytes;
+  // The widened chunks must be free: copied by nobody else right now.
+  for (uint64_t c = start / gran_; c < div_round_up(end, gran_); ++c)
+    if (in_flight_at(c)) return std::nullopt;
+  if (in_flight_bytes_ + (end - start) > buf_size_ && !in_flight_.empty()) return std::nullopt;
+  return ByteRange{start, end - start};
+}
+
 bool MirrorJob::launch_next() {
   auto run = pick_run();
   if (!run) return false;
+  auto aligned = cow_align(chunk_bytes(run->first_chunk, run->end_chunk));
+  if (!aligned) return false;  // retried when an operation finishes
+  ByteRange bytes = *aligned;
+  bool widened = bytes.offset != run->first_chunk * gran_ ||
+                 bytes.end() != chunk_bytes(run->first_chunk, run->end_chunk).end();
   // Clear the dirty bits before reading, so a write that lands during the copy
   // dirties the chunk again and it is copied once more.
-  dirty_.reset(run->first_chunk, run->end_chunk - run->first_chunk);
-  ByteRange bytes = chunk_bytes(run->first_chunk, run->end_chunk);
-  uint64_t reserve = kernel_copies() ? 0 : bytes.length;
-  auto op = in_flight_.insert(in_flight_.end(), MirrorOp{.range = bytes, .reserved = reserve});
+  uint64_t first_chunk = bytes.offset / gran_, end_chunk = div_round_up(bytes.end(), gran_);
+  dirty_.reset(first_chunk, end_chunk - first_chunk);
+  uint64_t reserve = kernel_copies() && !widened ? 0 : bytes.length;
+  auto op = in_flight_.insert(
+      in_flight_.end(), MirrorOp{.range = bytes, .reserved = reserve, .cow_aligned = widened});
   in_flight_bytes_ += reserve;
   // Charge at launch (the op may turn out to be a cheap zero and get a refund),
   // so a burst of launches cannot outrun the speed limit.
   rate_.charge(bytes.length);
-  cursor_ = run->end_chunk;
+  cursor_ = end_chunk;
   asio::co_spawn(loop_.executor(),
                  run_op(op, std::static_pointer_cast<MirrorJob>(shared_from_this())),
                  asio::detached);
@@ -169,7 +204,14 @@ Task<void> MirrorJob::run_op(std::list<MirrorOp>::iterator it, std::shared_ptr<M
   Result<void> result;
   bool out_of_memory = false;  // no error policy retries an allocation failure
 
-  auto st = co_await src_.block_status(op.range.offset, op.range.length);
+  // A widened run is copied whole: split by block status, its first piece
+  // would be a partial write into the target cluster after all.
+  // if/else, not ?: (GCC 12 rule 1, base/task.h).
+  Result<Extent> st = Extent{op.range.length, true, false};
+  if (op.cow_aligned)
+    op.partly_hole = true;  // through a buffer, zero blocks as holes
+  else
+    st = co_await src_.block_status(op.range.offset, op.range.length);
   if (!st) {
     result = make_error(st.error());
     op.read_failed = true;
@@ -227,6 +269,7 @@ Task<void> MirrorJob::run_op(std::list<MirrorOp>::iterator it, std::shared_ptr<M
   ++stats_.ops;
   if (result) {
     on_op_success();
+    mark_cow_done(done.range);
     progress_offset_ += done.range.length;
     if (done.kind == Kind::kCopy) {
       stats_.bytes_copied += done.range.length - done.zeroed;

@@ -13,7 +13,6 @@ import pytest
 
 from nbd_helpers import nbd_server, run_tool  # noqa: F401
 from nbd_peers import peers, read_export  # noqa: F401
-from qmp_client import Daemon
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -23,18 +22,6 @@ CONFLICT = ("Permission conflict on node 'copy': permissions 'write' are both re
             "NBD export '{name}' (uses node 'copy' as 'root' child) and unshared by mirror job "
             "'j' (uses node 'copy' as 'target' child).")
 
-
-@pytest.fixture
-def daemon(blkmirror_bin, workdir):
-    d = Daemon(blkmirror_bin, workdir)
-    yield d
-    d.stop()
-
-
-@pytest.fixture
-def qmp(daemon):
-    with daemon.client() as c:
-        yield c
 
 
 def add_file(qmp, name, path, **kw):

@@ -14,22 +14,9 @@ import pytest
 from nbd_helpers import run_tool, uri_for
 from qcow2_helpers import (BAD, KiB, MiB, QemuNbd, Qsd, check_image, compare_with_export, create,
                            depth_map, qemu_img, qemu_io, sha)
-from qmp_client import Daemon
 
 SIZE = 4 * MiB
 
-
-@pytest.fixture
-def daemon(blkmirror_bin, workdir):
-    d = Daemon(blkmirror_bin, workdir)
-    yield d
-    d.stop()
-
-
-@pytest.fixture
-def qmp(daemon):
-    with daemon.client() as c:
-        yield c
 
 
 def chain(d, base_fmt="qcow2"):

@@ -187,6 +187,7 @@ Task<Result<std::unique_ptr<Qcow2Impl>>> open_impl(Loop* loop, BlockDevicePtr fi
   c.can_fua = false;
   c.has_block_status = true;
   c.cluster_size = cs;
+  c.has_backing = q.has_backing();
   c.min_block = 1;
   c.pref_block = static_cast<uint32_t>(
       std::min<uint64_t>(std::max<uint64_t>(4096, file->caps().pref_block), cs));
@@ -207,7 +208,10 @@ Qcow2Device::Qcow2Device(std::unique_ptr<Qcow2Impl> impl) : impl_(std::move(impl
 Qcow2Device::~Qcow2Device() = default;
 
 const Qcow2Info& Qcow2Device::info() const { return impl_->info; }
-void Qcow2Device::set_backing(BlockDevicePtr b) { impl_->backing = std::move(b); }
+void Qcow2Device::set_backing(BlockDevicePtr b) {
+  impl_->backing = std::move(b);
+  impl_->caps.has_backing = impl_->has_backing();
+}
 const BlockDevicePtr& Qcow2Device::backing() const { return impl_->backing; }
 uint64_t Qcow2Device::allocated_bytes() const {
   return impl_->rc->used_clusters() * impl_->cs();
