@@ -11,7 +11,8 @@ namespace blkmirror {
 Result<uint64_t> parse_size(std::string_view text) {
   std::string_view s = text;
   while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
-  if (s.empty() || s.front() == '-') return make_plain_error(EINVAL, fmt::format("invalid size '{}'", text));
+  if (s.empty() || s.front() == '-')
+    return make_plain_error(EINVAL, fmt::format("invalid size '{}'", text));
   uint64_t value = 0;
   auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), value);
   if (ec != std::errc() || ptr == s.data())
@@ -19,7 +20,8 @@ Result<uint64_t> parse_size(std::string_view text) {
                       fmt::format("invalid size '{}'", text));
   std::string suffix(ptr, s.data() + s.size());
   for (auto& c : suffix) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-  if (suffix.size() >= 2 && suffix.substr(suffix.size() - 2) == "IB") suffix.resize(suffix.size() - 2);
+  if (suffix.size() >= 2 && suffix.substr(suffix.size() - 2) == "IB")
+    suffix.resize(suffix.size() - 2);
   else if (suffix.size() >= 2 && suffix.back() == 'B') suffix.pop_back();
   int shift = 0;
   if (suffix.empty() || suffix == "B") shift = 0;

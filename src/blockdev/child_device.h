@@ -31,7 +31,9 @@ class ChildDevice : public BlockDevice {
   Task<Result<void>> write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) override {
     return edge_->write_zeroes(off, len, f);
   }
-  Task<Result<void>> discard(uint64_t off, uint64_t len) override { return edge_->discard(off, len); }
+  Task<Result<void>> discard(uint64_t off, uint64_t len) override {
+    return edge_->discard(off, len);
+  }
   Task<Result<void>> flush() override { return edge_->flush(); }
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override {
     return edge_->block_status(off, len);

@@ -27,22 +27,26 @@ tl::unexpected<Error> injected_error(const BlockDevice& d, const char* what, uin
 }  // namespace
 
 Task<Result<void>> FaultDevice::read(uint64_t off, std::span<std::byte> buf) {
-  if (int e = should_fail(FaultRule::kRead, off, buf.size())) co_return injected_error(*this, "read", off, e);
+  if (int e = should_fail(FaultRule::kRead, off, buf.size()))
+    co_return injected_error(*this, "read", off, e);
   co_return co_await inner()->read(off, buf);
 }
 
 Task<Result<void>> FaultDevice::write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) {
-  if (int e = should_fail(FaultRule::kWrite, off, buf.size())) co_return injected_error(*this, "write", off, e);
+  if (int e = should_fail(FaultRule::kWrite, off, buf.size()))
+    co_return injected_error(*this, "write", off, e);
   co_return co_await inner()->write(off, buf, f);
 }
 
 Task<Result<void>> FaultDevice::write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) {
-  if (int e = should_fail(FaultRule::kZero, off, len)) co_return injected_error(*this, "write zeroes", off, e);
+  if (int e = should_fail(FaultRule::kZero, off, len))
+    co_return injected_error(*this, "write zeroes", off, e);
   co_return co_await inner()->write_zeroes(off, len, f);
 }
 
 Task<Result<void>> FaultDevice::discard(uint64_t off, uint64_t len) {
-  if (int e = should_fail(FaultRule::kDiscard, off, len)) co_return injected_error(*this, "discard", off, e);
+  if (int e = should_fail(FaultRule::kDiscard, off, len))
+    co_return injected_error(*this, "discard", off, e);
   co_return co_await inner()->discard(off, len);
 }
 

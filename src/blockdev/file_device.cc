@@ -146,8 +146,9 @@ tl::unexpected<Error> FileDevice::io_error(const char* what, uint64_t off, int e
 tl::unexpected<Error> FileDevice::shrank_error(uint64_t off) const {
   struct stat st {};
   if (is_blk_ || ::fstat(fd_, &st) < 0) return io_error("read", off, EIO);
-  return make_plain_error(EIO, fmt::format("read {} at offset {}: {} shrank from {} to {} bytes while in use",
-                                           path_, off, path_, length_, st.st_size));
+  return make_plain_error(
+      EIO, fmt::format("read {} at offset {}: {} shrank from {} to {} bytes while in use", path_,
+                       off, path_, length_, st.st_size));
 }
 
 Task<Result<void>> FileDevice::check_unchanged() {
@@ -174,13 +175,17 @@ Task<Result<void>> FileDevice::check_unchanged() {
   });
   if (seen.fd_err) co_return make_error(seen.fd_err, path_);
   if (seen.path_err == ENOENT)
-    co_return make_plain_error(ESTALE, fmt::format("{} was removed (unlinked or renamed) while in use", path_));
+    co_return make_plain_error(
+        ESTALE, fmt::format("{} was removed (unlinked or renamed) while in use", path_));
   if (seen.path_err) co_return make_error(seen.path_err, path_);
   if ((!is_blk_ && seen.dev != dev_) || seen.ino != ino_)
-    co_return make_plain_error(ESTALE, fmt::format("{} now names a different file (renamed or replaced while in use)", path_));
+    co_return make_plain_error(
+        ESTALE,
+        fmt::format("{} now names a different file (renamed or replaced while in use)", path_));
   if (seen.size != length_)
-    co_return make_plain_error(EIO, fmt::format("{} {} from {} to {} bytes while in use", path_,
-                                                seen.size < length_ ? "shrank" : "grew", length_, seen.size));
+    co_return make_plain_error(
+        EIO, fmt::format("{} {} from {} to {} bytes while in use", path_,
+                         seen.size < length_ ? "shrank" : "grew", length_, seen.size));
   co_return Result<void>{};
 }
 
@@ -262,7 +267,8 @@ Task<Result<void>> FileDevice::write_zeroes(uint64_t off, uint64_t len, ZeroFlag
     if (f.fua) co_return co_await flush();
     co_return Result<void>{};
   }
-  if (err != EOPNOTSUPP && err != ENOTTY && err != EINVAL) co_return io_error("write zeroes", off, err);
+  if (err != EOPNOTSUPP && err != ENOTTY && err != EINVAL)
+    co_return io_error("write zeroes", off, err);
   if (f.no_fallback) co_return io_error("write zeroes", off, ENOTSUP);
   auto r = co_await write_zero_buffers(off, len);
   if (r && f.fua) co_return co_await flush();
@@ -286,7 +292,8 @@ Task<Result<void>> FileDevice::discard(uint64_t off, uint64_t len) {
                                             len);
   }
   // Discard is advisory: a device that cannot do it has done nothing, correctly.
-  if (err && err != EOPNOTSUPP && err != ENOTTY && err != EINVAL) co_return io_error("discard", off, err);
+  if (err && err != EOPNOTSUPP && err != ENOTTY && err != EINVAL)
+    co_return io_error("discard", off, err);
   co_return Result<void>{};
 }
 
@@ -298,7 +305,8 @@ Task<Result<void>> FileDevice::flush() {
 
 Task<Result<Extent>> FileDevice::block_status(uint64_t off, uint64_t len) {
   if (len == 0 || !range_within(off, len, length_))
-    co_return make_error(EINVAL, fmt::format("block status {} at {}+{}: out of range", path_, off, len));
+    co_return make_error(EINVAL,
+                         fmt::format("block status {} at {}+{}: out of range", path_, off, len));
   if (!caps_.has_block_status) co_return Extent{len, true, false};
   if (off >= data_cache_start_ && off < data_cache_end_)
     co_return Extent{std::min(len, data_cache_end_ - off), true, false};

@@ -61,10 +61,12 @@ Result<void> a_allows_b(const Node& n, const Child& a, const Child& b) {
   uint32_t denied = b.perms().need & ~a.perms().shared;
   if (!denied) return {};
   return make_plain_error(
-      EPERM, fmt::format("Permission conflict on node '{}': permissions '{}' are both required by {} "
-                         "(uses node '{}' as '{}' child) and unshared by {} (uses node '{}' as '{}' child).",
-                         n.name(), perm_names(denied), b.use().parent, n.name(), b.use().name,
-                         a.use().parent, n.name(), a.use().name));
+      EPERM,
+      fmt::format(
+          "Permission conflict on node '{}': permissions '{}' are both required by {} "
+          "(uses node '{}' as '{}' child) and unshared by {} (uses node '{}' as '{}' child).",
+          n.name(), perm_names(denied), b.use().parent, n.name(), b.use().name, a.use().parent,
+          n.name(), a.use().name));
 }
 
 }  // namespace
@@ -207,7 +209,8 @@ Task<Result<void>> Child::resize(uint64_t new_length) {
 Result<Node*> Graph::add(const std::string& name, BlockDevicePtr dev) {
   BLKMIRROR_ASSERT_THREAD(thread_);
   if (name.empty()) return make_plain_error(EINVAL, "Parameter 'node-name' must not be empty");
-  if (nodes_.count(name)) return make_plain_error(EEXIST, fmt::format("Duplicate nodes with node-name='{}'", name));
+  if (nodes_.count(name))
+    return make_plain_error(EEXIST, fmt::format("Duplicate nodes with node-name='{}'", name));
   auto node = std::make_unique<Node>(name, std::move(dev));
   Node* raw = node.get();
   nodes_.emplace(name, std::move(node));
@@ -222,7 +225,8 @@ Node* Graph::find(const std::string& name) const {
 Result<void> Graph::remove(const std::string& name) {
   BLKMIRROR_ASSERT_THREAD(thread_);
   auto it = nodes_.find(name);
-  if (it == nodes_.end()) return make_plain_error(ENOENT, fmt::format("Failed to find node with node-name='{}'", name));
+  if (it == nodes_.end())
+    return make_plain_error(ENOENT, fmt::format("Failed to find node with node-name='{}'", name));
   if (!it->second->parents_.empty())
     return make_plain_error(EBUSY, fmt::format("Node '{}' is busy: in use by {}", name,
                                          it->second->parents_.front()->role()));
@@ -246,7 +250,8 @@ std::unique_ptr<Child> Graph::attach(Node* node, std::string role) {
   return std::move(*edge);
 }
 
-std::unique_ptr<Child> Graph::attach_child(Node* child, std::string role, EdgeUse use, EdgeKind kind) {
+std::unique_ptr<Child> Graph::attach_child(Node* child, std::string role, EdgeUse use,
+                                           EdgeKind kind) {
   BLKMIRROR_ASSERT_THREAD(thread_);
   assert(kind != EdgeKind::kRoot);
   return std::make_unique<Child>(this, child, std::move(role), std::move(use), kind);

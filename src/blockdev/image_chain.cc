@@ -13,15 +13,16 @@ namespace {
 // One qcow2 layer over file and, below it, the chain its header names.
 // guard holds the images opened so far (cycle detection).
 // name is a reference into the awaiting frame (GCC 12 rule 2, base/task.h).
-Task<Result<std::shared_ptr<Qcow2Device>>> open_qcow2_layer(Loop& loop, BlockDevicePtr file, const std::string& name,
-                                                          bool local, bool read_only, ChainGuard* guard,
-                                                          std::vector<std::shared_ptr<Qcow2Device>>* layers) {
+Task<Result<std::shared_ptr<Qcow2Device>>> open_qcow2_layer(
+    Loop& loop, BlockDevicePtr file, const std::string& name, bool local, bool read_only,
+    ChainGuard* guard, std::vector<std::shared_ptr<Qcow2Device>>* layers) {
   auto info = co_await Qcow2Device::probe(*file);
   if (!info) co_return make_error(info.error());
   BlockDevicePtr backing;
   if (info->backing_file) {
     auto fail = [&](const std::string& why) {
-      return make_plain_error(EINVAL, fmt::format("{}: could not open backing file: {}", name, why));
+      return make_plain_error(EINVAL,
+                              fmt::format("{}: could not open backing file: {}", name, why));
     };
     auto path = resolve_backing_path(name, local, *info->backing_file);
     if (!path) co_return fail(path.error().message());
@@ -46,7 +47,8 @@ Task<Result<std::shared_ptr<Qcow2Device>>> open_qcow2_layer(Loop& loop, BlockDev
       backing = *bfile;
     }
   }
-  auto q = co_await Qcow2Device::open(loop, file, backing, Qcow2OpenOptions{.read_only = read_only});
+  auto q =
+      co_await Qcow2Device::open(loop, file, backing, Qcow2OpenOptions{.read_only = read_only});
   if (!q) co_return make_error(q.error());
   layers->insert(layers->begin(), *q);  // this layer sits above the ones opened below it
   co_return *q;
@@ -64,8 +66,9 @@ Task<Result<void>> OpenedImage::close() {
   co_return first;
 }
 
-Task<Result<OpenedImage>> open_image(Loop& loop, BlockDevicePtr file, const std::string& name, bool local,
-                                     std::optional<ImageFormat> format, bool read_only) {
+Task<Result<OpenedImage>> open_image(Loop& loop, BlockDevicePtr file, const std::string& name,
+                                     bool local, std::optional<ImageFormat> format,
+                                     bool read_only) {
   OpenedImage img;
   img.detected = !format;
   if (format) {

@@ -34,7 +34,7 @@ struct OpenedImage {
 // relative backing files (a path when local); it must outlive the call.
 // format: nullopt = detect by magic.
 // Errors are one line naming the image.
-Task<Result<OpenedImage>> open_image(Loop& loop, BlockDevicePtr file, const std::string& name, bool local,
-                                     std::optional<ImageFormat> format, bool read_only);
+Task<Result<OpenedImage>> open_image(Loop& loop, BlockDevicePtr file, const std::string& name,
+                                     bool local, std::optional<ImageFormat> format, bool read_only);
 
 }  // namespace blkmirror

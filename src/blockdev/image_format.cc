@@ -42,7 +42,8 @@ Result<std::string> resolve_backing_path(const std::string& overlay_path, bool o
 Result<void> ChainGuard::enter(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0)
-    return make_plain_error(errno, fmt::format("Could not open '{}': {}", path, std::strerror(errno)));
+    return make_plain_error(errno,
+                            fmt::format("Could not open '{}': {}", path, std::strerror(errno)));
   if (top_.empty()) top_ = path;
   if (!seen_.emplace(st.st_dev, st.st_ino).second)
     return make_plain_error(ELOOP, fmt::format("Backing chain of '{}' loops: '{}' is already in "

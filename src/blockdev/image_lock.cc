@@ -43,7 +43,8 @@ Result<LockMode> parse_lock_mode(std::string_view s) {
   if (s == "auto") return LockMode::kAuto;
   if (s == "on") return LockMode::kOn;
   if (s == "off") return LockMode::kOff;
-  return make_plain_error(EINVAL, fmt::format("Invalid locking mode '{}' (expected auto, on or off)", s));
+  return make_plain_error(EINVAL,
+                          fmt::format("Invalid locking mode '{}' (expected auto, on or off)", s));
 }
 
 Result<void> lock_image(int fd, const std::string& path, Perms perms, LockMode mode) {
@@ -53,27 +54,32 @@ Result<void> lock_image(int fd, const std::string& path, Perms perms, LockMode m
   // other (possibly both, and both give up: safe).
   for (unsigned i = 0; i < kPermCount; ++i) {
     uint32_t bit = 1u << i;
-    for (off_t byte : {(perms.need & bit) ? kPermBase + i : -1, !(perms.shared & bit) ? kSharedBase + i : -1}) {
+    for (off_t byte :
+         {(perms.need & bit) ? kPermBase + i : -1, !(perms.shared & bit) ? kSharedBase + i : -1}) {
       if (byte < 0) continue;
       int err = take(fd, byte);
       if (err == 0) continue;
       // auto: a file system without OFD locks (EINVAL) or locking (ENOLCK)
       // simply goes unlocked, as QEMU's auto does.
-      if (mode == LockMode::kAuto && (err == EINVAL || err == ENOLCK || err == EOPNOTSUPP)) return {};
-      return make_plain_error(err, fmt::format("Failed to lock byte {}: {}. {}", byte, std::strerror(err), hint));
+      if (mode == LockMode::kAuto && (err == EINVAL || err == ENOLCK || err == EOPNOTSUPP))
+        return {};
+      return make_plain_error(
+          err, fmt::format("Failed to lock byte {}: {}. {}", byte, std::strerror(err), hint));
     }
   }
   for (unsigned i = 0; i < kPermCount; ++i) {
     uint32_t bit = 1u << i;
     if (!(perms.need & bit)) continue;
     if (int err = probe(fd, kSharedBase + i))
-      return make_plain_error(err, fmt::format("Failed to get \"{}\" lock. {}", perm_names(bit), hint));
+      return make_plain_error(err,
+                              fmt::format("Failed to get \"{}\" lock. {}", perm_names(bit), hint));
   }
   for (unsigned i = 0; i < kPermCount; ++i) {
     uint32_t bit = 1u << i;
     if (perms.shared & bit) continue;
     if (int err = probe(fd, kPermBase + i))
-      return make_plain_error(err, fmt::format("Failed to get shared \"{}\" lock. {}", perm_names(bit), hint));
+      return make_plain_error(
+          err, fmt::format("Failed to get shared \"{}\" lock. {}", perm_names(bit), hint));
   }
   return {};
 }

@@ -30,7 +30,9 @@ class RawDevice : public BlockDevice {
   Task<Result<void>> write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) override {
     return file_->write_zeroes(off, len, f);
   }
-  Task<Result<void>> discard(uint64_t off, uint64_t len) override { return file_->discard(off, len); }
+  Task<Result<void>> discard(uint64_t off, uint64_t len) override {
+    return file_->discard(off, len);
+  }
   Task<Result<void>> flush() override { return file_->flush(); }
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override {
     return file_->block_status(off, len);

@@ -104,13 +104,21 @@ int run_daemon(const DaemonArgs& a) {
 
 CommandRunner add_daemon_command(CLI::App& app) {
   auto args = std::make_shared<DaemonArgs>();
-  auto* cmd = app.add_subcommand("daemon", "Run a storage daemon driven over QMP (qemu-storage-daemon compatible)");
-  cmd->add_option("--qmp", args->qmp, "UNIX socket path for QMP (created with mode 0600)")->required();
-  cmd->add_option("--qmp-tcp", args->qmp_tcp, "also serve QMP on loopback TCP HOST:PORT (port 0: any)");
-  cmd->add_option("--blockdev", args->blockdevs, "add a node at startup (keyval or JSON, as blockdev-add)");
-  cmd->add_option("--nbd-server", args->nbd_server, "start the NBD server (addr.type=unix,addr.path=P or addr.type=inet,addr.host=H,addr.port=N)");
-  cmd->add_option("--export", args->exports, "export a node at startup (type=nbd,id=ID,node-name=N[,writable=on])");
-  cmd->add_option("--file-root", args->file_root, "only open or create image files below this directory");
+  auto* cmd = app.add_subcommand(
+      "daemon", "Run a storage daemon driven over QMP (qemu-storage-daemon compatible)");
+  cmd->add_option("--qmp", args->qmp, "UNIX socket path for QMP (created with mode 0600)")
+      ->required();
+  cmd->add_option("--qmp-tcp", args->qmp_tcp,
+                  "also serve QMP on loopback TCP HOST:PORT (port 0: any)");
+  cmd->add_option("--blockdev", args->blockdevs,
+                  "add a node at startup (keyval or JSON, as blockdev-add)");
+  cmd->add_option("--nbd-server", args->nbd_server,
+                  "start the NBD server (addr.type=unix,addr.path=P or "
+                  "addr.type=inet,addr.host=H,addr.port=N)");
+  cmd->add_option("--export", args->exports,
+                  "export a node at startup (type=nbd,id=ID,node-name=N[,writable=on])");
+  cmd->add_option("--file-root", args->file_root,
+                  "only open or create image files below this directory");
   return [cmd, args]() -> int {
     if (!cmd->parsed()) return -1;
     return run_daemon(*args);

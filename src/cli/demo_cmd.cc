@@ -104,8 +104,10 @@ Result<bool> files_equal(const std::string& a, const std::string& b) {
   std::vector<char> ba(1 << 20), bb(1 << 20);
   bool equal = true;
   for (off_t off = 0;; off += static_cast<off_t>(ba.size())) {
-    ssize_t na = ::pread(fa, ba.data(), ba.size(), off), nb = ::pread(fb, bb.data(), bb.size(), off);
-    if (na != nb || std::memcmp(ba.data(), bb.data(), static_cast<size_t>(std::max<ssize_t>(na, 0))) != 0) {
+    ssize_t na = ::pread(fa, ba.data(), ba.size(), off),
+            nb = ::pread(fb, bb.data(), bb.size(), off);
+    if (na != nb ||
+        std::memcmp(ba.data(), bb.data(), static_cast<size_t>(std::max<ssize_t>(na, 0))) != 0) {
       equal = false;
       break;
     }
@@ -127,7 +129,8 @@ int run_demo(const DemoArgs& a) {
   std::string src_path = a.dir + "/src.img", dst_path = a.dir + "/dst.img",
               ref_path = a.dir + "/ref.img";
   ::unlink(dst_path.c_str());
-  if (auto r = generate_disk(src_path, ref_path, *size, a.seed); !r) return fail_input(r.error().message());
+  if (auto r = generate_disk(src_path, ref_path, *size, a.seed); !r)
+    return fail_input(r.error().message());
   if (auto r = FileDevice::create(dst_path, *size); !r) return fail_input(r.error().message());
 
   Loop loop;
@@ -196,7 +199,8 @@ int run_demo(const DemoArgs& a) {
 CommandRunner add_demo_command(CLI::App& app) {
   auto args = std::make_shared<DemoArgs>();
   auto* cmd = app.add_subcommand("demo", "Live mirror of a generated disk with a writing client");
-  cmd->add_option("--dir", args->dir, "where to put src.img, dst.img, ref.img")->capture_default_str();
+  cmd->add_option("--dir", args->dir, "where to put src.img, dst.img, ref.img")
+      ->capture_default_str();
   cmd->add_option("--size", args->size, "disk size")->capture_default_str();
   cmd->add_option("--seed", args->seed, "random seed")->capture_default_str();
   cmd->add_option("--ready-hold", args->ready_hold, "seconds to stay ready before complete")

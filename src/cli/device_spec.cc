@@ -9,7 +9,8 @@ namespace blkmirror {
 
 bool is_nbd_spec(const std::string& spec) { return looks_like_nbd_uri(spec); }
 
-Result<std::optional<ImageFormat>> parse_format_option(const std::string& text, const char* option) {
+Result<std::optional<ImageFormat>> parse_format_option(const std::string& text,
+                                                       const char* option) {
   if (text.empty()) return std::optional<ImageFormat>();
   auto f = parse_image_format(text);
   if (!f) return make_plain_error(EINVAL, fmt::format("{}: {}", option, f.error().message()));

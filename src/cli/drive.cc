@@ -23,12 +23,13 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
     if (e.kind == JobEvent::Kind::kReady) ready = true;
     if (e.kind == JobEvent::Kind::kError && e.action == "stop" && !paused_said) {
       paused_said = true;
-      progress.note(fmt::format("job paused by the {} error policy after a {} error; fix the cause, "
-                                "then resume with SIGUSR2 (kill -USR2 {}), or stop with SIGINT/SIGTERM",
-                                e.operation == "read" ? "on-source-error" : "on-target-error",
-                                e.operation, ::getpid()));
+      progress.note(fmt::format(
+          "job paused by the {} error policy after a {} error; fix the cause, "
+          "then resume with SIGUSR2 (kill -USR2 {}), or stop with SIGINT/SIGTERM",
+          e.operation == "read" ? "on-source-error" : "on-target-error", e.operation, ::getpid()));
     }
-    if (e.kind == JobEvent::Kind::kStatusChange && e.status == JobStatus::kRunning) paused_said = false;
+    if (e.kind == JobEvent::Kind::kStatusChange && e.status == JobStatus::kRunning)
+      paused_said = false;
     changed.notify_all();
   });
 
@@ -110,7 +111,8 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   const auto& st = job->stats();
   if (job->failure()) {
-    progress.note(fmt::format("mirror failed: {}; the target is incomplete", job->failure()->message()));
+    progress.note(
+        fmt::format("mirror failed: {}; the target is incomplete", job->failure()->message()));
     co_return exit_code::kJobFailed;
   }
   if (job->was_cancelled()) {

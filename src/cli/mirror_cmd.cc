@@ -57,7 +57,8 @@ Result<void> create_qcow2_target(Loop& loop, const MirrorArgs& a, uint64_t size)
       auto f = loop.run(detect_image_format(**bf));
       if (!f) return make_error(f.error());
       c.backing_format = to_string(*f);
-      fmt::print(stderr, "blkmirror: backing file {}: detected format {}\n", a.backing, *c.backing_format);
+      fmt::print(stderr, "blkmirror: backing file {}: detected format {}\n", a.backing,
+                 *c.backing_format);
     }
   }
   auto file = FileDevice::open(loop, a.dst, FileOptions{.read_only = false});
@@ -68,7 +69,9 @@ Result<void> create_qcow2_target(Loop& loop, const MirrorArgs& a, uint64_t size)
     if (c) c = co_await f->flush();
     co_return c;
   }(file->get(), &c));
-  if (!r) return make_plain_error(r.error().errnum(), fmt::format("{}: creating qcow2 image: {}", a.dst, r.error().message()));
+  if (!r)
+    return make_plain_error(r.error().errnum(), fmt::format("{}: creating qcow2 image: {}", a.dst,
+                                                            r.error().message()));
   return {};
 }
 
@@ -99,8 +102,10 @@ int run_mirror(const MirrorArgs& a) {
   bool qcow2_target = *dst_fmt == ImageFormat::kQcow2;
   if ((!a.backing.empty() || !a.backing_format.empty()) && !(a.create && qcow2_target))
     return fail_input("--backing and --backing-format need --create --format qcow2");
-  auto src = open_device_spec(loop, a.src, FileOptions{.read_only = !serving, .direct = a.opts.direct, .locking = a.opts.lock_mode()},
-                              *src_fmt, "SRC");
+  auto src = open_device_spec(
+      loop, a.src,
+      FileOptions{.read_only = !serving, .direct = a.opts.direct, .locking = a.opts.lock_mode()},
+      *src_fmt, "SRC");
   if (!src) return fail_input(src.error().message());
   uint64_t size = src->dev->length();
   if (a.create) {
@@ -124,9 +129,11 @@ int run_mirror(const MirrorArgs& a) {
                                                                                 : dst_st.st_ino))
     return fail_input(fmt::format("{} and {} are the same file", a.src, a.dst));
   // A target we created is raw or qcow2 as we made it: no detection.
-  auto dst_open_fmt = a.create && !*dst_fmt ? std::optional<ImageFormat>(ImageFormat::kRaw) : *dst_fmt;
+  auto dst_open_fmt =
+      a.create && !*dst_fmt ? std::optional<ImageFormat>(ImageFormat::kRaw) : *dst_fmt;
   auto dst = open_device_spec(
-      loop, a.dst, FileOptions{.read_only = false, .direct = a.opts.direct, .locking = a.opts.lock_mode()},
+      loop, a.dst,
+      FileOptions{.read_only = false, .direct = a.opts.direct, .locking = a.opts.lock_mode()},
       dst_open_fmt, "DST");
   if (!dst) return fail_input(dst.error().message());
   // A raw file we just made reads as zeroes; a new qcow2 image says so itself
@@ -150,7 +157,7 @@ int run_mirror(const MirrorArgs& a) {
   params->device = "src";
   params->target = "dst";
   params->job_id = "mirror";
-  if (serving && a.opts.granularity.empty() && size <= kFineTrackingMaxDisk) {
+  if (serving && !a.opts.given("granularity") && size <= kFineTrackingMaxDisk) {
     // Live clients write in small blocks; 64 KiB tracking would re-copy 64 KiB
     // for every 4 KiB write. 4 KiB tracking copies what was written, at one bit
     // per 4 KiB (8 MiB of bitmap at the 256 GiB limit). Runs are still coalesced
@@ -223,15 +230,24 @@ int run_mirror(const MirrorArgs& a) {
 CommandRunner add_mirror_command(CLI::App& app) {
   auto args = std::make_shared<MirrorArgs>();
   auto* cmd = app.add_subcommand("mirror", "Mirror SRC to DST while SRC stays usable");
-  cmd->add_option("SRC", args->src, "source: file, block device or NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds...)")->required();
-  cmd->add_option("DST", args->dst, "target: file, block device or NBD URI (same size)")->required();
-  cmd->add_flag("--create", args->create, "create DST as a sparse file (or --format qcow2 image) of SRC's size");
-  cmd->add_option("--format,--dst-format", args->dst_format,
-                  "DST's format: raw | qcow2 (default: detected by magic; raw for --create and NBD)");
-  cmd->add_option("--src-format", args->src_format, "SRC's format: raw | qcow2 (default: detected; raw for NBD)");
-  cmd->add_option("--backing", args->backing,
-                  "with --create --format qcow2: the new image's backing file (relative to DST's directory)");
-  cmd->add_option("--backing-format", args->backing_format, "the backing file's format (default: detected)");
+  cmd->add_option("SRC", args->src,
+                  "source: file, block device or NBD URI (nbd://HOST[:PORT]/EXPORT, "
+                  "nbd+unix:///EXPORT?socket=PATH, nbds...)")
+      ->required();
+  cmd->add_option("DST", args->dst, "target: file, block device or NBD URI (same size)")
+      ->required();
+  cmd->add_flag("--create", args->create,
+                "create DST as a sparse file (or --format qcow2 image) of SRC's size");
+  cmd->add_option(
+      "--format,--dst-format", args->dst_format,
+      "DST's format: raw | qcow2 (default: detected by magic; raw for --create and NBD)");
+  cmd->add_option("--src-format", args->src_format,
+                  "SRC's format: raw | qcow2 (default: detected; raw for NBD)");
+  cmd->add_option(
+      "--backing", args->backing,
+      "with --create --format qcow2: the new image's backing file (relative to DST's directory)");
+  cmd->add_option("--backing-format", args->backing_format,
+                  "the backing file's format (default: detected)");
   args->opts.add_to(*cmd);
   args->serve.add_to(*cmd, false);
   cmd->add_flag("--no-auto-complete", args->no_auto_complete,

@@ -2,38 +2,37 @@
 
 #include <fmt/format.h>
 
-#include "base/size_parse.h"
 #include "cli/exit_codes.h"
+#include "mirror/option_table.h"
 
 namespace blkmirror {
 
-namespace {
-
-// A size option; a leading '-' is reported as the negative value it is.
-Result<int64_t> size_option(const std::string& text, const char* name, const char* negative_msg) {
-  if (!text.empty() && text.front() == '-') return make_plain_error(EINVAL, negative_msg);
-  auto v = parse_size(text);
-  if (!v) return make_plain_error(EINVAL, fmt::format("--{}: {}", name, v.error().message()));
-  if (*v > static_cast<uint64_t>(INT64_MAX)) return make_plain_error(ERANGE, fmt::format("--{}: too large", name));
-  return static_cast<int64_t>(*v);
+void add_table_options(CLI::App& cmd, TableValues& values) {
+  for (const MirrorOption& o : mirror_options()) {
+    if (o.flag.empty()) continue;
+    std::string& v = values[std::string(o.name)];
+    auto* opt = cmd.add_option("--" + std::string(o.flag), v, std::string(o.help));
+    if (!v.empty()) opt->capture_default_str();
+    else if (!o.default_text.empty()) opt->default_str(std::string(o.default_text));
+  }
 }
 
-}  // namespace
+Result<void> apply_table_options(
+    MirrorParams& p, const TableValues& values,
+    const std::function<void(const MirrorOption&, const OptionValue&)>& each) {
+  for (const MirrorOption& o : mirror_options()) {
+    auto it = values.find(o.name);
+    if (o.flag.empty() || it == values.end() || it->second.empty()) continue;
+    auto v = parse_option_text(o, it->second);
+    if (!v) return make_error(v.error());
+    if (auto r = set_option(p, o, *v, o.flag); !r) return r;
+    if (each) each(o, *v);
+  }
+  return {};
+}
 
 void MirrorCliOptions::add_to(CLI::App& cmd) {
-  cmd.add_option("--sync", sync, "full | top | none")->capture_default_str();
-  cmd.add_option("--granularity", granularity, "dirty-tracking chunk (power of 2, 512..64M)");
-  cmd.add_option("--buf-size", buf_size, "copy buffer in flight (default 16M)");
-  cmd.add_option("--speed", speed, "copy rate limit in bytes/s, e.g. 100M (0: none)");
-  cmd.add_option("--on-source-error", on_source_error, "report | ignore | stop | enospc");
-  cmd.add_option("--on-target-error", on_target_error, "report | ignore | stop | enospc");
-  cmd.add_option("--copy-mode", copy_mode,
-                 "background | write-blocking | adaptive (background until the dirty count "
-                 "stops falling, then write-blocking)")
-      ->capture_default_str();
-  cmd.add_option("--adaptive-window", adaptive_window_ms,
-                 "adaptive: milliseconds without progress before switching to write-blocking")
-      ->capture_default_str();
+  add_table_options(cmd, table_values);
   cmd.add_flag("--direct", direct, "O_DIRECT I/O (cache.direct)");
   add_locking_option(cmd, locking);
   cmd.add_flag("--no-copy-offload", no_copy_offload,
@@ -47,47 +46,23 @@ void MirrorCliOptions::add_to(CLI::App& cmd) {
       ->capture_default_str();
 }
 
+bool MirrorCliOptions::given(std::string_view name) const {
+  auto it = table_values.find(name);
+  return it != table_values.end() && !it->second.empty();
+}
+
 Result<MirrorParams> MirrorCliOptions::to_params() const {
   MirrorParams p;
-  auto s = parse_sync_mode(sync);
-  if (!s) return make_error(s.error());
-  p.sync = *s;
-  if (!granularity.empty()) {
-    auto g = size_option(granularity, "granularity",
-                         "Parameter 'granularity' expects a value in range [512B, 64MB]");
-    if (!g) return make_error(g.error());
-    p.granularity = static_cast<uint64_t>(*g);
-    if (p.granularity == 0)
-      return make_plain_error(EINVAL, "Parameter 'granularity' expects a value in range [512B, 64MB]");
-  }
-  if (!buf_size.empty()) {
-    auto b = size_option(buf_size, "buf-size", "Invalid parameter 'buf-size'");
-    if (!b) return make_error(b.error());
-    p.buf_size = *b;
-  }
-  if (!speed.empty()) {
-    auto v = size_option(speed, "speed", "Parameter 'speed' expects a non-negative value");
-    if (!v) return make_error(v.error());
-    p.speed = *v;
-  }
-  auto se = parse_error_policy(on_source_error, "on-source-error");
-  if (!se) return make_error(se.error());
-  auto te = parse_error_policy(on_target_error, "on-target-error");
-  if (!te) return make_error(te.error());
-  auto cm = parse_copy_mode(copy_mode);
-  if (!cm) return make_error(cm.error());
-  p.copy_mode = *cm;
-  p.adaptive_window_ms = adaptive_window_ms;
+  if (auto r = apply_table_options(p, table_values); !r) return make_error(r.error());
   p.copy_offload = !no_copy_offload;
-  p.on_source_error = *se;
-  p.on_target_error = *te;
   if (auto r = validate_params(p); !r) return make_error(r.error());
   return p;
 }
 
 void add_locking_option(CLI::App& cmd, std::string& locking) {
-  cmd.add_option("--locking", locking,
-                 "image locks shared with QEMU tools: auto | on | off (off: no second-writer protection)")
+  cmd.add_option(
+         "--locking", locking,
+         "image locks shared with QEMU tools: auto | on | off (off: no second-writer protection)")
       ->check(CLI::IsMember({"auto", "on", "off"}))
       ->capture_default_str();
 }

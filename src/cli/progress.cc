@@ -72,7 +72,9 @@ void Progress::event(const JobEvent& e) {
                        format_size(e.offset), seconds_since(start_)));
       break;
     case K::kError:
-      note(fmt::format("error: {} ({} error, action {})", e.message, e.operation, e.action));
+      note(fmt::format(
+          "error: {} ({} error, action {}){}", e.message, e.operation, e.action,
+          e.suppressed ? fmt::format("; {} more since the last one shown", e.suppressed) : ""));
       break;
     case K::kCopyModeChange:
       note(fmt::format("copy mode: {} ({}) after {:.1f}s", e.copy_mode, e.message,

@@ -19,14 +19,16 @@ namespace {
 Result<int> connect_unix(const std::string& path) {
   sockaddr_un sa{};
   sa.sun_family = AF_UNIX;
-  if (path.size() >= sizeof(sa.sun_path)) return make_plain_error(ENAMETOOLONG, fmt::format("{}: socket path too long", path));
+  if (path.size() >= sizeof(sa.sun_path))
+    return make_plain_error(ENAMETOOLONG, fmt::format("{}: socket path too long", path));
   std::memcpy(sa.sun_path, path.c_str(), path.size() + 1);
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return make_error(errno, "socket");
   if (::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) < 0) {
     int e = errno;
     ::close(fd);
-    return make_plain_error(e, fmt::format("cannot connect to the daemon at {}: {}", path, std::strerror(e)));
+    return make_plain_error(
+        e, fmt::format("cannot connect to the daemon at {}: {}", path, std::strerror(e)));
   }
   return fd;
 }
@@ -53,7 +55,8 @@ Result<int> connect_tcp(const std::string& hostport) {
     ::close(fd);
   }
   ::freeaddrinfo(res);
-  return make_plain_error(err, fmt::format("cannot connect to the daemon at {}: {}", hostport, std::strerror(err)));
+  return make_plain_error(
+      err, fmt::format("cannot connect to the daemon at {}: {}", hostport, std::strerror(err)));
 }
 
 }  // namespace
@@ -85,7 +88,8 @@ Result<std::optional<QmpClient::Json>> QmpClient::read_message(int timeout_ms) {
       std::string line = buf_.substr(0, nl);
       buf_.erase(0, nl + 1);
       Json j = Json::parse(line, nullptr, false);
-      if (j.is_discarded()) return make_plain_error(EPROTO, "the daemon sent a line that is not JSON");
+      if (j.is_discarded())
+        return make_plain_error(EPROTO, "the daemon sent a line that is not JSON");
       return std::optional<Json>(std::move(j));
     }
     pollfd p{fd_, POLLIN, 0};
@@ -108,7 +112,9 @@ Result<QmpClient::Json> QmpClient::execute(const std::string& command, const Jso
   for (size_t off = 0; off < line.size();) {
     ssize_t n = ::send(fd_, line.data() + off, line.size() - off, MSG_NOSIGNAL);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return make_plain_error(errno, fmt::format("sending to the daemon: {}", std::strerror(errno)));
+    if (n < 0)
+      return make_plain_error(errno,
+                              fmt::format("sending to the daemon: {}", std::strerror(errno)));
     off += static_cast<size_t>(n);
   }
   for (;;) {

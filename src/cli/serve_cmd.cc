@@ -31,19 +31,20 @@ int run_serve(const ServeArgs& a) {
   Graph graph;  // devices use the loop's services: destroyed before the loop
   auto format = parse_format_option(a.format, "--format");
   if (!format) return fail_input(format.error().message());
-  auto img = open_device_spec(loop, a.image,
-                              FileOptions{.read_only = a.serve.read_only,
-                                          .direct = a.direct,
-                                          .locking = parse_lock_mode(a.locking).value_or(LockMode::kAuto)},
-                              *format, "IMAGE");
+  auto img =
+      open_device_spec(loop, a.image,
+                       FileOptions{.read_only = a.serve.read_only,
+                                   .direct = a.direct,
+                                   .locking = parse_lock_mode(a.locking).value_or(LockMode::kAuto)},
+                       *format, "IMAGE");
   if (!img) return fail_input(img.error().message());
   if (img->is_nbd()) return fail_input(a.image + ": serve takes a file or block device");
   BlockDevicePtr dev = img->dev;
   (void)graph.add("disk", dev);
   nbd::NbdServer server(loop, graph, a.serve.limits());
   if (auto r = a.serve.start(server, "disk"); !r) return fail_input(r.error().message());
-  fmt::print(stderr, "serving {} ({}, {} bytes{}) at {}\n", a.image, to_string(img->image.format), dev->length(),
-             a.serve.read_only ? ", read-only" : "", a.serve.where(server));
+  fmt::print(stderr, "serving {} ({}, {} bytes{}) at {}\n", a.image, to_string(img->image.format),
+             dev->length(), a.serve.read_only ? ", read-only" : "", a.serve.where(server));
   int rc = loop.run([&]() -> Task<int> {
     int sig = co_await wait_stop_signal(loop);
     auto f = co_await stop_and_flush(server, graph);

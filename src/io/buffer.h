@@ -23,7 +23,8 @@ class AlignedBuffer {
   AlignedBuffer() = default;
   explicit AlignedBuffer(size_t size) : size_(size) {
     if (size == 0) return;
-    void* p = std::aligned_alloc(kBufferAlign, (size + kBufferAlign - 1) / kBufferAlign * kBufferAlign);
+    void* p =
+        std::aligned_alloc(kBufferAlign, (size + kBufferAlign - 1) / kBufferAlign * kBufferAlign);
     if (!p) throw std::bad_alloc();
     data_.reset(static_cast<std::byte*>(p));
   }

@@ -117,7 +117,8 @@ Task<void> Job::wait_concluded() {
 }
 
 Result<void> Job::check_verb(JobVerb v) const {
-  if (!job_verb_allowed(v, status_)) return make_plain_error(EPERM, job_verb_error(id_, status_, v));
+  if (!job_verb_allowed(v, status_))
+    return make_plain_error(EPERM, job_verb_error(id_, status_, v));
   return {};
 }
 

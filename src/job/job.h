@@ -4,7 +4,8 @@
 // subclass's body:
 //
 //   start() -> running -> body run() -> waiting -> pending -> prepare() -> commit() -> concluded
-//                                    \-> aborting -> abort() -> concluded  (also when prepare() fails)
+//                                    \-> aborting -> abort() -> concluded  (also when prepare()
+//                                    fails)
 //   then null once dismissed (automatically with auto-dismiss).
 //
 // Subclasses (the mirror) implement run(), commit(), abort() and the verbs that
@@ -51,6 +52,7 @@ struct JobEvent {
   // kError:
   std::string operation;  // "read" | "write"
   std::string action;     // "ignore" | "report" | "stop"
+  uint64_t suppressed = 0;  // errors not reported (rate limit) since the last event sent
   std::string message;    // kNote: free text; kCopyModeChange: why
   std::string copy_mode;  // kCopyModeChange: the new mode ("write-blocking")
 };
@@ -111,7 +113,9 @@ class Job : public std::enable_shared_from_this<Job> {
   virtual Task<void> commit() { co_return; }
   virtual Task<void> abort() { co_return; }
   // Called by complete() after the verb check; may refuse.
-  virtual Result<void> on_complete() { return make_plain_error(ENOTSUP, "Job cannot be completed"); }
+  virtual Result<void> on_complete() {
+    return make_plain_error(ENOTSUP, "Job cannot be completed");
+  }
   // Called by cancel(); return true when a soft cancel is handled by the
   // subclass (mirror after ready: finish the final sync without swapping).
   virtual bool on_soft_cancel() { return false; }

@@ -182,6 +182,7 @@ Task<Result<void>> MirrorJob::active_write(Node& node, const WriteRequest& req) 
     mark_dirty(off, end - off);
     on_op_error(half->result.error(), false);
   } else if (off < end) {
+    on_op_success();
     progress_offset_ += end - off;
     stats_.bytes_active += end - off;
     if (req.kind == WriteRequest::Kind::kDiscard || redirtied) {
@@ -206,8 +207,8 @@ Result<void> MirrorJob::change_copy_mode(CopyMode m) {
     return make_plain_error(EPERM, job_verb_error(id(), status(), JobVerb::kChange));
   if (m == mode_) return {};
   if (m != CopyMode::kWriteBlocking)
-    return make_plain_error(ENOTSUP,
-                            fmt::format("Change to copy mode '{}' is not implemented", to_string(m)));
+    return make_plain_error(
+        ENOTSUP, fmt::format("Change to copy mode '{}' is not implemented", to_string(m)));
   switch_to_write_blocking("block-job-change", false);
   return {};
 }

@@ -52,12 +52,14 @@ Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, M
   Node* replaces = src;
   if (p.replaces) {
     replaces = graph.find(*p.replaces);
-    if (!replaces) return make_plain_error(ENOENT, fmt::format("Node name '{}' not found", *p.replaces));
+    if (!replaces)
+      return make_plain_error(ENOENT, fmt::format("Node name '{}' not found", *p.replaces));
     if (!carries_data_of(src, replaces))
-      return make_plain_error(EINVAL, fmt::format("Cannot replace '{}' by a node mirrored from '{}', because it "
-                                                  "cannot be guaranteed that doing so would not lead to an "
-                                                  "abrupt change of visible data",
-                                                  replaces->name(), src->name()));
+      return make_plain_error(
+          EINVAL, fmt::format("Cannot replace '{}' by a node mirrored from '{}', because it "
+                              "cannot be guaranteed that doing so would not lead to an "
+                              "abrupt change of visible data",
+                              replaces->name(), src->name()));
   }
   for (Node* n : {src, tgt}) {
     if (const Child* c = job_edge(*n))
@@ -74,15 +76,17 @@ Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, M
   MirrorSizes sizes = derive_sizes(p, tgt->device().caps().cluster_size);
   uint64_t gran = sizes.granularity;
   if (uint64_t bytes = div_round_up(src->length(), gran) / 8; bytes > kMaxBitmapBytes)
-    return make_plain_error(EFBIG, fmt::format("A {}-byte disk needs a {}-byte dirty bitmap at granularity {}; "
-                                               "use a larger granularity",
-                                               src->length(), bytes, gran));
+    return make_plain_error(
+        EFBIG, fmt::format("A {}-byte disk needs a {}-byte dirty bitmap at granularity {}; "
+                           "use a larger granularity",
+                           src->length(), bytes, gran));
   // The edges last: a permission conflict refuses the job before anything else
   // happened (the edges made so far detach as they go).
   const std::string who = fmt::format("mirror job '{}'", p.job_id);
   const std::string role = "job " + p.job_id;
   Edges edges;
-  auto s = graph.attach(src, role, EdgeUse{who, "source", Perms{kPermConsistentRead, kPermAll & ~kPermResize}});
+  auto s = graph.attach(
+      src, role, EdgeUse{who, "source", Perms{kPermConsistentRead, kPermAll & ~kPermResize}});
   if (!s) return make_error(s.error());
   edges.src = std::move(*s);
   auto t = graph.attach(tgt, role, EdgeUse{who, "target", Perms{kPermWrite, kTargetShared}});
@@ -260,6 +264,13 @@ Task<Result<void>> MirrorJob::run() {
       continue;
     }
     check_adaptive();
+    // Operations failed under `ignore` and nothing has succeeded since: wait
+    // before retrying (a success elsewhere ends the hold at once).
+    if (auto hold = backoff_.hold(RetryBackoff::Clock::now());
+        hold > RetryBackoff::Clock::duration::zero()) {
+      co_await wake_.wait(hold);
+      continue;
+    }
     if (dirty_.count() > 0) {
       if (auto d = rate_.delay(); d > RateLimiter::Clock::duration::zero()) {
         co_await wake_.wait(d);
@@ -279,6 +290,7 @@ Task<Result<void>> MirrorJob::run() {
         on_op_error(f.error(), false);
         continue;
       }
+      on_op_success();
       // Ready promises a copy where the user asked for it: both disks must
       // still be the files opened, at the length copied.
       if (auto c = co_await check_devices(); !c) {
@@ -313,10 +325,11 @@ Task<Result<void>> MirrorJob::run() {
 
 Result<void> MirrorJob::check_still_replaceable() const {
   if (carries_data_of(src_node_, replaces_node_)) return {};
-  return make_plain_error(EINVAL, fmt::format("Can no longer replace '{}' by '{}', because it can no longer be "
-                                              "guaranteed that doing so would not lead to an abrupt change of "
-                                              "visible data",
-                                              replaces_node_->name(), tgt_node_->name()));
+  return make_plain_error(
+      EINVAL, fmt::format("Can no longer replace '{}' by '{}', because it can no longer be "
+                          "guaranteed that doing so would not lead to an abrupt change of "
+                          "visible data",
+                          replaces_node_->name(), tgt_node_->name()));
 }
 
 Task<Result<void>> MirrorJob::prepare() {

@@ -23,6 +23,7 @@
 #include <optional>
 
 #include "base/align.h"
+#include "base/event_throttle.h"
 #include "bitmap/dirty_bitmap.h"
 #include "blockdev/graph.h"
 #include "io/buffer.h"
@@ -31,6 +32,7 @@
 #include "mirror/adaptive.h"
 #include "mirror/mirror_op.h"
 #include "mirror/mirror_params.h"
+#include "mirror/retry_backoff.h"
 #include "mirror/target_tracker.h"
 
 namespace blkmirror {
@@ -42,10 +44,15 @@ struct MirrorStats {
   uint64_t bytes_offloaded = 0;  // of bytes_copied, copied by the kernel (copy offload)
   uint64_t ops = 0;
   uint64_t errors = 0;
+  uint64_t errors_unreported = 0;  // error events left out by the rate limit
 };
 
 class MirrorJob : public Job, public WriteInterceptor {
  public:
+  // BLOCK_JOB_ERROR events with the ignore action sent per second at most; the
+  // next one sent says how many were left out (JobEvent::suppressed).
+  static constexpr unsigned kErrorEventsPerSecond = 3;
+
   // Checks everything (parameters, nodes, sizes, busy nodes) and attaches to the
   // nodes; nothing is read or written until start(). Errors carry QEMU's texts.
   static Result<std::shared_ptr<MirrorJob>> create(Loop& loop, Graph& graph, MirrorParams p);
@@ -124,7 +131,11 @@ class MirrorJob : public Job, public WriteInterceptor {
   Task<Result<void>> copy_through_buffer(MirrorOp& op);
   Task<Result<void>> write_keeping_holes(uint64_t off, std::span<const std::byte> data,
                                          uint64_t& zeroed);
+  // An operation failed: the event (rate-limited under `ignore`), then the
+  // policy's action; `ignore` also holds new operations back (backoff_).
   void on_op_error(const Error& e, bool is_read);
+  // A target or source operation succeeded: retries need no holding back.
+  void on_op_success() { backoff_.on_success(); }
   Task<void> wait_idle();
 
   // Active mirroring (active_write.cc).
@@ -207,6 +218,11 @@ class MirrorJob : public Job, public WriteInterceptor {
   bool actively_synced_ = false;
   bool running_ = false;            // run() has started and not returned
   AdaptiveController adaptive_;     // consulted while mode_ is adaptive
+  // Under the ignore policy a failed range is dirty again at once: without a
+  // hold, a persistent error would be retried as fast as the loop spins, with
+  // an event each time. Both clocked by the loop (retry_backoff.h).
+  RetryBackoff backoff_;
+  EventThrottle error_events_{kErrorEventsPerSecond, std::chrono::seconds(1)};
   uint64_t in_flight_bytes_ = 0;  // sum of in_flight_'s reserved: buffer budget in use
   // Copy offload: both ends' files while the kernel can copy between them;
   // reset at the first failure (the job then reads and writes).

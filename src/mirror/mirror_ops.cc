@@ -80,7 +80,8 @@ std::optional<ByteRange> MirrorJob::cow_align(ByteRange bytes) const {
   if (!cow_cluster_) return bytes;
   uint64_t start = bytes.offset, end = bytes.end();
   if (!cow_written_.test(start / cow_cluster_)) start = align_down(start, cow_cluster_);
-  if (!cow_written_.test((end - 1) / cow_cluster_)) end = std::min(align_up(end, cow_cluster_), length_);
+  if (!cow_written_.test((end - 1) / cow_cluster_))
+    end = std::min(align_up(end, cow_cluster_), length_);
   if (start == bytes.offset && end == bytes.end()) return bytes;
   // The widened chunks must be free: copied by nobody else right now.
   for (uint64_t c = start / gran_; c < div_round_up(end, gran_); ++c)
@@ -267,6 +268,7 @@ Task<void> MirrorJob::run_op(std::list<MirrorOp>::iterator it, std::shared_ptr<M
   in_flight_.erase(it);
   ++stats_.ops;
   if (result) {
+    on_op_success();
     mark_cow_done(done.range);
     progress_offset_ += done.range.length;
     if (done.kind == Kind::kCopy) {
@@ -294,17 +296,27 @@ void MirrorJob::on_op_error(const Error& e, bool is_read) {
       action_for(is_read ? p_.on_source_error : p_.on_target_error, e.errnum());
   synced_ = false;
   actively_synced_ = false;
-  JobEvent ev = block_event(JobEvent::Kind::kError);
-  ev.operation = is_read ? "read" : "write";
-  ev.action = to_string(action);
-  ev.message = e.message();
-  emit(ev);
+  auto now = RetryBackoff::Clock::now();
+  // A retried error may come back many times a second; a stop or a report
+  // happens once per pause or job, and is always told.
+  if (action != ErrorAction::kIgnore || error_events_.allow(now)) {
+    JobEvent ev = block_event(JobEvent::Kind::kError);
+    ev.operation = is_read ? "read" : "write";
+    ev.action = to_string(action);
+    ev.message = e.message();
+    ev.suppressed = error_events_.take_suppressed();
+    emit(ev);
+  } else {
+    ++stats_.errors_unreported;
+  }
   switch (action) {
     case ErrorAction::kReport:
       if (!fatal_) fatal_ = e;
       break;
     case ErrorAction::kIgnore:
-      break;  // the range is dirty again; the loop comes back to it
+      // The range is dirty again; the loop comes back to it after the hold.
+      backoff_.on_failure(now);
+      break;
     case ErrorAction::kStop:
       pause_for_error(e.errnum() == ENOSPC ? IoStatus::kNoSpace : IoStatus::kFailed);
       break;

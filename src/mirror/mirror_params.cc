@@ -9,6 +9,7 @@
 #include "base/align.h"
 #include "base/limits.h"
 #include "base/size_parse.h"
+#include "mirror/option_table.h"
 
 namespace blkmirror {
 
@@ -25,7 +26,8 @@ Result<CopyMode> parse_copy_mode(std::string_view s) {
   if (s == "background") return CopyMode::kBackground;
   if (s == "write-blocking") return CopyMode::kWriteBlocking;
   if (s == "adaptive") return CopyMode::kAdaptive;
-  return make_plain_error(EINVAL, fmt::format("Parameter 'copy-mode' does not accept value '{}'", s));
+  return make_plain_error(EINVAL,
+                          fmt::format("Parameter 'copy-mode' does not accept value '{}'", s));
 }
 
 Result<ErrorPolicy> parse_error_policy(std::string_view s, std::string_view param) {
@@ -33,7 +35,8 @@ Result<ErrorPolicy> parse_error_policy(std::string_view s, std::string_view para
   if (s == "ignore") return ErrorPolicy::kIgnore;
   if (s == "stop") return ErrorPolicy::kStop;
   if (s == "enospc") return ErrorPolicy::kEnospc;
-  return make_plain_error(EINVAL, fmt::format("Parameter '{}' does not accept value '{}'", param, s));
+  return make_plain_error(EINVAL,
+                          fmt::format("Parameter '{}' does not accept value '{}'", param, s));
 }
 
 const char* to_string(SyncMode m) {
@@ -87,20 +90,16 @@ uint64_t max_buf_size() {
 }
 
 Result<void> validate_params(const MirrorParams& p) {
-  if (p.granularity != 0) {
-    if (p.granularity < kMinGranularity || p.granularity > kMaxGranularity)
-      return make_plain_error(EINVAL, "Parameter 'granularity' expects a value in range [512B, 64MB]");
-    if (!is_pow2(p.granularity))
-      return make_plain_error(EINVAL, "Parameter 'granularity' expects a power of 2");
+  // The table's ranges and texts (option_table.h), as every front end checks them.
+  for (const MirrorOption& o : mirror_options()) {
+    if (!o.number) continue;
+    if (auto r = check_number(o, o.number(p), o.name); !r) return r;
   }
-  if (p.buf_size < 0) return make_plain_error(EINVAL, "Invalid parameter 'buf-size'");
   if (static_cast<uint64_t>(p.buf_size) > max_buf_size())
-    return make_plain_error(EINVAL, fmt::format("Parameter 'buf-size' expects a value of at most {} "
-                                                "(a quarter of this machine's memory, at most 1 GiB)",
-                                                format_size(max_buf_size())));
-  if (p.speed < 0) return make_plain_error(EINVAL, "Parameter 'speed' expects a non-negative value");
-  if (p.adaptive_window_ms == 0 || p.adaptive_window_ms > 3600 * 1000)
-    return make_plain_error(EINVAL, "Parameter 'adaptive-window' expects a value in range [1, 3600000] ms");
+    return make_plain_error(EINVAL,
+                            fmt::format("Parameter 'buf-size' expects a value of at most {} "
+                                        "(a quarter of this machine's memory, at most 1 GiB)",
+                                        format_size(max_buf_size())));
   if (p.max_in_flight == 0 || p.max_in_flight > 1024)
     return make_plain_error(EINVAL, "Parameter 'max-in-flight' expects a value in range [1, 1024]");
   return {};

@@ -1,6 +1,7 @@
 // MirrorParams: what a caller (CLI, QMP blockdev-mirror) asks of a mirror job,
 // with QEMU's names and defaults, and the checks that refuse bad values before
-// anything starts. Plain data; thread-safe.
+// anything starts. The front ends fill it through the option table
+// (option_table.h). Plain data; thread-safe.
 #pragma once
 
 #include <cstdint>
@@ -74,8 +75,9 @@ uint64_t max_buf_size_for(uint64_t physical_memory);
 // max_buf_size_for() this machine.
 uint64_t max_buf_size();
 
-// Checks values that need no device: granularity, buf-size, speed, in-flight.
-// Error texts are QEMU's.
+// Checks values that need no device: the numbers of the option table
+// (option_table.h: granularity, buf-size, speed, adaptive window) with its texts
+// (QEMU's), buf-size against this machine's memory, in-flight.
 Result<void> validate_params(const MirrorParams& p);
 
 // Default granularity: the target's cluster size clamped to [4 KiB, 64 KiB], or

@@ -43,7 +43,8 @@ void TargetTracker::mark_written(uint64_t off, uint64_t len) {
 }
 
 void TargetTracker::forget_samples(uint64_t off, uint64_t len) {
-  std::erase_if(samples_, [&](const Sample& s) { return s.off < off + len && off < s.off + s.len; });
+  std::erase_if(samples_,
+                [&](const Sample& s) { return s.off < off + len && off < s.off + s.len; });
 }
 
 void TargetTracker::add_sample(uint64_t off, std::span<const std::byte> data) {
@@ -53,9 +54,11 @@ void TargetTracker::add_sample(uint64_t off, std::span<const std::byte> data) {
   s.hash = fnv1a(data.first(s.len));
   s.written_before_flush = flushes_started_;
   // Keep the newest pending samples; the oldest pending one makes room.
-  auto pending = std::count_if(samples_.begin(), samples_.end(), [](const Sample& x) { return !x.durable; });
+  auto pending =
+      std::count_if(samples_.begin(), samples_.end(), [](const Sample& x) { return !x.durable; });
   if (static_cast<size_t>(pending) >= kMaxSamples) {
-    auto oldest = std::find_if(samples_.begin(), samples_.end(), [](const Sample& x) { return !x.durable; });
+    auto oldest =
+        std::find_if(samples_.begin(), samples_.end(), [](const Sample& x) { return !x.durable; });
     samples_.erase(oldest);
   }
   samples_.push_back(s);
@@ -73,13 +76,14 @@ Task<Result<void>> TargetTracker::verify() {
     auto r = co_await inner()->read(s.off, view);
     if (!r) co_return r;  // still unreachable: the job's error policy decides
     if (fnv1a(view) != s.hash) {
-      fatal_ = Error{std::error_code(ESTALE, std::generic_category()),
-                     fmt::format("{} is not the disk this job was writing: the {} bytes at offset {} that "
-                                 "the job wrote and flushed read back differently after the connection "
-                                 "was re-established (a restarted or different export?); refusing to "
-                                 "write to it",
-                                 describe(), s.len, s.off),
-                     true};
+      fatal_ = Error{
+          std::error_code(ESTALE, std::generic_category()),
+          fmt::format("{} is not the disk this job was writing: the {} bytes at offset {} that "
+                      "the job wrote and flushed read back differently after the connection "
+                      "was re-established (a restarted or different export?); refusing to "
+                      "write to it",
+                      describe(), s.len, s.off),
+          true};
       co_return make_error(*fatal_);
     }
   }
@@ -126,7 +130,8 @@ Task<Result<Extent>> TargetTracker::block_status(uint64_t off, uint64_t len) {
   co_return r;
 }
 
-Task<Result<void>> TargetTracker::write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) {
+Task<Result<void>> TargetTracker::write(uint64_t off, std::span<const std::byte> buf,
+                                        WriteFlags f) {
   if (auto s = co_await settle(true); !s) co_return s;
   forget_samples(off, buf.size());
   auto r = co_await inner()->write(off, buf, f);
@@ -191,7 +196,8 @@ Task<Result<void>> TargetTracker::flush() {
     if (s.written_before_flush < seq) s.durable = true;
   // Keep the newest durable samples.
   while (durable_samples() > kMaxSamples)
-    samples_.erase(std::find_if(samples_.begin(), samples_.end(), [](const Sample& x) { return x.durable; }));
+    samples_.erase(
+        std::find_if(samples_.begin(), samples_.end(), [](const Sample& x) { return x.durable; }));
   co_return r;
 }
 

@@ -35,21 +35,22 @@ std::string absolute_path(const std::string& p) {
 }
 
 // QEMU's BlockdevCreateOptionsQcow2.
-const Schema kCreateQcow2 = {{"driver", Type::kString, true},
-                             {"file", Type::kAny, true},
-                             {"size", Type::kInt, true},
-                             {"version", Type::kEnum, false, {"v2", "v3"}},
-                             {"backing-file", Type::kString},
-                             {"backing-fmt", Type::kString},
-                             {"cluster-size", Type::kInt},
-                             {"preallocation", Type::kEnum, false, {"off", "metadata", "falloc", "full"}},
-                             {"lazy-refcounts", Type::kBool},
-                             {"refcount-bits", Type::kInt},
-                             {"compression-type", Type::kEnum, false, {"zlib", "zstd"}},
-                             {"extended-l2", Type::kBool},
-                             {"encrypt", Type::kAny},
-                             {"data-file", Type::kAny},
-                             {"data-file-raw", Type::kBool}};
+const Schema kCreateQcow2 = {
+    {"driver", Type::kString, true},
+    {"file", Type::kAny, true},
+    {"size", Type::kInt, true},
+    {"version", Type::kEnum, false, {"v2", "v3"}},
+    {"backing-file", Type::kString},
+    {"backing-fmt", Type::kString},
+    {"cluster-size", Type::kInt},
+    {"preallocation", Type::kEnum, false, {"off", "metadata", "falloc", "full"}},
+    {"lazy-refcounts", Type::kBool},
+    {"refcount-bits", Type::kInt},
+    {"compression-type", Type::kEnum, false, {"zlib", "zstd"}},
+    {"extended-l2", Type::kBool},
+    {"encrypt", Type::kAny},
+    {"data-file", Type::kAny},
+    {"data-file-raw", Type::kBool}};
 
 bool power_of_two(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
@@ -69,8 +70,9 @@ QResult<Qcow2CreateOptions> qcow2_create_options(const Json& o) {
   if (rb < 1 || rb > 64 || !power_of_two(static_cast<uint64_t>(rb)))
     return generic_error("Refcount width must be a power of two and may not exceed 64 bits");
   if (c.version < 3 && rb != 16)
-    return generic_error("Different refcount widths than 16 bits require compatibility level 1.1 or "
-                         "above (use version=v3 or greater)");
+    return generic_error(
+        "Different refcount widths than 16 bits require compatibility level 1.1 or "
+        "above (use version=v3 or greater)");
   c.refcount_bits = static_cast<uint32_t>(rb);
   c.extended_l2 = o.value("extended-l2", false);
   if (c.extended_l2 && c.version < 3)
@@ -89,7 +91,8 @@ QResult<Qcow2CreateOptions> qcow2_create_options(const Json& o) {
     return generic_error(fmt::format("Parameter 'preallocation': '{}' is not supported for qcow2 "
                                      "(off or metadata)",
                                      prealloc));
-  c.prealloc = prealloc == "metadata" ? Qcow2CreateOptions::Prealloc::kMetadata : Qcow2CreateOptions::Prealloc::kOff;
+  c.prealloc = prealloc == "metadata" ? Qcow2CreateOptions::Prealloc::kMetadata
+                                      : Qcow2CreateOptions::Prealloc::kOff;
   if (c.backing_file && c.prealloc != Qcow2CreateOptions::Prealloc::kOff)
     return generic_error("Backing file and preallocation can only be used at the same time if "
                          "preallocation=off");
@@ -112,16 +115,21 @@ std::string Daemon::implicit_node_name() {
   return name;
 }
 
-Task<QResult<BlockDevicePtr>> Daemon::open_qcow2_node(Json& args, const std::string& name, NodeRecord& rec,
-                                                      const Call& call, ChainGuard* guard, bool trusted) {
+Task<QResult<BlockDevicePtr>> Daemon::open_qcow2_node(Json& args, const std::string& name,
+                                                      NodeRecord& rec, const Call& call,
+                                                      ChainGuard* guard, bool trusted) {
   if (args.contains("encrypt"))
-    co_return generic_error(fmt::format("qcow2 node '{}': encrypted images are not supported", name));
+    co_return generic_error(
+        fmt::format("qcow2 node '{}': encrypted images are not supported", name));
   if (args.contains("data-file"))
-    co_return generic_error(fmt::format("qcow2 node '{}': external data files are not supported", name));
-  auto child = co_await child_ref(args["file"], name, "file", rec.read_only, rec, call, guard, trusted);
+    co_return generic_error(
+        fmt::format("qcow2 node '{}': external data files are not supported", name));
+  auto child =
+      co_await child_ref(args["file"], name, "file", rec.read_only, rec, call, guard, trusted);
   if (!child) co_return tl::unexpected(child.error());
   Node* fnode = graph_.find(*child);
-  if (!fnode) co_return generic_error(fmt::format("Cannot find device='' nor node-name='{}'", *child));
+  if (!fnode)
+    co_return generic_error(fmt::format("Cannot find device='' nor node-name='{}'", *child));
   if (auto it = nodes_.find(*child); it != nodes_.end()) {
     rec.filename = it->second.filename;
     rec.local = it->second.local;
@@ -129,9 +137,10 @@ Task<QResult<BlockDevicePtr>> Daemon::open_qcow2_node(Json& args, const std::str
     rec.filename = fnode->device().describe();
   }
   if (!rec.read_only && fnode->device().caps().read_only)
-    co_return generic_error(fmt::format("qcow2 node '{}': its file node '{}' is read-only (add it with "
-                                        "read-only=true)",
-                                        name, *child));
+    co_return generic_error(
+        fmt::format("qcow2 node '{}': its file node '{}' is read-only (add it with "
+                    "read-only=true)",
+                    name, *child));
   // As QEMU's format nodes: the image file is read for data and metadata, and
   // written (metadata too, whatever the parents do) when the node is writable;
   // nobody else may change it underneath (only writes that change nothing).
@@ -155,7 +164,8 @@ Task<QResult<BlockDevicePtr>> Daemon::open_qcow2_node(Json& args, const std::str
   if (!guard) {
     guard = &own_guard.emplace();
     if (rec.local) {
-      if (auto g = guard->enter(absolute_path(rec.filename)); !g) co_return generic_error(g.error().message());
+      if (auto g = guard->enter(absolute_path(rec.filename)); !g)
+        co_return generic_error(g.error().message());
     }
   }
   std::optional<std::string> backing;
@@ -174,7 +184,8 @@ Task<QResult<BlockDevicePtr>> Daemon::open_qcow2_node(Json& args, const std::str
   BlockDevicePtr backing_dev;
   if (backing) {
     Node* bnode = graph_.find(*backing);
-    if (!bnode) co_return generic_error(fmt::format("Cannot find device='' nor node-name='{}'", *backing));
+    if (!bnode)
+      co_return generic_error(fmt::format("Cannot find device='' nor node-name='{}'", *backing));
     // Derived from the node's parents once it exists (Graph::adopt in add_node).
     rec.backing_edge = graph_.attach_child(bnode, "backing of " + name,
                                            EdgeUse{fmt::format("node '{}'", name), "backing", {}},
@@ -213,7 +224,8 @@ Task<QResult<std::string>> Daemon::open_backing_from_header(NodeRecord& rec, con
     fmt = *f;
   } else {
     auto probe_dev = FileDevice::open(loop_, *checked, FileOptions{.read_only = true});
-    if (!probe_dev) co_return fail(fmt::format("Could not open '{}': {}", *checked, probe_dev.error().reason()));
+    if (!probe_dev)
+      co_return fail(fmt::format("Could not open '{}': {}", *checked, probe_dev.error().reason()));
     auto f = co_await detect_image_format(**probe_dev);
     if (!f) co_return fail(f.error().message());
     fmt = *f;
@@ -223,7 +235,11 @@ Task<QResult<std::string>> Daemon::open_backing_from_header(NodeRecord& rec, con
   Json b = {{"driver", to_string(fmt)},
             {"node-name", fmt_node},
             {"read-only", true},
-            {"file", {{"driver", "file"}, {"filename", *checked}, {"node-name", file_node}, {"read-only", true}}}};
+            {"file",
+             {{"driver", "file"},
+              {"filename", *checked},
+              {"node-name", file_node},
+              {"read-only", true}}}};
   // Its file node enters the guard: a backing file that is already in the
   // chain (itself, an overlay) fails there.
   Call inner{call.name, false};
@@ -257,7 +273,8 @@ Task<void> Daemon::remove_node_tree(const std::string& name) {
 }
 
 Task<QResult<Json>> Daemon::create_qcow2(Json& args, Json& o, const Call& call) {
-  if (auto r = check(o, kCreateQcow2, "options.", call.coerce); !r) co_return tl::unexpected(r.error());
+  if (auto r = check(o, kCreateQcow2, "options.", call.coerce); !r)
+    co_return tl::unexpected(r.error());
   std::string id = args["job-id"].get<std::string>();
   if (!id_wellformed(id)) co_return generic_error(fmt::format("Invalid job ID '{}'", id));
   if (jobs_.count(id)) co_return generic_error(fmt::format("Job ID '{}' already in use", id));
@@ -268,13 +285,15 @@ Task<QResult<Json>> Daemon::create_qcow2(Json& args, Json& o, const Call& call) 
   std::string file = o["file"].get<std::string>();
   Node* n = graph_.find(file);
   if (!n) co_return generic_error(fmt::format("Cannot find device='' nor node-name='{}'", file));
-  if (n->device().caps().read_only) co_return generic_error(fmt::format("Node '{}' is read-only", file));
+  if (n->device().caps().read_only)
+    co_return generic_error(fmt::format("Node '{}' is read-only", file));
   // Formatting writes a new header over the file: only into an empty one, so a
   // mistyped node name cannot destroy an image (QEMU would truncate it).
   if (n->length() != 0)
-    co_return generic_error(fmt::format("Node '{}' is not empty ({} bytes): blockdev-create formats "
-                                        "only a new, empty file",
-                                        file, n->length()));
+    co_return generic_error(
+        fmt::format("Node '{}' is not empty ({} bytes): blockdev-create formats "
+                    "only a new, empty file",
+                    file, n->length()));
   auto edge = graph_.attach(n, "create job " + id,
                             EdgeUse{fmt::format("blockdev-create job '{}'", id), "file",
                                     Perms{kPermConsistentRead | kPermWrite | kPermResize,
@@ -289,7 +308,8 @@ Json Daemon::image_info(const Node& n, bool flat) const {
   const NodeRecord* rec = it != nodes_.end() ? &it->second : nullptr;
   std::string drv = rec ? rec->driver : "file";
   std::string filename = rec ? rec->filename : n.device_ptr()->describe();
-  Json image = {{"filename", filename}, {"format", drv}, {"virtual-size", n.length()}, {"dirty-flag", false}};
+  Json image = {
+      {"filename", filename}, {"format", drv}, {"virtual-size", n.length()}, {"dirty-flag", false}};
   if (rec && rec->local) image["actual-size"] = host_allocated_bytes(filename);
   if (rec && rec->qcow2) {
     const Qcow2Info& q = rec->qcow2->info();
@@ -343,7 +363,8 @@ Json Daemon::named_block_nodes(bool flat) const {
     };
     if (const Node* b = n->backing()) {
       auto bit = nodes_.find(b->name());
-      node["backing_file"] = bit != nodes_.end() ? bit->second.filename : b->device_ptr()->describe();
+      node["backing_file"] =
+          bit != nodes_.end() ? bit->second.filename : b->device_ptr()->describe();
     }
     list.push_back(std::move(node));
   }

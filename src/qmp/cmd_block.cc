@@ -45,18 +45,23 @@ Schema with(Schema s, std::initializer_list<Field> more) {
   return s;
 }
 
-const Schema kFile = with(common_members(), {{"filename", Type::kString, true},
-                                             {"aio", Type::kEnum, false, {"threads", "native", "io_uring"}},
-                                             {"locking", Type::kEnum, false, {"auto", "on", "off"}}});
+const Schema kFile =
+    with(common_members(), {{"filename", Type::kString, true},
+                            {"aio", Type::kEnum, false, {"threads", "native", "io_uring"}},
+                            {"locking", Type::kEnum, false, {"auto", "on", "off"}}});
 const Schema kRaw = with(common_members(), {{"file", Type::kAny, true}});
-const Schema kBlkdebug = with(common_members(), {{"image", Type::kAny, true}, {"inject-error", Type::kAny}});
-const Schema kInjectError = {{"event", Type::kString},
-                             {"iotype", Type::kEnum, false,
-                              {"read", "write", "write-zeroes", "discard", "flush", "block-status"}},
-                             {"errno", Type::kInt},
-                             {"sector", Type::kInt},
-                             {"once", Type::kBool},
-                             {"immediately", Type::kBool}};
+const Schema kBlkdebug =
+    with(common_members(), {{"image", Type::kAny, true}, {"inject-error", Type::kAny}});
+const Schema kInjectError = {
+    {"event", Type::kString},
+    {"iotype",
+     Type::kEnum,
+     false,
+     {"read", "write", "write-zeroes", "discard", "flush", "block-status"}},
+    {"errno", Type::kInt},
+    {"sector", Type::kInt},
+    {"once", Type::kBool},
+    {"immediately", Type::kBool}};
 const Schema kNbdServer = {{"type", Type::kEnum, true, {"unix", "inet"}},
                            {"path", Type::kString},
                            {"host", Type::kString},
@@ -66,7 +71,8 @@ const Schema kNbdServer = {{"type", Type::kEnum, true, {"unix", "inet"}},
 const Schema kNbd = with(common_members(), {{"server", Type::kObject, true, {}, &kNbdServer},
                                             {"export", Type::kString},
                                             {"tls-creds", Type::kString}});
-const Schema kNull = with(common_members(), {{"size", Type::kInt, true}, {"read-zeroes", Type::kBool}});
+const Schema kNull =
+    with(common_members(), {{"size", Type::kInt, true}, {"read-zeroes", Type::kBool}});
 // QEMU's BlockdevOptionsQcow2: the members blkmirror acts on, and the tuning
 // knobs it accepts and leaves to its own defaults (caches, discard passing,
 // overlap checks). encrypt and data-file are refused when given.
@@ -100,7 +106,8 @@ const Schema kQueryNodes = {{"flat", Type::kBool}};
 QResult<std::vector<FaultRule>> inject_rules(Json& list, bool coerce) {
   std::vector<FaultRule> rules;
   if (list.is_null()) return rules;
-  if (!list.is_array()) return generic_error("Invalid parameter type for 'inject-error', expected: array");
+  if (!list.is_array())
+    return generic_error("Invalid parameter type for 'inject-error', expected: array");
   for (size_t i = 0; i < list.size(); ++i) {
     std::string prefix = fmt::format("inject-error[{}].", i);
     if (auto r = check(list[i], kInjectError, prefix, coerce); !r) return tl::unexpected(r.error());
@@ -112,7 +119,9 @@ QResult<std::vector<FaultRule>> inject_rules(Json& list, bool coerce) {
       if (ev == "read_aio") io = "read";
       else if (ev == "write_aio") io = "write";
       else if (ev == "flush_to_disk") io = "flush";
-      else return generic_error(fmt::format("blkdebug: give {}iotype (event '{}' is not supported)", prefix, ev));
+      else
+        return generic_error(
+            fmt::format("blkdebug: give {}iotype (event '{}' is not supported)", prefix, ev));
     }
     rule.ops = io == "read"           ? FaultRule::kRead
                : io == "write"        ? unsigned{FaultRule::kAllWrites}
@@ -121,10 +130,13 @@ QResult<std::vector<FaultRule>> inject_rules(Json& list, bool coerce) {
                : io == "flush"        ? FaultRule::kFlush
                                       : FaultRule::kBlockStatus;
     int64_t errnum = e.value("errno", int64_t{EIO});
-    if (errnum <= 0 || errnum > 4095) return generic_error(fmt::format("Parameter '{}errno' expects a positive errno", prefix));
+    if (errnum <= 0 || errnum > 4095)
+      return generic_error(fmt::format("Parameter '{}errno' expects a positive errno", prefix));
     rule.errnum = static_cast<int>(errnum);
     int64_t sector = e.value("sector", int64_t{-1});
-    if (sector < -1) return generic_error(fmt::format("Parameter '{}sector' expects -1 or a sector number", prefix));
+    if (sector < -1)
+      return generic_error(
+          fmt::format("Parameter '{}sector' expects -1 or a sector number", prefix));
     if (sector >= 0) rule.offset = static_cast<uint64_t>(sector) * 512, rule.length = 512;
     if (e.value("once", false)) rule.remaining = 1;
     rules.push_back(rule);
@@ -163,7 +175,8 @@ QResult<std::string> Daemon::checked_path(const std::string& path) const {
   if (ec) return generic_error(fmt::format("Could not resolve '{}': {}", path, ec.message()));
   auto rel = full.lexically_relative(root);
   if (rel.empty() || *rel.begin() == "..")
-    return generic_error(fmt::format("'{}' is outside the daemon's file root '{}'", path, opts_.file_root));
+    return generic_error(
+        fmt::format("'{}' is outside the daemon's file root '{}'", path, opts_.file_root));
   return full.string();
 }
 
@@ -171,18 +184,22 @@ Task<QResult<Json>> Daemon::BlockCommands::blockdev_add(Daemon& d, Json& args, c
   co_return co_await d.add_node(args, call, nullptr, false);
 }
 
-Task<QResult<std::string>> Daemon::child_ref(Json& ref, const std::string& parent, const std::string& member,
-                                             bool parent_read_only, NodeRecord& rec, const Call& call,
-                                             ChainGuard* guard, bool trusted) {
+Task<QResult<std::string>> Daemon::child_ref(Json& ref, const std::string& parent,
+                                             const std::string& member, bool parent_read_only,
+                                             NodeRecord& rec, const Call& call, ChainGuard* guard,
+                                             bool trusted) {
   if (ref.is_string()) co_return ref.get<std::string>();
   if (!ref.is_object())
-    co_return generic_error(fmt::format("Invalid parameter type for '{}', expected: object or string", member));
+    co_return generic_error(
+        fmt::format("Invalid parameter type for '{}', expected: object or string", member));
   // An inline node, as libvirt writes it: give it a name of its own. It
   // inherits read-only from its parent, and goes away with it.
   if (!ref.contains("node-name")) {
     std::string gen;
-    for (int i = 0; graph_.find(gen = fmt::format("{}-{}{}", parent, member, i == 0 ? "" : std::to_string(i)));
-         ++i) {}
+    for (int i = 0;
+         graph_.find(gen = fmt::format("{}-{}{}", parent, member, i == 0 ? "" : std::to_string(i)));
+         ++i) {
+    }
     ref["node-name"] = gen;
   }
   if (parent_read_only && !ref.contains("read-only")) ref["read-only"] = true;
@@ -197,11 +214,13 @@ Task<QResult<std::string>> Daemon::child_ref(Json& ref, const std::string& paren
   co_return child;
 }
 
-Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* guard, bool implicit_name) {
+Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* guard,
+                                     bool implicit_name) {
   Daemon& d = *this;
   auto drv = args.find("driver");
   if (drv == args.end()) co_return generic_error("Parameter 'driver' is missing");
-  if (!drv->is_string()) co_return generic_error("Invalid parameter type for 'driver', expected: string");
+  if (!drv->is_string())
+    co_return generic_error("Invalid parameter type for 'driver', expected: string");
   const std::string driver = drv->get<std::string>();
   const Schema* schema = driver == "file"       ? &kFile
                          : driver == "raw"      ? &kRaw
@@ -214,8 +233,10 @@ Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* g
   if (auto r = check(args, *schema, "", call.coerce); !r) co_return tl::unexpected(r.error());
 
   const std::string name = args["node-name"].get<std::string>();
-  if (!implicit_name && !id_wellformed(name)) co_return generic_error(fmt::format("Invalid node-name: '{}'", name));
-  if (d.graph_.find(name)) co_return generic_error(fmt::format("Duplicate nodes with node-name='{}'", name));
+  if (!implicit_name && !id_wellformed(name))
+    co_return generic_error(fmt::format("Invalid node-name: '{}'", name));
+  if (d.graph_.find(name))
+    co_return generic_error(fmt::format("Duplicate nodes with node-name='{}'", name));
   NodeRecord rec;
   rec.driver = driver;
   rec.read_only = args.value("read-only", false);
@@ -248,8 +269,9 @@ Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* g
                                           .locking = locking.value_or(LockMode::kAuto),
                                           .force_share = force_share});
     if (!f) {
-      co_return generic_error(fmt::format("Could not open '{}': {}", rec.filename,
-                                          f.error().plain ? f.error().message() : f.error().reason()));
+      co_return generic_error(
+          fmt::format("Could not open '{}': {}", rec.filename,
+                      f.error().plain ? f.error().message() : f.error().reason()));
     }
     dev = *f;
   } else if (driver == "nbd") {
@@ -275,11 +297,14 @@ Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* g
       rules = std::move(*r);
     }
     const char* child_name = driver == "raw" ? "file" : "image";
-    auto child = co_await d.child_ref(args[child_name], name, child_name, rec.read_only, rec, call, guard,
-                                      implicit_name);
+    auto child = co_await d.child_ref(args[child_name], name, child_name, rec.read_only, rec, call,
+                                      guard, implicit_name);
     if (!child) co_return co_await fail(this, &rec, child.error());
     Node* fnode = d.graph_.find(*child);
-    if (!fnode) co_return co_await fail(this, &rec, generic_error(fmt::format("Cannot find device='' nor node-name='{}'", *child)).value());
+    if (!fnode)
+      co_return co_await fail(
+          this, &rec,
+          generic_error(fmt::format("Cannot find device='' nor node-name='{}'", *child)).value());
     if (auto it = d.nodes_.find(*child); it != d.nodes_.end()) {
       rec.filename = it->second.filename;
       rec.local = it->second.local;
@@ -300,7 +325,8 @@ Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* g
   }
   auto node = d.graph_.add(name, dev);
   if (!node) co_return co_await fail(this, &rec, QmpError{"GenericError", node.error().message()});
-  if (rec.file_edge && rec.file_edge->kind() != EdgeKind::kRoot) d.graph_.adopt(*node, rec.file_edge.get());
+  if (rec.file_edge && rec.file_edge->kind() != EdgeKind::kRoot)
+    d.graph_.adopt(*node, rec.file_edge.get());
   if (rec.backing_edge) {
     d.graph_.adopt(*node, rec.backing_edge.get());
     (*node)->set_backing_edge(rec.backing_edge.get());
@@ -316,7 +342,8 @@ Task<QResult<BlockDevicePtr>> Daemon::BlockCommands::open_nbd_node(Daemon& d, Js
   NbdConnectOptions o;
   if (srv["type"] == "unix") {
     if (!srv.contains("path")) co_return generic_error("Parameter 'server.path' is missing");
-    if (srv.value("abstract", false)) co_return generic_error("Abstract UNIX sockets are not supported");
+    if (srv.value("abstract", false))
+      co_return generic_error("Abstract UNIX sockets are not supported");
     o.transport = NbdTransport::kUnix;
     o.path = srv["path"].get<std::string>();
   } else {
@@ -336,16 +363,20 @@ Task<QResult<BlockDevicePtr>> Daemon::BlockCommands::open_nbd_node(Daemon& d, Js
     o.port = *n;
   }
   for (const char* k : {"path", "host", "port"}) {
-    bool wanted = o.transport == NbdTransport::kUnix ? std::string_view(k) == "path" : std::string_view(k) != "path";
-    if (srv.contains(k) && !wanted) co_return generic_error(fmt::format("Parameter 'server.{}' is unexpected", k));
+    bool wanted = o.transport == NbdTransport::kUnix ? std::string_view(k) == "path"
+                                                     : std::string_view(k) != "path";
+    if (srv.contains(k) && !wanted)
+      co_return generic_error(fmt::format("Parameter 'server.{}' is unexpected", k));
   }
   o.export_name = args.value("export", "");
   if (args.contains("tls-creds")) {
     std::string id = args["tls-creds"].get<std::string>();
     auto it = d.objects_.find(id);
-    if (it == d.objects_.end()) co_return generic_error(fmt::format("No TLS credentials with id '{}'", id));
+    if (it == d.objects_.end())
+      co_return generic_error(fmt::format("No TLS credentials with id '{}'", id));
     const TlsObject& t = it->second;
-    if (t.endpoint != "client") co_return generic_error("Expecting TLS credentials with a client endpoint");
+    if (t.endpoint != "client")
+      co_return generic_error("Expecting TLS credentials with a client endpoint");
     if (t.type == "tls-creds-x509") {
       o.tls = NbdTls::kX509;
       o.tls_cert_dir = t.dir;
@@ -361,7 +392,8 @@ Task<QResult<BlockDevicePtr>> Daemon::BlockCommands::open_nbd_node(Daemon& d, Js
   auto dev = co_await open_nbd(d.loop_, o);
   if (!dev) co_return generic_error(dev.error().message());
   if (args.value("read-only", false) == false && (*dev)->caps().read_only)
-    co_return generic_error(fmt::format("{}: the export is read-only; add it with read-only=true", o.display()));
+    co_return generic_error(
+        fmt::format("{}: the export is read-only; add it with read-only=true", o.display()));
   co_return *dev;
 }
 
@@ -378,15 +410,18 @@ Task<QResult<Json>> Daemon::BlockCommands::blockdev_del(Daemon& d, Json& args, c
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::BlockCommands::blockdev_create(Daemon& d, Json& args, const Call& call) {
+Task<QResult<Json>> Daemon::BlockCommands::blockdev_create(Daemon& d, Json& args,
+                                                           const Call& call) {
   if (auto r = check(args, kCreate, "", call.coerce); !r) co_return tl::unexpected(r.error());
   Json& o = args["options"];
   auto drv = o.find("driver");
   if (drv == o.end()) co_return generic_error("Parameter 'options.driver' is missing");
   if (!drv->is_string() || (*drv != "file" && *drv != "qcow2"))
-    co_return generic_error(bad_value("options.driver", drv->is_string() ? drv->get<std::string>() : drv->dump()));
+    co_return generic_error(
+        bad_value("options.driver", drv->is_string() ? drv->get<std::string>() : drv->dump()));
   if (*drv == "qcow2") co_return co_await d.create_qcow2(args, o, call);
-  if (auto r = check(o, kCreateFile, "options.", call.coerce); !r) co_return tl::unexpected(r.error());
+  if (auto r = check(o, kCreateFile, "options.", call.coerce); !r)
+    co_return tl::unexpected(r.error());
   std::string id = args["job-id"].get<std::string>();
   if (!id_wellformed(id)) co_return generic_error(fmt::format("Invalid job ID '{}'", id));
   if (d.jobs_.count(id)) co_return generic_error(fmt::format("Job ID '{}' already in use", id));
@@ -399,7 +434,8 @@ Task<QResult<Json>> Daemon::BlockCommands::blockdev_create(Daemon& d, Json& args
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::BlockCommands::query_named_block_nodes(Daemon& d, Json& args, const Call&) {
+Task<QResult<Json>> Daemon::BlockCommands::query_named_block_nodes(Daemon& d, Json& args,
+                                                                   const Call&) {
   co_return d.named_block_nodes(args.value("flat", false));
 }
 

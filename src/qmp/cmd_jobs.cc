@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include "mirror/mirror_job.h"
+#include "mirror/option_table.h"
 #include "qmp/daemon.h"
 #include "qmp/job_events.h"
 
@@ -13,7 +14,8 @@ namespace blkmirror::qmp {
 namespace {
 
 tl::unexpected<QmpError> no_block_job(const std::string& id) {
-  return tl::unexpected<QmpError>(QmpError{"DeviceNotActive", fmt::format("Block job '{}' not found", id)});
+  return tl::unexpected<QmpError>(
+      QmpError{"DeviceNotActive", fmt::format("Block job '{}' not found", id)});
 }
 
 tl::unexpected<QmpError> from(const Error& e) { return generic_error(e.message()); }
@@ -33,29 +35,50 @@ Result<void> apply_verb(Job& job, JobVerb verb) {
     case JobVerb::kSetSpeed:
     case JobVerb::kChange: break;  // commands of their own, with arguments
   }
-  return make_plain_error(EINVAL, fmt::format("no generic handler for the job verb '{}'", to_string(verb)));
+  return make_plain_error(EINVAL,
+                          fmt::format("no generic handler for the job verb '{}'", to_string(verb)));
 }
 
-const std::vector<std::string> kPolicies = {"report", "ignore", "enospc", "stop"};
-const Schema kMirror = {
-    {"job-id", Type::kString},
-    {"device", Type::kString, true},
-    {"target", Type::kString, true},
-    {"replaces", Type::kString},
-    {"sync", Type::kEnum, true, {"top", "full", "none", "incremental", "bitmap"}},
-    {"speed", Type::kInt},
-    {"granularity", Type::kInt},
-    {"buf-size", Type::kInt},
-    {"on-source-error", Type::kEnum, false, kPolicies},
-    {"on-target-error", Type::kEnum, false, kPolicies},
-    {"filter-node-name", Type::kString},
-    {"copy-mode", Type::kString},
-    {"auto-finalize", Type::kBool},
-    {"auto-dismiss", Type::kBool},
-    {"target-is-zero", Type::kBool},
-    {"unmap", Type::kBool},
-    {"x-adaptive-window-ms", Type::kInt},
-};
+Type qmp_type(OptionType t) {
+  switch (t) {
+    case OptionType::kSize:
+    case OptionType::kInteger: return Type::kInt;
+    case OptionType::kEnum: return Type::kEnum;
+    case OptionType::kBool: return Type::kBool;
+  }
+  return Type::kAny;
+}
+
+// blockdev-mirror's members: the nodes and ids, then the job's options from the
+// option table (mirror/option_table.h), which the CLI and `ctl` share.
+Schema mirror_schema() {
+  Schema s = {
+      {"job-id", Type::kString},
+      {"device", Type::kString, true},
+      {"target", Type::kString, true},
+      {"replaces", Type::kString},
+      {"filter-node-name", Type::kString},
+  };
+  for (const MirrorOption& o : mirror_options())
+    s.emplace_back(std::string(o.name), qmp_type(o.type), o.qmp_required,
+                   std::vector<std::string>(o.words.begin(), o.words.end()));
+  return s;
+}
+
+// The table's members of a checked blockdev-mirror request, into p.
+Result<void> set_table_options(MirrorParams& p, const Json& a) {
+  for (const MirrorOption& o : mirror_options()) {
+    auto it = a.find(std::string(o.name));
+    if (it == a.end()) continue;
+    OptionValue v = o.type == OptionType::kBool   ? OptionValue{it->get<bool>()}
+                    : o.type == OptionType::kEnum ? OptionValue{it->get<std::string>()}
+                                                  : OptionValue{it->get<int64_t>()};
+    if (auto r = set_option(p, o, v, o.name); !r) return r;
+  }
+  return {};
+}
+
+const Schema kMirror = mirror_schema();
 const Schema kNone = {};
 const Schema kDevice = {{"device", Type::kString, true}};
 const Schema kId = {{"id", Type::kString, true}};
@@ -130,42 +153,15 @@ Task<QResult<Json>> Daemon::JobCommands::blockdev_mirror(Daemon& d, Json& a, con
   p.device = a["device"].get<std::string>();
   p.target = a["target"].get<std::string>();
   p.job_id = a.value("job-id", p.device);
-  if (!id_wellformed(p.job_id)) co_return generic_error(fmt::format("Invalid job ID '{}'", p.job_id));
-  if (d.jobs_.count(p.job_id)) co_return generic_error(fmt::format("Job ID '{}' already in use", p.job_id));
-  auto sync = parse_sync_mode(a["sync"].get<std::string>());
-  if (!sync) co_return from(sync.error());
-  p.sync = *sync;
-  p.speed = a.value("speed", int64_t{0});
-  int64_t gran = a.value("granularity", int64_t{0});
-  if (gran < 0 || gran > int64_t{UINT32_MAX})
-    co_return generic_error("Parameter 'granularity' expects a value in range [512B, 64MB]");
-  p.granularity = static_cast<uint64_t>(gran);
-  p.buf_size = a.value("buf-size", int64_t{0});
-  for (auto [key, field] : {std::pair{"on-source-error", &p.on_source_error},
-                            std::pair{"on-target-error", &p.on_target_error}}) {
-    if (!a.contains(key)) continue;
-    auto pol = parse_error_policy(a[key].get<std::string>(), key);
-    if (!pol) co_return from(pol.error());
-    *field = *pol;
-  }
-  if (a.contains("copy-mode")) {
-    auto m = parse_copy_mode(a["copy-mode"].get<std::string>());
-    if (!m) co_return from(m.error());
-    p.copy_mode = *m;
-  }
+  if (!id_wellformed(p.job_id))
+    co_return generic_error(fmt::format("Invalid job ID '{}'", p.job_id));
+  if (d.jobs_.count(p.job_id))
+    co_return generic_error(fmt::format("Job ID '{}' already in use", p.job_id));
+  if (auto r = set_table_options(p, a); !r) co_return from(r.error());
   if (a.contains("replaces")) p.replaces = a["replaces"].get<std::string>();
   if (a.contains("filter-node-name") && !id_wellformed(a["filter-node-name"].get<std::string>()))
-    co_return generic_error(fmt::format("Invalid node-name: '{}'", a["filter-node-name"].get<std::string>()));
-  p.auto_finalize = a.value("auto-finalize", true);
-  p.auto_dismiss = a.value("auto-dismiss", true);
-  p.target_is_zero = a.value("target-is-zero", false);
-  p.unmap = a.value("unmap", true);
-  if (a.contains("x-adaptive-window-ms")) {
-    int64_t w = a["x-adaptive-window-ms"].get<int64_t>();
-    if (w < 1 || w > 3600000)
-      co_return generic_error("Parameter 'x-adaptive-window-ms' expects a value in range [1, 3600000]");
-    p.adaptive_window_ms = static_cast<uint64_t>(w);
-  }
+    co_return generic_error(
+        fmt::format("Invalid node-name: '{}'", a["filter-node-name"].get<std::string>()));
   if (auto v = validate_params(p); !v) co_return from(v.error());
   auto job = MirrorJob::create(d.loop_, d.graph_, p);
   if (!job) co_return from(job.error());
@@ -208,7 +204,8 @@ Task<QResult<Json>> Daemon::JobCommands::query_jobs(Daemon& d, Json& args, const
 
 // block-job-{pause,resume,complete,finalize,dismiss}: the job by device (or id).
 Task<QResult<Json>> Daemon::JobCommands::block_job_verb(Daemon& d, Json& a, const Call& call) {
-  std::string id = a.contains("device") ? a["device"].get<std::string>() : a["id"].get<std::string>();
+  std::string id =
+      a.contains("device") ? a["device"].get<std::string>() : a["id"].get<std::string>();
   auto it = d.jobs_.find(id);
   if (it == d.jobs_.end() || !is_block_job(*it->second)) co_return no_block_job(id);
   assert(call.verb);  // the table gives each verb command its verb

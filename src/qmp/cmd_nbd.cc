@@ -12,7 +12,8 @@ namespace blkmirror::qmp {
 
 namespace {
 
-const Schema kUnixData = {{"path", Type::kString, true}, {"abstract", Type::kBool}, {"tight", Type::kBool}};
+const Schema kUnixData = {
+    {"path", Type::kString, true}, {"abstract", Type::kBool}, {"tight", Type::kBool}};
 const Schema kInetData = {{"host", Type::kString, true}, {"port", Type::kString, true},
                           {"numeric", Type::kBool},     {"ipv4", Type::kBool},
                           {"ipv6", Type::kBool},        {"keep-alive", Type::kBool}};
@@ -87,7 +88,8 @@ Task<QResult<Json>> Daemon::NbdCommands::nbd_server_start(Daemon& d, Json& a, co
   auto server = std::make_unique<nbd::NbdServer>(d.loop_, d.graph_, limits);
   Json& data = addr["data"];
   if (is_unix) {
-    if (data.value("abstract", false)) co_return generic_error("Abstract UNIX sockets are not supported");
+    if (data.value("abstract", false))
+      co_return generic_error("Abstract UNIX sockets are not supported");
     if (auto r = server->listen_unix(data["path"].get<std::string>()); !r)
       co_return generic_error(fmt::format("Failed to bind socket to {}: {}",
                                           data["path"].get<std::string>(), r.error().message()));
@@ -116,17 +118,21 @@ Task<QResult<Json>> Daemon::NbdCommands::nbd_server_stop(Daemon& d, Json& args, 
 
 Task<QResult<Json>> Daemon::NbdCommands::block_export_add(Daemon& d, Json& a, const Call& call) {
   std::string type = a["type"].get<std::string>();
-  if (type != "nbd") co_return generic_error(fmt::format("Export type '{}' is not supported by blkmirror", type));
+  if (type != "nbd")
+    co_return generic_error(fmt::format("Export type '{}' is not supported by blkmirror", type));
   if (a.value("writethrough", false))
-    co_return generic_error("Parameter 'writethrough' is not supported yet (use FUA or flush from the client)");
+    co_return generic_error(
+        "Parameter 'writethrough' is not supported yet (use FUA or flush from the client)");
   if (!d.nbd_) co_return not_running();
   ExportRecord rec;
   rec.id = a["id"].get<std::string>();
   rec.node = a["node-name"].get<std::string>();
   rec.name = a.value("name", rec.node);
   rec.writable = a.value("writable", false);
-  if (!id_wellformed(rec.id)) co_return generic_error(fmt::format("Invalid block export id '{}'", rec.id));
-  if (d.exports_.count(rec.id)) co_return generic_error(fmt::format("Block export id '{}' is already in use", rec.id));
+  if (!id_wellformed(rec.id))
+    co_return generic_error(fmt::format("Invalid block export id '{}'", rec.id));
+  if (d.exports_.count(rec.id))
+    co_return generic_error(fmt::format("Block export id '{}' is already in use", rec.id));
   if (rec.name.size() > 4096) co_return generic_error("export name too long to send to clients");
   nbd::ExportConfig cfg{rec.name, rec.node, a.value("description", std::string()), rec.writable,
                         a.value("allocation-depth", false)};
@@ -138,18 +144,22 @@ Task<QResult<Json>> Daemon::NbdCommands::block_export_add(Daemon& d, Json& a, co
 Task<QResult<Json>> Daemon::NbdCommands::block_export_del(Daemon& d, Json& a, const Call& call) {
   std::string id = a["id"].get<std::string>();
   auto it = d.exports_.find(id);
-  if (it == d.exports_.end() || !d.nbd_) co_return generic_error(fmt::format("Export '{}' is not found", id));
+  if (it == d.exports_.end() || !d.nbd_)
+    co_return generic_error(fmt::format("Export '{}' is not found", id));
   bool hard = a.value("mode", "safe") == "hard";
   std::string name = it->second.name;
   if (!hard && d.nbd_->clients_of(name) > 0)
-    co_return generic_error(fmt::format("export '{}' still in use (use mode 'hard' to disconnect its clients)", id));
-  if (auto r = co_await d.nbd_->remove_export(name); !r) co_return generic_error(r.error().message());
+    co_return generic_error(
+        fmt::format("export '{}' still in use (use mode 'hard' to disconnect its clients)", id));
+  if (auto r = co_await d.nbd_->remove_export(name); !r)
+    co_return generic_error(r.error().message());
   d.exports_.erase(id);
   d.emit("BLOCK_EXPORT_DELETED", {{"id", id}});
   co_return Json::object();
 }
 
-Task<QResult<Json>> Daemon::NbdCommands::query_block_exports(Daemon& d, Json& args, const Call& call) {
+Task<QResult<Json>> Daemon::NbdCommands::query_block_exports(Daemon& d, Json& args,
+                                                             const Call& call) {
   Json list = Json::array();
   for (auto& [id, rec] : d.exports_) {
     // After a mirror's switch-over the export serves the target: say so.

@@ -45,14 +45,18 @@ std::span<const Daemon::Command> Daemon::object_commands() {
 Task<QResult<Json>> Daemon::ObjectCommands::object_add(Daemon& d, Json& a, const Call& call) {
   auto t = a.find("qom-type");
   if (t == a.end()) co_return generic_error("Parameter 'qom-type' is missing");
-  if (!t->is_string()) co_return generic_error("Invalid parameter type for 'qom-type', expected: string");
+  if (!t->is_string())
+    co_return generic_error("Invalid parameter type for 'qom-type', expected: string");
   std::string type = t->get<std::string>();
   if (type != "tls-creds-x509" && type != "tls-creds-psk")
     co_return generic_error(bad_value("qom-type", type));
-  if (auto r = check(a, type == "tls-creds-x509" ? kX509 : kPsk, "", call.coerce); !r) co_return tl::unexpected(r.error());
+  if (auto r = check(a, type == "tls-creds-x509" ? kX509 : kPsk, "", call.coerce); !r)
+    co_return tl::unexpected(r.error());
   std::string id = a["id"].get<std::string>();
   if (!id_wellformed(id)) co_return generic_error(fmt::format("Invalid object ID '{}'", id));
-  if (d.objects_.count(id)) co_return generic_error(fmt::format("attempt to add duplicate property '{}' to object (type 'container')", id));
+  if (d.objects_.count(id))
+    co_return generic_error(
+        fmt::format("attempt to add duplicate property '{}' to object (type 'container')", id));
   TlsObject o;
   o.type = type;
   o.dir = a.value("dir", "");
@@ -77,7 +81,8 @@ Task<QResult<Json>> Daemon::ObjectCommands::object_del(Daemon& d, Json& a, const
   std::string id = a["id"].get<std::string>();
   if (!d.objects_.count(id)) co_return generic_error(fmt::format("object '{}' not found", id));
   for (auto& [name, rec] : d.nodes_)
-    if (rec.tls_creds == id) co_return generic_error(fmt::format("object '{}' is in use, can not be deleted", id));
+    if (rec.tls_creds == id)
+      co_return generic_error(fmt::format("object '{}' is in use, can not be deleted", id));
   d.objects_.erase(id);
   co_return Json::object();
 }

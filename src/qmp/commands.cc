@@ -33,7 +33,8 @@ std::span<const Daemon::Command> Daemon::core_commands() {
 const std::map<std::string_view, const Daemon::Command*>& Daemon::commands() {
   static const auto joined = [] {
     std::map<std::string_view, const Command*> all;
-    for (auto table : {core_commands(), block_commands(), object_commands(), job_commands(), nbd_commands()}) {
+    for (auto table :
+         {core_commands(), block_commands(), object_commands(), job_commands(), nbd_commands()}) {
       for (const Command& c : table) {
         bool fresh = all.emplace(c.name, &c).second;
         assert(fresh && "a QMP command is listed twice");
@@ -75,7 +76,9 @@ Task<QResult<Json>> Daemon::execute(const std::string& name, Json args, bool fro
   co_return co_await cmd.handler(*this, args, call);
 }
 
-Task<QResult<Json>> Daemon::CoreCommands::query_version(Daemon&, Json&, const Call&) { co_return version_json(); }
+Task<QResult<Json>> Daemon::CoreCommands::query_version(Daemon&, Json&, const Call&) {
+  co_return version_json();
+}
 
 Task<QResult<Json>> Daemon::CoreCommands::query_commands(Daemon& d, Json&, const Call&) {
   Json list = Json::array();

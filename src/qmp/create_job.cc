@@ -16,10 +16,13 @@ namespace {
 // Runs on a worker thread: plain syscalls on its own arguments only.
 Result<void> create_file(const CreateFileSpec& s) {
   int fd = ::open(s.path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (fd < 0) return make_plain_error(errno, fmt::format("Could not create '{}': {}", s.path, std::strerror(errno)));
+  if (fd < 0)
+    return make_plain_error(errno,
+                            fmt::format("Could not create '{}': {}", s.path, std::strerror(errno)));
   int err = 0;
   if (::ftruncate(fd, static_cast<off_t>(s.size)) < 0) err = errno;
-  if (!err && s.preallocation == "falloc" && s.size > 0) err = ::posix_fallocate(fd, 0, static_cast<off_t>(s.size));
+  if (!err && s.preallocation == "falloc" && s.size > 0)
+    err = ::posix_fallocate(fd, 0, static_cast<off_t>(s.size));
   if (!err && s.preallocation == "full") {
     std::vector<char> zeros(1 << 20);
     for (uint64_t off = 0; off < s.size && !err;) {
@@ -33,7 +36,8 @@ Result<void> create_file(const CreateFileSpec& s) {
   ::close(fd);
   if (err) {
     ::unlink(s.path.c_str());  // ours: made by this job a moment ago
-    return make_plain_error(err, fmt::format("Could not create '{}': {}", s.path, std::strerror(err)));
+    return make_plain_error(err,
+                            fmt::format("Could not create '{}': {}", s.path, std::strerror(err)));
   }
   return {};
 }

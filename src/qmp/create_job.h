@@ -43,7 +43,9 @@ class CreateQcow2Job : public Job {
  public:
   // file: the edge to the file node, held until the job ends.
   CreateQcow2Job(std::string id, std::unique_ptr<Child> file, Qcow2CreateOptions opts)
-      : Job(std::move(id), "create", "", true, false), file_(std::move(file)), opts_(std::move(opts)) {}
+      : Job(std::move(id), "create", "", true, false),
+        file_(std::move(file)),
+        opts_(std::move(opts)) {}
 
  protected:
   Task<Result<void>> run() override;

@@ -105,7 +105,7 @@ class Daemon {
   // clients interleave at every co_await.
   struct Call {
     std::string name;              // the command ("block-job-pause")
-    bool coerce;                   // from the command line: string values convert to the member's type
+    bool coerce;  // from the command line: string values convert to the member's type
     std::optional<JobVerb> verb;   // the job verb the command applies (its table entry's)
   };
   using Handler = Task<QResult<Json>> (*)(Daemon& d, Json& args, const Call& call);
@@ -147,11 +147,13 @@ class Daemon {
   // A format's child given as a node name or an inline object (added, named
   // after the parent, and recorded in rec.implicit). Returns its node name.
   // trusted: the parent's name was made here, so are its children's.
-  Task<QResult<std::string>> child_ref(Json& ref, const std::string& parent, const std::string& member,
-                                       bool parent_read_only, NodeRecord& rec, const Call& call,
-                                       ChainGuard* guard, bool trusted);
-  Task<QResult<BlockDevicePtr>> open_qcow2_node(Json& args, const std::string& name, NodeRecord& rec,
-                                                const Call& call, ChainGuard* guard, bool trusted);
+  Task<QResult<std::string>> child_ref(Json& ref, const std::string& parent,
+                                       const std::string& member, bool parent_read_only,
+                                       NodeRecord& rec, const Call& call, ChainGuard* guard,
+                                       bool trusted);
+  Task<QResult<BlockDevicePtr>> open_qcow2_node(Json& args, const std::string& name,
+                                                NodeRecord& rec, const Call& call,
+                                                ChainGuard* guard, bool trusted);
   // Opens the backing file a qcow2 header names (read-only, format from the
   // header or probed) as two implicit nodes; returns the format node's name,
   // recorded in rec.implicit.

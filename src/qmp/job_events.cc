@@ -5,7 +5,11 @@ namespace blkmirror::qmp {
 namespace {
 
 Json block_event_data(const JobEvent& e) {
-  return {{"type", e.type}, {"device", e.device}, {"len", e.len}, {"offset", e.offset}, {"speed", e.speed}};
+  return {{"type", e.type},
+          {"device", e.device},
+          {"len", e.len},
+          {"offset", e.offset},
+          {"speed", e.speed}};
 }
 
 }  // namespace
@@ -24,11 +28,13 @@ std::optional<EventJson> job_event_json(const JobEvent& e) {
     }
     case K::kCancelled:
       return EventJson{"BLOCK_JOB_CANCELLED", block_event_data(e)};
-    case K::kError:
-      return EventJson{"BLOCK_JOB_ERROR", {{"device", e.device},
-                                           {"operation", e.operation},
-                                           {"action", e.action},
-                                           {"message", e.message}}};
+    case K::kError: {
+      Json d = {{"device", e.device}, {"operation", e.operation}, {"action", e.action},
+                {"message", e.message}};
+      // Only after a rate-limited stretch (blkmirror's own member).
+      if (e.suppressed) d["suppressed"] = e.suppressed;
+      return EventJson{"BLOCK_JOB_ERROR", d};
+    }
     case K::kPending:
       return EventJson{"BLOCK_JOB_PENDING", {{"type", e.type}, {"id", e.id}}};
     case K::kCopyModeChange:

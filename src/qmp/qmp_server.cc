@@ -51,7 +51,8 @@ class Session : public std::enable_shared_from_this<Session> {
     out_bytes_ += msg.size();
     out_.push_back(std::move(msg));
     if (out_bytes_ > QmpServer::kMaxQueuedOutput) {
-      spdlog::warn("qmp: dropping a client that does not read its replies ({} bytes queued)", out_bytes_);
+      spdlog::warn("qmp: dropping a client that does not read its replies ({} bytes queued)",
+                   out_bytes_);
       close();
       return;
     }
@@ -95,9 +96,10 @@ class Session : public std::enable_shared_from_this<Session> {
       }
       if (!skipping) line.append(buf.data() + start, n - start);
       if (!skipping && line.size() > kMaxLine) {
-        send(error_reply(QmpError{"GenericError",
-                                  fmt::format("QMP input line longer than {} bytes, ignored", kMaxLine)},
-                         std::nullopt));
+        send(error_reply(
+            QmpError{"GenericError",
+                     fmt::format("QMP input line longer than {} bytes, ignored", kMaxLine)},
+            std::nullopt));
         line.clear();
         skipping = true;
       }
@@ -117,8 +119,9 @@ class Session : public std::enable_shared_from_this<Session> {
       co_return;
     }
     if (!negotiated_) {
-      send(error_reply(QmpError{"CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'"},
-                       id));
+      send(error_reply(
+          QmpError{"CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'"},
+          id));
       co_return;
     }
     auto r = co_await server_.daemon_.execute(req->execute, std::move(req->arguments));
@@ -127,13 +130,15 @@ class Session : public std::enable_shared_from_this<Session> {
 
   std::string negotiate(Request& req) {
     if (negotiated_)
-      return error_reply(QmpError{"CommandNotFound", "Capabilities negotiation is already complete, command ignored"},
+      return error_reply(QmpError{"CommandNotFound",
+                                  "Capabilities negotiation is already complete, command ignored"},
                          req.id);
     static const Schema kCaps = {{"enable", Type::kStringList}};
     if (auto r = check(req.arguments, kCaps); !r) return error_reply(r.error(), req.id);
     if (req.arguments.contains("enable") && !req.arguments["enable"].empty()) {
       std::string cap = req.arguments["enable"][0].get<std::string>();
-      return error_reply(QmpError{"GenericError", fmt::format("Capability '{}' not available", cap)}, req.id);
+      return error_reply(
+          QmpError{"GenericError", fmt::format("Capability '{}' not available", cap)}, req.id);
     }
     negotiated_ = true;
     return reply(Json::object(), req.id);
@@ -151,7 +156,8 @@ class Session : public std::enable_shared_from_this<Session> {
       out_.pop_front();
       out_bytes_ -= msg.size();
       std::error_code ec;
-      co_await asio::async_write(sock_, asio::buffer(msg), asio::redirect_error(asio::use_awaitable, ec));
+      co_await asio::async_write(sock_, asio::buffer(msg),
+                                 asio::redirect_error(asio::use_awaitable, ec));
       if (ec) close();
     }
     writing_ = false;
@@ -170,7 +176,8 @@ class Session : public std::enable_shared_from_this<Session> {
 };
 
 QmpServer::QmpServer(Loop& loop, Daemon& daemon) : loop_(loop), daemon_(daemon) {
-  daemon_.set_event_sink([this](const std::string& name, const Json& data) { broadcast(name, data); });
+  daemon_.set_event_sink(
+      [this](const std::string& name, const Json& data) { broadcast(name, data); });
 }
 
 QmpServer::~QmpServer() { daemon_.set_event_sink(nullptr); }
@@ -189,7 +196,8 @@ Result<void> QmpServer::listen_tcp(const std::string& host, uint16_t port) {
   auto addr = asio::ip::make_address(host, ec);
   if (ec) return make_plain_error(EINVAL, fmt::format("invalid QMP address '{}'", host));
   if (!addr.is_loopback())
-    return make_plain_error(EINVAL, fmt::format("QMP over TCP listens on loopback only, not '{}'", host));
+    return make_plain_error(EINVAL,
+                            fmt::format("QMP over TCP listens on loopback only, not '{}'", host));
   auto l = Listener::tcp(loop_.ctx(), host, port,
                          [this](Listener::Socket s) { serve_socket(std::move(s)); });
   if (!l) return make_error(l.error());
@@ -205,8 +213,8 @@ void QmpServer::serve_socket(asio::generic::stream_protocol::socket sock) {
   auto it = sessions_.insert(sessions_.end(), s);
   asio::co_spawn(
       loop_.executor(),
-      [](QmpServer* srv, std::shared_ptr<Session> s, std::list<std::shared_ptr<Session>>::iterator it,
-         Gate::Holder h) -> Task<void> {
+      [](QmpServer* srv, std::shared_ptr<Session> s,
+         std::list<std::shared_ptr<Session>>::iterator it, Gate::Holder h) -> Task<void> {
         co_await s->run(s);
         srv->sessions_.erase(it);
       }(this, s, it, std::move(hold)),

@@ -24,7 +24,8 @@ const char* type_name(Type t) {
 }
 
 tl::unexpected<QmpError> wrong_type(const std::string& name, Type t) {
-  return generic_error(fmt::format("Invalid parameter type for '{}', expected: {}", name, type_name(t)));
+  return generic_error(
+      fmt::format("Invalid parameter type for '{}', expected: {}", name, type_name(t)));
 }
 
 // Command-line values are strings; turn one into the member's JSON type.
@@ -54,7 +55,8 @@ bool type_matches(const Json& v, Type t) {
     case Type::kBool: return v.is_boolean();
     case Type::kObject: return v.is_object();
     case Type::kStringList:
-      return v.is_array() && std::all_of(v.begin(), v.end(), [](const Json& e) { return e.is_string(); });
+      return v.is_array() &&
+             std::all_of(v.begin(), v.end(), [](const Json& e) { return e.is_string(); });
     case Type::kAny: return true;
   }
   return false;
@@ -68,8 +70,10 @@ std::string bad_value(std::string_view name, std::string_view value) {
 
 QResult<void> check(Json& args, const Schema& schema, const std::string& prefix, bool coerce) {
   if (args.is_null()) args = Json::object();
-  if (!args.is_object()) return generic_error(fmt::format("Invalid parameter type for '{}', expected: object",
-                                                          prefix.empty() ? "arguments" : prefix.substr(0, prefix.size() - 1)));
+  if (!args.is_object())
+    return generic_error(
+        fmt::format("Invalid parameter type for '{}', expected: object",
+                    prefix.empty() ? "arguments" : prefix.substr(0, prefix.size() - 1)));
   // QEMU reports members in schema order: missing and ill-typed ones first,
   // then anything left over as unexpected.
   for (const Field& f : schema) {
@@ -80,7 +84,8 @@ QResult<void> check(Json& args, const Schema& schema, const std::string& prefix,
       continue;
     }
     Json& v = *it;
-    if (!type_matches(v, f.type) && !(coerce && coerce_value(v, f.type))) return wrong_type(name, f.type);
+    if (!type_matches(v, f.type) && !(coerce && coerce_value(v, f.type)))
+      return wrong_type(name, f.type);
     if (f.type == Type::kEnum &&
         std::find(f.values.begin(), f.values.end(), v.get<std::string>()) == f.values.end())
       return generic_error(bad_value(name, v.get<std::string>()));
@@ -91,7 +96,8 @@ QResult<void> check(Json& args, const Schema& schema, const std::string& prefix,
   for (auto it = args.begin(); it != args.end(); ++it) {
     bool known = std::any_of(schema.begin(), schema.end(),
                              [&](const Field& f) { return f.name == it.key(); });
-    if (!known) return generic_error(fmt::format("Parameter '{}' is unexpected", prefix + it.key()));
+    if (!known)
+      return generic_error(fmt::format("Parameter '{}' is unexpected", prefix + it.key()));
   }
   return {};
 }
@@ -99,7 +105,8 @@ QResult<void> check(Json& args, const Schema& schema, const std::string& prefix,
 QResult<Json> parse_keyval(std::string_view text) {
   if (!text.empty() && text.front() == '{') {
     Json j = Json::parse(text, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) return generic_error(fmt::format("Invalid JSON object: {}", text));
+    if (j.is_discarded() || !j.is_object())
+      return generic_error(fmt::format("Invalid JSON object: {}", text));
     return j;
   }
   Json out = Json::object();
@@ -132,16 +139,20 @@ QResult<Json> parse_keyval(std::string_view text) {
     size_t start = 0;
     for (;;) {
       size_t dot = key.find('.', start);
-      std::string part = key.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+      std::string part =
+          key.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
       if (part.empty()) return generic_error(fmt::format("Invalid parameter '{}'", key));
       if (dot == std::string::npos) {
-        if (node->contains(part)) return generic_error(fmt::format("Parameter '{}' given more than once", key));
+        if (node->contains(part))
+          return generic_error(fmt::format("Parameter '{}' given more than once", key));
         (*node)[part] = value;
         break;
       }
       Json& child = (*node)[part];
       if (child.is_null()) child = Json::object();
-      if (!child.is_object()) return generic_error(fmt::format("Parameter '{}' conflicts with '{}'", key, key.substr(0, dot)));
+      if (!child.is_object())
+        return generic_error(
+            fmt::format("Parameter '{}' conflicts with '{}'", key, key.substr(0, dot)));
       node = &child;
       start = dot + 1;
     }

@@ -27,7 +27,8 @@ bool json_nesting_exceeds(std::string_view text, int limit) {
 
 QResult<Request> parse_request(std::string_view line, std::optional<Json>* id) {
   if (json_nesting_exceeds(line, kMaxJsonDepth))
-    return generic_error(fmt::format("JSON parse error, nesting deeper than {} levels", kMaxJsonDepth));
+    return generic_error(
+        fmt::format("JSON parse error, nesting deeper than {} levels", kMaxJsonDepth));
   Json j;
   try {
     j = Json::parse(line);
@@ -104,7 +105,8 @@ Json escaped(const Json& j) {
   }
   if (j.is_object()) {
     Json out = Json::object();
-    for (auto it = j.begin(); it != j.end(); ++it) out[escape_invalid_utf8(it.key())] = escaped(it.value());
+    for (auto it = j.begin(); it != j.end(); ++it)
+      out[escape_invalid_utf8(it.key())] = escaped(it.value());
     return out;
   }
   return j;

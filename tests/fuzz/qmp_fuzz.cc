@@ -73,12 +73,14 @@ Task<void> count_replies(asio::generic::stream_protocol::socket* s, size_t* repl
   std::string pending;
   for (;;) {
     std::error_code ec;
-    size_t n = co_await s->async_read_some(asio::buffer(buf), asio::redirect_error(asio::use_awaitable, ec));
+    size_t n = co_await s->async_read_some(asio::buffer(buf),
+                                           asio::redirect_error(asio::use_awaitable, ec));
     if (ec) co_return;
     pending.append(buf.data(), n);
     for (size_t nl; (nl = pending.find('\n')) != std::string::npos; pending.erase(0, nl + 1)) {
       auto j = nlohmann::json::parse(std::string_view(pending.data(), nl), nullptr, false);
-      if (!j.is_discarded() && j.is_object() && (j.contains("return") || j.contains("error"))) ++*replies;
+      if (!j.is_discarded() && j.is_object() && (j.contains("return") || j.contains("error")))
+        ++*replies;
     }
   }
 }
@@ -101,7 +103,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   loop.run([&]() -> Task<void> {
     asio::co_spawn(loop.executor(), count_replies(&peer, &replies), asio::detached);
     std::error_code ec;
-    co_await asio::async_write(peer, asio::buffer(input), asio::redirect_error(asio::use_awaitable, ec));
+    co_await asio::async_write(peer, asio::buffer(input),
+                               asio::redirect_error(asio::use_awaitable, ec));
     peer.shutdown(asio::socket_base::shutdown_send, ec);
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
     while (server.sessions() > 0 && std::chrono::steady_clock::now() < deadline)
@@ -117,12 +120,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }());
   size_t expected = request_lines(input);
   if (!session_ended || replies != expected) {
-    std::fprintf(stderr, "qmp_fuzz: %zu request lines, %zu replies, session %s\n", expected, replies,
-                 session_ended ? "ended" : "still open after its input ended");
+    std::fprintf(stderr, "qmp_fuzz: %zu request lines, %zu replies, session %s\n", expected,
+                 replies, session_ended ? "ended" : "still open after its input ended");
     std::abort();
   }
   // Images made by blockdev-create must not pile up across runs.
   std::error_code ec;
-  for (auto& e : std::filesystem::directory_iterator(scratch_dir(), ec)) std::filesystem::remove_all(e.path(), ec);
+  for (auto& e : std::filesystem::directory_iterator(scratch_dir(), ec))
+    std::filesystem::remove_all(e.path(), ec);
   return 0;
 }

@@ -111,3 +111,49 @@ def test_unreachable_daemon(blkmirror_bin, workdir):
     r = subprocess.run([blkmirror_bin, "ctl", "jobs"], capture_output=True, text=True, timeout=30,
                        env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "--qmp" in r.stderr
+
+
+# --------------------------------------------------------------------------
+# One table of mirror options (issue 15): the CLI, QMP and ctl agree
+
+
+def test_ctl_mirror_takes_adaptive_window(ctl, daemon, images, check):
+    # `ctl mirror` lacked --adaptive-window. At 64 KiB/s in 64 KiB operations
+    # the dirty count falls once a second, so a 100 ms window switches the job
+    # to write-blocking at the first look after a second; the reason names the
+    # window the daemon got.
+    src, dst = add_pair(ctl, images, 4 * MiB)
+    with daemon.client() as qmp:
+        ctl("mirror", "src", "dst", "--job-id", "m", "--speed", "64K", "--granularity", "64K",
+            "--buf-size", "64K", "--copy-mode", "adaptive", "--adaptive-window", "100", check_rc=0)
+        ev = qmp.wait_event("BLOCK_JOB_COPY_MODE_CHANGED", match={"device": "m"}, timeout=30)
+        assert ev["data"]["copy-mode"] == "write-blocking", ev
+        assert "for 100 ms" in ev["data"]["reason"], ev
+        ctl("speed", "m", "0", check_rc=0)
+        qmp.wait_event("BLOCK_JOB_READY", match={"device": "m"}, timeout=60)
+        ctl("complete", "m", check_rc=0)
+        qmp.wait_event("BLOCK_JOB_COMPLETED", match={"device": "m"}, timeout=60)
+    check.assert_identical(src, dst)
+    r = ctl("mirror", "src", "dst", "--adaptive-window", "0", check_rc=2)
+    assert r.stderr.strip() == \
+        "blkmirror: Parameter 'adaptive-window' expects a value in range [1, 3600000]", r.stderr
+
+
+@pytest.mark.parametrize("value, text", [
+    ("256", "Parameter 'granularity' expects a value in range [512B, 64MB]"),
+    ("128M", "Parameter 'granularity' expects a value in range [512B, 64MB]"),
+    ("3000", "Parameter 'granularity' expects a power of 2"),
+])
+def test_bad_granularity_gets_one_text_from_cli_qmp_and_ctl(ctl, daemon, blkmirror_bin, images,
+                                                            value, text):
+    src, dst = add_pair(ctl, images, MiB)
+    cli = subprocess.run([blkmirror_bin, "mirror", str(src), str(dst), "--granularity", value],
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 2 and cli.stderr.strip() == f"blkmirror: {text}", cli
+    r = ctl("mirror", "src", "dst", "--granularity", value, check_rc=2)
+    assert r.stderr.strip() == f"blkmirror: {text}", r.stderr
+    with daemon.client() as qmp:
+        g = int(value[:-1]) * MiB if value.endswith("M") else int(value)
+        assert qmp.error("blockdev-mirror", device="src", target="dst", sync="full",
+                         granularity=g) == ("GenericError", text)
+        assert qmp.cmd("query-block-jobs") == []

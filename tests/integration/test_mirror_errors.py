@@ -142,6 +142,57 @@ def test_stopped_job_can_be_cancelled_with_sigterm(cli, check, pair, policy, rul
     assert check.digest(src) == digest
 
 
+@pytest.mark.parametrize("policy, rule", [
+    ("stop", f"dst:write:{FAULT_AT}:4096:EIO"),
+    ("enospc", f"dst:write:{FAULT_AT}:4096:ENOSPC"),
+])
+def test_paused_job_says_once_per_pause_how_to_resume(cli, check, pair, policy, rule):
+    # Issue 17 item 14: the CLI printed error lines but never said the job was
+    # paused or how to resume it. The fault persists, so a resume pauses again:
+    # one line per pause, not per error.
+    src, dst, digest = pair
+    run = cli.start_mirror(src, dst, "--create", "--no-progress", "--on-target-error", policy,
+                           env=faults(rule))
+    said = "job paused by the on-target-error error policy after a write error"
+    run.wait_for_line(said, timeout=20)
+    time.sleep(0.5)
+    paused = [line for line in list(run.stderr_lines) if "job paused" in line]
+    assert len(paused) == 1, run.stderr_lines
+    assert f"resume with SIGUSR2 (kill -USR2 {run.pid})" in paused[0], paused
+    assert "SIGINT/SIGTERM" in paused[0], paused
+    run.send_signal(signal.SIGUSR2)  # the fault is still there: paused again
+    deadline = time.monotonic() + 20
+    while len([line for line in list(run.stderr_lines) if "job paused" in line]) < 2:
+        assert time.monotonic() < deadline, run.stderr_lines
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    res = run.finish(timeout=20)
+    assert res.returncode == 3, check.describe(res)
+    assert res.stderr.count("job paused") == 2, res.stderr
+    assert "resumed" in res.stderr, res.stderr
+    assert check.digest(src) == digest
+
+
+def test_paused_job_json_says_it_once_as_a_note(cli, check, pair):
+    src, dst, digest = pair
+    run = cli.start_mirror(src, dst, "--create", "--json", "--on-target-error", "stop",
+                           env=faults(f"dst:write:{FAULT_AT}:4096:EIO"))
+    run.wait_for_line('"status":"paused"', timeout=20, stream="stdout")
+    time.sleep(0.3)
+    run.send_signal(signal.SIGTERM)
+    res = run.finish(timeout=20)
+    assert res.returncode == 3, check.describe(res)
+    events = check.json_events(res.stdout)
+    notes = [i for i, e in enumerate(events)
+             if e["event"] == "NOTE" and "job paused" in e["data"]["message"]]
+    assert len(notes) == 1, res.stdout
+    note = events[notes[0]]["data"]["message"]
+    assert "on-target-error" in note and f"kill -USR2 {run.pid}" in note, note
+    error = next(i for i, e in enumerate(events) if e["event"] == "BLOCK_JOB_ERROR")
+    assert events[error]["data"]["action"] == "stop" and error < notes[0], res.stdout
+    assert check.digest(src) == digest
+
+
 # --------------------------------------------------------------------------
 # Signals
 

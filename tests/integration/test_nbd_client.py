@@ -3,6 +3,8 @@ not ours: qemu-nbd (raw and qcow2 targets, a remote source), nbdkit's memory
 plugin (sparse target, block status), nbdkit's error, delay and rate filters.
 Every data-moving test ends with a byte comparison by another tool."""
 
+import json
+import os
 import re
 import signal
 import subprocess
@@ -175,6 +177,46 @@ def test_write_errors_with_stop_pause_until_resumed(cli, check, workdir, peers, 
     res = run.finish(60)
     assert res.returncode == 0, check.describe(res)
     assert "resumed" in res.stderr, res.stderr
+    check.assert_identical(src, read_export(srv.uri, workdir / "out.img"))
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_persistent_write_errors_with_ignore_back_off_then_recover(cli, check, workdir, peers,
+                                                                    src):
+    # Regression (issue 17 item 14): a target failing every write under
+    # `ignore` was retried up to 11,700 times a second at 150% CPU, with a
+    # BLOCK_JOB_ERROR each time. Now retries back off to one a second and at
+    # most three error events a second are sent; once the error clears the
+    # job finishes without waiting out long holds.
+    trigger = workdir / "failing"
+    trigger.write_text("")
+    srv = error_target(peers, "100%", f"error-file={trigger}")
+    run = cli.start_mirror(src, srv.uri, "--json", "--on-target-error", "ignore",
+                           "--progress-interval", "5")
+    run.wait_for_line('"BLOCK_JOB_ERROR"', timeout=30, stream="stdout")
+    t0, cpu0 = time.monotonic(), cpu_seconds(run.pid)
+    time.sleep(2)
+    wall, cpu = time.monotonic() - t0, cpu_seconds(run.pid) - cpu0
+    errors = [json.loads(line) for line in list(run.stdout_lines) if '"BLOCK_JOB_ERROR"' in line]
+    assert run.popen.poll() is None, "the job keeps retrying"
+    assert cpu < 0.25 * wall, f"{cpu:.2f} s of CPU in {wall:.2f} s of persistent errors"
+    # Three a second over the ~2.5 s since the first error, with slack for the
+    # windows' edges.
+    assert 3 <= len(errors) <= 12, errors
+    assert all(e["data"]["action"] == "ignore" for e in errors), errors
+    assert any(e["data"].get("suppressed", 0) > 0 for e in errors[3:]), errors
+    trigger.unlink()
+    t1 = time.monotonic()
+    res = run.finish(60)
+    assert res.returncode == 0, check.describe(res)
+    # At most one capped hold (1 s) before the first retry succeeds; the 8 MiB
+    # of data take well under a second more.
+    assert time.monotonic() - t1 < 8, res.stderr
     check.assert_identical(src, read_export(srv.uri, workdir / "out.img"))
 
 

@@ -26,22 +26,25 @@ struct G {
 
 TEST(Permissions, Names) {
   EXPECT_EQ(perm_names(kPermWrite), "write");
-  EXPECT_EQ(perm_names(kPermConsistentRead | kPermWrite | kPermResize), "consistent read, write, resize");
+  EXPECT_EQ(perm_names(kPermConsistentRead | kPermWrite | kPermResize),
+            "consistent read, write, resize");
   EXPECT_EQ(perm_names(0), "");
 }
 
 TEST(Permissions, WriterRefusedWhereWritesAreNotShared) {
   G g;
   Node* n = g.add("copy");
-  auto job = g.graph.attach(n, "job j", EdgeUse{"mirror job 'j'", "target",
-                                                Perms{kPermWrite, kPermConsistentRead | kPermWriteUnchanged}});
+  auto job = g.graph.attach(n, "job j",
+                            EdgeUse{"mirror job 'j'", "target",
+                                    Perms{kPermWrite, kPermConsistentRead | kPermWriteUnchanged}});
   ASSERT_TRUE(job);
   auto exp = g.graph.attach(n, "export e", EdgeUse{"NBD export 'e'", "root", writer()});
   ASSERT_FALSE(exp);
-  EXPECT_EQ(exp.error().message(),
-            "Permission conflict on node 'copy': permissions 'write' are both required by NBD export 'e' "
-            "(uses node 'copy' as 'root' child) and unshared by mirror job 'j' (uses node 'copy' as "
-            "'target' child).");
+  EXPECT_EQ(
+      exp.error().message(),
+      "Permission conflict on node 'copy': permissions 'write' are both required by NBD export 'e' "
+      "(uses node 'copy' as 'root' child) and unshared by mirror job 'j' (uses node 'copy' as "
+      "'target' child).");
   EXPECT_EQ(n->parents().size(), 1u);  // the refused edge is gone
   // A reader is fine.
   EXPECT_TRUE(g.graph.attach(n, "export r", EdgeUse{"NBD export 'r'", "root", reader()}));
@@ -52,8 +55,9 @@ TEST(Permissions, SameTextWhicheverCameFirst) {
   Node* n = g.add("copy");
   auto exp = g.graph.attach(n, "export e", EdgeUse{"NBD export 'e'", "root", writer()});
   ASSERT_TRUE(exp);
-  auto job = g.graph.attach(n, "job j", EdgeUse{"mirror job 'j'", "target",
-                                                Perms{kPermWrite, kPermConsistentRead | kPermWriteUnchanged}});
+  auto job = g.graph.attach(n, "job j",
+                            EdgeUse{"mirror job 'j'", "target",
+                                    Perms{kPermWrite, kPermConsistentRead | kPermWriteUnchanged}});
   ASSERT_FALSE(job);
   EXPECT_NE(job.error().message().find("permissions 'write' are both required by NBD export 'e'"),
             std::string::npos)
@@ -71,7 +75,8 @@ TEST(Permissions, FilterEdgePassesNeedsThrough) {
   g.graph.adopt(*raw, edge.get());
   EXPECT_EQ(edge->perms().need, 0u);  // nobody uses raw yet
   // A mirror writing raw forbids other writers on file too.
-  auto job = g.graph.attach(*raw, "job j", EdgeUse{"mirror job 'j'", "target", Perms{kPermWrite, kPermConsistentRead}});
+  auto job = g.graph.attach(
+      *raw, "job j", EdgeUse{"mirror job 'j'", "target", Perms{kPermWrite, kPermConsistentRead}});
   ASSERT_TRUE(job);
   EXPECT_EQ(edge->perms().need, kPermWrite);
   auto exp = g.graph.attach(file, "export e", EdgeUse{"NBD export 'e'", "root", writer()});
@@ -89,7 +94,8 @@ TEST(Permissions, BackingEdgeOnlyReads) {
   // Parents that accept others' writes accept a changing backing file too;
   // parents that forbid them (a mirror target) forbid writes to it.
   EXPECT_EQ(p.shared & kPermWrite, kPermWrite);
-  Perms strict = derive_child_perms(EdgeKind::kBacking, Perms{kPermWrite, kPermConsistentRead}, true);
+  Perms strict =
+      derive_child_perms(EdgeKind::kBacking, Perms{kPermWrite, kPermConsistentRead}, true);
   EXPECT_EQ(strict.need, 0u);
   EXPECT_EQ(strict.shared & (kPermWrite | kPermResize), 0u);
   Perms ro = derive_child_perms(EdgeKind::kFilteredFile, writer(), false);
@@ -113,7 +119,8 @@ TEST(Permissions, ReplaceRefusesAConflictAndMovesNothing) {
   Node* from = g.add("from");
   Node* to = g.add("to");
   auto exp = g.graph.attach(from, "export e", EdgeUse{"NBD export 'e'", "root", writer()});
-  auto hold = g.graph.attach(to, "job j", EdgeUse{"mirror job 'j'", "target", Perms{kPermWrite, kPermConsistentRead}});
+  auto hold = g.graph.attach(
+      to, "job j", EdgeUse{"mirror job 'j'", "target", Perms{kPermWrite, kPermConsistentRead}});
   ASSERT_TRUE(exp && hold);
   g.loop.run([&]() -> Task<void> {
     co_await from->drain();
@@ -164,9 +171,10 @@ TEST(MirrorReplaces, UnrelatedNodeRefused) {
   p.replaces = "two";
   auto j = MirrorJob::create(g.loop, g.graph, p);
   ASSERT_FALSE(j);
-  EXPECT_EQ(j.error().message(),
-            "Cannot replace 'two' by a node mirrored from 'one', because it cannot be guaranteed that "
-            "doing so would not lead to an abrupt change of visible data");
+  EXPECT_EQ(
+      j.error().message(),
+      "Cannot replace 'two' by a node mirrored from 'one', because it cannot be guaranteed that "
+      "doing so would not lead to an abrupt change of visible data");
   EXPECT_TRUE(g.graph.find("two")->parents().empty());
 }
 
@@ -189,7 +197,8 @@ TEST(MirrorReplaces, NodeBelowAFilterSourceAccepted) {
   j->reset();
   auto k = MirrorJob::create(g.loop, g.graph, q);
   ASSERT_FALSE(k);
-  EXPECT_NE(k.error().message().find("Cannot replace 'raw' by a node mirrored from 'file'"), std::string::npos);
+  EXPECT_NE(k.error().message().find("Cannot replace 'raw' by a node mirrored from 'file'"),
+            std::string::npos);
 }
 
 TEST(MirrorTarget, OtherWritersRefusedReadersAllowed) {
@@ -200,10 +209,11 @@ TEST(MirrorTarget, OtherWritersRefusedReadersAllowed) {
   ASSERT_TRUE(j);
   auto w = g.graph.attach(copy, "export w", EdgeUse{"NBD export 'w'", "root", writer()});
   ASSERT_FALSE(w);
-  EXPECT_EQ(w.error().message(),
-            "Permission conflict on node 'copy': permissions 'write' are both required by NBD export 'w' "
-            "(uses node 'copy' as 'root' child) and unshared by mirror job 'j' (uses node 'copy' as "
-            "'target' child).");
+  EXPECT_EQ(
+      w.error().message(),
+      "Permission conflict on node 'copy': permissions 'write' are both required by NBD export 'w' "
+      "(uses node 'copy' as 'root' child) and unshared by mirror job 'j' (uses node 'copy' as "
+      "'target' child).");
   EXPECT_TRUE(g.graph.attach(copy, "export r", EdgeUse{"NBD export 'r'", "root", reader()}));
 }
 

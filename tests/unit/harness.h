@@ -243,7 +243,8 @@ struct MirrorFixture {
   // Completes once the job is (back) in the ready state: a resume takes effect
   // when the job's loop runs next.
   Task<bool> complete() {
-    if (!co_await wait_until([this] { return job->status() == JobStatus::kReady; })) co_return false;
+    if (!co_await wait_until([this] { return job->status() == JobStatus::kReady; }))
+      co_return false;
     if (!job->complete()) co_return false;
     co_return co_await wait_until([this] { return job->concluded(); });
   }

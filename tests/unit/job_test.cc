@@ -41,7 +41,8 @@ TEST(Job, DismissSurvivesOwnerDroppingLastReference) {
   job->start(loop.executor());
   job.reset();
   loop.run([&]() -> Task<void> {
-    while (owner.count("q") && !owner["q"]->concluded()) co_await sleep_for(std::chrono::milliseconds(1));
+    while (owner.count("q") && !owner["q"]->concluded())
+      co_await sleep_for(std::chrono::milliseconds(1));
     EXPECT_TRUE(owner.count("q"));
     if (owner.count("q")) {
       EXPECT_TRUE(owner["q"]->dismiss().has_value());

@@ -16,7 +16,8 @@ using namespace std::chrono_literals;
 struct ActiveFixture : MirrorFixture {
   // fill: random data in about half of the source; jitter shuffles I/O order.
   ActiveFixture(uint64_t size, uint64_t seed, bool fill, unsigned jitter = 0)
-      : MirrorFixture({.size = size, .seed = seed, .fill = fill, .jitter = jitter, .client = true}) {}
+      : MirrorFixture(
+            {.size = size, .seed = seed, .fill = fill, .jitter = jitter, .client = true}) {}
 
   MirrorParams params(CopyMode mode, uint64_t granularity = 65536) const {
     MirrorParams p = MirrorFixture::params();
@@ -35,7 +36,8 @@ TEST(MirrorActive, ClientWriteReachesTargetBeforeReply) {
     f.job->start(f.loop.executor());
     if (!co_await f.ready()) co_return false;
     EXPECT_TRUE(f.job->pause());
-    if (!co_await wait_until([&] { return f.job->status() == JobStatus::kStandby; })) co_return false;
+    if (!co_await wait_until([&] { return f.job->status() == JobStatus::kStandby; }))
+      co_return false;
     // Aligned, whole chunks.
     EXPECT_TRUE(co_await f.write(65536, 2 * 65536, 0x11));
     EXPECT_TRUE(f.target_has(65536, 2 * 65536, 0x11));
@@ -65,7 +67,8 @@ TEST(MirrorActive, BackgroundModeDoesNotWriteTargetWhilePaused) {
     f.job->start(f.loop.executor());
     if (!co_await f.ready()) co_return false;
     EXPECT_TRUE(f.job->pause());
-    if (!co_await wait_until([&] { return f.job->status() == JobStatus::kStandby; })) co_return false;
+    if (!co_await wait_until([&] { return f.job->status() == JobStatus::kStandby; }))
+      co_return false;
     EXPECT_TRUE(co_await f.write((1 << 20) + 42, 1, 0x22));
     EXPECT_TRUE(f.target_has((1 << 20) + 42, 1, 0));
     EXPECT_EQ(f.job->dirty_bytes(), 65536u);
@@ -87,7 +90,8 @@ TEST(MirrorActive, UnalignedPieceOfDirtyChunkLeftToBackgroundCopy) {
     f.job->start(f.loop.executor());
     if (!co_await f.ready()) co_return false;
     EXPECT_TRUE(f.job->pause());
-    if (!co_await wait_until([&] { return f.job->status() == JobStatus::kStandby; })) co_return false;
+    if (!co_await wait_until([&] { return f.job->status() == JobStatus::kStandby; }))
+      co_return false;
     EXPECT_TRUE(co_await f.write(1 << 20, 100, 0x33));  // chunk 16 dirty
     EXPECT_TRUE(f.job->change_copy_mode(CopyMode::kWriteBlocking));
     EXPECT_EQ(f.job->copy_mode(), CopyMode::kWriteBlocking);

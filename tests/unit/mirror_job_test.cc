@@ -71,11 +71,13 @@ TEST(MirrorJob, RefusesBadParameters) {
   expect_error(p, "Invalid parameter 'buf-size'");
   // Issue 17 item 6: 1 TiB hung the job (the copy buffer failed to allocate in
   // a detached coroutine): refused up front now.
-  for (int64_t huge : {int64_t{1} << 40, int64_t{1} << 62, static_cast<int64_t>(max_buf_size()) + 1}) {
+  for (int64_t huge :
+       {int64_t{1} << 40, int64_t{1} << 62, static_cast<int64_t>(max_buf_size()) + 1}) {
     p.buf_size = huge;
-    expect_error(p, fmt::format("Parameter 'buf-size' expects a value of at most {} (a quarter of this "
-                                "machine's memory, at most 1 GiB)",
-                                format_size(max_buf_size())));
+    expect_error(
+        p, fmt::format("Parameter 'buf-size' expects a value of at most {} (a quarter of this "
+                       "machine's memory, at most 1 GiB)",
+                       format_size(max_buf_size())));
   }
   p.buf_size = static_cast<int64_t>(max_buf_size());
   EXPECT_TRUE(validate_params(p));
@@ -117,7 +119,8 @@ TEST(MirrorJob, CompleteBeforeReadyRefused) {
   auto job = f.make(f.params());
   auto r = job->complete();
   ASSERT_FALSE(r);
-  EXPECT_EQ(r.error().message(), "Job 'job0' in state 'created' cannot accept command verb 'complete'");
+  EXPECT_EQ(r.error().message(),
+            "Job 'job0' in state 'created' cannot accept command verb 'complete'");
 }
 
 TEST(MirrorJob, ReadErrorReportFailsJob) {
@@ -187,17 +190,67 @@ TEST(MirrorJob, WriteErrorIgnoreRetriesAndEndsEqual) {
   }));
   EXPECT_FALSE(job->failure());
   EXPECT_GT(f.dst_fault->injected(), 0u);
-  EXPECT_EQ(f.rec.count(JobEvent::Kind::kError), static_cast<int>(f.dst_fault->injected()));
+  // Every error is either reported or counted as left out by the rate limit.
+  EXPECT_EQ(f.rec.count(JobEvent::Kind::kError) + job->stats().errors_unreported,
+            f.dst_fault->injected());
   EXPECT_EQ(f.rec.last(JobEvent::Kind::kError)->action, "ignore");
   EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
 }
+
+// Regression (issue 17 item 14): with `ignore`, a target that failed every
+// write was retried as fast as the loop spun (11,700 times a second) with an
+// event each time. Now retries back off (1 ms doubling to 1 s) and at most
+// MirrorJob::kErrorEventsPerSecond events a second are sent; once the error
+// clears, the job catches up at full speed.
+TEST(MirrorJob, PersistentErrorUnderIgnoreBacksOffAndRecoversPromptly) {
+  Fixture f(4 << 20, 11);
+  f.dst_fault->add_rule(FaultRule{.ops = FaultRule::kAllWrites});
+  auto p = f.params();
+  p.on_target_error = ErrorPolicy::kIgnore;
+  p.granularity = 65536;
+  p.buf_size = 65536;  // one chunk at a time: 64 operations once the error clears
+  auto job = f.make(p);
+  std::chrono::steady_clock::duration recovery{};
+  ASSERT_TRUE(f.run([&]() -> Task<bool> {
+    job->start(f.loop.executor());
+    co_await sleep_for(1500ms);
+    // Holds of 1, 2, 4 ... 512 ms, then 1 s: about 12 rounds in 1.5 s.
+    EXPECT_GE(f.dst_fault->injected(), 5u);
+    EXPECT_LE(f.dst_fault->injected(), 40u);
+    // Three events in the first second, up to three in the next.
+    EXPECT_GE(f.rec.count(JobEvent::Kind::kError), 3);
+    EXPECT_LE(f.rec.count(JobEvent::Kind::kError), 6);
+    EXPECT_EQ(job->info().offset, 0u);
+    EXPECT_FALSE(job->concluded());
+    f.dst_fault->clear_rules();
+    auto cleared = std::chrono::steady_clock::now();
+    if (!co_await until([&] { return job->info().ready; })) co_return false;
+    recovery = std::chrono::steady_clock::now() - cleared;
+    EXPECT_TRUE(job->complete());
+    co_return co_await until([&] { return job->concluded(); });
+  }));
+  EXPECT_FALSE(job->failure());
+  EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
+  // At most one capped hold (1 s) before the first retry, then no waiting:
+  // 64 operations on memory devices take milliseconds.
+  EXPECT_LT(recovery, 2500ms);
+  EXPECT_EQ(f.rec.count(JobEvent::Kind::kError) + job->stats().errors_unreported,
+            f.dst_fault->injected());
+  // The first event after the rate limit held some back says how many.
+  uint64_t told = 0;
+  for (auto& e : f.rec.events)
+    if (e.kind == JobEvent::Kind::kError) told += e.suppressed;
+  EXPECT_LE(told, job->stats().errors_unreported);
+}
+
 
 TEST(MirrorJob, WriteErrorStopPausesThenResumeEndsEqual) {
   Fixture f(4 << 20, 4);
   std::vector<std::byte> data(65536, std::byte{0x42});  // make sure the range is copied
   f.src->write_now(2 << 20, data);
   std::memcpy(f.model.data() + (2 << 20), data.data(), data.size());
-  f.dst_fault->add_rule(FaultRule{.ops = FaultRule::kAllWrites, .offset = 2 << 20, .length = 65536});
+  f.dst_fault->add_rule(
+      FaultRule{.ops = FaultRule::kAllWrites, .offset = 2 << 20, .length = 65536});
   auto p = f.params();
   p.on_target_error = ErrorPolicy::kStop;
   auto job = f.make(p);
@@ -227,7 +280,8 @@ TEST(MirrorJob, WriteErrorStopPausesThenResumeEndsEqual) {
 TEST(MirrorJob, EnospcPolicyStopsOnEnospcReportsOtherwise) {
   {
     Fixture f(2 << 20, 5);
-    f.dst_fault->add_rule(FaultRule{.ops = FaultRule::kAllWrites, .remaining = 1, .errnum = ENOSPC});
+    f.dst_fault->add_rule(
+        FaultRule{.ops = FaultRule::kAllWrites, .remaining = 1, .errnum = ENOSPC});
     auto p = f.params();
     p.on_target_error = ErrorPolicy::kEnospc;
     auto job = f.make(p);

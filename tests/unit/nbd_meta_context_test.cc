@@ -60,7 +60,8 @@ std::string temp_socket(const char* tag) {
 void serve_and_run(bool allocation_depth, const std::function<void(const std::string&)>& client) {
   Loop loop(2);
   Graph graph;
-  auto dev = std::make_shared<ChainDepthDevice>(std::make_shared<MemoryDevice>(4 << 20, memory_opts()));
+  auto dev =
+      std::make_shared<ChainDepthDevice>(std::make_shared<MemoryDevice>(4 << 20, memory_opts()));
   ASSERT_TRUE(graph.add("disk", dev));
   nbd::NbdServer server(loop, graph);
   ASSERT_TRUE(server.add_export({"disk", "disk", "", false, allocation_depth}));
@@ -90,7 +91,8 @@ TEST(NbdMetaContext, BaseAllocationAndAllocationDepthTogether) {
       failure = nbd_get_error();
     } else {
       if (nbd_can_meta_context(h, "qemu:allocation-depth") != 1) failure = "depth not negotiated";
-      if (nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) != 1) failure = "base not negotiated";
+      if (nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) != 1)
+        failure = "base not negotiated";
       nbd_extent_callback cb{.callback = collect, .user_data = &seen, .free = nullptr};
       if (nbd_block_status(h, 4 << 20, 0, cb, 0) != 0) failure = nbd_get_error();
       nbd_extent_callback cb1{.callback = collect, .user_data = &one, .free = nullptr};

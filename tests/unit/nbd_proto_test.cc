@@ -80,7 +80,8 @@ TEST(NbdProto, ValidateRequest) {
   EXPECT_EQ(validate_request(req(kCmdFlush, 0, 0), lim), 0u);
   EXPECT_EQ(validate_request(req(kCmdFlush, 0, 1), lim), kEinval);
   EXPECT_EQ(validate_request(req(kCmdRead, 0, 1, kCmdFlagFua), lim), kEinval);
-  EXPECT_EQ(validate_request(req(kCmdWriteZeroes, 0, 1, kCmdFlagFastZero | kCmdFlagNoHole), lim), 0u);
+  EXPECT_EQ(validate_request(req(kCmdWriteZeroes, 0, 1, kCmdFlagFastZero | kCmdFlagNoHole), lim),
+            0u);
   EXPECT_EQ(validate_request(req(kCmdBlockStatus, 0, 1 << 20, kCmdFlagReqOne), lim), 0u);
   EXPECT_EQ(validate_request(req(kCmdRead, 0, 1, 1 << 9), lim), kEinval);  // unknown flag
   ExportLimits big = lim;

@@ -55,7 +55,8 @@ TEST(NbdServer, CommandsAgainstMemoryDevice) {
     } else {
       std::vector<char> buf(65536);
       if (nbd_get_size(c.h) != (4 << 20)) failure = "size";
-      if (nbd_pread(c.h, buf.data(), buf.size(), 1 << 20, 0) != 0 || buf[0] != 0x11) failure = "pread";
+      if (nbd_pread(c.h, buf.data(), buf.size(), 1 << 20, 0) != 0 || buf[0] != 0x11)
+        failure = "pread";
       std::memset(buf.data(), 0x22, buf.size());
       if (nbd_pwrite(c.h, buf.data(), 4096, 0, LIBNBD_CMD_FLAG_FUA) != 0) failure = "pwrite";
       if (nbd_zero(c.h, 8192, 1 << 20, LIBNBD_CMD_FLAG_NO_HOLE) != 0) failure = "zero";

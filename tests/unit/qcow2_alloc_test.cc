@@ -82,7 +82,9 @@ TEST(Qcow2Alloc, FreshClustersGetOnlyTheGuestDataWritten) {
   EXPECT_LT(grown, 64 * 8192 + 4 * cs) << "file grew by " << grown << " bytes";
   EXPECT_EQ(qemu_check(img), "");
   write_raw(dir / "model.raw", model);
-  EXPECT_EQ(sh(fmt::format("qemu-img compare -q -U -f qcow2 -F raw {} {}", img, dir / "model.raw")).status, 0);
+  EXPECT_EQ(sh(fmt::format("qemu-img compare -q -U -f qcow2 -F raw {} {}", img, dir / "model.raw"))
+                .status,
+            0);
 }
 
 // Free clusters inside the file at open may hold anything: an image whose file
@@ -94,7 +96,8 @@ TEST(Qcow2Alloc, ReusedFreeClustersAreWrittenWhole) {
     Loop loop;
     const std::string img = dir / "a.qcow2";
     const uint64_t size = 4 << 20, cs = 65536;
-    ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 -o extended_l2={} {} {}", ext ? "on" : "off", img, size))
+    ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 -o extended_l2={} {} {}",
+                             ext ? "on" : "off", img, size))
                   .status,
               0);
     {
@@ -121,7 +124,10 @@ TEST(Qcow2Alloc, ReusedFreeClustersAreWrittenWhole) {
     }
     EXPECT_EQ(qemu_check(img), "");
     write_raw(dir / "model.raw", model);
-    EXPECT_EQ(sh(fmt::format("qemu-img compare -q -U -f qcow2 -F raw {} {}", img, dir / "model.raw")).status, 0);
+    EXPECT_EQ(
+        sh(fmt::format("qemu-img compare -q -U -f qcow2 -F raw {} {}", img, dir / "model.raw"))
+            .status,
+        0);
   }
 }
 
@@ -142,8 +148,8 @@ TEST(Qcow2Alloc, CopyOnWriteFromSparseBackingKeepsEveryByte) {
         for (uint64_t i = 0; i < 4096; ++i) model[p + i] = std::byte(rng() | 1);
     write_raw(base, model);
     const auto before = model;
-    ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 -o extended_l2={} -b {} -F raw {}", ext ? "on" : "off",
-                             base, top))
+    ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 -o extended_l2={} -b {} -F raw {}",
+                             ext ? "on" : "off", base, top))
                   .status,
               0);
     auto b = FileDevice::open(loop, base, FileOptions{.read_only = true});
@@ -164,7 +170,10 @@ TEST(Qcow2Alloc, CopyOnWriteFromSparseBackingKeepsEveryByte) {
     EXPECT_EQ(qemu_check(top), "");
     EXPECT_EQ(first_diff(read_file(base), before), -1);
     write_raw(dir / "model.raw", model);
-    EXPECT_EQ(sh(fmt::format("qemu-img compare -q -U -f qcow2 -F raw {} {}", top, dir / "model.raw")).status, 0);
+    EXPECT_EQ(
+        sh(fmt::format("qemu-img compare -q -U -f qcow2 -F raw {} {}", top, dir / "model.raw"))
+            .status,
+        0);
   }
 }
 
@@ -212,7 +221,9 @@ TEST(Qcow2Alloc, PartialZeroesOfZeroBytesWriteNothing) {
   EXPECT_LT(grown, 32 * 8192 + 6 * cs) << "file grew by " << grown << " bytes";
   EXPECT_EQ(qemu_check(img), "");
   write_raw(dir / "model.raw", model);
-  EXPECT_EQ(sh(fmt::format("qemu-img compare -q -U -f qcow2 -F raw {} {}", img, dir / "model.raw")).status, 0);
+  EXPECT_EQ(sh(fmt::format("qemu-img compare -q -U -f qcow2 -F raw {} {}", img, dir / "model.raw"))
+                .status,
+            0);
 }
 
 }  // namespace

@@ -36,7 +36,8 @@ std::byte pattern_of(uint64_t i) { return std::byte(1 + i % 251); }
       std::fill(buf.begin(), buf.end(), pattern_of(i));
       if (i % 7 == 3) {
         // Some zeroing and discards too (of blocks not used for data).
-        (void)co_await q->write_zeroes(offset_of(i), kBlock, ZeroFlags{.may_unmap = (rng() & 1) != 0});
+        (void)co_await q->write_zeroes(offset_of(i), kBlock,
+                                       ZeroFlags{.may_unmap = (rng() & 1) != 0});
       }
       if (!co_await q->write(offset_of(i), buf, {})) _exit(3);
       if (i % 5 == 4) {

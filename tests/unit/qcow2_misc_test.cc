@@ -34,7 +34,8 @@ TEST(Qcow2Create, EveryOptionCombinationPassesQemuImgCheck) {
       for (uint32_t rb : {1u, 16u, 64u})
         for (bool ext : {false, true})
           for (bool backing : {false, true})
-            for (auto pre : {Qcow2CreateOptions::Prealloc::kOff, Qcow2CreateOptions::Prealloc::kMetadata}) {
+            for (auto pre :
+                 {Qcow2CreateOptions::Prealloc::kOff, Qcow2CreateOptions::Prealloc::kMetadata}) {
               if (version == 2 && (rb != 16 || ext)) continue;
               if (ext && cluster < 16384) continue;
               if (pre == Qcow2CreateOptions::Prealloc::kMetadata && (backing || rb != 16)) continue;
@@ -52,8 +53,8 @@ TEST(Qcow2Create, EveryOptionCombinationPassesQemuImgCheck) {
                 o.backing_format = "raw";
               }
               std::string path = dir / fmt::format("img{}.qcow2", n++);
-              SCOPED_TRACE(path + fmt::format(" v{} c{} r{} ext{} b{} pre{}", version, cluster, rb, ext,
-                                              backing, static_cast<int>(pre)));
+              SCOPED_TRACE(path + fmt::format(" v{} c{} r{} ext{} b{} pre{}", version, cluster, rb,
+                                              ext, backing, static_cast<int>(pre)));
               auto r = create_image(loop, path, o);
               ASSERT_TRUE(r) << r.error().message();
               EXPECT_EQ(qemu_check(path), "");
@@ -118,9 +119,10 @@ TEST(Qcow2Grow, GrowsVirtualSizeAndL1AndKeepsData) {
   EXPECT_EQ(qemu_check(path), "");
   EXPECT_EQ(qemu_info(path)["virtual-size"], 64u << 20);
   // -r -U: q still holds the image (and its image lock) until it is destroyed.
-  auto r = sh(fmt::format("qemu-io -r -U -f qcow2 -c 'read -P 0x42 1000 70000' -c 'read -P 0x42 {} 70000' "
-                          "-c 'read -P 0 71000 1M' {}",
-                          (64 << 20) - 70000, path));
+  auto r = sh(
+      fmt::format("qemu-io -r -U -f qcow2 -c 'read -P 0x42 1000 70000' -c 'read -P 0x42 {} 70000' "
+                  "-c 'read -P 0 71000 1M' {}",
+                  (64 << 20) - 70000, path));
   EXPECT_EQ(r.status, 0);
   EXPECT_EQ(r.out.find("Pattern verification failed"), std::string::npos) << r.out;
 }
@@ -129,10 +131,12 @@ TEST(Qcow2BackingLink, SetBackingLinkShowsInQemuImgInfo) {
   TempDir dir;
   Loop loop;
   const std::string path = dir / "t.qcow2";
-  ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 {} 1M && qemu-img create -q -f qcow2 -b {} -F qcow2 {}",
-                           dir / "b.qcow2", dir / "b.qcow2", path))
-                .status,
-            0);
+  ASSERT_EQ(
+      sh(fmt::format(
+             "qemu-img create -q -f qcow2 {} 1M && qemu-img create -q -f qcow2 -b {} -F qcow2 {}",
+             dir / "b.qcow2", dir / "b.qcow2", path))
+          .status,
+      0);
   auto dev = open_qcow2(loop, path);
   ASSERT_TRUE(dev) << dev.error().message();
   ASSERT_TRUE(loop.run((*dev)->set_backing_link("other/base.img", "raw")));
@@ -165,8 +169,8 @@ TEST(Qcow2Chain, PartialWritesCopyFromBackingAndLeaveItAlone) {
     const std::string base = dir / "base.raw", top = dir / "top.qcow2";
     ASSERT_EQ(sh(fmt::format("head -c 4194304 /dev/urandom > {}", base)).status, 0);
     auto before = read_file(base);
-    ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 -o extended_l2={} -b {} -F raw {}", ext ? "on" : "off",
-                             base, top))
+    ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 -o extended_l2={} -b {} -F raw {}",
+                             ext ? "on" : "off", base, top))
                   .status,
               0);
     auto b = FileDevice::open(loop, base, FileOptions{.read_only = true});
@@ -218,7 +222,8 @@ TEST(Qcow2Map, ZeroClustersShowAsZeroAndDiscardedAsUnallocated) {
   auto m = nlohmann::json::parse(sh("qemu-img map -U --output=json " + path).out);
   auto at = [&](uint64_t off) {
     for (auto& e : m)
-      if (e["start"].get<uint64_t>() <= off && off < e["start"].get<uint64_t>() + e["length"].get<uint64_t>())
+      if (e["start"].get<uint64_t>() <= off &&
+          off < e["start"].get<uint64_t>() + e["length"].get<uint64_t>())
         return e;
     return nlohmann::json();
   };
@@ -271,7 +276,12 @@ TEST(Qcow2BadInput, RefusedWithClearErrors) {
   TempDir dir;
   auto fresh = [&](const std::string& name) {
     std::string p = dir / name;
-    EXPECT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 {} 4M && qemu-io -f qcow2 -c 'write -P 1 0 128k' {}", p, p)).status, 0);
+    EXPECT_EQ(
+        sh(fmt::format(
+               "qemu-img create -q -f qcow2 {} 4M && qemu-io -f qcow2 -c 'write -P 1 0 128k' {}", p,
+               p))
+            .status,
+        0);
     return p;
   };
   {
@@ -287,7 +297,8 @@ TEST(Qcow2BadInput, RefusedWithClearErrors) {
   {
     auto p = fresh("bits.qcow2");
     patch(p, 20, {0, 0, 0, 40});
-    EXPECT_EQ(bad_image_error(p, true), "qcow2 header of " + p + ": cluster_bits 40 out of range (9..21)");
+    EXPECT_EQ(bad_image_error(p, true),
+              "qcow2 header of " + p + ": cluster_bits 40 out of range (9..21)");
   }
   {
     auto p = fresh("crypt.qcow2");
@@ -297,7 +308,8 @@ TEST(Qcow2BadInput, RefusedWithClearErrors) {
   {
     auto p = fresh("incompat.qcow2");
     patch(p, 72, be64(1ull << 40));
-    EXPECT_NE(bad_image_error(p, true).find("unsupported incompatible feature(s): bit 40"), std::string::npos);
+    EXPECT_NE(bad_image_error(p, true).find("unsupported incompatible feature(s): bit 40"),
+              std::string::npos);
   }
   {
     auto p = fresh("datafile.qcow2");

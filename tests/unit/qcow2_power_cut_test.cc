@@ -50,7 +50,9 @@ class PowerCutFile : public BlockDevice {
     record(Op{off, std::vector<std::byte>(len), 0});
     co_return Result<void>{};
   }
-  Task<Result<void>> discard(uint64_t off, uint64_t len) override { return write_zeroes(off, len, {}); }
+  Task<Result<void>> discard(uint64_t off, uint64_t len) override {
+    return write_zeroes(off, len, {});
+  }
   Task<Result<void>> flush() override {
     durable_ = live_;
     pending_.clear();
@@ -115,7 +117,10 @@ struct Snapshot {
 void run_power_cuts(uint64_t cluster, uint64_t seed) {
   TempDir dir;
   const std::string base = dir / "base.qcow2";
-  ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 -o cluster_size={} {} {}", cluster, base, kSize)).status, 0);
+  ASSERT_EQ(
+      sh(fmt::format("qemu-img create -q -f qcow2 -o cluster_size={} {} {}", cluster, base, kSize))
+          .status,
+      0);
   auto file = std::make_shared<PowerCutFile>(read_file(base));
   std::mt19937_64 rng(seed);
   std::vector<Snapshot> snaps;
@@ -134,27 +139,28 @@ void run_power_cuts(uint64_t cluster, uint64_t seed) {
     auto dev = loop.run(Qcow2Device::open(loop, file, nullptr, {}));
     ASSERT_TRUE(dev) << dev.error().message();
     const uint64_t n = 2 * kBlocks;
-    auto r = loop.run([](Qcow2Device* q, uint64_t n, uint64_t* acked, uint64_t* issued) -> Task<Result<void>> {
-      std::vector<std::byte> buf(kBlock);
-      for (uint64_t i = 0; i < n; ++i) {
-        GuestOp op = guest_op(i);
-        *issued = i + 1;
-        Result<void> r;
-        if (op.value == std::byte{0}) {
-          const ZeroFlags unmap{.may_unmap = true};  // GCC 12 rule 3 (base/task.h)
-          r = co_await q->write_zeroes(op.block * kBlock, kBlock, unmap);
-        } else {
-          std::fill(buf.begin(), buf.end(), op.value);
-          r = co_await q->write(op.block * kBlock, buf, {});
-        }
-        if (!r) co_return r;
-        if (i % 5 == 4) {
-          if (auto f = co_await q->flush(); !f) co_return f;
-          *acked = i + 1;
-        }
-      }
-      co_return co_await q->close();
-    }(dev->get(), n, &acked, &issued));
+    auto r = loop.run(
+        [](Qcow2Device* q, uint64_t n, uint64_t* acked, uint64_t* issued) -> Task<Result<void>> {
+          std::vector<std::byte> buf(kBlock);
+          for (uint64_t i = 0; i < n; ++i) {
+            GuestOp op = guest_op(i);
+            *issued = i + 1;
+            Result<void> r;
+            if (op.value == std::byte{0}) {
+              const ZeroFlags unmap{.may_unmap = true};  // GCC 12 rule 3 (base/task.h)
+              r = co_await q->write_zeroes(op.block * kBlock, kBlock, unmap);
+            } else {
+              std::fill(buf.begin(), buf.end(), op.value);
+              r = co_await q->write(op.block * kBlock, buf, {});
+            }
+            if (!r) co_return r;
+            if (i % 5 == 4) {
+              if (auto f = co_await q->flush(); !f) co_return f;
+              *acked = i + 1;
+            }
+          }
+          co_return co_await q->close();
+        }(dev->get(), n, &acked, &issued));
     ASSERT_TRUE(r) << r.error().message();
     file->on_op = nullptr;
   }

@@ -17,8 +17,9 @@ struct Shape {
 };
 
 std::string create_opts(const Shape& s) {
-  return fmt::format("compat={},cluster_size={},refcount_bits={}{}", s.version == 2 ? "0.10" : "1.1",
-                     s.cluster, s.refcount_bits, s.extended_l2 ? ",extended_l2=on" : "");
+  return fmt::format("compat={},cluster_size={},refcount_bits={}{}",
+                     s.version == 2 ? "0.10" : "1.1", s.cluster, s.refcount_bits,
+                     s.extended_l2 ? ",extended_l2=on" : "");
 }
 
 class Qcow2ReadTest : public ::testing::TestWithParam<Shape> {};
@@ -27,7 +28,8 @@ TEST_P(Qcow2ReadTest, WrittenByQemuIoReadsAsQemuImgConvert) {
   const Shape s = GetParam();
   TempDir dir;
   const std::string img = dir / "a.qcow2", raw = dir / "a.raw";
-  ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 -o {} {} 8M", create_opts(s), img)).status, 0);
+  ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 -o {} {} 8M", create_opts(s), img)).status,
+            0);
   // Data at odd places, zeroes (kept and unmapped), a discard, compressed writes.
   std::string cmds =
       "-c 'write -P 0x11 0 64k' -c 'write -P 0x22 100k 3k' -c 'write -P 0x33 1M 1M' "
@@ -71,15 +73,17 @@ TEST(Qcow2Read, ConvertedWithZlibAndZstdCompression) {
   TempDir dir;
   const std::string src = dir / "src.raw";
   // Compressible and incompressible areas.
-  ASSERT_EQ(sh(fmt::format("qemu-img create -q -f raw {} 4M && qemu-io -f raw -c 'write -P 0x5a 0 1M' "
-                           "-c 'write -P 0x01 2M 4k' {} && head -c 1048576 /dev/urandom | dd of={} "
-                           "bs=1M seek=3 conv=notrunc status=none",
-                           src, src, src))
-                .status,
-            0);
+  ASSERT_EQ(
+      sh(fmt::format("qemu-img create -q -f raw {} 4M && qemu-io -f raw -c 'write -P 0x5a 0 1M' "
+                     "-c 'write -P 0x01 2M 4k' {} && head -c 1048576 /dev/urandom | dd of={} "
+                     "bs=1M seek=3 conv=notrunc status=none",
+                     src, src, src))
+          .status,
+      0);
   for (std::string type : {"zlib", "zstd"}) {
     const std::string img = dir / ("c-" + type + ".qcow2");
-    auto c = sh(fmt::format("qemu-img convert -c -f raw -O qcow2 -o compression_type={} {} {}", type, src, img));
+    auto c = sh(fmt::format("qemu-img convert -c -f raw -O qcow2 -o compression_type={} {} {}",
+                            type, src, img));
     ASSERT_EQ(c.status, 0) << c.out;
     Loop loop;
     auto dev = open_qcow2(loop, img, true);
@@ -94,7 +98,11 @@ TEST(Qcow2Read, ConvertedWithZlibAndZstdCompression) {
 TEST(Qcow2Read, BlockStatusReportsLayersAndZeroes) {
   TempDir dir;
   const std::string base = dir / "base.qcow2", top = dir / "top.qcow2";
-  ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 {} 4M && qemu-io -f qcow2 -c 'write -P 1 0 1M' {}", base, base)).status, 0);
+  ASSERT_EQ(sh(fmt::format(
+                   "qemu-img create -q -f qcow2 {} 4M && qemu-io -f qcow2 -c 'write -P 1 0 1M' {}",
+                   base, base))
+                .status,
+            0);
   ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 -b {} -F qcow2 {} && qemu-io -f qcow2 "
                            "-c 'write -P 2 512k 64k' -c 'write -z 2M 64k' {}",
                            base, top, top))

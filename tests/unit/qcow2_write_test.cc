@@ -23,17 +23,18 @@ struct Shape {
 
 std::string shape_name(const ::testing::TestParamInfo<Shape>& i) {
   const Shape& s = i.param;
-  return fmt::format("v{}_c{}_r{}{}{}", s.version, s.cluster, s.refcount_bits, s.extended_l2 ? "_ext" : "",
-                     s.made_by_qemu ? "_qemu" : "_ours");
+  return fmt::format("v{}_c{}_r{}{}{}", s.version, s.cluster, s.refcount_bits,
+                     s.extended_l2 ? "_ext" : "", s.made_by_qemu ? "_qemu" : "_ours");
 }
 
 Result<void> make_image(Loop& loop, const Shape& s, const std::string& path, uint64_t size,
                         std::optional<std::string> backing = {}) {
   if (s.made_by_qemu) {
-    auto r = sh(fmt::format("qemu-img create -q -f qcow2 -o compat={},cluster_size={},refcount_bits={}{} {} {} {}",
-                            s.version == 2 ? "0.10" : "1.1", s.cluster, s.refcount_bits,
-                            s.extended_l2 ? ",extended_l2=on" : "",
-                            backing ? "-F raw -b " + *backing : std::string(), path, size));
+    auto r = sh(fmt::format(
+        "qemu-img create -q -f qcow2 -o compat={},cluster_size={},refcount_bits={}{} {} {} {}",
+        s.version == 2 ? "0.10" : "1.1", s.cluster, s.refcount_bits,
+        s.extended_l2 ? ",extended_l2=on" : "", backing ? "-F raw -b " + *backing : std::string(),
+        path, size));
     if (r.status != 0) return make_error(EIO, r.out);
     return {};
   }
@@ -91,7 +92,8 @@ TEST_P(Qcow2WriteTest, ScriptedOpsPassQemuImgCheckAndCompare) {
       auto r = loop.run(q.discard(off, len));
       ASSERT_TRUE(r) << r.error().message();
       // Whole clusters read as zeroes now (no backing); partial ones are unchanged.
-      uint64_t a = (off + s.cluster - 1) / s.cluster * s.cluster, b = (off + len) / s.cluster * s.cluster;
+      uint64_t a = (off + s.cluster - 1) / s.cluster * s.cluster,
+               b = (off + len) / s.cluster * s.cluster;
       if (a < b) std::fill(model.begin() + a, model.begin() + b, std::byte{0});
     };
     fill(0, 4096, 1);
@@ -165,7 +167,8 @@ TEST_P(Qcow2WriteTest, RandomConcurrentOpsMatchModel) {
         if (rng() % 2) op.off = op.off / 512 * 512;
         if (op.off + op.len > size) op.len = size - op.off;
         // Discard changes whole clusters around it: keep those apart too.
-        uint64_t lo = op.off / s.cluster * s.cluster, hi = (op.off + op.len + s.cluster - 1) / s.cluster * s.cluster;
+        uint64_t lo = op.off / s.cluster * s.cluster,
+                 hi = (op.off + op.len + s.cluster - 1) / s.cluster * s.cluster;
         bool clash = false;
         for (auto [a, b] : taken) clash |= a < hi && lo < b;
         if (clash && op.kind != 4) continue;
@@ -183,7 +186,9 @@ TEST_P(Qcow2WriteTest, RandomConcurrentOpsMatchModel) {
         switch (op->kind) {
           case 0: r = co_await q->write(op->off, op->data, {}); break;
           case 1: r = co_await q->write_zeroes(op->off, op->len, {}); break;
-          case 2: r = co_await q->write_zeroes(op->off, op->len, ZeroFlags{.may_unmap = true}); break;
+          case 2:
+            r = co_await q->write_zeroes(op->off, op->len, ZeroFlags{.may_unmap = true});
+            break;
           case 3: r = co_await q->discard(op->off, op->len); break;
           case 4: r = co_await q->flush(); break;
         }

@@ -23,7 +23,9 @@ std::string err(Json j, bool coerce = false) {
 }
 
 TEST(QmpSchema, AcceptsWellFormed) {
-  EXPECT_EQ(err({{"name", "x"}, {"size", 3}, {"mode", "b"}, {"addr", {{"path", "/p"}}}, {"tags", {"t"}}}), "");
+  EXPECT_EQ(
+      err({{"name", "x"}, {"size", 3}, {"mode", "b"}, {"addr", {{"path", "/p"}}}, {"tags", {"t"}}}),
+      "");
   EXPECT_EQ(err({{"name", "x"}}), "");
   Json none;  // no arguments at all
   EXPECT_FALSE(check(none, kOuter).has_value());
@@ -32,14 +34,19 @@ TEST(QmpSchema, AcceptsWellFormed) {
 TEST(QmpSchema, RefusesWithQemuTexts) {
   EXPECT_EQ(err(Json::object()), "Parameter 'name' is missing");
   EXPECT_EQ(err({{"name", 1}}), "Invalid parameter type for 'name', expected: string");
-  EXPECT_EQ(err({{"name", "x"}, {"size", "1"}}), "Invalid parameter type for 'size', expected: integer");
-  EXPECT_EQ(err({{"name", "x"}, {"size", 1.5}}), "Invalid parameter type for 'size', expected: integer");
+  EXPECT_EQ(err({{"name", "x"}, {"size", "1"}}),
+            "Invalid parameter type for 'size', expected: integer");
+  EXPECT_EQ(err({{"name", "x"}, {"size", 1.5}}),
+            "Invalid parameter type for 'size', expected: integer");
   EXPECT_EQ(err({{"name", "x"}, {"mode", "c"}}), "Parameter 'mode' does not accept value 'c'");
   EXPECT_EQ(err({{"name", "x"}, {"bogus", 1}}), "Parameter 'bogus' is unexpected");
   EXPECT_EQ(err({{"name", "x"}, {"addr", Json::object()}}), "Parameter 'addr.path' is missing");
-  EXPECT_EQ(err({{"name", "x"}, {"addr", {{"path", "/p"}, {"x", 1}}}}), "Parameter 'addr.x' is unexpected");
-  EXPECT_EQ(err({{"name", "x"}, {"addr", 5}}), "Invalid parameter type for 'addr', expected: object");
-  EXPECT_EQ(err({{"name", "x"}, {"tags", {1}}}), "Invalid parameter type for 'tags', expected: array");
+  EXPECT_EQ(err({{"name", "x"}, {"addr", {{"path", "/p"}, {"x", 1}}}}),
+            "Parameter 'addr.x' is unexpected");
+  EXPECT_EQ(err({{"name", "x"}, {"addr", 5}}),
+            "Invalid parameter type for 'addr', expected: object");
+  EXPECT_EQ(err({{"name", "x"}, {"tags", {1}}}),
+            "Invalid parameter type for 'tags', expected: array");
 }
 
 TEST(QmpSchema, CoercesCommandLineStrings) {
@@ -47,7 +54,8 @@ TEST(QmpSchema, CoercesCommandLineStrings) {
   ASSERT_TRUE(check(j, kOuter, "", true).has_value());
   EXPECT_EQ(j["size"], 42);
   EXPECT_EQ(j["addr"]["tight"], true);
-  EXPECT_EQ(err({{"name", "x"}, {"size", "4x"}}, true), "Invalid parameter type for 'size', expected: integer");
+  EXPECT_EQ(err({{"name", "x"}, {"size", "4x"}}, true),
+            "Invalid parameter type for 'size', expected: integer");
   EXPECT_EQ(err({{"name", "x"}, {"addr", {{"path", "/p"}, {"tight", "maybe"}}}}, true),
             "Invalid parameter type for 'addr.tight', expected: boolean");
 }
@@ -133,7 +141,8 @@ TEST(QmpWire, RefusesNumbersBeyondDoubleRange) {
 // Issue 17 item 7: a non-UTF-8 file name in --json aborted the CLI (uncaught
 // type_error). File names are bytes: the invalid ones appear as \xNN.
 TEST(QmpWire, DumpLineEscapesBytesThatAreNotUtf8) {
-  Json j = {{"message", "mirroring a\xff\xfe.img -> b\xc3.img"}, {"ok", "caf\xc3\xa9 \xf0\x9f\x98\x80"}};
+  Json j = {{"message", "mirroring a\xff\xfe.img -> b\xc3.img"},
+            {"ok", "caf\xc3\xa9 \xf0\x9f\x98\x80"}};
   std::string line = dump_line(j);
   auto back = Json::parse(line);
   EXPECT_EQ(back["message"], "mirroring a\\xff\\xfe.img -> b\\xc3.img");

@@ -71,14 +71,18 @@ struct Fixture {
   std::shared_ptr<MemoryDevice> mem = std::make_shared<MemoryDevice>(kSize);
   std::shared_ptr<Remote> remote = std::make_shared<Remote>(mem);
   std::vector<std::pair<uint64_t, uint64_t>> redirtied;
-  TargetTracker tracker{remote, kGran, [this](uint64_t off, uint64_t len) { redirtied.push_back({off, len}); },
+  TargetTracker tracker{remote, kGran,
+                        [this](uint64_t off, uint64_t len) {
+                          redirtied.push_back({off, len});
+                        },
                         std::chrono::milliseconds(50)};
   std::vector<std::byte> data = std::vector<std::byte>(kGran, std::byte{0x5a});
 
   Result<void> write(uint64_t off) {
-    return loop.run([](TargetTracker* t, std::span<const std::byte> d, uint64_t o) -> Task<Result<void>> {
-      co_return co_await t->write(o, d, {});
-    }(&tracker, data, off));
+    return loop.run(
+        [](TargetTracker* t, std::span<const std::byte> d, uint64_t o) -> Task<Result<void>> {
+          co_return co_await t->write(o, d, {});
+        }(&tracker, data, off));
   }
   bool redirtied_at(uint64_t off) const {
     for (auto [o, l] : redirtied)

@@ -41,7 +41,8 @@ Result<void> zstd_decompress(std::span<const std::byte> in, std::span<std::byte>
 
 }  // namespace
 
-Result<void> decompress_cluster(bool zstd, std::span<const std::byte> in, std::span<std::byte> out) {
+Result<void> decompress_cluster(bool zstd, std::span<const std::byte> in,
+                                std::span<std::byte> out) {
   return zstd ? zstd_decompress(in, out) : inflate_raw(in, out);
 }
 

@@ -40,7 +40,8 @@ std::vector<std::byte> feature_table() {
     entry[0] = std::byte{f.type};
     entry[1] = std::byte{f.bit};
     std::string n = f.name;
-    std::copy_n(reinterpret_cast<const std::byte*>(n.data()), std::min<size_t>(n.size(), 46), entry + 2);
+    std::copy_n(reinterpret_cast<const std::byte*>(n.data()), std::min<size_t>(n.size(), 46),
+                entry + 2);
     out.insert(out.end(), entry, entry + 48);
   }
   return out;
@@ -116,7 +117,8 @@ Task<Result<void>> Qcow2Device::create(BlockDevice& file, const Qcow2CreateOptio
   }
   if (!header_bytes) co_return make_error(header_bytes.error());
 
-  if (auto r = co_await file.resize(total * cs); !r) co_return with_context(r.error(), "qcow2 create");
+  if (auto r = co_await file.resize(total * cs); !r)
+    co_return with_context(r.error(), "qcow2 create");
   std::vector<std::byte> meta((total - 1) * cs, std::byte{0});
   for (uint64_t i = 0; i < nb; ++i) store_be64(&meta[i * 8], (1 + rt + i) * cs);
   std::span<std::byte> blocks(meta.data() + rt * cs, nb * cs);

@@ -162,8 +162,8 @@ Result<Header> parse_header(std::span<const std::byte> b, const std::string& nam
   if (h.compression_type > 1)
     return p.refuse(fmt::format("unknown compression_type {}", h.compression_type));
   if (h.extended_l2() && h.cluster_bits < 14)
-    return p.fail(fmt::format("extended L2 entries need clusters of 16 KiB or more (cluster_bits {})",
-                              h.cluster_bits));
+    return p.fail(fmt::format(
+        "extended L2 entries need clusters of 16 KiB or more (cluster_bits {})", h.cluster_bits));
 
   // Tables.
   if (!is_aligned(h.l1_table_offset, cs))
@@ -185,7 +185,8 @@ Result<Header> parse_header(std::span<const std::byte> b, const std::string& nam
   if (h.l1_size > 0 && h.l1_table_offset == 0)
     return p.fail("L1 table at offset 0 (the header)");
   if (h.nb_snapshots && !is_aligned(h.snapshots_offset, cs))
-    return p.fail(fmt::format("snapshot table offset {:#x} not cluster aligned", h.snapshots_offset));
+    return p.fail(
+        fmt::format("snapshot table offset {:#x} not cluster aligned", h.snapshots_offset));
   return h;
 }
 
@@ -237,8 +238,9 @@ Result<std::vector<std::byte>> serialize_header(const Header& h) {
     out.insert(out.end(), name.begin(), name.end());
   }
   if (out.size() > h.cluster_size())
-    return make_plain_error(EFBIG, fmt::format("qcow2 header needs {} bytes, more than a cluster ({})",
-                                               out.size(), h.cluster_size()));
+    return make_plain_error(
+        EFBIG, fmt::format("qcow2 header needs {} bytes, more than a cluster ({})", out.size(),
+                           h.cluster_size()));
   return out;
 }
 

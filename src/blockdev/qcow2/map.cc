@@ -24,7 +24,8 @@ bool Qcow2Impl::is_metadata(uint64_t c) const {
 Task<Result<std::optional<Qcow2Impl::Slot>>> Qcow2Impl::find_slot(uint64_t gc, bool create) {
   uint64_t i1 = gc / hdr.l2_entries();
   if (i1 >= l1.size())
-    co_return make_error(EINVAL, fmt::format("qcow2 {}: guest cluster {} beyond the L1 table", name, gc));
+    co_return make_error(EINVAL,
+                         fmt::format("qcow2 {}: guest cluster {} beyond the L1 table", name, gc));
   AsyncMutex::Guard guard;
   if ((l1[i1] & kOffsetMask) == 0) {
     if (!create) co_return std::optional<Slot>{};
@@ -59,13 +60,15 @@ Result<void> Qcow2Impl::check_entry(uint64_t gc, const L2Entry& e) const {
   if (e.compressed()) {
     if (ext() && e.bitmap != 0) return bad("is compressed but has a subcluster bitmap", 0);
     Compressed c = decode_compressed(e.word, cb());
-    if (c.offset >= file->length() || c.offset < cs()) return bad("points past the file or into the header", c.offset);
+    if (c.offset >= file->length() || c.offset < cs())
+      return bad("points past the file or into the header", c.offset);
     return {};
   }
   uint64_t host = e.host();
   if (host == 0) {
     if (e.copied()) return bad("maps host offset 0 (external data files are not supported)", 0);
-    if (ext() && (e.bitmap & 0xffffffffu)) return bad("has allocated subclusters but no host cluster", 0);
+    if (ext() && (e.bitmap & 0xffffffffu))
+      return bad("has allocated subclusters but no host cluster", 0);
     return {};
   }
   if (e.word & kL2ReservedMask & ~kFlagZero) return bad("has reserved bits set", host);

@@ -70,9 +70,11 @@ Qcow2Impl::Qcow2Impl(Loop* l, BlockDevicePtr f, BlockDevicePtr b, Header h, Qcow
 void Qcow2Impl::update_info() { info = info_of(hdr); }
 
 Result<void> Qcow2Impl::check_writable(const char* what, uint64_t off) const {
-  if (closed) return make_error(EIO, fmt::format("{} qcow2 {} at {}: image is closed", what, name, off));
+  if (closed)
+    return make_error(EIO, fmt::format("{} qcow2 {} at {}: image is closed", what, name, off));
   if (corrupt_marked)
-    return make_error(EIO, fmt::format("{} qcow2 {} at {}: image is marked corrupt", what, name, off));
+    return make_error(EIO,
+                      fmt::format("{} qcow2 {} at {}: image is marked corrupt", what, name, off));
   if (read_only) return make_error(EROFS, fmt::format("{} qcow2 {} at {}", what, name, off));
   return {};
 }
@@ -129,8 +131,9 @@ Task<Result<std::unique_ptr<Qcow2Impl>>> open_impl(Loop* loop, BlockDevicePtr fi
   // Tables must lie inside the file and not on top of each other.
   uint64_t l1_bytes = uint64_t{h->l1_size} * 8;
   if (h->l1_size && h->l1_table_offset + l1_bytes > flen)
-    co_return refuse(fmt::format("L1 table at {:#x} ({} bytes) lies past the end of the file ({} bytes)",
-                                 h->l1_table_offset, l1_bytes, flen));
+    co_return refuse(
+        fmt::format("L1 table at {:#x} ({} bytes) lies past the end of the file ({} bytes)",
+                    h->l1_table_offset, l1_bytes, flen));
   uint64_t rt_bytes = uint64_t{h->refcount_table_clusters} * cs;
   if (h->refcount_table_offset + rt_bytes > flen)
     co_return refuse(fmt::format("refcount table at {:#x} ({} bytes) lies past the end of the file "
@@ -141,11 +144,14 @@ Task<Result<std::unique_ptr<Qcow2Impl>>> open_impl(Loop* loop, BlockDevicePtr fi
     co_return refuse("the L1 table overlaps the refcount table");
   if (!ro) {
     if (h->incompatible & kIncompatCorrupt)
-      co_return refuse("marked corrupt; it can only be opened read-only ('qemu-img check -r all' repairs it)");
+      co_return refuse(
+          "marked corrupt; it can only be opened read-only ('qemu-img check -r all' repairs it)");
     if (h->incompatible & kIncompatDirty)
-      co_return refuse("dirty (refcounts not up to date); run 'qemu-img check -r all' or open it read-only");
+      co_return refuse(
+          "dirty (refcounts not up to date); run 'qemu-img check -r all' or open it read-only");
     if (h->nb_snapshots)
-      co_return refuse("has internal snapshots; writing to such images is not supported (open it read-only)");
+      co_return refuse(
+          "has internal snapshots; writing to such images is not supported (open it read-only)");
   }
   auto l1 = co_await read_table(*file, h->l1_table_offset, h->l1_size);
   if (!l1) co_return make_error(l1.error());
@@ -183,10 +189,11 @@ Task<Result<std::unique_ptr<Qcow2Impl>>> open_impl(Loop* loop, BlockDevicePtr fi
   c.cluster_size = cs;
   c.has_backing = q.has_backing();
   c.min_block = 1;
-  c.pref_block = static_cast<uint32_t>(std::min<uint64_t>(std::max<uint64_t>(4096, file->caps().pref_block), cs));
+  c.pref_block = static_cast<uint32_t>(
+      std::min<uint64_t>(std::max<uint64_t>(4096, file->caps().pref_block), cs));
   c.max_transfer = 32u << 20;
-  c.zero_init = !q.has_backing() &&
-                std::all_of(q.l1.begin(), q.l1.end(), [](uint64_t e) { return (e & kOffsetMask) == 0; });
+  c.zero_init = !q.has_backing() && std::all_of(q.l1.begin(), q.l1.end(),
+                                                [](uint64_t e) { return (e & kOffsetMask) == 0; });
 
   if (!ro && q.hdr.autoclear) {
     // We keep no autoclear feature up to date (bitmaps): clear the bits before the
@@ -217,8 +224,8 @@ namespace {
 
 Result<void> check_range(const Qcow2Impl& q, const char* what, uint64_t off, uint64_t len) {
   if (!range_within(off, len, q.hdr.size))
-    return make_error(EINVAL, fmt::format("{} qcow2 {}: range {}+{} past the end ({})", what, q.name,
-                                          off, len, q.hdr.size));
+    return make_error(EINVAL, fmt::format("{} qcow2 {}: range {}+{} past the end ({})", what,
+                                          q.name, off, len, q.hdr.size));
   return {};
 }
 
@@ -285,8 +292,10 @@ Task<Result<void>> Qcow2Device::flush() {
 Task<Result<Extent>> Qcow2Device::block_status(uint64_t off, uint64_t len) {
   auto& q = *impl_;
   if (len == 0 || !range_within(off, len, q.hdr.size))
-    co_return make_error(EINVAL, fmt::format("block status qcow2 {} at {}+{}: out of range", q.name, off, len));
-  if (q.closed) co_return make_error(EIO, fmt::format("block status qcow2 {}: image is closed", q.name));
+    co_return make_error(
+        EINVAL, fmt::format("block status qcow2 {} at {}+{}: out of range", q.name, off, len));
+  if (q.closed)
+    co_return make_error(EIO, fmt::format("block status qcow2 {}: image is closed", q.name));
   auto r = co_await q.block_status(off, len);
   if (!r) co_return make_error(co_await q.on_error(r.error()));
   co_return *r;
@@ -297,8 +306,9 @@ Task<Result<void>> Qcow2Device::set_backing_link(std::optional<std::string> file
   auto& q = *impl_;
   if (auto r = q.check_writable("set backing link", 0); !r) co_return r;
   if (file && file->size() > kMaxBackingNameLength)
-    co_return make_plain_error(EINVAL, fmt::format("qcow2 {}: backing file name too long ({} bytes)",
-                                                   q.name, file->size()));
+    co_return make_plain_error(
+        EINVAL,
+        fmt::format("qcow2 {}: backing file name too long ({} bytes)", q.name, file->size()));
   Header saved = q.hdr;
   q.hdr.backing_file = file;
   q.hdr.backing_format = file ? format : std::nullopt;
@@ -320,13 +330,15 @@ Task<Result<void>> Qcow2Device::grow(uint64_t new_size) {
 Task<Result<void>> Qcow2Impl::grow(uint64_t new_size) {
   if (auto r = check_writable("grow", new_size); !r) co_return r;
   if (new_size < hdr.size)
-    co_return make_plain_error(ENOTSUP, fmt::format("qcow2 {}: shrinking ({} -> {} bytes) is not supported",
-                                                    name, hdr.size, new_size));
+    co_return make_plain_error(
+        ENOTSUP, fmt::format("qcow2 {}: shrinking ({} -> {} bytes) is not supported", name,
+                             hdr.size, new_size));
   Header probe = hdr;
   probe.size = new_size;
   const uint64_t need = probe.l1_entries_for(new_size);
   if (need * 8 > kMaxL1Bytes || new_size > (uint64_t{1} << 62))
-    co_return make_plain_error(EFBIG, fmt::format("qcow2 {}: virtual size {} too large", name, new_size));
+    co_return make_plain_error(EFBIG,
+                               fmt::format("qcow2 {}: virtual size {} too large", name, new_size));
   // Nothing may change the mapping meanwhile.
   auto guard = co_await locks.lock(0, ~0ull, true);
   if (auto r = co_await flush(); !r) co_return r;

@@ -151,7 +151,9 @@ Task<Result<void>> Refcounts::grow_table(uint64_t min_entries) {
   const uint64_t first = alloc_end_ >> p_.cluster_bits;  // the new table starts here
   uint64_t tc = 0;
   std::vector<uint64_t> new_blocks;  // table indices that get a block, placed after the table
-  auto missing = [this](uint64_t i) { return i >= table_.size() || (table_[i] & kOffsetMask) == 0; };
+  auto missing = [this](uint64_t i) {
+    return i >= table_.size() || (table_[i] & kOffsetMask) == 0;
+  };
   // Fixpoint: the new table and the new blocks after it must themselves be covered
   // by blocks, and the table must have entries for all of them.
   while (true) {
@@ -206,7 +208,8 @@ Task<Result<void>> Refcounts::grow_table(uint64_t min_entries) {
   if (on_table_moved) {
     if (auto r = co_await on_table_moved(p_.table_offset, p_.table_clusters); !r) co_return r;
   }
-  for (uint64_t c = old_off >> p_.cluster_bits; c < (old_off >> p_.cluster_bits) + old_clusters; ++c) {
+  for (uint64_t c = old_off >> p_.cluster_bits; c < (old_off >> p_.cluster_bits) + old_clusters;
+       ++c) {
     auto rc = co_await get(c);
     if (!rc) co_return make_error(rc.error());
     if (*rc > 0)
@@ -333,10 +336,12 @@ Task<Result<void>> Refcounts::write_table_entries(const RefcountSnapshot& s) {
   size_t i = 0;
   while (i < s.table_entries.size()) {
     size_t j = i + 1;
-    while (j < s.table_entries.size() && s.table_entries[j].first == s.table_entries[j - 1].first + 1)
+    while (j < s.table_entries.size() &&
+           s.table_entries[j].first == s.table_entries[j - 1].first + 1)
       ++j;
     std::vector<std::byte> bytes((j - i) * 8);
-    for (size_t k = i; k < j; ++k) store_be64(&bytes[(k - i) * 8], table_[s.table_entries[k].first]);
+    for (size_t k = i; k < j; ++k)
+      store_be64(&bytes[(k - i) * 8], table_[s.table_entries[k].first]);
     uint64_t off = p_.table_offset + s.table_entries[i].first * 8;
     if (auto r = co_await file_.write(off, bytes, {}); !r) co_return r;
     i = j;

@@ -176,7 +176,8 @@ Task<Result<void>> Qcow2Impl::write_locked(uint64_t off, std::span<const std::by
       std::span<const std::byte> out = buf.subspan(pos - off, n);
       if (hs < in || te > in + n) {
         tmp.resize(te - hs);
-        if (auto r = co_await read_unlocked(cstart + hs, std::span(tmp).first(in - hs)); !r) co_return r;
+        if (auto r = co_await read_unlocked(cstart + hs, std::span(tmp).first(in - hs)); !r)
+          co_return r;
         if (auto r = co_await read_unlocked(cstart + in + n, std::span(tmp).last(te - in - n)); !r)
           co_return r;
         std::memcpy(tmp.data() + (in - hs), out.data(), n);
@@ -296,7 +297,8 @@ Task<Result<void>> Qcow2Impl::write_zeroes(uint64_t off, uint64_t len, ZeroFlags
   // Partial units at the edges (and everything, when nothing better exists):
   // written as data.
   if ((off < a || b < end) && f.no_fallback)
-    co_return make_error(ENOTSUP, fmt::format("qcow2 {}: zeroing {}+{} needs data writes", name, off, len));
+    co_return make_error(ENOTSUP,
+                         fmt::format("qcow2 {}: zeroing {}+{} needs data writes", name, off, len));
   if (off < a)
     if (auto r = co_await zero_partial(off, std::min(a, end) - off); !r) co_return r;
   if (b < end && b >= a)
@@ -358,7 +360,9 @@ Task<Result<void>> Qcow2Impl::discard(uint64_t off, uint64_t len) {
   // With a backing file the cluster must keep reading as zeroes rather than
   // showing the backing data again (as QEMU does); v2 has no way to say so.
   const bool keep_zero = has_backing() && (hdr.version >= 3 || ext());
-  const L2Entry ne = !keep_zero ? L2Entry{} : ext() ? L2Entry{0, 0xffffffffull << 32} : L2Entry{kFlagZero, 0};
+  const L2Entry ne = !keep_zero ? L2Entry{}
+                     : ext()    ? L2Entry{0, 0xffffffffull << 32}
+                                : L2Entry{kFlagZero, 0};
   const uint64_t first = a >> cb(), last = (b - 1) >> cb();
   auto guard = co_await locks.lock(first, last, true);
   for (uint64_t gc = first; gc <= last; ++gc) {

@@ -150,7 +150,12 @@ std::optional<MetaRequest> decode_meta(std::span<const std::byte> data) {
 
 void encode_option_reply(uint32_t option, uint32_t type, std::span<const std::byte> data,
                          std::vector<std::byte>& out) {
-  Writer(out).u64(kOptReplyMagic).u32(option).u32(type).u32(static_cast<uint32_t>(data.size())).bytes(data);
+  Writer(out)
+      .u64(kOptReplyMagic)
+      .u32(option)
+      .u32(type)
+      .u32(static_cast<uint32_t>(data.size()))
+      .bytes(data);
 }
 
 void encode_simple_reply(uint32_t error, uint64_t cookie, std::vector<std::byte>& out) {

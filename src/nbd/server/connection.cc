@@ -92,7 +92,8 @@ Task<void> Connection::watchdog(std::shared_ptr<Connection> self) {
 
 Task<bool> Connection::write_all(std::span<const std::byte> data) {
   if (closed_) co_return false;
-  auto [ec, n] = co_await asio::async_write(sock_, asio::buffer(data.data(), data.size()), use_tuple);
+  auto [ec, n] =
+      co_await asio::async_write(sock_, asio::buffer(data.data(), data.size()), use_tuple);
   co_return !ec;
 }
 

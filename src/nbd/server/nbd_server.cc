@@ -21,8 +21,9 @@ Result<void> NbdServer::add_export(const ExportConfig& cfg) {
     return make_plain_error(EROFS, fmt::format("Node '{}' is read-only", cfg.node));
   // As QEMU's block exports: consistent read, write only when writable; others
   // may do anything but resize the disk under the clients.
-  EdgeUse use{fmt::format("NBD export '{}'", cfg.name), "root",
-              Perms{kPermConsistentRead | (cfg.writable ? kPermWrite : 0u), kPermAll & ~kPermResize}};
+  EdgeUse use{
+      fmt::format("NBD export '{}'", cfg.name), "root",
+      Perms{kPermConsistentRead | (cfg.writable ? kPermWrite : 0u), kPermAll & ~kPermResize}};
   auto edge = graph_.attach(node, "export " + cfg.name, std::move(use));
   if (!edge) return make_error(edge.error());
   auto e = std::make_shared<Export>();
