@@ -77,6 +77,15 @@ def alloc_map(uri):
     return [(e["offset"], e["length"], e["type"]) for e in json.loads(r.stdout)]
 
 
+def wait_for_socket(proc, path, what):
+    """Waits (20 s at most) for a peer process to create its socket file."""
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{what} did not start: {proc.stderr.read()}")
+        time.sleep(0.02)
+
+
 class QemuNbd:
     """qemu-nbd serving an image read-only, persistent, with allocation-depth."""
 
@@ -84,11 +93,7 @@ class QemuNbd:
         self.sock = str(sock)
         self.proc = subprocess.Popen(["qemu-nbd", "-r", "-A", "-t", "-f", fmt, "-k", self.sock, str(image)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"qemu-nbd did not start: {self.proc.stderr.read()}")
-            time.sleep(0.02)
+        wait_for_socket(self.proc, self.sock, "qemu-nbd")
         self.uri = uri_for(self.sock)
 
     def stop(self):
@@ -114,11 +119,7 @@ class Qsd:
                                       f"socket,id=c,path={self.path},server=on,wait=off",
                                       "--monitor", "chardev=c"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(self.path):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"qemu-storage-daemon did not start: {self.proc.stderr.read()}")
-            time.sleep(0.02)
+        wait_for_socket(self.proc, self.path, "qemu-storage-daemon")
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.connect(self.path)
         self.f = self.sock.makefile("rw")
