@@ -77,6 +77,15 @@ def alloc_map(uri):
     return [(e["offset"], e["length"], e["type"]) for e in json.loads(r.stdout)]
 
 
+def mirror_to_completion(qmp, timeout=60, **args):
+    """blockdev-mirror job 'm', block-job-complete at ready; fails on a job error."""
+    qmp.cmd("blockdev-mirror", job_id="m", **args)
+    qmp.wait_event("BLOCK_JOB_READY", match={"device": "m"}, timeout=timeout)
+    qmp.cmd("block-job-complete", device="m")
+    ev = qmp.wait_event("BLOCK_JOB_COMPLETED", match={"device": "m"}, timeout=timeout)
+    assert "error" not in ev["data"], ev
+
+
 def wait_for_socket(proc, path, what):
     """Waits (20 s at most) for a peer process to create its socket file."""
     deadline = time.monotonic() + 20

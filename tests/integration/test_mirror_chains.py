@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from qcow2_helpers import KiB, MiB, check_image, create, qemu_img, qemu_io
+from qcow2_helpers import KiB, MiB, check_image, create, mirror_to_completion, qemu_img, qemu_io
 
 SIZE = 8 * MiB
 
@@ -44,11 +44,7 @@ def mirror(qmp, src, tgt, tgt_backing, **args):
             file={"driver": "file", "filename": str(tgt_backing)})
     qmp.cmd("blockdev-add", driver="qcow2", node_name="dst", backing="tb",
             file={"driver": "file", "filename": str(tgt)})
-    qmp.cmd("blockdev-mirror", job_id="m", device="src", target="dst", **args)
-    qmp.wait_event("BLOCK_JOB_READY", match={"device": "m"}, timeout=60)
-    qmp.cmd("block-job-complete", device="m")
-    ev = qmp.wait_event("BLOCK_JOB_COMPLETED", match={"device": "m"}, timeout=60)
-    assert "error" not in ev["data"], ev
+    mirror_to_completion(qmp, device="src", target="dst", **args)
     for n in ("src", "dst", "tb"):
         qmp.cmd("blockdev-del", node_name=n)
 

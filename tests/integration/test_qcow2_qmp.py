@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from nbd_helpers import run_tool, uri_for
-from qcow2_helpers import (BAD, KiB, MiB, QemuNbd, Qsd, check_image, compare_with_export, create,
+from qcow2_helpers import (BAD, mirror_to_completion, KiB, MiB, QemuNbd, Qsd, check_image, compare_with_export, create,
                            depth_map, qemu_img, qemu_io, sha)
 
 SIZE = 4 * MiB
@@ -147,11 +147,7 @@ def test_blockdev_create_qcow2_then_mirror_raw_into_it(qmp, workdir, images):
     check_image(tgt)
     qmp.cmd("blockdev-add", driver="qcow2", node_name="dst", file="tf")
     qmp.cmd("blockdev-add", driver="raw", node_name="src", file={"driver": "file", "filename": str(src)})
-    qmp.cmd("blockdev-mirror", job_id="m", device="src", target="dst", sync="full")
-    qmp.wait_event("BLOCK_JOB_READY", match={"device": "m"})
-    qmp.cmd("block-job-complete", device="m")
-    ev = qmp.wait_event("BLOCK_JOB_COMPLETED", match={"device": "m"})
-    assert "error" not in ev["data"], ev
+    mirror_to_completion(qmp, device="src", target="dst", sync="full")
     qmp.cmd("blockdev-del", node_name="dst")
     qmp.cmd("blockdev-del", node_name="tf")
     check_image(tgt)
@@ -164,11 +160,7 @@ def test_mirror_qcow2_chain_into_raw(qmp, workdir, images):
     dst = images.sparse("dst.raw", SIZE)
     add_qcow2(qmp, "src", top)
     qmp.cmd("blockdev-add", driver="raw", node_name="dst", file={"driver": "file", "filename": str(dst)})
-    qmp.cmd("blockdev-mirror", job_id="m", device="src", target="dst", sync="full")
-    qmp.wait_event("BLOCK_JOB_READY", match={"device": "m"})
-    qmp.cmd("block-job-complete", device="m")
-    ev = qmp.wait_event("BLOCK_JOB_COMPLETED", match={"device": "m"})
-    assert "error" not in ev["data"], ev
+    mirror_to_completion(qmp, device="src", target="dst", sync="full")
     qmp.cmd("blockdev-del", node_name="src")
     r = qemu_img("compare", "-F", "raw", str(top), str(dst), check=False)
     assert r.returncode == 0, r.stdout + r.stderr
