@@ -71,6 +71,11 @@ class Daemon {
 
   Graph& graph() { return graph_; }
   size_t job_count() const { return jobs_.size(); }
+  // The job of that id, or nullptr (an in-process caller drives it: the CLI).
+  std::shared_ptr<Job> find_job(const std::string& id) const {
+    auto it = jobs_.find(id);
+    return it == jobs_.end() ? nullptr : it->second;
+  }
 
  private:
   struct NodeRecord {

@@ -282,3 +282,34 @@ def test_commit_by_file_names(qmp, workdir):
     for n in ("top", "mid", "base"):
         qmp.cmd("blockdev-del", node_name=n)
     assert read_raw(top, workdir / "after.raw") == model
+
+
+def test_libvirt_active_commit_sequence(qmp, workdir):
+    # The sequence libvirt sends for `virsh blockcommit --active --pivot`
+    # (docs/qmp.md), while a client writes: ready may come and go.
+    base, mid, top = three_layers(workdir)
+    model = read_raw(top, workdir / "start.raw")
+    add_chain(qmp, base, mid, top)
+    w = Writer(export(qmp, workdir, "top"), model, 21, pace=0.001)
+    try:
+        qmp.cmd("block-commit", job_id="commit-vda", device="top", top_node="top",
+                base_node="base", auto_finalize=True, auto_dismiss=False)
+        qmp.wait_event("JOB_STATUS_CHANGE", match={"id": "commit-vda", "status": "ready"}, timeout=60)
+        qmp.cmd("job-complete", id="commit-vda")
+        qmp.wait_event("JOB_STATUS_CHANGE", match={"id": "commit-vda", "status": "concluded"},
+                       timeout=60)
+    finally:
+        w.finish()
+    jobs = qmp.cmd("query-jobs")
+    assert len(jobs) == 1 and jobs[0]["id"] == "commit-vda" and "error" not in jobs[0], jobs
+    assert jobs[0]["type"] == "commit" and jobs[0]["current-progress"] == jobs[0]["total-progress"]
+    qmp.cmd("job-dismiss", id="commit-vda")
+    assert qmp.cmd("query-jobs") == []
+    assert export_node(qmp) == "base"
+    qmp.cmd("blockdev-del", node_name="top")
+    qmp.cmd("blockdev-del", node_name="mid")
+    assert node_names(qmp) >= {"base"} and not node_names(qmp) & {"top", "mid"}
+    assert w.read_all() == bytes(model)
+    close_all(qmp, w, ["base"])
+    check_image(base)
+    assert read_raw(base, workdir / "b.raw") == model
