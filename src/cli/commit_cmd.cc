@@ -138,7 +138,8 @@ CommandRunner add_commit_command(CLI::App& app) {
       ->required();
   cmd->add_option("--base", args->base,
                   "the image of IMAGE's backing chain to commit into (default: the bottom one)");
-  cmd->add_option("--speed", args->speed, "bytes per second at most (suffixes K, M, G; 0: no limit)")
+  cmd->add_option("--speed", args->speed,
+                  "bytes per second at most (suffixes K, M, G; 0: no limit)")
       ->capture_default_str();
   cmd->add_option("--copy-mode", args->copy_mode,
                   "client writes during the commit: background | write-blocking | adaptive")
