@@ -313,3 +313,64 @@ def test_libvirt_active_commit_sequence(qmp, workdir):
     close_all(qmp, w, ["base"])
     check_image(base)
     assert read_raw(base, workdir / "b.raw") == model
+
+
+# --- blkmirror commit IMAGE (the CLI over the same daemon code)
+
+def test_cli_commit_offline_into_the_bottom_of_the_chain(cli, workdir):
+    base, mid, top = three_layers(workdir)
+    model = read_raw(top, workdir / "start.raw")
+    res = cli.run("commit", top, "--no-progress")
+    assert res.returncode == 0, res.stderr
+    check_image(base)
+    check_image(top)
+    assert read_raw(base, workdir / "b.raw") == model
+    # The chain IMAGE heads reads as before; the files' links are unchanged.
+    assert read_raw(top, workdir / "t.raw") == model
+    info = json.loads(qemu_img("info", "--output=json", str(base)).stdout)
+    assert info["format"] == "qcow2" and not info.get("dirty-flag")
+
+
+def test_cli_commit_into_a_named_base_leaves_the_layers_below(cli, workdir):
+    base, mid, top = three_layers(workdir)
+    model = read_raw(top, workdir / "start.raw")
+    base_before = base.read_bytes()
+    res = cli.run("commit", top, "--base", mid, "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert base.read_bytes() == base_before, "the image below --base was written"
+    assert read_raw(mid, workdir / "m.raw") == model
+    check_image(mid)
+
+
+def test_cli_commit_while_serving_switches_clients_to_the_base(cli, workdir):
+    base, mid, top = three_layers(workdir)
+    model = read_raw(top, workdir / "start.raw")
+    sock = workdir / "c.sock"
+    run = cli.start("commit", top, "--socket", sock, "--name", "disk", "--no-auto-complete")
+    run.wait_for_line("serving", 30)
+    w = Writer(f"nbd+unix:///disk?socket={sock}", model, 31, pace=0.001)
+    try:
+        run.wait_for_line("ready", 60)
+        time.sleep(0.2)
+        run.popen.send_signal(10)  # SIGUSR1: complete
+        run.wait_for_line("serving the base now", 60)
+        time.sleep(0.2)  # writes after the switch land on the base
+    finally:
+        w.finish()
+    assert w.read_all() == bytes(model)
+    w.h.shutdown()
+    run.popen.terminate()
+    assert run.popen.wait(30) == 0, run.stderr_lines
+    check_image(base)
+    assert read_raw(base, workdir / "b.raw") == model
+
+
+def test_cli_commit_refuses_an_image_without_backing(cli, workdir):
+    create(workdir / "lone.qcow2", SIZE)
+    before = (workdir / "lone.qcow2").read_bytes()
+    res = cli.run("commit", workdir / "lone.qcow2")
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"blkmirror: {workdir / 'lone.qcow2'} has no backing file: nothing to commit"
+    assert (workdir / "lone.qcow2").read_bytes() == before
+    res = cli.run("commit", workdir / "missing.qcow2")
+    assert res.returncode == 2 and "missing.qcow2" in res.stderr and res.stderr.count("\n") == 1
