@@ -12,23 +12,9 @@ import time
 
 import pytest
 
-from qcow2_helpers import KiB, MiB, check_image, create, qemu_img, qemu_io
+from qcow2_helpers import KiB, MiB, check_image, create, in_dir, qemu_img, qemu_io, read_raw
 
 SIZE = 8 * MiB
-
-
-def in_dir(d, fn):
-    cwd = os.getcwd()
-    os.chdir(d)
-    try:
-        return fn()
-    finally:
-        os.chdir(cwd)
-
-
-def read_raw(path, out):
-    qemu_img("convert", "-U", "-O", "raw", str(path), str(out))
-    return bytearray(out.read_bytes())
 
 
 def three_layers(d, base_size=SIZE, base_fmt="qcow2"):

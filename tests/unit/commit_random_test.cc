@@ -103,22 +103,7 @@ void run_commit_case(uint64_t seed, CopyMode mode) {
     asio::co_spawn(loop.executor(), client.run(), asio::detached);
     co_await sleep_for(std::chrono::microseconds(rng() % 2000));
     (*job)->start(loop.executor());
-    bool can_hold = mode == CopyMode::kBackground;
-    if (!co_await wait_until([&] { return (*job)->info().ready || (*job)->concluded(); },
-                             can_hold ? 3s : 120s)) {
-      if (!can_hold) co_return false;
-      client.hold = true;
-      if (!co_await wait_until([&] { return (*job)->info().ready || (*job)->concluded(); }))
-        co_return false;
-      client.hold = false;
-    }
-    co_await sleep_for(std::chrono::microseconds(rng() % 5000));
-    if (!(*job)->complete()) co_return false;
-    if (!co_await wait_until([&] { return (*job)->concluded(); })) co_return false;
-    uint64_t target = client.acked + 20;
-    if (!co_await wait_until([&] { return client.acked >= target; })) co_return false;
-    client.stop = true;
-    co_return co_await wait_until([&] { return client.done; });
+    co_return co_await drive_to_switch(**job, client, rng, mode == CopyMode::kBackground);
   }());
   ASSERT_FALSE((*job)->failure()) << (*job)->failure()->message();
   ASSERT_TRUE(ok);
