@@ -360,3 +360,29 @@ def test_cli_commit_refuses_an_image_without_backing(cli, workdir):
     assert (workdir / "lone.qcow2").read_bytes() == before
     res = cli.run("commit", workdir / "missing.qcow2")
     assert res.returncode == 2 and "missing.qcow2" in res.stderr and res.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("kill_after", ["running", "ready"])
+def test_kill_9_during_an_active_commit_leaves_every_image_consistent(daemon, qmp, workdir,
+                                                                      kill_after):
+    # The base is written only under data the layers above it hold, so the
+    # chain reads the same whenever the process dies; the images are clean or
+    # at worst leak clusters.
+    base, mid, top = three_layers(workdir)
+    qemu_io(top, "write -P 0x44 0 2M")  # enough that a throttled job is mid-copy
+    model = read_raw(top, workdir / "start.raw")
+    add_chain(qmp, base, mid, top)
+    qmp.cmd("block-commit", job_id="c", device="top",
+            speed=(1 * MiB if kill_after == "running" else 0))
+    if kill_after == "ready":
+        qmp.wait_event("BLOCK_JOB_READY", match={"device": "c"}, timeout=60)
+    else:
+        time.sleep(0.5)
+        assert qmp.cmd("query-block-jobs")[0]["status"] == "running"
+    daemon.proc.kill()
+    daemon.proc.wait(10)
+    for img in (base, mid, top):
+        check_image(img, leaks_ok=True)
+    assert read_raw(top, workdir / "after.raw") == model
+    if kill_after == "ready":  # ready = everything copied and flushed
+        assert read_raw(base, workdir / "base.raw") == model
