@@ -101,6 +101,7 @@ int run_commit(const CommitArgs& a) {
       progress.note(fmt::format("serving {} at {} (clients switch to the base on completion)",
                                 a.image, a.serve.where(server)));
     DriveOptions drive;
+    drive.already_started = true;  // block-commit started it
     drive.auto_complete = !a.no_auto_complete;
     drive.complete_on_usr1 = a.no_auto_complete;
     int rc = co_await drive_mirror(loop, job, progress, drive);

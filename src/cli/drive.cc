@@ -88,7 +88,7 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
   }
 
   auto started = std::chrono::steady_clock::now();
-  job->start(loop.executor());
+  if (!opts.already_started) job->start(loop.executor());
   bool completed_requested = false;
   while (!job->concluded()) {
     progress.tick(job->info());

@@ -16,6 +16,9 @@ struct DriveOptions {
   bool auto_complete = true;
   // Without auto_complete: complete when SIGUSR1 arrives (after ready).
   bool complete_on_usr1 = false;
+  // The job was started by its creator (a job made by the in-process QMP daemon):
+  // drive it without starting it again.
+  bool already_started = false;
   // Called once when the job is ready, before complete; may delay completing.
   std::function<Task<void>()> before_complete;
 };

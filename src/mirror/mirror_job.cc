@@ -404,7 +404,16 @@ Task<Result<void>> MirrorJob::prepare() {
 Task<void> MirrorJob::commit() {
   detach();
   undrain_sources();
+  release_permissions();
   co_return;
+}
+
+void MirrorJob::release_permissions() {
+  // The job is over: it needs nothing of its nodes any more, so a base can be
+  // reopened read-only and others may write, before the job is dismissed.
+  for (Child* e : {src_edge_.get(), tgt_edge_.get(), replaces_edge_.get()})
+    if (e) (void)e->set_perms(Perms{0, kPermAll});
+  for (auto& e : between_edges_) (void)e->set_perms(Perms{0, kPermAll});
 }
 
 Task<void> MirrorJob::abort() {
@@ -414,6 +423,7 @@ Task<void> MirrorJob::abort() {
   // after BLOCK_JOB_CANCELLED / COMPLETED.
   while (intercepts_ > 0) co_await intercepts_done_.wait();
   undrain_sources();
+  release_permissions();
 }
 
 }  // namespace blkmirror

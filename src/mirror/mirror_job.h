@@ -176,6 +176,8 @@ class MirrorJob : public Job, public WriteInterceptor {
   Task<void> drain_sources();
   void undrain_sources();
   void detach();
+  // commit() and abort(): every edge of the job needs nothing and shares all.
+  void release_permissions();
 
   ByteRange chunk_bytes(uint64_t first, uint64_t end) const;
   // The whole chunks covering [off, off+len), clipped to the device.

@@ -215,15 +215,3 @@ Task<void> Daemon::drop_committed_layers(const CommitAftermath& a) {
 
 }  // namespace blkmirror::qmp
 
-namespace blkmirror::qmp {
-
-// INTERIM until the reopen mechanism (branch chain-ops) is merged: nodes
-// cannot change their read-only flag yet, so a read-only base is refused.
-Task<QResult<void>> Daemon::reopen_read_only(const std::string& node, bool read_only) {
-  Node* n = graph_.find(node);
-  if (!n) co_return generic_error(fmt::format("Cannot find device='' nor node-name='{}'", node));
-  if (n->device().caps().read_only == read_only) co_return QResult<void>{};
-  co_return generic_error(fmt::format("Node '{}' is read-only", node));
-}
-
-}  // namespace blkmirror::qmp

@@ -194,9 +194,6 @@ class Daemon {
   Task<QResult<void>> reopen_to_read_only(Node& n, NodeRecord& rec, Node* file);
   QmpError reopen_error(const Node& n, const Error& e) const;
 
-  // Reopens a node (and the file node below a format node) read-only or
-  // read-write; refused with QEMU's text when a parent's needs conflict.
-  Task<QResult<void>> reopen_read_only(const std::string& node, bool read_only);
 
   // What block-commit does to the graph once its job concluded (cmd_commit.cc).
   struct CommitAftermath {

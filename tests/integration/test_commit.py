@@ -386,3 +386,96 @@ def test_kill_9_during_an_active_commit_leaves_every_image_consistent(daemon, qm
     assert read_raw(top, workdir / "after.raw") == model
     if kill_after == "ready":  # ready = everything copied and flushed
         assert read_raw(base, workdir / "base.raw") == model
+
+
+# --- chains opened from their headers: read-only implicit layers, reopened for the job
+
+def nodes_by_file(qmp):
+    return {n["file"]: n for n in qmp.cmd("query-named-block-nodes") if n["drv"] == "qcow2"}
+
+
+def test_active_commit_of_a_chain_opened_from_its_headers(daemon, qmp, workdir):
+    base, mid, top = three_layers(workdir)
+    model = read_raw(top, workdir / "start.raw")
+    qmp.cmd("blockdev-add", driver="qcow2", node_name="top",
+            file={"driver": "file", "filename": str(top)})
+    base_node = nodes_by_file(qmp)[str(base)]
+    assert base_node["ro"]
+    w = Writer(export(qmp, workdir, "top"), model, 41, pace=0.001)
+    try:
+        qmp.cmd("block-commit", job_id="c", device="top")
+        qmp.wait_event("BLOCK_JOB_READY", match={"device": "c"}, timeout=60)
+        qmp.cmd("job-complete", id="c")
+        ev = qmp.wait_event("BLOCK_JOB_COMPLETED", match={"device": "c"}, timeout=60)
+        assert "error" not in ev["data"], ev
+        time.sleep(0.1)
+    finally:
+        w.finish()
+    assert export_node(qmp) == base_node["node-name"]
+    # The base took the top's place, read-write as the top was (QEMU).
+    assert not nodes_by_file(qmp)[str(base)]["ro"]
+    assert w.read_all() == bytes(model)
+    qmp.cmd("blockdev-del", node_name="top")  # its implicit mid goes with it
+    assert set(nodes_by_file(qmp)) == {str(base)}
+    w.h.shutdown()
+    qmp.cmd("block-export-del", id="e")
+    qmp.wait_event("BLOCK_EXPORT_DELETED", match={"id": "e"})
+    qmp.cmd("quit")
+    daemon.proc.wait(30)
+    check_image(base)
+    assert read_raw(base, workdir / "b.raw") == model
+
+
+def test_cancelled_commit_puts_the_base_back_read_only(qmp, workdir):
+    base, mid, top = three_layers(workdir)
+    qmp.cmd("blockdev-add", driver="qcow2", node_name="top",
+            file={"driver": "file", "filename": str(top)})
+    qmp.cmd("block-commit", job_id="c", device="top", speed=1)
+    assert not nodes_by_file(qmp)[str(base)]["ro"]  # reopened for the job
+    qmp.cmd("job-cancel", id="c")
+    qmp.wait_event("BLOCK_JOB_CANCELLED", match={"device": "c"}, timeout=30)
+    deadline = time.monotonic() + 10
+    while not nodes_by_file(qmp)[str(base)]["ro"]:
+        assert time.monotonic() < deadline, "the base stayed read-write after the cancel"
+        time.sleep(0.05)
+
+
+def test_intermediate_commit_of_implicit_layers_relinks_a_read_only_overlay(qmp, workdir):
+    # base <- a <- b <- top, all but top opened from headers (read-only). Commit
+    # a into base: the overlay b is read-only and gets its new link all the same.
+    create(workdir / "base.qcow2", SIZE)
+    qemu_io(workdir / "base.qcow2", f"write -P 0xb1 0 {SIZE}")
+    in_dir(workdir, lambda: create("a.qcow2", SIZE, backing="base.qcow2", backing_fmt="qcow2"))
+    in_dir(workdir, lambda: create("b.qcow2", SIZE, backing="a.qcow2", backing_fmt="qcow2"))
+    in_dir(workdir, lambda: create("top.qcow2", SIZE, backing="b.qcow2", backing_fmt="qcow2"))
+    qemu_io(workdir / "a.qcow2", "write -P 0xa1 0 1M", "write -z 4M 64k")
+    qemu_io(workdir / "b.qcow2", "write -P 0xb2 512k 1M")
+    qemu_io(workdir / "top.qcow2", "write -P 0x77 3M 64k")
+    top = workdir / "top.qcow2"
+    model = read_raw(top, workdir / "start.raw")
+    qmp.cmd("blockdev-add", driver="qcow2", node_name="top",
+            file={"driver": "file", "filename": str(top)})
+    w = Writer(export(qmp, workdir, "top"), model, 43, pace=0.001)
+    try:
+        qmp.cmd("block-commit", job_id="c", device="top", top=str(workdir / "a.qcow2"),
+                base=str(workdir / "base.qcow2"))
+        ev = qmp.wait_event("BLOCK_JOB_COMPLETED", match={"device": "c"}, timeout=60)
+        assert "error" not in ev["data"], ev
+        time.sleep(0.1)
+    finally:
+        w.finish()
+    assert w.read_all() == bytes(model)
+    nodes = nodes_by_file(qmp)
+    assert str(workdir / "a.qcow2") not in nodes, "the committed layer is still a node"
+    assert nodes[str(workdir / "b.qcow2")]["ro"] and nodes[str(workdir / "base.qcow2")]["ro"]
+    assert nodes[str(workdir / "b.qcow2")]["image"]["backing-filename"] == str(workdir / "base.qcow2")
+    w.h.shutdown()
+    qmp.cmd("block-export-del", id="e")
+    qmp.wait_event("BLOCK_EXPORT_DELETED", match={"id": "e"})
+    qmp.cmd("blockdev-del", node_name="top")
+    assert nodes_by_file(qmp) == {}, "blockdev-del of top left nodes of its chain behind"
+    chain = json.loads(qemu_img("info", "--output=json", "--backing-chain", str(top)).stdout)
+    assert [os.path.basename(i["filename"]) for i in chain] == ["top.qcow2", "b.qcow2", "base.qcow2"]
+    for img in ("top", "b", "base"):
+        check_image(workdir / f"{img}.qcow2")
+    assert read_raw(top, workdir / "after.raw") == model
