@@ -162,6 +162,7 @@ MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes
       cow_written_(cow_cluster_ ? div_round_up(length_, cow_cluster_) : 0),
       dirty_(div_round_up(length_, gran_)),
       mode_(p_.copy_mode),
+      target_sized_(tgt->length() >= length_),
       adaptive_(p_.adaptive_window_ms),
       pool_(max_op_, buf_size_ / max_op_ + 1) {
   // The target's own device, not the tracker: offload needs a local file,
@@ -358,6 +359,7 @@ Task<Result<void>> MirrorJob::grow_base() {
   if (!p_.commit || tgt_node_->length() >= length_) co_return Result<void>{};
   // Through the job's own edge, which asked for resize when the job was made.
   auto r = co_await tgt_edge_->resize(length_);
+  target_sized_ = r.has_value();
   if (!r)
     co_return make_plain_error(r.error().errnum(),
                                fmt::format("Could not grow base '{}' to {} bytes: {}",

@@ -226,7 +226,9 @@ class MirrorJob : public Job, public WriteInterceptor {
   Notifier intercepts_done_;        // intercepts_ reached 0
   CopyMode mode_;                   // see copy_mode(); write-blocking = active mirroring
   bool actively_synced_ = false;
-  bool running_ = false;            // run() has started and not returned
+  // The target is as long as the source (an active commit's base grows in
+  // run()): until then client writes only mark chunks dirty, never reach it.
+  bool target_sized_;
   AdaptiveController adaptive_;     // consulted while mode_ is adaptive
   // Under the ignore policy a failed range is dirty again at once: without a
   // hold, a persistent error would be retried as fast as the loop spins, with

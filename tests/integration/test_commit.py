@@ -12,23 +12,9 @@ import time
 
 import pytest
 
-from qcow2_helpers import KiB, MiB, check_image, create, qemu_img, qemu_io
+from qcow2_helpers import KiB, MiB, check_image, create, in_dir, qemu_img, qemu_io, read_raw
 
 SIZE = 8 * MiB
-
-
-def in_dir(d, fn):
-    cwd = os.getcwd()
-    os.chdir(d)
-    try:
-        return fn()
-    finally:
-        os.chdir(cwd)
-
-
-def read_raw(path, out):
-    qemu_img("convert", "-U", "-O", "raw", str(path), str(out))
-    return bytearray(out.read_bytes())
 
 
 def three_layers(d, base_size=SIZE, base_fmt="qcow2"):
@@ -313,3 +299,90 @@ def test_libvirt_active_commit_sequence(qmp, workdir):
     close_all(qmp, w, ["base"])
     check_image(base)
     assert read_raw(base, workdir / "b.raw") == model
+
+
+# --- blkmirror commit IMAGE (the CLI over the same daemon code)
+
+def test_cli_commit_offline_into_the_bottom_of_the_chain(cli, workdir):
+    base, mid, top = three_layers(workdir)
+    model = read_raw(top, workdir / "start.raw")
+    res = cli.run("commit", top, "--no-progress")
+    assert res.returncode == 0, res.stderr
+    check_image(base)
+    check_image(top)
+    assert read_raw(base, workdir / "b.raw") == model
+    # The chain IMAGE heads reads as before; the files' links are unchanged.
+    assert read_raw(top, workdir / "t.raw") == model
+    info = json.loads(qemu_img("info", "--output=json", str(base)).stdout)
+    assert info["format"] == "qcow2" and not info.get("dirty-flag")
+
+
+def test_cli_commit_into_a_named_base_leaves_the_layers_below(cli, workdir):
+    base, mid, top = three_layers(workdir)
+    model = read_raw(top, workdir / "start.raw")
+    base_before = base.read_bytes()
+    res = cli.run("commit", top, "--base", mid, "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert base.read_bytes() == base_before, "the image below --base was written"
+    assert read_raw(mid, workdir / "m.raw") == model
+    check_image(mid)
+
+
+def test_cli_commit_while_serving_switches_clients_to_the_base(cli, workdir):
+    base, mid, top = three_layers(workdir)
+    model = read_raw(top, workdir / "start.raw")
+    sock = workdir / "c.sock"
+    run = cli.start("commit", top, "--socket", sock, "--name", "disk", "--no-auto-complete")
+    run.wait_for_line("serving", 30)
+    w = Writer(f"nbd+unix:///disk?socket={sock}", model, 31, pace=0.001)
+    try:
+        run.wait_for_line("ready", 60)
+        time.sleep(0.2)
+        run.popen.send_signal(10)  # SIGUSR1: complete
+        run.wait_for_line("serving the base now", 60)
+        time.sleep(0.2)  # writes after the switch land on the base
+    finally:
+        w.finish()
+    assert w.read_all() == bytes(model)
+    w.h.shutdown()
+    run.popen.terminate()
+    assert run.popen.wait(30) == 0, run.stderr_lines
+    check_image(base)
+    assert read_raw(base, workdir / "b.raw") == model
+
+
+def test_cli_commit_refuses_an_image_without_backing(cli, workdir):
+    create(workdir / "lone.qcow2", SIZE)
+    before = (workdir / "lone.qcow2").read_bytes()
+    res = cli.run("commit", workdir / "lone.qcow2")
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"blkmirror: {workdir / 'lone.qcow2'} has no backing file: nothing to commit"
+    assert (workdir / "lone.qcow2").read_bytes() == before
+    res = cli.run("commit", workdir / "missing.qcow2")
+    assert res.returncode == 2 and "missing.qcow2" in res.stderr and res.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("kill_after", ["running", "ready"])
+def test_kill_9_during_an_active_commit_leaves_every_image_consistent(daemon, qmp, workdir,
+                                                                      kill_after):
+    # The base is written only under data the layers above it hold, so the
+    # chain reads the same whenever the process dies; the images are clean or
+    # at worst leak clusters.
+    base, mid, top = three_layers(workdir)
+    qemu_io(top, "write -P 0x44 0 2M")  # enough that a throttled job is mid-copy
+    model = read_raw(top, workdir / "start.raw")
+    add_chain(qmp, base, mid, top)
+    qmp.cmd("block-commit", job_id="c", device="top",
+            speed=(1 * MiB if kill_after == "running" else 0))
+    if kill_after == "ready":
+        qmp.wait_event("BLOCK_JOB_READY", match={"device": "c"}, timeout=60)
+    else:
+        time.sleep(0.5)
+        assert qmp.cmd("query-block-jobs")[0]["status"] == "running"
+    daemon.proc.kill()
+    daemon.proc.wait(10)
+    for img in (base, mid, top):
+        check_image(img, leaks_ok=True)
+    assert read_raw(top, workdir / "after.raw") == model
+    if kill_after == "ready":  # ready = everything copied and flushed
+        assert read_raw(base, workdir / "base.raw") == model
