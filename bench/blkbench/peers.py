@@ -170,6 +170,43 @@ def verify_qemu_img(src: str, dst: str, who: str) -> None:
                         f"{(r.stdout + r.stderr).strip()}")
 
 
+QCOW2_CLUSTER = "64k"  # the cluster size of the layered scenarios' qcow2 images
+
+
+def qemu_img(*args: str) -> None:
+    r = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RunFailed(f"qemu-img {' '.join(args)}: {(r.stdout + r.stderr).strip()}")
+
+
+def create_qcow2(path: str, size: int, prealloc: str = "off", backing: str | None = None,
+                 backing_fmt: str = "qcow2") -> None:
+    """A new qcow2 image (QCOW2_CLUSTER clusters), over a backing file if given."""
+    remove(path)
+    opts = ["-o", f"cluster_size={QCOW2_CLUSTER},preallocation={prealloc}"]
+    if backing:
+        opts += ["-b", backing, "-F", backing_fmt]
+    qemu_img("create", "-q", "-f", "qcow2", *opts, path, str(size))
+
+
+def verify_images(src: str, src_fmt: str, dst: str, dst_fmt: str, who: str) -> None:
+    """qemu-img compare of what the two images (with their backing chains)
+    read, then qemu-img check of the qcow2 side (the target when both are)."""
+    r = subprocess.run(["qemu-img", "compare", "-q", "-f", src_fmt, "-F", dst_fmt, src, dst],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RunFailed(f"VERIFY MISMATCH after {who}: qemu-img compare {src} {dst}: "
+                        f"{(r.stdout + r.stderr).strip()}")
+    if "qcow2" in (src_fmt, dst_fmt):
+        check_qcow2(dst if dst_fmt == "qcow2" else src, who)
+
+
+def check_qcow2(img: str, who: str) -> None:
+    c = subprocess.run(["qemu-img", "check", "-q", img], capture_output=True, text=True)
+    if c.returncode != 0:
+        raise RunFailed(f"qemu-img check {img} after {who}: {(c.stdout + c.stderr).strip()}")
+
+
 def copy_contestant(key: str, label: str, argv: Callable[[Ctx, str, str], list[str]],
                     fsync_after: bool = False, src_key: str = "src",
                     size_key: str | None = None, kind: str = "copy") -> Contestant:
@@ -350,28 +387,19 @@ def start_blkmirror_mirror(ctx: Ctx, src: str, dst: str, workdir: str,
     return c, f"nbd+unix:///?socket={sock}"
 
 
-def start_qsd_export(src: str, dst: str | None, workdir: str,
-                     blkmirror: str | None = None, fmt: str = "raw") -> tuple[Child, QMP, str]:
-    """qemu-storage-daemon with raw file nodes (aio=threads), the source
-    exported over NBD (writable), QMP last: once QMP answers, every option
-    before it (the NBD server and export) is in place. With blkmirror (its
-    binary): `blkmirror daemon`, with the same options, instead. fmt: the
-    source node's driver (raw or qcow2)."""
+def start_qmp_daemon(workdir: str, blkmirror: str | None, args: list[str],
+                     timeout: float = JOB_TIMEOUT) -> tuple[Child, QMP]:
+    """qemu-storage-daemon, or `blkmirror daemon` when blkmirror (its binary)
+    is given, with the daemon options args and a QMP monitor on a UNIX socket
+    in workdir; returns once QMP answers (the monitor comes last, so every
+    option before it is in place). timeout: QMP's read timeout."""
     qsock = os.path.join(workdir, "qmp.sock")
-    nsock = os.path.join(workdir, "qsd-nbd.sock")
-    remove(qsock, nsock)
+    remove(qsock)
     name = "blkmirror daemon" if blkmirror else "qemu-storage-daemon"
-    cmd = [blkmirror, "daemon", "--qmp", qsock] if blkmirror else ["qemu-storage-daemon"]
-    cmd += ["--blockdev", f"driver=file,node-name=srcf,filename={src},aio=threads",
-           "--blockdev", f"driver={fmt},node-name=src,file=srcf"]
-    if dst:
-        cmd += ["--blockdev", f"driver=file,node-name=dstf,filename={dst},aio=threads",
-                "--blockdev", "driver=raw,node-name=dst,file=dstf"]
-    cmd += ["--nbd-server", f"addr.type=unix,addr.path={nsock}",
-            "--export", "type=nbd,id=e0,node-name=src,name=src,writable=on"]
-    if not blkmirror:
-        cmd += ["--chardev", f"socket,id=c0,path={qsock},server=on,wait=off",
-                "--monitor", "chardev=c0"]
+    cmd = ([blkmirror, "daemon", "--qmp", qsock] + args if blkmirror else
+           ["qemu-storage-daemon"] + args
+           + ["--chardev", f"socket,id=c0,path={qsock},server=on,wait=off",
+              "--monitor", "chardev=c0"])
     c = Child(name, cmd, workdir)
     try:
         deadline = time.monotonic() + 30
@@ -380,8 +408,7 @@ def start_qsd_export(src: str, dst: str | None, workdir: str,
                 raise c.exited("QMP came up")
             if os.path.exists(qsock):
                 try:
-                    qmp = QMP(qsock, JOB_TIMEOUT)
-                    break
+                    return c, QMP(qsock, timeout)
                 except (ConnectionRefusedError, FileNotFoundError):
                     pass
             if time.monotonic() > deadline:
@@ -390,6 +417,25 @@ def start_qsd_export(src: str, dst: str | None, workdir: str,
     except BaseException:
         c.close()
         raise
+
+
+def start_qsd_export(src: str, dst: str | None, workdir: str,
+                     blkmirror: str | None = None, fmt: str = "raw") -> tuple[Child, QMP, str]:
+    """qemu-storage-daemon with raw file nodes (aio=threads), the source
+    exported over NBD (writable), QMP last: once QMP answers, every option
+    before it (the NBD server and export) is in place. With blkmirror (its
+    binary): `blkmirror daemon`, with the same options, instead. fmt: the
+    source node's driver (raw or qcow2)."""
+    nsock = os.path.join(workdir, "qsd-nbd.sock")
+    remove(nsock)
+    args = ["--blockdev", f"driver=file,node-name=srcf,filename={src},aio=threads",
+            "--blockdev", f"driver={fmt},node-name=src,file=srcf"]
+    if dst:
+        args += ["--blockdev", f"driver=file,node-name=dstf,filename={dst},aio=threads",
+                 "--blockdev", "driver=raw,node-name=dst,file=dstf"]
+    args += ["--nbd-server", f"addr.type=unix,addr.path={nsock}",
+             "--export", "type=nbd,id=e0,node-name=src,name=src,writable=on"]
+    c, qmp = start_qmp_daemon(workdir, blkmirror, args)
     return c, qmp, f"nbd+unix:///src?socket={nsock}"
 
 

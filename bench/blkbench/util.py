@@ -133,16 +133,27 @@ def make_dense(path: str, size: int, seed: int) -> None:
 def make_sparse(path: str, virtual: int, data: int, seed: int, extent: int = MiB) -> int:
     """`virtual` bytes with `data` bytes of random data in `extent`-sized
     extents at random extent-aligned offsets (fixed seed). Returns the extent count."""
-    slots = virtual // extent
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, virtual)
+    finally:
+        os.close(fd)
+    return write_extents(path, virtual, data, seed, extent)
+
+
+def write_extents(path: str, span: int, data: int, seed: int, extent: int = MiB) -> int:
+    """Overwrites `data` bytes of an existing file with random data in
+    `extent`-sized extents at random extent-aligned offsets below `span`
+    (fixed seed). Returns the extent count."""
+    slots = span // extent
     n = max(1, data // extent)
     if n > slots:
-        raise SystemExit(f"sparse data {fmt_size(data)} does not fit in {fmt_size(virtual)}")
+        raise SystemExit(f"sparse data {fmt_size(data)} does not fit in {fmt_size(span)}")
     offsets = sorted(random.Random(seed).sample(range(slots), n))
     rs = RandomStream(seed + 1)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(path, os.O_WRONLY)
         try:
-            os.ftruncate(fd, virtual)
             for slot in offsets:
                 os.pwrite(fd, rs.read(extent), slot * extent)
             os.fdatasync(fd)

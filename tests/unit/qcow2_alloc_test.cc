@@ -10,6 +10,7 @@
 
 #include <fmt/format.h>
 
+#include "blockdev/wrapper.h"
 #include "qcow2_util.h"
 
 namespace blkmirror::test {
@@ -175,6 +176,62 @@ TEST(Qcow2Alloc, CopyOnWriteFromSparseBackingKeepsEveryByte) {
             .status,
         0);
   }
+}
+
+// The image file, recording which buffers its writes came from, and the backing
+// file, counting reads.
+class WatchedFile : public BlockDeviceWrapper {
+ public:
+  using BlockDeviceWrapper::BlockDeviceWrapper;
+  std::vector<const std::byte*> write_sources;
+  int reads = 0;
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf) override {
+    ++reads;
+    return BlockDeviceWrapper::read(off, buf);
+  }
+  Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) override {
+    write_sources.push_back(buf.data());
+    return BlockDeviceWrapper::write(off, buf, f);
+  }
+};
+
+// A write that covers whole new clusters over a backing file (a sync=top mirror
+// into a new overlay writes nothing else) has nothing to copy from below: the
+// guest's buffer goes to the file as it is, with no read of the backing file and
+// no cluster-sized bounce buffer (which cost a sync=top mirror most of its CPU).
+TEST(Qcow2Alloc, WholeClustersOverABackingFileAreWrittenFromTheGuestBuffer) {
+  TempDir dir;
+  Loop loop;
+  const std::string base = dir / "base.raw", top = dir / "top.qcow2";
+  const uint64_t size = 4 << 20, cs = 65536;
+  std::vector<std::byte> model(size, std::byte{0x5a});
+  write_raw(base, model);
+  ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 -b {} -F raw {}", base, top)).status, 0);
+  auto b = FileDevice::open(loop, base, FileOptions{.read_only = true});
+  ASSERT_TRUE(b);
+  auto backing = std::make_shared<WatchedFile>(*b);
+  auto f = FileDevice::open(loop, top);
+  ASSERT_TRUE(f);
+  auto file = std::make_shared<WatchedFile>(*f);
+  auto dev = loop.run(Qcow2Device::open(loop, file, backing, Qcow2OpenOptions{}));
+  ASSERT_TRUE(dev) << dev.error().message();
+  Qcow2Device& q = **dev;
+  std::vector<std::byte> d(16 * cs, std::byte{0x33});
+  ASSERT_TRUE(loop.run(q.write(cs, d, {})));
+  std::copy(d.begin(), d.end(), model.begin() + cs);
+  EXPECT_EQ(backing->reads, 0);
+  EXPECT_NE(std::find(file->write_sources.begin(), file->write_sources.end(), d.data()),
+            file->write_sources.end())
+      << "the data was copied before it was written";
+  auto got = loop.run(read_all(q));
+  ASSERT_TRUE(got);
+  EXPECT_EQ(first_diff(*got, model), -1);
+  ASSERT_TRUE(loop.run(q.close()));
+  EXPECT_EQ(qemu_check(top), "");
+  write_raw(dir / "model.raw", model);
+  EXPECT_EQ(sh(fmt::format("qemu-img compare -q -U -f qcow2 -F raw {} {}", top, dir / "model.raw"))
+                .status,
+            0);
 }
 
 // Zeroing the rest of a chunk around new data (what a mirror into a new image

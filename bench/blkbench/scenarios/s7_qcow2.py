@@ -8,41 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 
 from ..core import Contestant, Ctx, Measure, Table, Variant, failed_runs, fio_nbd_available, run_rotation, want_peer
-from ..peers import export_fio, parse_blkmirror_stderr, qsd_mirror
-from ..procs import RunFailed, check_proc, run_timed
+from ..peers import QCOW2_CLUSTER as CLUSTER, check_qcow2, create_qcow2, export_fio, parse_blkmirror_stderr, qemu_img, qsd_mirror, verify_images
+from ..procs import check_proc, run_timed
 from ..report import div, fmt_iops, fmt_x, load_note, med, per_rep, speedup_notes, time_table
 from ..util import GiB, MiB, allocated, fmt_size, fresh_sparse, log, make_dense, parse_size, remove
-
-CLUSTER = "64k"
-
-
-def qemu_img(*args: str) -> None:
-    r = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RunFailed(f"qemu-img {' '.join(args)}: {(r.stdout + r.stderr).strip()}")
-
-
-def create_qcow2(path: str, size: int, prealloc: str = "off") -> None:
-    remove(path)
-    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER},preallocation={prealloc}",
-             path, str(size))
-
-
-def verify_images(src: str, src_fmt: str, dst: str, dst_fmt: str, who: str) -> None:
-    r = subprocess.run(["qemu-img", "compare", "-q", "-f", src_fmt, "-F", dst_fmt, src, dst],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RunFailed(f"VERIFY MISMATCH after {who}: qemu-img compare {src} {dst}: "
-                        f"{(r.stdout + r.stderr).strip()}")
-    if "qcow2" in (src_fmt, dst_fmt):
-        img = dst if dst_fmt == "qcow2" else src
-        c = subprocess.run(["qemu-img", "check", "-q", img], capture_output=True, text=True)
-        if c.returncode != 0:
-            raise RunFailed(f"qemu-img check {img} after {who}: {(c.stdout + c.stderr).strip()}")
 
 
 # --- export: fio over NBD to a served qcow2 image
@@ -66,9 +38,7 @@ def export_contestant(key: str, label: str, server: str, workloads: list[tuple[s
             total += m.times[""]
             if m.rss_kib:
                 rss.append(m.rss_kib)
-        c = subprocess.run(["qemu-img", "check", "-q", v.src], capture_output=True, text=True)
-        if c.returncode != 0:
-            raise RunFailed(f"qemu-img check {v.src} after {label}: {(c.stdout + c.stderr).strip()}")
+        check_qcow2(v.src, label)
         return Measure({"": total}, rss_kib=max(rss) if rss else None, info=info)
 
     return Contestant(key, label, run, kind="export")

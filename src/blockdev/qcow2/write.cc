@@ -116,6 +116,9 @@ Task<Result<void>> Qcow2Impl::fill_allocation(qcow2::Refcounts::Allocation a, ui
   // Page-aligned (in the file) bounds of the guest data, within the region.
   auto down = [&](uint64_t x) { return std::max(host, align_down(host + x, page)) - host; };
   auto up = [&](uint64_t x) { return std::min(host + size, align_up(host + x, page)) - host; };
+  // The guest data covers the whole region: nothing underneath shows through,
+  // whatever is below (a sync=top mirror into a new overlay writes only this).
+  if (head == 0 && tail_at == size) co_return co_await file->write(host, data, {});
   if (fresh && nothing_below) {
     // Everything but the guest data reads as zero already.
     const uint64_t ws = down(head), we = up(tail_at);
