@@ -288,4 +288,14 @@ std::vector<Node*> Graph::nodes() const {
   return out;
 }
 
+const Child* job_edge(const Node& n) {
+  for (const Child* c : n.parents())
+    if (c->role().rfind("job ", 0) == 0) return c;
+  return nullptr;
+}
+
+std::string busy_message(const Node& n, const Child& edge) {
+  return fmt::format("Node '{}' is busy: block device is in use by {}", n.name(), edge.role());
+}
+
 }  // namespace blkmirror

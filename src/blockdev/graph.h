@@ -210,4 +210,11 @@ class Graph {
   std::thread::id thread_ = std::this_thread::get_id();
 };
 
+// The edge a job holds to n (jobs name their edges "job <id>"), or nullptr. A
+// node a job holds is busy: another job may not use it.
+const Child* job_edge(const Node& n);
+
+// The message for a node busy with the job holding `edge` (QEMU's op blockers').
+std::string busy_message(const Node& n, const Child& edge);
+
 }  // namespace blkmirror

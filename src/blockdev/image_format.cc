@@ -52,4 +52,10 @@ Result<void> ChainGuard::enter(const std::string& path) {
   return {};
 }
 
+std::string absolute_path(const std::string& p) {
+  std::error_code ec;
+  auto a = std::filesystem::absolute(p, ec);
+  return ec ? p : a.lexically_normal().string();
+}
+
 }  // namespace blkmirror

@@ -51,4 +51,8 @@ class ChainGuard {
   std::string top_;
 };
 
+// p made absolute (against the working directory) and normalized; p itself
+// when that fails.
+std::string absolute_path(const std::string& p);
+
 }  // namespace blkmirror

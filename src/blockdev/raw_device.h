@@ -37,6 +37,10 @@ class RawDevice : public BlockDevice {
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override {
     return file_->block_status(off, len);
   }
+  Task<Result<void>> resize(uint64_t new_length) override {
+    if (caps_.read_only) return read_only_resize();
+    return file_->resize(new_length);
+  }
   Task<Result<void>> check_unchanged() override { return file_->node().device().check_unchanged(); }
   uint64_t generation() const override { return file_->node().device().generation(); }
   bool connected() const override { return file_->node().device().connected(); }
@@ -46,6 +50,9 @@ class RawDevice : public BlockDevice {
   }
 
  private:
+  Task<Result<void>> read_only_resize() {
+    co_return make_plain_error(EROFS, describe() + ": read-only, cannot be resized");
+  }
   Child* file_;
   BlockCaps caps_;
 };

@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
       blkmirror::add_serve_command(app),
       blkmirror::add_daemon_command(app),
       blkmirror::add_ctl_command(app),
+      blkmirror::add_commit_command(app),
   };
   try {
     app.parse(argc, argv);

@@ -46,7 +46,7 @@ ByteRange MirrorJob::chunks_covering(uint64_t off, uint64_t len) const {
 }
 
 bool MirrorJob::copy_to_target() const {
-  if (!write_blocking() || !attached_ || fatal_ || cancel_requested() ||
+  if (!write_blocking() || !attached_ || !target_sized_ || fatal_ || cancel_requested() ||
       io_status() != IoStatus::kOk)
     return false;
   switch (status()) {

@@ -67,6 +67,9 @@ Task<Result<void>> MirrorJob::dirty_init() {
     if (e->length == 0) co_return make_error(EIO, fmt::format("{}: empty extent", src_.describe()));
     if (top_only && e->depth != 1) {
       // Below the top layer (or nowhere): not copied.
+    } else if (base_depth_ && (e->depth == 0 || e->depth >= base_depth_)) {
+      // Active commit: the base's own data (or nothing, which the base reads
+      // as zeroes too): it is already where it belongs.
     } else if (!e->zero) {
       mark_dirty(pos, e->length);
     } else if (!target_zero) {

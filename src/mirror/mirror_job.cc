@@ -33,13 +33,6 @@ bool carries_data_of(const Node* top, const Node* below) {
   return false;
 }
 
-// A node is busy when a job already holds an edge to it.
-const Child* job_edge(const Node& n) {
-  for (const Child* c : n.parents())
-    if (c->role().rfind("job ", 0) == 0) return c;
-  return nullptr;
-}
-
 }  // namespace
 
 Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, MirrorParams p) {
@@ -62,14 +55,35 @@ Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, M
                               replaces->name(), src->name()));
   }
   for (Node* n : {src, tgt}) {
-    if (const Child* c = job_edge(*n))
-      return make_plain_error(EBUSY, fmt::format("Node '{}' is busy: block device is in use by {}",
-                                           n->name(), c->role()));
+    if (const Child* c = job_edge(*n)) return make_plain_error(EBUSY, busy_message(*n, *c));
   }
   if (tgt->device().caps().read_only)
     return make_plain_error(EROFS, fmt::format("Target node '{}' is read-only", tgt->name()));
-  if (src->length() != tgt->length())
+  // Active commit: the base's depth in the source's chain (the source is 1).
+  uint32_t base_depth = 0;
+  std::vector<Node*> between;  // the layers strictly between source and base
+  if (p.commit) {
+    uint32_t d = 1;
+    for (Node* n = src->backing(); n; n = n->backing()) {
+      ++d;
+      if (n == tgt) {
+        base_depth = d;
+        break;
+      }
+      between.push_back(n);
+    }
+    if (!base_depth)
+      return make_plain_error(
+          EINVAL, fmt::format("'{}' is not in this backing file chain", tgt->name()));
+    for (Node* n : between) {
+      if (const Child* c = job_edge(*n)) return make_plain_error(EBUSY, busy_message(*n, *c));
+    }
+  } else if (src->length() != tgt->length()) {
     return make_plain_error(EINVAL, "Source and target image have different sizes");
+  }
+  // A base smaller than the source grows before the copy (QEMU's commit does);
+  // a larger one keeps its size.
+  const bool grow = p.commit && tgt->length() < src->length();
   if (p.job_id.empty()) p.job_id = p.device;
   // One bit per chunk: refuse a bitmap that would not fit rather than fail an
   // allocation (a 1 PiB node at 512-byte chunks would need 256 GiB).
@@ -89,21 +103,31 @@ Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, M
       src, role, EdgeUse{who, "source", Perms{kPermConsistentRead, kPermAll & ~kPermResize}});
   if (!s) return make_error(s.error());
   edges.src = std::move(*s);
-  auto t = graph.attach(tgt, role, EdgeUse{who, "target", Perms{kPermWrite, kTargetShared}});
+  auto t = graph.attach(
+      tgt, role,
+      EdgeUse{who, p.commit ? "base" : "target",
+              Perms{kPermWrite | (grow ? kPermResize : 0u), kTargetShared}});
   if (!t) return make_error(t.error());
   edges.tgt = std::move(*t);
+  // The layers being committed: busy for other jobs and blockdev-del while the
+  // job runs (QEMU blocks them as commit targets); the job needs nothing of them.
+  for (Node* n : between) {
+    auto b = graph.attach(n, role, EdgeUse{who, "intermediate layer", Perms{0, kPermAll}});
+    if (!b) return make_error(b.error());
+    edges.between.push_back(std::move(*b));
+  }
   if (replaces != src) {
     auto r = graph.attach(replaces, role, EdgeUse{who, "replaced node", Perms{0, kPermAll}});
     if (!r) return make_error(r.error());
     edges.replaces = std::move(*r);
   }
-  return std::shared_ptr<MirrorJob>(
-      new MirrorJob(loop, graph, std::move(p), sizes, src, tgt, replaces, std::move(edges)));
+  return std::shared_ptr<MirrorJob>(new MirrorJob(loop, graph, std::move(p), sizes, src, tgt,
+                                                  replaces, base_depth, std::move(edges)));
 }
 
 MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes, Node* src,
-                     Node* tgt, Node* replaces, Edges edges)
-    : Job(p.job_id, "mirror", p.device, p.auto_finalize, p.auto_dismiss),
+                     Node* tgt, Node* replaces, uint32_t base_depth, Edges edges)
+    : Job(p.job_id, p.commit ? "commit" : "mirror", p.device, p.auto_finalize, p.auto_dismiss),
       loop_(loop),
       graph_(graph),
       p_(std::move(p)),
@@ -113,25 +137,32 @@ MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes
       src_edge_(std::move(edges.src)),
       tgt_edge_(std::move(edges.tgt)),
       replaces_edge_(std::move(edges.replaces)),
+      between_edges_(std::move(edges.between)),
       tracker_(std::make_shared<TargetTracker>(
           tgt->device_ptr(),
           sizes.granularity,
           [this](uint64_t off, uint64_t len) {
             mark_dirty(off, len);
             wake_.notify_all();
-          })),
+          },
+          TargetTracker::kCheckpoint, src->length())),
       src_(src->device()),
       tgt_(*tracker_),
       length_(src->length()),
       gran_(sizes.granularity),
       buf_size_(sizes.buf_size),
       max_op_(sizes.max_op),
-      cow_cluster_(tgt->device().caps().has_backing && tgt->device().caps().cluster_size > gran_
+      base_depth_(base_depth),
+      // A commit's base reads its own backing file's data, which is already
+      // the chain's: no padding needed there.
+      cow_cluster_(!p_.commit && tgt->device().caps().has_backing &&
+                           tgt->device().caps().cluster_size > gran_
                        ? tgt->device().caps().cluster_size
                        : 0),
       cow_written_(cow_cluster_ ? div_round_up(length_, cow_cluster_) : 0),
       dirty_(div_round_up(length_, gran_)),
       mode_(p_.copy_mode),
+      target_sized_(tgt->length() >= length_),
       adaptive_(p_.adaptive_window_ms),
       pool_(max_op_, buf_size_ / max_op_ + 1) {
   // The target's own device, not the tracker: offload needs a local file,
@@ -238,6 +269,7 @@ Task<Result<void>> MirrorJob::run() {
   // is still allocating there, and never copy it.
   co_await src_node_->drain();
   src_node_->undrain();
+  if (auto r = co_await grow_base(); !r) co_return r;
   if (auto r = co_await dirty_init(); !r) co_return r;
   for (;;) {
     update_len();
@@ -323,6 +355,18 @@ Task<Result<void>> MirrorJob::run() {
   }
 }
 
+Task<Result<void>> MirrorJob::grow_base() {
+  if (!p_.commit || tgt_node_->length() >= length_) co_return Result<void>{};
+  // Through the job's own edge, which asked for resize when the job was made.
+  auto r = co_await tgt_edge_->resize(length_);
+  target_sized_ = r.has_value();
+  if (!r)
+    co_return make_plain_error(r.error().errnum(),
+                               fmt::format("Could not grow base '{}' to {} bytes: {}",
+                                           tgt_node_->name(), length_, r.error().message()));
+  co_return Result<void>{};
+}
+
 Result<void> MirrorJob::check_still_replaceable() const {
   if (carries_data_of(src_node_, replaces_node_)) return {};
   return make_plain_error(
@@ -345,6 +389,7 @@ Task<Result<void>> MirrorJob::prepare() {
   co_await tgt_node_->drain();
   std::vector<const Child*> keep{src_edge_.get(), tgt_edge_.get()};
   if (replaces_edge_) keep.push_back(replaces_edge_.get());
+  for (auto& e : between_edges_) keep.push_back(e.get());
   auto r = graph_.replace(replaces_node_, tgt_node_, keep);
   tgt_node_->undrain();
   if (!r) {

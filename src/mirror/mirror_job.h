@@ -21,6 +21,7 @@
 #include <memory>
 #include <chrono>
 #include <optional>
+#include <vector>
 
 #include "base/align.h"
 #include "base/event_throttle.h"
@@ -105,9 +106,12 @@ class MirrorJob : public Job, public WriteInterceptor {
  private:
   struct Edges {
     std::unique_ptr<Child> src, tgt, replaces;
+    std::vector<std::unique_ptr<Child>> between;  // commit: the layers above the base
   };
   MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes, Node* src, Node* tgt,
-            Node* replaces, Edges edges);
+            Node* replaces, uint32_t base_depth, Edges edges);
+  // Active commit: grows the base to the source's length when it is shorter.
+  Task<Result<void>> grow_base();
 
   // Phase 1 (dirty_init.cc).
   Task<Result<void>> dirty_init();
@@ -199,6 +203,8 @@ class MirrorJob : public Job, public WriteInterceptor {
   // only reads and unchanging writes (docs/design/permissions.md). Replaced
   // node (when not the source): no permissions, keeps it alive and busy.
   std::unique_ptr<Child> src_edge_, tgt_edge_, replaces_edge_;
+  // Active commit: the layers between the source and the base, held busy.
+  std::vector<std::unique_ptr<Child>> between_edges_;
   // Every target request goes through it: unflushed writes are handed back
   // after a reconnect, and another disk answering is refused (target_tracker.h).
   std::shared_ptr<TargetTracker> tracker_;
@@ -208,6 +214,10 @@ class MirrorJob : public Job, public WriteInterceptor {
   const uint64_t gran_;      // derive_sizes(): fixed for the job's life
   const uint64_t buf_size_;
   const uint64_t max_op_;
+  // Active commit: the base's depth in the source's chain (block_status depth;
+  // the source is 1), so extents of depth 1..base_depth_-1 are copied. 0: not
+  // a commit.
+  const uint32_t base_depth_;
   // COW alignment (MIRROR.md phase 3): the target's cluster size when it has a
   // backing node and its clusters are larger than a chunk, else 0. A partial
   // first write into such a cluster would have the format fill the rest from
@@ -224,7 +234,9 @@ class MirrorJob : public Job, public WriteInterceptor {
   Notifier intercepts_done_;        // intercepts_ reached 0
   CopyMode mode_;                   // see copy_mode(); write-blocking = active mirroring
   bool actively_synced_ = false;
-  bool running_ = false;            // run() has started and not returned
+  // The target is as long as the source (an active commit's base grows in
+  // run()): until then client writes only mark chunks dirty, never reach it.
+  bool target_sized_;
   AdaptiveController adaptive_;     // consulted while mode_ is adaptive
   // Under the ignore policy a failed range is dirty again at once: without a
   // hold, a persistent error would be retried as fast as the loop spins, with

@@ -58,6 +58,12 @@ struct MirrorParams {
   // are regular files on one file system: on XFS/btrfs the target then shares
   // the source's extents (reflink). Off: every byte is read and written.
   bool copy_offload = true;
+  // Active commit (block-commit of the node clients use): `target` is a node of
+  // the source's own backing chain, the base. Only what the layers above the
+  // base hold is copied, the base grows to the source's size first when it is
+  // smaller, and the job's type is "commit". Not a user option: block-commit
+  // and `blkmirror commit` set it.
+  bool commit = false;
 };
 
 inline constexpr int64_t kDefaultBufSize = 16 << 20;

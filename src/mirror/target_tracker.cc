@@ -23,13 +23,13 @@ uint64_t fnv1a(std::span<const std::byte> data) {
 }  // namespace
 
 TargetTracker::TargetTracker(BlockDevicePtr inner, uint64_t granularity, Redirty redirty,
-                             std::chrono::milliseconds checkpoint)
+                             std::chrono::milliseconds checkpoint, uint64_t length)
     : BlockDeviceWrapper(std::move(inner)),
       gran_(granularity),
       checkpoint_(checkpoint),
       redirty_(std::move(redirty)),
-      unflushed_(div_round_up(this->inner()->length(), granularity)),
-      flushing_(div_round_up(this->inner()->length(), granularity)),
+      unflushed_(div_round_up(std::max(length, this->inner()->length()), granularity)),
+      flushing_(div_round_up(std::max(length, this->inner()->length()), granularity)),
       generation_(this->inner()->generation()) {}
 
 size_t TargetTracker::durable_samples() const {

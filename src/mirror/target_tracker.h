@@ -46,8 +46,10 @@ class TargetTracker : public BlockDeviceWrapper {
   static constexpr uint64_t kSampleBytes = 4096;
   static constexpr std::chrono::milliseconds kCheckpoint{1000};
 
+  // length: the bytes the job will write, when more than the target holds now
+  // (an active commit grows its base first); 0: the target's length.
   TargetTracker(BlockDevicePtr inner, uint64_t granularity, Redirty redirty,
-                std::chrono::milliseconds checkpoint = kCheckpoint);
+                std::chrono::milliseconds checkpoint = kCheckpoint, uint64_t length = 0);
 
   // Set once another disk answered for the target: the job must fail with it.
   const std::optional<Error>& fatal() const { return fatal_; }

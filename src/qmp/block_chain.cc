@@ -28,12 +28,6 @@ uint64_t host_allocated_bytes(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_blocks) * 512 : 0;
 }
 
-std::string absolute_path(const std::string& p) {
-  std::error_code ec;
-  auto a = std::filesystem::absolute(p, ec);
-  return ec ? p : a.lexically_normal().string();
-}
-
 // QEMU's BlockdevCreateOptionsQcow2.
 const Schema kCreateQcow2 = {
     {"driver", Type::kString, true},

@@ -34,7 +34,8 @@ const std::map<std::string_view, const Daemon::Command*>& Daemon::commands() {
   static const auto joined = [] {
     std::map<std::string_view, const Command*> all;
     for (auto table :
-         {core_commands(), block_commands(), object_commands(), job_commands(), nbd_commands()}) {
+         {core_commands(), block_commands(), object_commands(), job_commands(), nbd_commands(),
+          commit_commands()}) {
       for (const Command& c : table) {
         bool fresh = all.emplace(c.name, &c).second;
         assert(fresh && "a QMP command is listed twice");
@@ -97,6 +98,8 @@ Task<Result<void>> Daemon::shutdown() {
     if (!job->concluded()) (void)job->cancel(true);
   }
   for (auto& [id, job] : std::map(jobs_)) co_await job->wait_concluded();
+  // What runs after a commit's job uses the daemon's nodes: let it finish.
+  while (aftermaths_ > 0) co_await aftermaths_done_.wait();
   jobs_.clear();
   if (nbd_) {
     co_await nbd_->stop();

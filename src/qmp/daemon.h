@@ -71,6 +71,11 @@ class Daemon {
 
   Graph& graph() { return graph_; }
   size_t job_count() const { return jobs_.size(); }
+  // The job of that id, or nullptr (an in-process caller drives it: the CLI).
+  std::shared_ptr<Job> find_job(const std::string& id) const {
+    auto it = jobs_.find(id);
+    return it == jobs_.end() ? nullptr : it->second;
+  }
 
  private:
   struct NodeRecord {
@@ -127,11 +132,13 @@ class Daemon {
   struct ObjectCommands;  // cmd_objects.cc: object-add/del
   struct JobCommands;     // cmd_jobs.cc: blockdev-mirror, job queries, block-job-* and job-* verbs
   struct NbdCommands;     // cmd_nbd.cc: nbd-server-start/stop, block-export-*
+  struct CommitCommands;  // cmd_commit.cc: block-commit
   static std::span<const Command> core_commands();
   static std::span<const Command> block_commands();
   static std::span<const Command> object_commands();
   static std::span<const Command> job_commands();
   static std::span<const Command> nbd_commands();
+  static std::span<const Command> commit_commands();
 
   // Shared by several command files.
   QResult<std::string> checked_path(const std::string& path) const;  // cmd_block.cc
@@ -167,6 +174,23 @@ class Daemon {
   Json named_block_nodes(bool flat) const;  // query-named-block-nodes' reply
   Task<QResult<Json>> create_qcow2(Json& args, Json& o, const Call& call);
 
+  // Reopens a node (and the file node below a format node) read-only or
+  // read-write; refused with QEMU's text when a parent's needs conflict.
+  Task<QResult<void>> reopen_read_only(const std::string& node, bool read_only);
+
+  // What block-commit does to the graph once its job concluded (cmd_commit.cc).
+  struct CommitAftermath {
+    bool active = false;
+    std::string top, base, overlay;  // overlay: intermediate commit only
+    std::vector<std::string> removed;  // the layers leaving the chain, top first
+    std::string backing_file;          // written into the overlay's header
+    std::vector<std::string> reopened;  // made read-write for the job
+  };
+  Task<void> after_commit(std::shared_ptr<Job> job, CommitAftermath a);
+  // A refused block-commit puts back the flags it changed.
+  Task<void> restore_read_only(const std::vector<std::string>& names);
+  Task<void> drop_committed_layers(const CommitAftermath& a);
+
   void emit(const std::string& name, const Json& data) {
     if (sink_) sink_(name, data);
   }
@@ -181,6 +205,8 @@ class Daemon {
   std::unique_ptr<nbd::NbdServer> nbd_;
   std::map<std::string, ExportRecord> exports_;
   EventSink sink_;
+  unsigned aftermaths_ = 0;  // after_commit() tasks still running
+  Notifier aftermaths_done_;
   bool quitting_ = false;
   Notifier quit_changed_;
 };

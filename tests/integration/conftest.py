@@ -300,7 +300,11 @@ class Cli:
     def start_mirror(self, src, dst, *opts, env=None):
         """Starts `blkmirror mirror` in the background and returns a
         BackgroundRun; it is killed at the end of the test if still running."""
-        cmd = [self.binary, "mirror", str(src), str(dst), *map(str, opts)]
+        return self.start("mirror", src, dst, *opts, env=env)
+
+    def start(self, *args, env=None):
+        """Starts `blkmirror ARGS...` in the background (see start_mirror)."""
+        cmd = [self.binary, *map(str, args)]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=self._env(env), cwd=self.workdir, stdin=subprocess.DEVNULL)
         run = BackgroundRun(p)

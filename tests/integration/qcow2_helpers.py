@@ -33,6 +33,22 @@ def create(path, size, fmt="qcow2", backing=None, backing_fmt=None, **opts):
     return Path(path)
 
 
+def in_dir(d, fn):
+    """Runs fn() with d as the working directory (relative backing links)."""
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        return fn()
+    finally:
+        os.chdir(cwd)
+
+
+def read_raw(path, out):
+    """The guest view of an image (its chain read through), via qemu-img convert."""
+    qemu_img("convert", "-U", "-O", "raw", str(path), str(out))
+    return bytearray(Path(out).read_bytes())
+
+
 def qemu_io(path, *cmds, fmt="qcow2", image_opts=None):
     """Runs qemu-io commands ("write -P 0x11 0 64k") on an image."""
     args = ["qemu-io"]

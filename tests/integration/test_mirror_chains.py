@@ -12,18 +12,10 @@ import time
 
 import pytest
 
-from qcow2_helpers import KiB, MiB, check_image, create, mirror_to_completion, qemu_img, qemu_io
+from qcow2_helpers import (KiB, MiB, check_image, create, in_dir, mirror_to_completion, qemu_img,
+                           qemu_io, read_raw)
 
 SIZE = 8 * MiB
-
-
-def in_dir(d, fn):
-    cwd = os.getcwd()
-    os.chdir(d)
-    try:
-        return fn()
-    finally:
-        os.chdir(cwd)
 
 
 def source_chain(d, top_writes, cluster_size=65536):
@@ -54,11 +46,6 @@ def allocated_in_top(path):
     m = json.loads(qemu_img("map", "--output=json", str(path)).stdout)
     return [(e["start"], e["length"]) for e in m if e["depth"] == 0 and (e["data"] or e["zero"])
             and e.get("present", True)]
-
-
-def read_raw(path, out):
-    qemu_img("convert", "-O", "raw", str(path), str(out))
-    return out.read_bytes()
 
 
 def test_sync_top_copies_only_the_top_layer(qmp, workdir):

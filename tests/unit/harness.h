@@ -137,6 +137,31 @@ Task<bool> wait_until(Pred pred, std::chrono::milliseconds timeout = std::chrono
   co_return true;
 }
 
+// The second half of a model test: with `client` writing, waits for the started
+// job to become ready (when can_hold, i.e. a background job that does not
+// converge within 3 s, the client holds off until it does), stays ready a random
+// while, completes, waits for 20 more acknowledged writes after the switch, and
+// stops the client. False on a timeout or a refused complete.
+inline Task<bool> drive_to_switch(MirrorJob& job, Client& client, std::mt19937_64& rng,
+                                  bool can_hold) {
+  using namespace std::chrono_literals;
+  auto ready = [&job] { return job.info().ready || job.concluded(); };
+  if (!co_await wait_until(ready, can_hold ? 3s : 120s)) {
+    if (!can_hold) co_return false;
+    client.hold = true;
+    if (!co_await wait_until(ready)) co_return false;
+    client.hold = false;
+  }
+  co_await sleep_for(std::chrono::microseconds(rng() % 5000));
+  if (!job.complete()) co_return false;
+  if (!co_await wait_until([&job] { return job.concluded(); })) co_return false;
+  uint64_t target = client.acked + 20;
+  if (!co_await wait_until([&client, target] { return client.acked >= target; }))
+    co_return false;
+  client.stop = true;
+  co_return co_await wait_until([&client] { return client.done; });
+}
+
 inline MemoryDevice::Options memory_opts(bool zero_init = true, unsigned jitter = 0,
                                          uint64_t seed = 1) {
   MemoryDevice::Options o{MemoryDevice::defaults()};

@@ -68,26 +68,10 @@ void run_random_case(const RandomCase& c) {
       if (!(*job)->change_copy_mode(CopyMode::kWriteBlocking)) co_return false;
     }
     // Write-blocking converges against any writer: the client never holds off.
-    bool can_hold = c.mode == CopyMode::kBackground && !c.switch_mid_run;
     // Writes race the copy; if a background job cannot converge within a while
     // (slow sanitizer builds, tiny granularity) the client holds off until it does.
-    if (!co_await wait_until([&] { return (*job)->info().ready || (*job)->concluded(); },
-                             can_hold ? 3s : 120s)) {
-      if (!can_hold) co_return false;
-      client.hold = true;
-      if (!co_await wait_until([&] { return (*job)->info().ready || (*job)->concluded(); }))
-        co_return false;
-      client.hold = false;
-    }
-    // Stay ready for a while with writes still arriving, then complete.
-    co_await sleep_for(std::chrono::microseconds(rng() % 5000));
-    if (!(*job)->complete()) co_return false;
-    if (!co_await wait_until([&] { return (*job)->concluded(); })) co_return false;
-    // Writes after the switch must land on the target.
-    uint64_t target = client.acked + 20;
-    if (!co_await wait_until([&] { return client.acked >= target; })) co_return false;
-    client.stop = true;
-    co_return co_await wait_until([&] { return client.done; });
+    bool can_hold = c.mode == CopyMode::kBackground && !c.switch_mid_run;
+    co_return co_await drive_to_switch(**job, client, rng, can_hold);
   }());
   ASSERT_TRUE(ok);
   ASSERT_FALSE((*job)->failure()) << (*job)->failure()->message();

@@ -327,6 +327,10 @@ Task<Result<void>> Qcow2Device::grow(uint64_t new_size) {
   co_return r;
 }
 
+Task<Result<void>> Qcow2Device::resize(uint64_t new_length) {
+  co_return co_await grow(new_length);
+}
+
 Task<Result<void>> Qcow2Impl::grow(uint64_t new_size) {
   if (auto r = check_writable("grow", new_size); !r) co_return r;
   if (new_size < hdr.size)

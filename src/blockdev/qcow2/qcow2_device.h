@@ -99,6 +99,8 @@ class Qcow2Device final : public BlockDevice {
   Task<Result<void>> discard(uint64_t offset, uint64_t length) override;
   Task<Result<void>> flush() override;
   Task<Result<Extent>> block_status(uint64_t offset, uint64_t length) override;
+  // Grows the virtual size (grow()); shrinking is refused (ENOTSUP).
+  Task<Result<void>> resize(uint64_t new_length) override;
 
  private:
   explicit Qcow2Device(std::unique_ptr<Qcow2Impl> impl);

@@ -1,0 +1,163 @@
+// `blkmirror commit IMAGE`: merges a qcow2 image's top layer into its backing
+// chain's base (or --base), optionally while serving the disk over NBD: clients
+// write the top during the copy and are switched to the base at complete, with
+// no write lost. The chain is opened and committed by an in-process QMP daemon
+// (the same blockdev-add and block-commit a management tool would send), so the
+// CLI and QMP share one implementation; the progress display and signals are
+// the mirror's (drive.h).
+#include <csignal>
+#include <memory>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "base/size_parse.h"
+#include "cli/commands.h"
+#include "cli/drive.h"
+#include "cli/exit_codes.h"
+#include "cli/mirror_options.h"
+#include "cli/serve_options.h"
+#include "cli/signals.h"
+#include "mirror/mirror_job.h"
+#include "qmp/daemon.h"
+
+namespace blkmirror {
+
+namespace {
+
+struct CommitArgs {
+  std::string image;
+  std::string base;  // "" = the bottom of the chain
+  std::string speed = "0";
+  std::string copy_mode = "adaptive";
+  std::string on_error = "report";
+  std::string locking = "auto";
+  ServeOptions serve;
+  bool no_auto_complete = false;
+  bool json = false, no_progress = false;
+};
+
+// Runs one QMP command on the in-process daemon; its error text on failure.
+Task<Result<qmp::Json>> run_qmp(qmp::Daemon* d, std::string name, qmp::Json args) {
+  auto r = co_await d->execute(name, std::move(args));
+  if (!r) co_return make_plain_error(EINVAL, r.error().desc);
+  co_return *r;
+}
+
+int run_commit(const CommitArgs& a) {
+  auto speed = parse_size(a.speed);
+  if (!speed) return fail_input("--speed: " + speed.error().message());
+  Loop loop;
+  StraySignalGuard stray_signals(loop);
+  qmp::Daemon daemon(loop);
+  const bool serving = a.serve.enabled();
+  ProgressStyle style = a.json          ? ProgressStyle::kJson
+                        : a.no_progress ? ProgressStyle::kNone
+                                        : ProgressStyle::kAuto;
+  Progress progress(style);
+  asio::signal_set stop_signals(loop.ctx(), SIGINT, SIGTERM);
+  return loop.run([&]() -> Task<int> {
+    qmp::Daemon* d = &daemon;
+    // Opening: the image over its file; the backing chain its header names
+    // opens read-only below it, and block-commit makes the base writable.
+    qmp::Json add = {{"driver", "qcow2"},
+                     {"node-name", "top"},
+                     {"file", {{"driver", "file"}, {"filename", a.image}, {"locking", a.locking}}}};
+    auto added = co_await run_qmp(d, "blockdev-add", add);
+    if (!added) {
+      (void)co_await d->shutdown();
+      co_return fail_input(fmt::format("{}: {}", a.image, added.error().message()));
+    }
+    if (!d->graph().find("top")->backing()) {
+      (void)co_await d->shutdown();
+      co_return fail_input(fmt::format("{} has no backing file: nothing to commit", a.image));
+    }
+    qmp::Json commit = {{"job-id", "commit"},     {"device", "top"},
+                        {"speed", *speed},        {"copy-mode", a.copy_mode},
+                        {"on-error", a.on_error}, {"auto-dismiss", false}};
+    if (!a.base.empty()) commit["base"] = a.base;
+    auto started = co_await run_qmp(d, "block-commit", commit);
+    if (!started) {
+      (void)co_await d->shutdown();
+      co_return fail_input(fmt::format("{}: {}", a.image, started.error().message()));
+    }
+    auto job = std::dynamic_pointer_cast<MirrorJob>(d->find_job("commit"));
+    nbd::NbdServer server(loop, d->graph(), a.serve.limits());
+    if (serving) {
+      if (auto r = a.serve.start(server, "top"); !r) {
+        (void)job->cancel(true);
+        co_await job->wait_concluded();
+        co_await server.stop();
+        (void)co_await d->shutdown();
+        co_return fail_input(r.error().message());
+      }
+    }
+    Node* base = d->graph().find(job->params().target);
+    progress.note(fmt::format("committing {} into {} ({}, copy mode {})", a.image,
+                              base->device().describe(),
+                              format_size(d->graph().find("top")->length()),
+                              to_string(job->copy_mode())));
+    if (serving)
+      progress.note(fmt::format("serving {} at {} (clients switch to the base on completion)",
+                                a.image, a.serve.where(server)));
+    DriveOptions drive;
+    drive.auto_complete = !a.no_auto_complete;
+    drive.complete_on_usr1 = a.no_auto_complete;
+    int rc = co_await drive_mirror(loop, job, progress, drive);
+    if (serving) {
+      if (rc == exit_code::kOk && job->switched()) {
+        progress.note("serving the base now; SIGINT/SIGTERM to stop");
+        std::error_code ec;
+        co_await stop_signals.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+      } else if (rc == exit_code::kJobFailed) {
+        progress.note(fmt::format("the commit failed; still serving {} (unchanged) at {}; "
+                                  "SIGINT/SIGTERM to stop (exit {})",
+                                  a.image, a.serve.where(server), exit_code::kJobFailed));
+        std::error_code ec;
+        co_await stop_signals.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+      }
+      co_await server.stop();
+    }
+    (void)job->dismiss();
+    // Every image flushed, its metadata written back and marked clean.
+    if (auto s = co_await d->shutdown(); !s) {
+      progress.note("closing the images: " + s.error().message());
+      rc = exit_code::kJobFailed;
+    }
+    co_return rc;
+  }());
+}
+
+}  // namespace
+
+CommandRunner add_commit_command(CLI::App& app) {
+  auto args = std::make_shared<CommitArgs>();
+  auto* cmd = app.add_subcommand(
+      "commit", "Merge a qcow2 image's top layer into its base, optionally while serving it");
+  cmd->add_option("IMAGE", args->image, "the qcow2 image whose top layer is committed")
+      ->required();
+  cmd->add_option("--base", args->base,
+                  "the image of IMAGE's backing chain to commit into (default: the bottom one)");
+  cmd->add_option("--speed", args->speed,
+                  "bytes per second at most (suffixes K, M, G; 0: no limit)")
+      ->capture_default_str();
+  cmd->add_option("--copy-mode", args->copy_mode,
+                  "client writes during the commit: background | write-blocking | adaptive")
+      ->check(CLI::IsMember({"background", "write-blocking", "adaptive"}))
+      ->capture_default_str();
+  cmd->add_option("--on-error", args->on_error, "report | ignore | stop | enospc")
+      ->check(CLI::IsMember({"report", "ignore", "stop", "enospc"}))
+      ->capture_default_str();
+  add_locking_option(*cmd, args->locking);
+  args->serve.add_to(*cmd, false);
+  cmd->add_flag("--no-auto-complete", args->no_auto_complete,
+                "when serving: stay ready until SIGUSR1, then complete");
+  cmd->add_flag("--json", args->json, "one JSON object per event on stdout");
+  cmd->add_flag("--no-progress", args->no_progress, "no progress display");
+  return [cmd, args]() -> int {
+    if (!cmd->parsed()) return -1;
+    return run_commit(*args);
+  };
+}
+
+}  // namespace blkmirror
