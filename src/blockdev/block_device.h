@@ -112,10 +112,22 @@ class BlockDevice {
   // qcow2 grows its image file this way, since writes past length() are not
   // allowed). Devices of fixed size answer ENOTSUP.
   virtual Task<Result<void>> resize(uint64_t new_length);
+  // Switches the device between read-only and read-write in place (a reopen:
+  // blockdev-reopen, a commit into a read-only base): caps().read_only says the
+  // new state once it returns. Going read-only writes back what the device
+  // holds (metadata, then a flush). Errors change nothing. Devices that cannot
+  // answer ENOTSUP (unless asked for the state they are in).
+  // REQUIRES: no request in flight (the caller drained the node).
+  virtual Task<Result<void>> set_read_only(bool read_only);
 };
 
 inline Task<Result<void>> BlockDevice::resize(uint64_t new_length) {
   co_return make_error(ENOTSUP, describe() + ": cannot be resized");
+}
+
+inline Task<Result<void>> BlockDevice::set_read_only(bool read_only) {
+  if (read_only == caps().read_only) co_return Result<void>{};
+  co_return make_error(ENOTSUP, describe() + ": cannot be reopened");
 }
 
 using BlockDevicePtr = std::shared_ptr<BlockDevice>;

@@ -39,6 +39,15 @@ class ChildDevice : public BlockDevice {
     return edge_->block_status(off, len);
   }
   Task<Result<void>> resize(uint64_t new_length) override { return edge_->resize(new_length); }
+  // The view follows a reopen of its format node: read-only when asked, or
+  // when the child node is (reopen the child first when going read-write).
+  Task<Result<void>> set_read_only(bool ro) override {
+    if (!ro && edge_->caps().read_only)
+      co_return make_error(EROFS, describe() + ": the node is read-only");
+    caps_ = edge_->caps();
+    caps_.read_only = caps_.read_only || ro;
+    co_return Result<void>{};
+  }
 
  private:
   Child* edge_;

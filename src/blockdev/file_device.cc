@@ -42,7 +42,13 @@ Result<void> FileDevice::create(const std::string& path, uint64_t size) {
   return {};
 }
 
-FileDevice::FileDevice(Loop& loop, std::string path) : loop_(loop), path_(std::move(path)) {}
+FileDevice::FileDevice(Loop& loop, std::string path, FileOptions opts)
+    : loop_(loop), path_(std::move(path)), opts_(opts) {}
+
+Perms FileDevice::lock_perms(bool read_only, bool force_share) {
+  return Perms{kPermConsistentRead | (read_only ? 0u : kPermWrite),
+               force_share ? kPermAll : kPermConsistentRead | kPermWriteUnchanged};
+}
 
 FileDevice::~FileDevice() {
   if (fd_ >= 0) ::close(fd_);
@@ -68,13 +74,12 @@ Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::stri
     return make_plain_error(EINVAL, path + ": not a regular file or block device");
   }
   ::fcntl(*fd, F_SETFL, ::fcntl(*fd, F_GETFL) & ~O_NONBLOCK);
-  Perms perms{kPermConsistentRead | (opts.read_only ? 0u : kPermWrite),
-              opts.force_share ? kPermAll : kPermConsistentRead | kPermWriteUnchanged};
-  if (auto l = lock_image(*fd, path, perms, opts.locking); !l) {
+  if (auto l = lock_image(*fd, path, lock_perms(opts.read_only, opts.force_share), opts.locking);
+      !l) {
     ::close(*fd);  // drops whatever locks were taken
     return make_error(l.error());
   }
-  std::shared_ptr<FileDevice> dev(new FileDevice(loop, path));
+  std::shared_ptr<FileDevice> dev(new FileDevice(loop, path, opts));
   dev->fd_ = *fd;
   dev->dev_ = st.st_dev;
   dev->ino_ = st.st_ino;
@@ -350,6 +355,62 @@ Task<Result<void>> FileDevice::resize(uint64_t new_length) {
   if (err) co_return io_error("resize", new_length, err);
   length_ = new_length;
   data_cache_end_ = data_cache_start_;
+  co_return Result<void>{};
+}
+
+Task<Result<void>> FileDevice::set_read_only(bool ro) {
+  if (ro == caps_.read_only) co_return Result<void>{};
+  if (!ro && opts_.force_share)
+    co_return make_plain_error(EINVAL, "force-share=on can only be used with read-only images");
+  if (ro) {
+    if (auto r = co_await flush(); !r) co_return r;
+  }
+  // New descriptors first: until the swap at the end, the old ones stay as they
+  // were, so any failure below leaves the device unchanged.
+  const int flags = ro ? O_RDONLY : O_RDWR;
+  auto fd = open_fd(path_, flags);
+  if (!fd) co_return make_error(fd.error());
+  int new_direct = -1;
+  auto drop_new = [&] {
+    ::close(*fd);
+    if (new_direct >= 0) ::close(new_direct);
+  };
+  struct stat st {};
+  const bool same = ::fstat(*fd, &st) == 0 && (is_blk_ || st.st_dev == dev_) &&
+                    (is_blk_ ? st.st_rdev : st.st_ino) == ino_;
+  if (!same) {
+    drop_new();
+    co_return make_plain_error(
+        ESTALE, fmt::format("{} now names a different file (renamed or replaced while in use)",
+                            path_));
+  }
+  if (direct_fd_ >= 0) {
+    auto dfd = open_fd(path_, flags | O_DIRECT);
+    if (!dfd) {
+      drop_new();
+      co_return with_context(dfd.error(), "cache.direct");
+    }
+    new_direct = *dfd;
+  }
+  // The locks change on the old descriptor (our own locks never conflict with
+  // themselves), then the new one takes the same set before the old one closes.
+  const Perms from = lock_perms(caps_.read_only, opts_.force_share);
+  const Perms to = lock_perms(ro, opts_.force_share);
+  if (auto l = relock_image(fd_, path_, from, to, opts_.locking); !l) {
+    drop_new();
+    co_return make_error(l.error());
+  }
+  if (auto l = copy_image_locks(*fd, path_, to, opts_.locking); !l) {
+    drop_new();
+    (void)relock_image(fd_, path_, to, from, opts_.locking);
+    co_return make_error(l.error());
+  }
+  ::close(fd_);
+  if (direct_fd_ >= 0) ::close(direct_fd_);
+  fd_ = *fd;
+  direct_fd_ = new_direct;
+  caps_.read_only = ro;
+  opts_.read_only = ro;
   co_return Result<void>{};
 }
 

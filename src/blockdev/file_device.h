@@ -77,9 +77,18 @@ class FileDevice : public BlockDevice {
   std::optional<FileSpan> file_span() const override;
   // ftruncate on the worker pool (regular files only; block devices: ENOTSUP).
   Task<Result<void>> resize(uint64_t new_length) override;
+  // Reopens the file O_RDONLY or O_RDWR (a new descriptor, and a new O_DIRECT
+  // one with cache.direct) and moves the image locks to the new mode, so
+  // qemu-img sees the change: going read-write fails, changing nothing, while
+  // another process holds the image read-only or writes it (QEMU's lock texts);
+  // going read-only flushes first. A path that now names another file is
+  // refused (ESTALE).
+  Task<Result<void>> set_read_only(bool ro) override;
 
  private:
-  FileDevice(Loop& loop, std::string path);
+  FileDevice(Loop& loop, std::string path, FileOptions opts);
+  // The image locks an open in this mode holds (docs/design/permissions.md).
+  static Perms lock_perms(bool read_only, bool force_share);
   int fd_for(uint64_t off, const void* buf, uint64_t len) const;
   Task<Result<void>> write_zero_buffers(uint64_t off, uint64_t len);
   tl::unexpected<Error> io_error(const char* what, uint64_t off, int errnum) const;
@@ -88,6 +97,7 @@ class FileDevice : public BlockDevice {
 
   Loop& loop_;
   std::string path_;
+  FileOptions opts_;  // as opened; read_only follows caps_.read_only
   uint64_t length_ = 0;
   BlockCaps caps_;
   bool is_blk_ = false;

@@ -35,4 +35,16 @@ Result<LockMode> parse_lock_mode(std::string_view s);
 // On error some locks may be held: close fd to drop them.
 Result<void> lock_image(int fd, const std::string& path, Perms perms, LockMode mode);
 
+// Changes the locks fd holds for `from` into those for `to` (a reopen between
+// read-only and read-write): drops the bytes `to` no longer wants, takes the new
+// ones and probes as lock_image does. Our own locks never conflict (same open
+// file). On error the locks for `from` are back, so the caller changed nothing.
+Result<void> relock_image(int fd, const std::string& path, Perms from, Perms to, LockMode mode);
+
+// Takes the locks for perms on fd without probing: for a new descriptor of a
+// file whose other descriptor already holds and checked the same locks (a
+// reopen moving them across); it only adds shared locks to shared ones, so it
+// cannot conflict. Close the old descriptor afterwards.
+Result<void> copy_image_locks(int fd, const std::string& path, Perms perms, LockMode mode);
+
 }  // namespace blkmirror

@@ -42,6 +42,10 @@ class MemoryDevice : public BlockDevice {
   Task<Result<Extent>> block_status(uint64_t off, uint64_t len) override;
   // Shrinking drops the pages past the new end.
   Task<Result<void>> resize(uint64_t new_length) override;
+  Task<Result<void>> set_read_only(bool ro) override {
+    opts_.caps.read_only = ro;
+    co_return Result<void>{};
+  }
 
   // Synchronous access for tests (no yield).
   void read_now(uint64_t off, std::span<std::byte> buf) const;

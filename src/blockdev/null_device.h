@@ -37,6 +37,10 @@ class NullDevice : public BlockDevice {
   Task<Result<Extent>> block_status(uint64_t, uint64_t len) override {
     co_return Extent{len, false, true};
   }
+  Task<Result<void>> set_read_only(bool ro) override {
+    caps_.read_only = ro;
+    co_return Result<void>{};
+  }
 
  private:
   uint64_t length_;

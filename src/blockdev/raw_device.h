@@ -44,6 +44,17 @@ class RawDevice : public BlockDevice {
   Task<Result<void>> check_unchanged() override { return file_->node().device().check_unchanged(); }
   uint64_t generation() const override { return file_->node().device().generation(); }
   bool connected() const override { return file_->node().device().connected(); }
+  // Raw's data is its file's: read-write only over a read-write file (the
+  // caller reopens the file node first, and after this one going read-only).
+  Task<Result<void>> set_read_only(bool ro) override {
+    if (!ro && file_->caps().read_only)
+      co_return make_error(EROFS, describe() + ": its file node is read-only");
+    if (ro) {
+      if (auto r = co_await file_->flush(); !r) co_return r;
+    }
+    caps_.read_only = ro;
+    co_return Result<void>{};
+  }
   // Raw adds nothing to the bytes: a kernel copy of the file is a copy of us.
   std::optional<FileSpan> file_span() const override {
     return file_->node().device().file_span();

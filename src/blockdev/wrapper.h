@@ -40,6 +40,7 @@ class BlockDeviceWrapper : public BlockDevice {
   bool connected() const override { return inner_->connected(); }
 
   Task<Result<void>> resize(uint64_t new_length) override { return inner_->resize(new_length); }
+  Task<Result<void>> set_read_only(bool ro) override { return inner_->set_read_only(ro); }
 
   const BlockDevicePtr& inner() const { return inner_; }
 

@@ -7,7 +7,8 @@
 // Commands are split by topic into cmd_*.cc files, each with the table of its
 // commands (name, argument schema, handler, job verb); commands.cc joins the
 // tables and runs execute(). block_chain.cc holds what qcow2 nodes and backing
-// chains add to the block commands (see BlockCommands).
+// chains add to the block commands (see BlockCommands); reopen.cc switches a
+// node between read-only and read-write.
 //
 // Threading rule: loop thread only. The Loop must outlive the Daemon; call
 // shutdown() and await it before destroying the Daemon.
@@ -76,6 +77,21 @@ class Daemon {
     auto it = jobs_.find(id);
     return it == jobs_.end() ? nullptr : it->second;
   }
+
+  // Switches a node between read-only and read-write, with the node it holds as
+  // `file` (raw, qcow2, blkdebug) reopened alongside: going read-write the file
+  // first, then the format (qcow2 checks its header as on a writable open);
+  // going read-only the format first (qcow2 writes its metadata back, image
+  // clean), then the file. Files reopen O_RDWR/O_RDONLY and move their image
+  // locks. The node is drained meanwhile (its file only while the file's own
+  // device reopens: the format writes back through it). A file that another
+  // parent writes stays read-write. Refused, with QEMU's texts and nothing
+  // changed: a parent of the node that writes while going read-only ("Read-only
+  // block node 'X' cannot support read-write users"); a permission conflict of
+  // the format's file edge, an image lock conflict or a qcow2 image that cannot
+  // be written (dirty, corrupt) while going read-write; a driver that cannot
+  // reopen (nbd). blockdev-reopen and block-commit (a read-only base) use it.
+  Task<QResult<void>> reopen_read_only(const std::string& node, bool read_only);
 
  private:
   struct NodeRecord {
@@ -173,6 +189,10 @@ class Daemon {
   Json image_info(const Node& n, bool flat) const;
   Json named_block_nodes(bool flat) const;  // query-named-block-nodes' reply
   Task<QResult<Json>> create_qcow2(Json& args, Json& o, const Call& call);
+  // reopen.cc: reopen_read_only's steps.
+  Task<QResult<void>> reopen_read_write(Node& n, NodeRecord& rec, Node* file);
+  Task<QResult<void>> reopen_to_read_only(Node& n, NodeRecord& rec, Node* file);
+  QmpError reopen_error(const Node& n, const Error& e) const;
 
   // Reopens a node (and the file node below a format node) read-only or
   // read-write; refused with QEMU's text when a parent's needs conflict.

@@ -59,6 +59,17 @@ Task<Result<std::vector<uint64_t>>> read_table(BlockDevice& file, uint64_t off, 
   co_return out;
 }
 
+// Why an image with this header cannot be written, or "".
+std::string writable_refusal(const Header& h) {
+  if (h.incompatible & kIncompatCorrupt)
+    return "marked corrupt; it can only be opened read-only ('qemu-img check -r all' repairs it)";
+  if (h.incompatible & kIncompatDirty)
+    return "dirty (refcounts not up to date); run 'qemu-img check -r all' or open it read-only";
+  if (h.nb_snapshots)
+    return "has internal snapshots; writing to such images is not supported (open it read-only)";
+  return "";
+}
+
 }  // namespace
 
 Qcow2Impl::Qcow2Impl(Loop* l, BlockDevicePtr f, BlockDevicePtr b, Header h, Qcow2OpenOptions o)
@@ -143,15 +154,7 @@ Task<Result<std::unique_ptr<Qcow2Impl>>> open_impl(Loop* loop, BlockDevicePtr fi
       h->refcount_table_offset < h->l1_table_offset + l1_bytes)
     co_return refuse("the L1 table overlaps the refcount table");
   if (!ro) {
-    if (h->incompatible & kIncompatCorrupt)
-      co_return refuse(
-          "marked corrupt; it can only be opened read-only ('qemu-img check -r all' repairs it)");
-    if (h->incompatible & kIncompatDirty)
-      co_return refuse(
-          "dirty (refcounts not up to date); run 'qemu-img check -r all' or open it read-only");
-    if (h->nb_snapshots)
-      co_return refuse(
-          "has internal snapshots; writing to such images is not supported (open it read-only)");
+    if (auto w = writable_refusal(*h); !w.empty()) co_return refuse(w);
   }
   auto l1 = co_await read_table(*file, h->l1_table_offset, h->l1_size);
   if (!l1) co_return make_error(l1.error());
@@ -383,21 +386,65 @@ Task<Result<void>> Qcow2Device::close() {
 
 Task<Result<void>> Qcow2Impl::close() {
   if (closed) co_return Result<void>{};
-  if (!read_only && !corrupt_marked) {
-    auto guard = co_await locks.lock(0, ~0ull, true);
-    if (auto r = co_await flush(); !r) co_return r;
-    // The frees of the last flush dirtied refcount blocks: write them too.
-    if (auto r = co_await flush(); !r) co_return r;
-    if (hdr.incompatible & kIncompatDirty) {
-      hdr.incompatible &= ~kIncompatDirty;
-      if (auto r = co_await write_header(); !r) co_return r;
-    }
-    // Trim the file's growth steps back to the clusters in use.
-    uint64_t end = rc->alloc_end();
-    if (file->length() > end)
-      if (auto r = co_await file->resize(end); !r && r.error().errnum() != ENOTSUP) co_return r;
-  }
+  if (auto r = co_await write_back_clean(); !r) co_return r;
   closed = true;
+  co_return Result<void>{};
+}
+
+Task<Result<void>> Qcow2Impl::write_back_clean() {
+  if (read_only || corrupt_marked) co_return Result<void>{};
+  auto guard = co_await locks.lock(0, ~0ull, true);
+  if (auto r = co_await flush(); !r) co_return r;
+  // The frees of the last flush dirtied refcount blocks: write them too.
+  if (auto r = co_await flush(); !r) co_return r;
+  if (hdr.incompatible & kIncompatDirty) {
+    hdr.incompatible &= ~kIncompatDirty;
+    if (auto r = co_await write_header(); !r) co_return r;
+  }
+  // Trim the file's growth steps back to the clusters in use.
+  uint64_t end = rc->alloc_end();
+  if (file->length() > end)
+    if (auto r = co_await file->resize(end); !r && r.error().errnum() != ENOTSUP) co_return r;
+  co_return Result<void>{};
+}
+
+Task<Result<void>> Qcow2Device::set_read_only(bool ro) {
+  auto r = co_await impl_->set_read_only(ro);
+  if (!r) co_return make_error(co_await impl_->on_error(r.error()));
+  co_return r;
+}
+
+Task<Result<void>> Qcow2Impl::set_read_only(bool ro) {
+  if (closed) co_return make_error(EIO, fmt::format("reopen qcow2 {}: image is closed", name));
+  if (ro == read_only) co_return Result<void>{};
+  if (ro) {
+    // Everything written back while the file still takes writes; then the file
+    // (a view of the file node: it only follows; a FileDevice: reopened).
+    if (auto r = co_await write_back_clean(); !r) co_return r;
+    if (auto r = co_await file->set_read_only(true); !r) co_return r;
+    read_only = caps.read_only = true;
+    co_return Result<void>{};
+  }
+  // The header on disk, not the one read at open: while we only read, a
+  // force-share user or a repair may have changed it.
+  auto h = co_await read_header(*file);
+  if (!h) co_return make_error(h.error());
+  if (auto w = writable_refusal(*h); !w.empty())
+    co_return make_plain_error(EINVAL, fmt::format("qcow2 image {}: {}", name, w));
+  if (corrupt_marked)
+    co_return make_plain_error(EINVAL,
+                               fmt::format("qcow2 image {}: marked corrupt while open", name));
+  if (auto r = co_await file->set_read_only(false); !r) co_return r;
+  read_only = caps.read_only = false;
+  if (hdr.autoclear) {
+    // As on a writable open: no autoclear feature is kept up to date here.
+    hdr.autoclear = 0;
+    if (auto r = co_await write_header(); !r) {
+      read_only = caps.read_only = true;
+      (void)co_await file->set_read_only(true);
+      co_return r;
+    }
+  }
   co_return Result<void>{};
 }
 

@@ -88,6 +88,13 @@ class Qcow2Device final : public BlockDevice {
   uint64_t allocated_bytes() const;
   // Writes back all metadata, flushes, and leaves the image clean. Further I/O fails.
   Task<Result<void>> close();
+  // A reopen. Read-only: all metadata written back and the image left clean, as
+  // close() does, then the file device set read-only too; it stays open for
+  // reads. Read-write: refused as open() refuses a writable open (marked
+  // corrupt, dirty, internal snapshots), else the file device set read-write
+  // (a view of a graph node reopened first by the caller; a FileDevice reopens
+  // itself) and the autoclear bits cleared as on open.
+  Task<Result<void>> set_read_only(bool ro) override;
 
   std::string describe() const override;
   uint64_t length() const override;

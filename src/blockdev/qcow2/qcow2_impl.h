@@ -85,6 +85,9 @@ class Qcow2Impl {
   Task<Result<void>> write_header();
   Task<Result<void>> grow(uint64_t new_size);
   Task<Result<void>> close();
+  // close()'s write-back without closing (a reopen read-only).
+  Task<Result<void>> write_back_clean();
+  Task<Result<void>> set_read_only(bool ro);
   // Turns a kCorruptErrno error into EIO, marking the image corrupt (once).
   Task<Error> on_error(Error e);
   Result<void> check_writable(const char* what, uint64_t off) const;
