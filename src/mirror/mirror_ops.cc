@@ -166,9 +166,22 @@ void MirrorJob::set_reserved(MirrorOp& op, uint64_t bytes) {
 }
 
 Task<Result<void>> MirrorJob::copy_range(MirrorOp& op) {
+  // A kernel copy that moves data waits for one of kKernelCopyStreams.
+  while (offload_ && !op.partly_hole && !offload_->src.reflink &&
+         kernel_streams_ >= kKernelCopyStreams)
+    co_await kernel_stream_free_.wait();
   if (offload_ && !op.partly_hole) {
+    bool stream = !offload_->src.reflink;
+    if (stream) {
+      ++kernel_streams_;
+      stats_.kernel_streams_peak = std::max<uint64_t>(stats_.kernel_streams_peak, kernel_streams_);
+    }
     auto r = co_await copy_file_range_all(loop_, offload_->src, offload_->tgt, op.range.offset,
                                           op.range.length);
+    if (stream) {
+      --kernel_streams_;
+      kernel_stream_free_.notify_all();
+    }
     if (r) {
       stats_.bytes_offloaded += op.range.length;
       co_return r;

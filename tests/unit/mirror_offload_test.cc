@@ -128,5 +128,46 @@ TEST(MirrorOffload, ClientWritesDuringKernelCopiesAreCopiedAgain) { run_offload_
 
 TEST(MirrorOffload, OffOnlyReadsAndWrites) { run_offload_mirror(false); }
 
+// A dense idle copy between files of one file system that does not share
+// extents (ext4, tmpfs): the kernel moves every byte into one target file,
+// whose inode lock serializes the writes, so at most kKernelCopyStreams copies
+// run at once (more only spin on that lock), and the copy is still whole.
+TEST(MirrorOffload, DataMovingKernelCopiesAreLimitedToTheStreams) {
+  constexpr uint64_t kSize = 192 << 20;  // six 32 MiB kernel copies
+  TempDir dir;
+  std::vector<std::byte> model(kSize);
+  std::mt19937_64 rng(11);
+  for (auto& b : model) b = static_cast<std::byte>(rng() | 1);
+  std::string src_path = dir.path + "/src", dst_path = dir.path + "/dst";
+  write_file(src_path, model);
+  ASSERT_TRUE(FileDevice::create(dst_path, kSize));
+
+  Loop loop;
+  Graph graph;
+  auto src = FileDevice::open(loop, src_path);
+  auto dst = FileDevice::open(loop, dst_path);
+  ASSERT_TRUE(src && dst);
+  auto span = (*src)->file_span();
+  ASSERT_TRUE(span);
+  if (span->reflink) GTEST_SKIP() << "the test directory's file system shares extents";
+  ASSERT_TRUE(graph.add("src", *src));
+  ASSERT_TRUE(graph.add("dst", *dst));
+  MirrorParams p;
+  p.device = "src";
+  p.target = "dst";
+  auto job = MirrorJob::create(loop, graph, p);
+  ASSERT_TRUE(job) << job.error().message();
+  ASSERT_TRUE(loop.run([&]() -> Task<bool> {
+    (*job)->start(loop.executor());
+    if (!co_await wait_until([&] { return (*job)->info().ready; })) co_return false;
+    EXPECT_TRUE((*job)->complete());
+    co_return co_await wait_until([&] { return (*job)->concluded(); });
+  }()));
+  EXPECT_EQ(first_difference(read_file(dst_path, kSize), model), -1);
+  EXPECT_EQ((*job)->stats().bytes_offloaded, kSize);
+  EXPECT_GE((*job)->stats().kernel_streams_peak, 1u);
+  EXPECT_LE((*job)->stats().kernel_streams_peak, MirrorJob::kKernelCopyStreams);
+}
+
 }  // namespace
 }  // namespace blkmirror::test
