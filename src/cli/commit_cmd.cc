@@ -74,7 +74,7 @@ int run_commit(const CommitArgs& a) {
     }
     qmp::Json commit = {{"job-id", "commit"},     {"device", "top"},
                         {"speed", *speed},        {"copy-mode", a.copy_mode},
-                        {"on-error", a.on_error}, {"auto-dismiss", false}};
+                        {"on-error", a.on_error}};
     if (!a.base.empty()) commit["base"] = a.base;
     auto started = co_await run_qmp(d, "block-commit", commit);
     if (!started) {
@@ -119,7 +119,6 @@ int run_commit(const CommitArgs& a) {
       }
       co_await server.stop();
     }
-    (void)job->dismiss();
     // Every image flushed, its metadata written back and marked clean.
     if (auto s = co_await d->shutdown(); !s) {
       progress.note("closing the images: " + s.error().message());
