@@ -68,6 +68,7 @@ void Job::transition(JobStatus to) {
   JobEvent e{JobEvent::Kind::kStatusChange, id_};
   e.status = to;
   emit(e);
+  if (to == JobStatus::kNull) on_dismissed();
   state_changed_.notify_all();
 }
 

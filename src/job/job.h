@@ -119,6 +119,11 @@ class Job : public std::enable_shared_from_this<Job> {
   // Called by cancel(); return true when a soft cancel is handled by the
   // subclass (mirror after ready: finish the final sync without swapping).
   virtual bool on_soft_cancel() { return false; }
+  // Called once the job is dismissed (null): it lets go of the nodes it holds,
+  // as QEMU drops a job's node references when the job is freed, so they can
+  // be resized, removed or used by a new job right away. The job's objects
+  // may live on a little (coroutines still hold them) but own no edges.
+  virtual void on_dismissed() {}
   // Called after pause/resume/cancel/speed changes so the body wakes up.
   virtual void kick() { wake_.notify_all(); }
 

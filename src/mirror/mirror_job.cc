@@ -416,6 +416,13 @@ void MirrorJob::release_permissions() {
   for (auto& e : between_edges_) (void)e->set_perms(Perms{0, kPermAll});
 }
 
+void MirrorJob::on_dismissed() {
+  src_edge_.reset();
+  tgt_edge_.reset();
+  replaces_edge_.reset();
+  between_edges_.clear();
+}
+
 Task<void> MirrorJob::abort() {
   co_await wait_idle();
   detach();

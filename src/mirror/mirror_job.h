@@ -186,6 +186,7 @@ class MirrorJob : public Job, public WriteInterceptor {
   void detach();
   // commit() and abort(): every edge of the job needs nothing and shares all.
   void release_permissions();
+  void on_dismissed() override;
 
   ByteRange chunk_bytes(uint64_t first, uint64_t end) const;
   // The whole chunks covering [off, off+len), clipped to the device.

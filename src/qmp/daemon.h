@@ -108,6 +108,9 @@ class Daemon {
     // the header): deleted with it, as QEMU does.
     std::vector<std::string> implicit;
     std::string tls_creds;  // nbd: the TLS object it uses
+    // The blockdev-add arguments as checked (inline children named):
+    // blockdev-reopen compares what it is given against them.
+    Json options;
   };
   // A tls-creds-x509 / tls-creds-psk object made by object-add.
   struct TlsObject {
@@ -149,12 +152,18 @@ class Daemon {
   struct JobCommands;     // cmd_jobs.cc: blockdev-mirror, job queries, block-job-* and job-* verbs
   struct NbdCommands;     // cmd_nbd.cc: nbd-server-start/stop, block-export-*
   struct CommitCommands;  // cmd_commit.cc: block-commit
+  struct ReopenCommands;  // cmd_reopen.cc: blockdev-reopen
+  struct ResizeCommands;  // cmd_resize.cc: block_resize / block-resize
   static std::span<const Command> core_commands();
   static std::span<const Command> block_commands();
   static std::span<const Command> object_commands();
   static std::span<const Command> job_commands();
   static std::span<const Command> nbd_commands();
   static std::span<const Command> commit_commands();
+  static std::span<const Command> reopen_commands();
+  static std::span<const Command> resize_commands();
+  // blockdev-add's schema for a driver, or nullptr (cmd_block.cc).
+  static const Schema* node_schema(std::string_view driver);
 
   // Shared by several command files.
   QResult<std::string> checked_path(const std::string& path) const;  // cmd_block.cc

@@ -151,15 +151,25 @@ class Qsd:
         self.f.readline()
         self.cmd("qmp_capabilities")
 
-    def cmd(self, name, **args):
+    def reply(self, name, **args):
         self.f.write(json.dumps({"execute": name, "arguments": {k.replace("_", "-"): v for k, v in args.items()}}) + "\n")
         self.f.flush()
         while True:
             r = json.loads(self.f.readline())
             if "event" not in r:
-                if "error" in r:
-                    raise RuntimeError(r["error"]["desc"])
-                return r["return"]
+                return r
+
+    def cmd(self, name, **args):
+        r = self.reply(name, **args)
+        if "error" in r:
+            raise RuntimeError(r["error"]["desc"])
+        return r["return"]
+
+    def error(self, name, **args):
+        """Runs a command that must fail; returns (class, desc)."""
+        r = self.reply(name, **args)
+        assert "error" in r, f"{name} {args} succeeded on qemu-storage-daemon"
+        return r["error"]["class"], r["error"]["desc"]
 
     def stop(self):
         try:
