@@ -43,18 +43,24 @@ Task<bool> Connection::read_exact(void* data, size_t len, bool guard_stall) {
     }
     if (guard_stall) arm(server_.limits().payload_stall_limit);
     if (len >= in_buf_.size()) {  // a large read goes straight to its buffer
-      auto [ec, n] = co_await sock_.async_read_some(asio::buffer(out, len), use_tuple);
-      if (ec) co_return false;
+      size_t n = co_await recv_some({out, len});
+      if (n == 0) co_return false;
       out += n;
       len -= n;
       continue;
     }
-    auto [ec, n] = co_await sock_.async_read_some(asio::buffer(in_buf_), use_tuple);
-    if (ec) co_return false;
+    size_t n = co_await recv_some(in_buf_);
+    if (n == 0) co_return false;
     in_pos_ = 0;
     in_end_ = n;
   }
   co_return true;
+}
+
+Task<size_t> Connection::recv_some(std::span<std::byte> buf) {
+  if (tls_) co_return co_await tls_->read_some(buf);
+  auto [ec, n] = co_await sock_.async_read_some(asio::buffer(buf.data(), buf.size()), use_tuple);
+  co_return ec ? 0 : n;
 }
 
 Task<bool> Connection::skip(uint64_t len, bool guard_stall) {
@@ -92,6 +98,7 @@ Task<void> Connection::watchdog(std::shared_ptr<Connection> self) {
 
 Task<bool> Connection::write_all(std::span<const std::byte> data) {
   if (closed_) co_return false;
+  if (tls_) co_return co_await tls_->write_all(data);
   auto [ec, n] =
       co_await asio::async_write(sock_, asio::buffer(data.data(), data.size()), use_tuple);
   co_return !ec;
@@ -143,11 +150,21 @@ Task<void> Connection::writer(std::shared_ptr<Connection> self) {
       bufs.emplace_back(batch.back().data(), batch.back().size());
       bytes += batch.back().size();
     }
-    auto [ec, n] = co_await asio::async_write(sock_, bufs, use_tuple);
+    bool ok;
+    if (tls_) {
+      // TLS records are made from one buffer: the batch is joined first.
+      std::vector<std::byte> joined;
+      joined.reserve(bytes);
+      for (auto& b : batch) joined.insert(joined.end(), b.begin(), b.end());
+      ok = co_await tls_->write_all(joined);
+    } else {
+      auto [ec, n] = co_await asio::async_write(sock_, bufs, use_tuple);
+      ok = !ec;
+    }
     BLKMIRROR_ASSERT(out_bytes_ >= bytes, "queued reply bytes below zero");
     out_bytes_ -= bytes;
     slot_free_.notify_all();
-    if (ec) {
+    if (!ok) {
       close();
       break;
     }

@@ -30,6 +30,7 @@
 #include "blockdev/graph.h"
 #include "io/listener.h"
 #include "io/loop.h"
+#include "nbd/server/tls.h"
 
 namespace blkmirror::nbd {
 
@@ -98,6 +99,10 @@ class NbdServer {
   ~NbdServer();
 
   const ServerLimits& limits() const { return limits_; }
+  // TLS required for every client from now on (nullptr: plain NBD). Clients
+  // already connected keep what they negotiated.
+  void set_tls(std::shared_ptr<const TlsServerCreds> creds) { tls_ = std::move(creds); }
+  const std::shared_ptr<const TlsServerCreds>& tls() const { return tls_; }
 
   // Errors: unknown node, duplicate export name.
   Result<void> add_export(const ExportConfig& cfg);
@@ -140,6 +145,7 @@ class NbdServer {
   Loop& loop_;
   Graph& graph_;
   ServerLimits limits_;
+  std::shared_ptr<const TlsServerCreds> tls_;
   std::map<std::string, std::shared_ptr<Export>> exports_;
   std::string default_name_;
   bool has_default_ = false;
