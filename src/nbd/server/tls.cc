@@ -23,7 +23,8 @@ gnutls_session_t session_of(void* s) { return static_cast<gnutls_session_t>(s); 
 
 Result<void> readable_file(const std::string& path, const char* what) {
   if (::access(path.c_str(), R_OK) != 0)
-    return make_plain_error(errno, fmt::format("TLS {} '{}': {}", what, path, std::strerror(errno)));
+    return make_plain_error(errno,
+                            fmt::format("TLS {} '{}': {}", what, path, std::strerror(errno)));
   return {};
 }
 
@@ -82,7 +83,8 @@ Result<std::shared_ptr<const TlsServerCreds>> TlsServerCreds::load(const TlsServ
 }
 
 TlsServerCreds::~TlsServerCreds() {
-  if (x509_) gnutls_certificate_free_credentials(static_cast<gnutls_certificate_credentials_t>(x509_));
+  if (x509_)
+    gnutls_certificate_free_credentials(static_cast<gnutls_certificate_credentials_t>(x509_));
   if (psk_) gnutls_psk_free_server_credentials(static_cast<gnutls_psk_server_credentials_t>(psk_));
 }
 
