@@ -379,7 +379,9 @@ Task<QResult<BlockDevicePtr>> Daemon::BlockCommands::open_nbd_node(Daemon& d, Js
     auto it = d.objects_.find(id);
     if (it == d.objects_.end())
       co_return generic_error(fmt::format("No TLS credentials with id '{}'", id));
-    const TlsObject& t = it->second;
+    const QomObject& t = it->second;
+    if (!t.is_tls_creds())
+      co_return generic_error(fmt::format("Object with id '{}' is not TLS credentials", id));
     if (t.endpoint != "client")
       co_return generic_error("Expecting TLS credentials with a client endpoint");
     if (t.type == "tls-creds-x509") {

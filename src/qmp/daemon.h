@@ -112,13 +112,18 @@ class Daemon {
     // blockdev-reopen compares what it is given against them.
     Json options;
   };
-  // A tls-creds-x509 / tls-creds-psk object made by object-add.
-  struct TlsObject {
-    std::string type;  // "tls-creds-x509" | "tls-creds-psk"
+  // An object made by object-add: TLS credentials (tls-creds-x509,
+  // tls-creds-psk) or an authorization list (authz-simple, authz-list).
+  struct QomObject {
+    std::string type;
+    bool is_tls_creds() const { return type.starts_with("tls-creds-"); }
+    // TLS credentials.
     std::string dir;
     std::string endpoint = "client";
     bool verify_peer = true;
     std::string username;
+    // Authorization: whom it lets in.
+    nbd::TlsAuthz authz;
   };
   struct ExportRecord {
     std::string id, node, name;
@@ -224,7 +229,9 @@ class Daemon {
   Loop& loop_;
   DaemonOptions opts_;
   Graph graph_;
-  std::map<std::string, TlsObject> objects_;
+  std::map<std::string, QomObject> objects_;
+  // The objects the NBD server was started with (object-del refuses them).
+  std::string nbd_tls_creds_, nbd_tls_authz_;
   std::map<std::string, NodeRecord> nodes_;
   uint64_t implicit_counter_ = 0;  // for #blockN names
   std::map<std::string, std::shared_ptr<Job>> jobs_;
