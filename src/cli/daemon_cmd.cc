@@ -19,6 +19,7 @@
 #include "cli/commands.h"
 #include "cli/daemon_config.h"
 #include "cli/exit_codes.h"
+#include "cli/metrics_option.h"
 #include "cli/mirror_options.h"
 #include "cli/serve_options.h"
 #include "cli/signals.h"
@@ -31,6 +32,7 @@ namespace {
 
 struct DaemonArgs {
   std::string config;
+  MetricsOption metrics;
   std::string qmp, qmp_tcp, file_root;
   std::vector<std::string> blockdevs, exports;
   std::string nbd_server;
@@ -90,6 +92,10 @@ int run_daemon(const DaemonArgs& cmdline) {
     if (auto r = server.listen_tcp(hp->host.empty() ? "127.0.0.1" : hp->host, *hp->port); !r)
       return fail_input(r.error().message());
   }
+  auto metrics = a.metrics.start(
+      loop, metrics::Sources{&daemon.graph(), [&daemon] { return daemon.nbd_server(); },
+                             [&daemon] { return daemon.jobs(); }});
+  if (!metrics) return fail_input(metrics.error().message());
   return loop.run([&]() -> Task<int> {
     // Startup objects, in the order a QMP client would make them.
     std::vector<std::tuple<std::string, std::string, std::string>> steps;
@@ -110,6 +116,7 @@ int run_daemon(const DaemonArgs& cmdline) {
         fmt::print(stderr, "blkmirror: {} {}: {}\n", opt, text, err);
         co_await daemon.shutdown();
         co_await server.stop();
+        if (*metrics) co_await (*metrics)->stop();
         co_return exit_code::kBadInput;
       }
     }
@@ -126,6 +133,7 @@ int run_daemon(const DaemonArgs& cmdline) {
         }(&loop, &daemon),
         asio::detached);
     co_await daemon.wait_quit();
+    if (*metrics) co_await (*metrics)->stop();
     sd_notify(0, "STOPPING=1\nSTATUS=stopping: jobs cancelled, nodes flushed");
     auto flushed = co_await daemon.shutdown();
     co_await server.stop();
@@ -157,6 +165,7 @@ CommandRunner add_daemon_command(CLI::App& app) {
                   "addr.type=inet,addr.host=H,addr.port=N)");
   cmd->add_option("--export", args->exports,
                   "export a node at startup (type=nbd,id=ID,node-name=N[,writable=on])");
+  args->metrics.add_to(*cmd);
   cmd->add_option("--file-root", args->file_root,
                   "only open or create image files below this directory");
   return [cmd, args]() -> int {

@@ -80,6 +80,8 @@ class Job : public std::enable_shared_from_this<Job> {
 
   const std::string& id() const { return id_; }
   JobStatus status() const { return status_; }
+  // When the job entered its current status (metrics: time in state).
+  std::chrono::steady_clock::time_point status_since() const { return status_since_; }
   void subscribe(EventSink sink) { sinks_.push_back(std::move(sink)); }
   virtual JobInfo info() const;
 
@@ -165,6 +167,7 @@ class Job : public std::enable_shared_from_this<Job> {
   bool cancelled_ = false;
   bool finalize_requested_ = false;
   bool dismiss_requested_ = false;
+  std::chrono::steady_clock::time_point status_since_ = std::chrono::steady_clock::now();
   IoStatus io_status_ = IoStatus::kOk;
   std::optional<Error> failure_;
   std::vector<EventSink> sinks_;

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <list>
+#include <map>
 #include <memory>
 #include <chrono>
 #include <optional>
@@ -47,6 +48,9 @@ struct MirrorStats {
   uint64_t ops = 0;
   uint64_t errors = 0;
   uint64_t errors_unreported = 0;  // error events left out by the rate limit
+  uint64_t mode_switches = 0;      // copy mode changes (adaptive or block-job-change)
+  // Failed operations by side (true: target) and errno, for the metrics.
+  std::map<std::pair<bool, int>, uint64_t> errors_by;
 };
 
 class MirrorJob : public Job, public WriteInterceptor {

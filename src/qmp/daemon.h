@@ -72,6 +72,13 @@ class Daemon {
 
   Graph& graph() { return graph_; }
   size_t job_count() const { return jobs_.size(); }
+  // Every job not yet dismissed, and the NBD server if started (the metrics).
+  std::vector<std::shared_ptr<Job>> jobs() const {
+    std::vector<std::shared_ptr<Job>> out;
+    for (auto& [id, j] : jobs_) out.push_back(j);
+    return out;
+  }
+  nbd::NbdServer* nbd_server() const { return nbd_.get(); }
   // The job of that id, or nullptr (an in-process caller drives it: the CLI).
   std::shared_ptr<Job> find_job(const std::string& id) const {
     auto it = jobs_.find(id);

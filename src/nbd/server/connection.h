@@ -57,8 +57,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Transmission (connection.cc).
   Task<void> transmission();
   Task<void> handle(Request r, Payload payload, std::shared_ptr<Connection> self);
-  Task<void> do_read(const Request& r);
-  Task<void> do_block_status(const Request& r);
+  // Send the reply; return the NBD error sent (0: success), for the statistics.
+  Task<uint32_t> do_read(const Request& r);
+  Task<uint32_t> do_block_status(const Request& r);
   void send_simple(uint64_t cookie, uint32_t error);
   void send_error(const Request& r, uint32_t error);
   void queue(std::vector<std::byte> buf);
