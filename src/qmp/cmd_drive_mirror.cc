@@ -16,12 +16,12 @@
 // at every moment after ready. Then it is blockdev-mirror. When the job is
 // dismissed without having taken the source's place (cancelled, failed), the
 // target node is closed, as QEMU drops its reference then; the file stays.
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
 
 #include "blockdev/file_device.h"
 #include "blockdev/image_format.h"
@@ -83,8 +83,9 @@ Task<QResult<Daemon::DriveMirrorCommands::Target>> Daemon::DriveMirrorCommands::
   if (existing && format.empty()) {
     // QEMU probes an existing target's format.
     auto f = FileDevice::open(d.loop_, path, FileOptions{.read_only = true, .force_share = true});
-    if (!f) co_return generic_error(fmt::format("Could not open '{}': {}", path,
-                                                std::strerror(f.error().errnum())));
+    if (!f)
+      co_return generic_error(
+          fmt::format("Could not open '{}': {}", path, std::strerror(f.error().errnum())));
     auto fmt_r = co_await detect_image_format(**f);
     if (!fmt_r) co_return generic_error(fmt_r.error().message());
     format = to_string(*fmt_r);
@@ -95,18 +96,20 @@ Task<QResult<Daemon::DriveMirrorCommands::Target>> Daemon::DriveMirrorCommands::
   if (sync == SyncMode::kTop && !backing) sync = SyncMode::kFull;  // nothing below: QEMU's rule
   // What the target reads through: the source's backing node (top), the
   // source itself (none), nothing (full).
-  Node* target_backing = sync == SyncMode::kTop ? backing : sync == SyncMode::kNone ? &src : nullptr;
+  Node* target_backing = sync == SyncMode::kTop    ? backing
+                         : sync == SyncMode::kNone ? &src
+                                                   : nullptr;
   if (!existing) {
     if (target_backing && format != "qcow2")
-      co_return generic_error(fmt::format("'{}' does not support backing files",
-                                          format == "file" ? "file" : "raw"));
+      co_return generic_error(
+          fmt::format("'{}' does not support backing files", format == "file" ? "file" : "raw"));
     if (::access(path.c_str(), F_OK) == 0)
       co_return generic_error(fmt::format(
           "Could not create '{}': File exists (mode 'existing' mirrors into it)", path));
     const uint64_t size = src.length();
     if (auto r = FileDevice::create(path, format == "qcow2" ? 0 : size); !r)
-      co_return generic_error(fmt::format("Could not create '{}': {}", path,
-                                          std::strerror(r.error().errnum())));
+      co_return generic_error(
+          fmt::format("Could not create '{}': {}", path, std::strerror(r.error().errnum())));
     t.created = true;
     if (format == "qcow2") {
       Qcow2CreateOptions c;
@@ -122,7 +125,8 @@ Task<QResult<Daemon::DriveMirrorCommands::Target>> Daemon::DriveMirrorCommands::
       if (r) r = co_await (*file)->flush();
       if (!r) {
         ::unlink(path.c_str());
-        co_return generic_error(fmt::format("Could not create '{}': {}", path, r.error().message()));
+        co_return generic_error(
+            fmt::format("Could not create '{}': {}", path, r.error().message()));
       }
     }
   }
@@ -135,14 +139,17 @@ Task<QResult<Daemon::DriveMirrorCommands::Target>> Daemon::DriveMirrorCommands::
     // Created with a backing file: read through the very node it names. An
     // existing image opens its chain from its header.
     if (format == "qcow2" && !existing) {
-      if (target_backing) t.args["backing"] = target_backing->name();
-      else t.args["backing"] = nullptr;
+      if (target_backing)
+        t.args["backing"] = target_backing->name();
+      else
+        t.args["backing"] = nullptr;
     }
   }
   co_return t;
 }
 
-Task<QResult<Json>> Daemon::DriveMirrorCommands::drive_mirror(Daemon& d, Json& a, const Call& call) {
+Task<QResult<Json>> Daemon::DriveMirrorCommands::drive_mirror(Daemon& d, Json& a,
+                                                              const Call& call) {
   MirrorParams p;
   p.device = a["device"].get<std::string>();
   if (auto r = set_mirror_options(p, a); !r) co_return generic_error(r.error().message());
@@ -160,7 +167,8 @@ Task<QResult<Json>> Daemon::DriveMirrorCommands::drive_mirror(Daemon& d, Json& a
     co_return generic_error(fmt::format("Job ID '{}' already in use", p.job_id));
   if (a.contains("replaces")) {
     if (!a.contains("node-name"))
-      co_return generic_error("a node-name must be provided when replacing a named node of the graph");
+      co_return generic_error(
+          "a node-name must be provided when replacing a named node of the graph");
     p.replaces = a["replaces"].get<std::string>();
   }
   std::string name;

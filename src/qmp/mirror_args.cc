@@ -9,9 +9,12 @@ namespace {
 Type qmp_type(OptionType t) {
   switch (t) {
     case OptionType::kSize:
-    case OptionType::kInteger: return Type::kInt;
-    case OptionType::kEnum: return Type::kEnum;
-    case OptionType::kBool: return Type::kBool;
+    case OptionType::kInteger:
+      return Type::kInt;
+    case OptionType::kEnum:
+      return Type::kEnum;
+    case OptionType::kBool:
+      return Type::kBool;
   }
   return Type::kAny;
 }
