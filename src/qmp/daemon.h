@@ -166,6 +166,7 @@ class Daemon {
   struct CommitCommands;  // cmd_commit.cc: block-commit
   struct ReopenCommands;  // cmd_reopen.cc: blockdev-reopen
   struct ResizeCommands;  // cmd_resize.cc: block_resize / block-resize
+  struct DriveMirrorCommands;  // cmd_drive_mirror.cc: drive-mirror
   static std::span<const Command> core_commands();
   static std::span<const Command> block_commands();
   static std::span<const Command> object_commands();
@@ -174,6 +175,7 @@ class Daemon {
   static std::span<const Command> commit_commands();
   static std::span<const Command> reopen_commands();
   static std::span<const Command> resize_commands();
+  static std::span<const Command> drive_mirror_commands();
   // blockdev-add's schema for a driver, or nullptr (cmd_block.cc).
   static const Schema* node_schema(std::string_view driver);
 
@@ -245,7 +247,7 @@ class Daemon {
   std::unique_ptr<nbd::NbdServer> nbd_;
   std::map<std::string, ExportRecord> exports_;
   EventSink sink_;
-  unsigned aftermaths_ = 0;  // after_commit() tasks still running
+  unsigned aftermaths_ = 0;  // after_commit() and drive-mirror clean-ups still running
   Notifier aftermaths_done_;
   bool quitting_ = false;
   Notifier quit_changed_;
