@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+
 #include <fmt/format.h>
 
 #include "base/assert.h"
@@ -414,6 +415,15 @@ void MirrorJob::release_permissions() {
   for (Child* e : {src_edge_.get(), tgt_edge_.get(), replaces_edge_.get()})
     if (e) (void)e->set_perms(Perms{0, kPermAll});
   for (auto& e : between_edges_) (void)e->set_perms(Perms{0, kPermAll});
+}
+
+void MirrorJob::release_nodes() {
+  BLKMIRROR_ASSERT(concluded(), "MirrorJob::release_nodes REQUIRES a concluded job");
+  detach();
+  src_edge_.reset();
+  tgt_edge_.reset();
+  replaces_edge_.reset();
+  between_edges_.clear();
 }
 
 Task<void> MirrorJob::abort() {

@@ -92,6 +92,12 @@ class MirrorJob : public Job, public WriteInterceptor {
   // left to copy (QEMU's actively-synced).
   bool actively_synced() const;
 
+  // Drops the job's edges to its nodes once it concluded, so they can leave the
+  // graph before the job is dismissed (drive-mirror closes the target it
+  // opened when the job ends without switching over, as QEMU's job drops its
+  // references). REQUIRES: concluded().
+  void release_nodes();
+
   // WriteInterceptor: every client write to the source passes through here.
   Task<Result<void>> intercept(Node& node, const WriteRequest& req) override;
 

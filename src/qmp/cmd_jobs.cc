@@ -148,24 +148,34 @@ void Daemon::on_job_event(const JobEvent& e) {
     jobs_.erase(it);
 }
 
+QResult<void> Daemon::mirror_params(const Json& a, MirrorParams& p) const {
+  p.job_id = a.value("job-id", p.device);
+  if (!id_wellformed(p.job_id))
+    return generic_error(fmt::format("Invalid job ID '{}'", p.job_id));
+  if (jobs_.count(p.job_id))
+    return generic_error(fmt::format("Job ID '{}' already in use", p.job_id));
+  if (auto r = set_table_options(p, a); !r) return from(r.error());
+  if (a.contains("replaces")) p.replaces = a["replaces"].get<std::string>();
+  if (auto v = validate_params(p); !v) return from(v.error());
+  return {};
+}
+
+QResult<std::shared_ptr<Job>> Daemon::start_mirror(const MirrorParams& p) {
+  auto job = MirrorJob::create(loop_, graph_, p);
+  if (!job) return from(job.error());
+  add_job(*job);
+  return std::shared_ptr<Job>(*job);
+}
+
 Task<QResult<Json>> Daemon::JobCommands::blockdev_mirror(Daemon& d, Json& a, const Call& call) {
   MirrorParams p;
   p.device = a["device"].get<std::string>();
   p.target = a["target"].get<std::string>();
-  p.job_id = a.value("job-id", p.device);
-  if (!id_wellformed(p.job_id))
-    co_return generic_error(fmt::format("Invalid job ID '{}'", p.job_id));
-  if (d.jobs_.count(p.job_id))
-    co_return generic_error(fmt::format("Job ID '{}' already in use", p.job_id));
-  if (auto r = set_table_options(p, a); !r) co_return from(r.error());
-  if (a.contains("replaces")) p.replaces = a["replaces"].get<std::string>();
   if (a.contains("filter-node-name") && !id_wellformed(a["filter-node-name"].get<std::string>()))
     co_return generic_error(
         fmt::format("Invalid node-name: '{}'", a["filter-node-name"].get<std::string>()));
-  if (auto v = validate_params(p); !v) co_return from(v.error());
-  auto job = MirrorJob::create(d.loop_, d.graph_, p);
-  if (!job) co_return from(job.error());
-  d.add_job(*job);
+  if (auto r = d.mirror_params(a, p); !r) co_return tl::unexpected(r.error());
+  if (auto j = d.start_mirror(p); !j) co_return tl::unexpected(j.error());
   co_return Json::object();
 }
 

@@ -28,6 +28,7 @@
 #include "blockdev/qcow2/qcow2_device.h"
 #include "io/loop.h"
 #include "job/job.h"
+#include "mirror/mirror_params.h"
 #include "nbd/server/nbd_server.h"
 #include "qmp/schema.h"
 
@@ -149,17 +150,24 @@ class Daemon {
   struct JobCommands;     // cmd_jobs.cc: blockdev-mirror, job queries, block-job-* and job-* verbs
   struct NbdCommands;     // cmd_nbd.cc: nbd-server-start/stop, block-export-*
   struct CommitCommands;  // cmd_commit.cc: block-commit
+  struct DriveMirrorCommands;  // cmd_drive_mirror.cc: drive-mirror
   static std::span<const Command> core_commands();
   static std::span<const Command> block_commands();
   static std::span<const Command> object_commands();
   static std::span<const Command> job_commands();
   static std::span<const Command> nbd_commands();
   static std::span<const Command> commit_commands();
+  static std::span<const Command> drive_mirror_commands();
 
   // Shared by several command files.
   QResult<std::string> checked_path(const std::string& path) const;  // cmd_block.cc
   void add_job(std::shared_ptr<Job> job);                            // cmd_jobs.cc
   void on_job_event(const JobEvent& e);                              // cmd_jobs.cc
+  // blockdev-mirror and drive-mirror (cmd_jobs.cc): the job id and the option
+  // table's members of a schema-checked request into p (p.device set first;
+  // nothing is touched), then the job made from p and started.
+  QResult<void> mirror_params(const Json& a, MirrorParams& p) const;
+  QResult<std::shared_ptr<Job>> start_mirror(const MirrorParams& p);
 
   // Block nodes and chains: blockdev-add's body and its children (cmd_block.cc),
   // qcow2 nodes, implicit backing nodes, image info (block_chain.cc).
@@ -207,6 +215,9 @@ class Daemon {
   // A refused block-commit puts back the flags it changed.
   Task<void> restore_read_only(const std::vector<std::string>& names);
   Task<void> drop_committed_layers(const CommitAftermath& a);
+  // drive-mirror (cmd_drive_mirror.cc): once the job ended without switching
+  // over, the target node it opened is closed, as QEMU drops its reference.
+  Task<void> after_drive_mirror(std::shared_ptr<Job> job, std::string target);
 
   void emit(const std::string& name, const Json& data) {
     if (sink_) sink_(name, data);
