@@ -120,9 +120,31 @@ void Child::leave(Node* n) {
   if (--n->in_flight_ == 0) n->changed_.notify_all();
 }
 
+namespace {
+
+using StatClock = std::chrono::steady_clock;
+
+void count(std::array<OpStats, static_cast<size_t>(Node::Op::kCount)>& stats, Node::Op op,
+           uint64_t bytes, StatClock::time_point start, bool ok) {
+  stats[static_cast<size_t>(op)].record(bytes, StatClock::now() - start, ok);
+}
+
+Node::Op op_of(WriteRequest::Kind k) {
+  switch (k) {
+    case WriteRequest::Kind::kWrite: return Node::Op::kWrite;
+    case WriteRequest::Kind::kWriteZeroes: return Node::Op::kWriteZeroes;
+    case WriteRequest::Kind::kDiscard: return Node::Op::kDiscard;
+  }
+  return Node::Op::kWrite;
+}
+
+}  // namespace
+
 Task<Result<void>> Child::read(uint64_t off, std::span<std::byte> buf) {
+  const auto start = StatClock::now();
   Node* n = co_await enter();
   auto r = co_await n->dev_->read(off, buf);
+  count(n->stats_, Node::Op::kRead, buf.size(), start, r.has_value());
   leave(n);
   co_return r;
 }
@@ -147,6 +169,7 @@ Result<void> Node::set_interceptor(WriteInterceptor* i) {
 }
 
 Task<Result<void>> Child::submit(const WriteRequest& req) {
+  const auto start = StatClock::now();
   Node* n = co_await enter();
   // if/else, not ?: (GCC 12 rule 1, base/task.h).
   Result<void> r;
@@ -154,6 +177,7 @@ Task<Result<void>> Child::submit(const WriteRequest& req) {
     r = co_await n->interceptor_->intercept(*n, req);
   else
     r = co_await n->perform(req);
+  count(n->stats_, op_of(req.kind), req.length, start, r.has_value());
   leave(n);
   co_return r;
 }
@@ -186,15 +210,19 @@ Task<Result<void>> Child::discard(uint64_t off, uint64_t len) {
 }
 
 Task<Result<void>> Child::flush() {
+  const auto start = StatClock::now();
   Node* n = co_await enter();
   auto r = co_await n->dev_->flush();
+  count(n->stats_, Node::Op::kFlush, 0, start, r.has_value());
   leave(n);
   co_return r;
 }
 
 Task<Result<Extent>> Child::block_status(uint64_t off, uint64_t len) {
+  const auto start = StatClock::now();
   Node* n = co_await enter();
   auto r = co_await n->dev_->block_status(off, len);
+  count(n->stats_, Node::Op::kBlockStatus, 0, start, r.has_value());
   leave(n);
   co_return r;
 }
@@ -264,6 +292,18 @@ void Graph::adopt(Node* owner, Child* edge) {
   owner->children_.push_back(edge);
 }
 
+namespace {
+
+// n is top or a node below it (through the edges nodes hold to their children).
+bool reaches(const Node* top, const Node* n) {
+  if (top == n) return true;
+  for (const Child* c : top->children())
+    if (reaches(&c->node(), n)) return true;
+  return false;
+}
+
+}  // namespace
+
 Result<void> Graph::replace(Node* from, Node* to, const std::vector<const Child*>& keep) {
   BLKMIRROR_ASSERT_THREAD(thread_);
   // A request mid-flight would finish on the node it started on, after its
@@ -271,8 +311,15 @@ Result<void> Graph::replace(Node* from, Node* to, const std::vector<const Child*
   assert(from->drained() && to->drained() && "Graph::replace REQUIRES both nodes drained");
   assert(from->in_flight_ == 0 && to->in_flight_ == 0);
   std::vector<Child*> moving;
-  for (Child* c : from->parents_)
-    if (std::find(keep.begin(), keep.end(), c) == keep.end()) moving.push_back(c);
+  for (Child* c : from->parents_) {
+    if (std::find(keep.begin(), keep.end(), c) != keep.end()) continue;
+    // An edge held by `to` or a node below it stays: moved, it would make
+    // `to` its own descendant (a loop every read would follow forever), as
+    // when a drive-mirror sync=none target reads through its source. QEMU's
+    // should_update_child() leaves such edges alone too.
+    if (c->owner() && reaches(to, c->owner())) continue;
+    moving.push_back(c);
+  }
   for (Child* c : moving) c->move_to(to);
   if (auto r = check_perms(); !r) {
     for (Child* c : moving) c->move_to(from);

@@ -26,6 +26,7 @@
 #pragma once
 
 #include <cassert>
+#include <array>
 #include <cstdint>
 #include <list>
 #include <map>
@@ -37,6 +38,7 @@
 
 #include "base/notifier.h"
 #include "blockdev/block_device.h"
+#include "base/op_stats.h"
 #include "blockdev/permissions.h"
 
 namespace blkmirror {
@@ -115,6 +117,12 @@ class Node {
   // What the node's parents need together (ORed) and let others do (ANDed).
   Perms cumulative_perms() const;
 
+  // Requests through the node's edges (its users: exports, clients, formats
+  // above it), by kind; a job reading its source directly is not counted here
+  // but in its own statistics.
+  enum class Op { kRead, kWrite, kWriteZeroes, kDiscard, kFlush, kBlockStatus, kCount };
+  const std::array<OpStats, static_cast<size_t>(Op::kCount)>& stats() const { return stats_; }
+
  private:
   friend class Child;
   friend class Graph;
@@ -128,6 +136,7 @@ class Node {
   unsigned quiesce_ = 0;
   uint64_t in_flight_ = 0;
   Notifier changed_;  // in_flight_ reached 0, or the node was undrained
+  std::array<OpStats, static_cast<size_t>(Op::kCount)> stats_{};
 };
 
 // A parent's edge to a node. Detaches itself on destruction.
@@ -198,7 +207,8 @@ class Graph {
   // node just added), so nothing can conflict.
   void adopt(Node* owner, Child* edge);
   // Moves every parent of `from` except those in `keep` to `to`, unless that
-  // would conflict (EPERM, nothing moved).
+  // would conflict (EPERM, nothing moved). Edges held by `to` or a node below
+  // it stay where they are: moving them would make a loop.
   // REQUIRES: both nodes drained by the caller, so no request is mid-flight.
   Result<void> replace(Node* from, Node* to, const std::vector<const Child*>& keep);
   std::vector<Node*> nodes() const;

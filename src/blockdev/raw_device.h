@@ -44,6 +44,7 @@ class RawDevice : public BlockDevice {
   Task<Result<void>> check_unchanged() override { return file_->node().device().check_unchanged(); }
   uint64_t generation() const override { return file_->node().device().generation(); }
   bool connected() const override { return file_->node().device().connected(); }
+  bool can_reconnect() const override { return file_->node().device().can_reconnect(); }
   // Raw's data is its file's: read-write only over a read-write file (the
   // caller reopens the file node first, and after this one going read-only).
   Task<Result<void>> set_read_only(bool ro) override {

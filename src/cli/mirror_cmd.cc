@@ -15,6 +15,7 @@
 #include "cli/device_spec.h"
 #include "cli/drive.h"
 #include "cli/exit_codes.h"
+#include "cli/metrics_option.h"
 #include "cli/fault_env.h"
 #include "cli/serve_options.h"
 #include "cli/mirror_options.h"
@@ -31,6 +32,7 @@ struct MirrorArgs {
   std::string src, dst;
   MirrorCliOptions opts;
   ServeOptions serve;
+  MetricsOption metrics;
   bool create = false;
   bool no_auto_complete = false;
   std::string src_format, dst_format;  // "" = detect
@@ -171,6 +173,15 @@ int run_mirror(const MirrorArgs& a) {
   if (serving)
     if (auto r = a.serve.start(server, "src"); !r) return fail_input(r.error().message());
 
+  std::shared_ptr<Job> job_ref = *job;
+  auto metrics = a.metrics.start(
+      loop, metrics::Sources{&graph,
+                             [&server, serving]() -> nbd::NbdServer* {
+                               return serving ? &server : nullptr;
+                             },
+                             [job_ref] { return std::vector<std::shared_ptr<Job>>{job_ref}; }});
+  if (!metrics) return fail_input(metrics.error().message());
+
   Progress progress(a.opts.progress_style());
   progress.set_json_interval(a.opts.progress_interval);
   progress.note(fmt::format("mirroring {} -> {} ({}, granularity {}, buffer {}, copy mode {})",
@@ -212,6 +223,7 @@ int run_mirror(const MirrorArgs& a) {
         progress.note("stopped serving; flushed");
       }
     }
+    if (*metrics) co_await (*metrics)->stop();
     // qcow2 layers write their metadata back and are marked clean.
     if (auto c = co_await src->image.close(); !c) {
       progress.note(fmt::format("closing {}: {}", a.src, c.error().message()));
@@ -250,6 +262,7 @@ CommandRunner add_mirror_command(CLI::App& app) {
                   "the backing file's format (default: detected)");
   args->opts.add_to(*cmd);
   args->serve.add_to(*cmd, false);
+  args->metrics.add_to(*cmd);
   cmd->add_flag("--no-auto-complete", args->no_auto_complete,
                 "when serving: stay ready until SIGUSR1, then complete");
   return [cmd, args]() -> int {

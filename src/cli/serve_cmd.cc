@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "cli/device_spec.h"
 #include "cli/exit_codes.h"
+#include "cli/metrics_option.h"
 #include "cli/mirror_options.h"
 #include "cli/serve_options.h"
 #include "cli/signals.h"
@@ -19,6 +20,7 @@ namespace {
 struct ServeArgs {
   std::string image;
   ServeOptions serve;
+  MetricsOption metrics;
   bool direct = false;
   std::string format;  // "" = detect
   std::string locking = "auto";
@@ -45,8 +47,11 @@ int run_serve(const ServeArgs& a) {
   if (auto r = a.serve.start(server, "disk"); !r) return fail_input(r.error().message());
   fmt::print(stderr, "serving {} ({}, {} bytes{}) at {}\n", a.image, to_string(img->image.format),
              dev->length(), a.serve.read_only ? ", read-only" : "", a.serve.where(server));
+  auto metrics = a.metrics.start(loop, metrics::Sources{&graph, [&server] { return &server; }, {}});
+  if (!metrics) return fail_input(metrics.error().message());
   int rc = loop.run([&]() -> Task<int> {
     int sig = co_await wait_stop_signal(loop);
+    if (*metrics) co_await (*metrics)->stop();
     auto f = co_await stop_and_flush(server, graph);
     if (auto c = co_await img->image.close(); !c && f) f = c;
     fmt::print(stderr, "{}: stopped serving{}\n", sig == SIGINT ? "interrupted" : "terminated",
@@ -63,6 +68,7 @@ CommandRunner add_serve_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("serve", "Serve a disk image over NBD");
   cmd->add_option("IMAGE", args->image, "file or block device")->required();
   args->serve.add_to(*cmd, true);
+  args->metrics.add_to(*cmd);
   cmd->add_flag("--direct", args->direct, "O_DIRECT I/O (cache.direct)");
   cmd->add_option("--format", args->format, "raw | qcow2 (default: detected by magic)");
   add_locking_option(*cmd, args->locking);

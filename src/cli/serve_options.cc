@@ -19,6 +19,21 @@ void ServeOptions::add_to(CLI::App& cmd, bool with_read_only) {
       ->capture_default_str();
   cmd.add_option("--max-connections", max_connections, "NBD clients at once (0: unlimited)")
       ->capture_default_str();
+  auto* creds = cmd.add_option("--tls-creds", tls_creds,
+                               "require TLS: X.509 directory with server-cert.pem, "
+                               "server-key.pem (and ca-cert.pem for --tls-verify-peer)");
+  auto* psk = cmd.add_option("--tls-psk", tls_psk,
+                             "require TLS with pre-shared keys: a keys.psk file of "
+                             "username:hexkey lines");
+  creds->excludes(psk);
+  cmd.add_flag("--tls-verify-peer", tls_verify_peer,
+               "X.509: refuse clients without a certificate signed by ca-cert.pem")
+      ->needs(creds);
+  cmd.add_option("--tls-authz", tls_authz,
+                 "allow only this client (certificate DN such as 'CN=client', or PSK "
+                 "username); repeat for more");
+  cmd.add_flag("--insecure", insecure,
+               "serve plain NBD on a TCP address other than loopback (no TLS)");
 }
 
 nbd::ServerLimits ServeOptions::limits() const {
@@ -28,6 +43,19 @@ nbd::ServerLimits ServeOptions::limits() const {
   return l;
 }
 
+namespace {
+
+// Loopback addresses (and "", which listen_tcp binds to loopback): only this
+// machine reaches them, so plain text crosses no network.
+bool is_loopback(const std::string& host) {
+  if (host.empty() || host == "localhost") return true;
+  std::error_code ec;
+  auto a = asio::ip::make_address(host, ec);
+  return !ec && a.is_loopback();
+}
+
+}  // namespace
+
 Result<void> ServeOptions::start(nbd::NbdServer& server, const std::string& node) const {
   std::optional<HostPort> tcp;
   if (!listen.empty()) {
@@ -36,6 +64,33 @@ Result<void> ServeOptions::start(nbd::NbdServer& server, const std::string& node
       return make_plain_error(EINVAL,
                               fmt::format("--listen '{}': {}", listen, hp.error().message()));
     tcp = *hp;
+  }
+  const bool tls = !tls_creds.empty() || !tls_psk.empty();
+  if (!tls && !tls_authz.empty())
+    return make_plain_error(EINVAL, "--tls-authz needs --tls-creds or --tls-psk");
+  if (tcp && !tls && !is_loopback(tcp->host)) {
+    if (!insecure)
+      return make_plain_error(
+          EINVAL, fmt::format("--listen '{}': plain NBD on an address other than loopback: "
+                              "give --tls-creds or --tls-psk, or --insecure",
+                              listen));
+    fmt::print(stderr, "blkmirror: warning: serving plain NBD without TLS on {}\n", listen);
+  }
+  if (tls) {
+    nbd::TlsServerConfig cfg;
+    cfg.kind = tls_psk.empty() ? nbd::TlsServerConfig::Kind::kX509
+                               : nbd::TlsServerConfig::Kind::kPsk;
+    cfg.dir = tls_creds;
+    cfg.psk_file = tls_psk;
+    cfg.verify_peer = tls_verify_peer;
+    if (!tls_authz.empty()) {
+      nbd::TlsAuthz authz;
+      for (const auto& who : tls_authz) authz.rules.push_back({who, true, false});
+      cfg.authz = std::move(authz);
+    }
+    auto creds = nbd::TlsServerCreds::load(cfg);
+    if (!creds) return tl::unexpected(creds.error());
+    server.set_tls(std::move(*creds));
   }
   // qemu:allocation-depth is always offered here: the CLI has no option
   // surface for it, and a client that does not ask for it never sees it.
@@ -50,12 +105,13 @@ Result<void> ServeOptions::start(nbd::NbdServer& server, const std::string& node
 
 std::string ServeOptions::where(const nbd::NbdServer& server) const {
   std::string out;
-  if (!socket.empty()) out += fmt::format("nbd+unix:///{}?socket={}", name, socket);
+  const char* scheme = server.tls() ? "nbds" : "nbd";  // libnbd's URIs for TLS
+  if (!socket.empty()) out += fmt::format("{}+unix:///{}?socket={}", scheme, name, socket);
   if (!listen.empty()) {
     if (!out.empty()) out += " and ";
     auto hp = parse_host_port(listen);  // accepted by start()
     std::string host = hp && !hp->host.empty() ? hp->host : "127.0.0.1";
-    out += fmt::format("nbd://{}/{}", format_host_port(host, server.tcp_port()), name);
+    out += fmt::format("{}://{}/{}", scheme, format_host_port(host, server.tcp_port()), name);
   }
   return out;
 }

@@ -1,6 +1,7 @@
 // Where and how the CLI serves a disk over NBD (--socket, --listen, --name,
-// --read-only, --handshake-limit, --max-connections), shared by `serve` and
-// `mirror`.
+// --read-only, --handshake-limit, --max-connections, TLS: --tls-creds,
+// --tls-psk, --tls-verify-peer, --tls-authz, --insecure), shared by `serve`,
+// `mirror` and `commit`.
 #pragma once
 
 #include <string>
@@ -20,6 +21,11 @@ struct ServeOptions {
   bool read_only = false;
   unsigned handshake_limit = 10;  // seconds; 0 = none (qemu-nbd's --handshake-limit)
   unsigned max_connections = kDefaultMaxConnections;  // 0 = unlimited
+  std::string tls_creds;                // X.509 directory (QEMU's file names)
+  std::string tls_psk;                  // keys.psk
+  bool tls_verify_peer = false;         // X.509: require a client certificate from the CA
+  std::vector<std::string> tls_authz;   // clients allowed (DN or PSK username); empty: all
+  bool insecure = false;                // plain TCP on a non-loopback address, knowingly
 
   // Enough for a VM, tools with multi-conn and a few operators, while a flood
   // of connections cannot run the process out of descriptors.
@@ -28,7 +34,8 @@ struct ServeOptions {
   void add_to(CLI::App& cmd, bool with_read_only);
   nbd::ServerLimits limits() const;
   bool enabled() const { return !socket.empty() || !listen.empty(); }
-  // Starts the listeners and exports node as name. One-line errors.
+  // Starts the listeners and exports node as name, with TLS when asked for.
+  // Plain TCP on an address other than loopback needs --insecure. One-line errors.
   Result<void> start(nbd::NbdServer& server, const std::string& node) const;
   std::string where(const nbd::NbdServer& server) const;
 };

@@ -65,9 +65,11 @@ void Job::transition(JobStatus to) {
     BLKMIRROR_ASSERT(false, "illegal job transition (job/job_state.cc has the table)");
   }
   status_ = to;
+  status_since_ = std::chrono::steady_clock::now();
   JobEvent e{JobEvent::Kind::kStatusChange, id_};
   e.status = to;
   emit(e);
+  if (to == JobStatus::kNull) on_dismissed();
   state_changed_.notify_all();
 }
 

@@ -80,6 +80,8 @@ class Job : public std::enable_shared_from_this<Job> {
 
   const std::string& id() const { return id_; }
   JobStatus status() const { return status_; }
+  // When the job entered its current status (metrics: time in state).
+  std::chrono::steady_clock::time_point status_since() const { return status_since_; }
   void subscribe(EventSink sink) { sinks_.push_back(std::move(sink)); }
   virtual JobInfo info() const;
 
@@ -119,6 +121,11 @@ class Job : public std::enable_shared_from_this<Job> {
   // Called by cancel(); return true when a soft cancel is handled by the
   // subclass (mirror after ready: finish the final sync without swapping).
   virtual bool on_soft_cancel() { return false; }
+  // Called once the job is dismissed (null): it lets go of the nodes it holds,
+  // as QEMU drops a job's node references when the job is freed, so they can
+  // be resized, removed or used by a new job right away. The job's objects
+  // may live on a little (coroutines still hold them) but own no edges.
+  virtual void on_dismissed() {}
   // Called after pause/resume/cancel/speed changes so the body wakes up.
   virtual void kick() { wake_.notify_all(); }
 
@@ -160,6 +167,7 @@ class Job : public std::enable_shared_from_this<Job> {
   bool cancelled_ = false;
   bool finalize_requested_ = false;
   bool dismiss_requested_ = false;
+  std::chrono::steady_clock::time_point status_since_ = std::chrono::steady_clock::now();
   IoStatus io_status_ = IoStatus::kOk;
   std::optional<Error> failure_;
   std::vector<EventSink> sinks_;

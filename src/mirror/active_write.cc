@@ -216,6 +216,7 @@ Result<void> MirrorJob::change_copy_mode(CopyMode m) {
 void MirrorJob::switch_to_write_blocking(const std::string& why, bool emit_event) {
   if (write_blocking()) return;
   mode_ = CopyMode::kWriteBlocking;
+  ++stats_.mode_switches;
   // actively-synced waits for the copy loop's next clean pass with no write
   // from background mode still in flight.
   actively_synced_ = false;

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 
-
 #include <fmt/format.h>
 
 #include "base/assert.h"
@@ -417,9 +416,7 @@ void MirrorJob::release_permissions() {
   for (auto& e : between_edges_) (void)e->set_perms(Perms{0, kPermAll});
 }
 
-void MirrorJob::release_nodes() {
-  BLKMIRROR_ASSERT(concluded(), "MirrorJob::release_nodes REQUIRES a concluded job");
-  detach();
+void MirrorJob::on_dismissed() {
   src_edge_.reset();
   tgt_edge_.reset();
   replaces_edge_.reset();

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <list>
+#include <map>
 #include <memory>
 #include <chrono>
 #include <optional>
@@ -47,6 +48,9 @@ struct MirrorStats {
   uint64_t ops = 0;
   uint64_t errors = 0;
   uint64_t errors_unreported = 0;  // error events left out by the rate limit
+  uint64_t mode_switches = 0;      // copy mode changes (adaptive or block-job-change)
+  // Failed operations by side (true: target) and errno, for the metrics.
+  std::map<std::pair<bool, int>, uint64_t> errors_by;
 };
 
 class MirrorJob : public Job, public WriteInterceptor {
@@ -91,12 +95,6 @@ class MirrorJob : public Job, public WriteInterceptor {
   // Every client write reaches the target before its reply and nothing else is
   // left to copy (QEMU's actively-synced).
   bool actively_synced() const;
-
-  // Drops the job's edges to its nodes once it concluded, so they can leave the
-  // graph before the job is dismissed (drive-mirror closes the target it
-  // opened when the job ends without switching over, as QEMU's job drops its
-  // references). REQUIRES: concluded().
-  void release_nodes();
 
   // WriteInterceptor: every client write to the source passes through here.
   Task<Result<void>> intercept(Node& node, const WriteRequest& req) override;
@@ -192,6 +190,7 @@ class MirrorJob : public Job, public WriteInterceptor {
   void detach();
   // commit() and abort(): every edge of the job needs nothing and shares all.
   void release_permissions();
+  void on_dismissed() override;
 
   ByteRange chunk_bytes(uint64_t first, uint64_t end) const;
   // The whole chunks covering [off, off+len), clipped to the device.

@@ -305,6 +305,7 @@ Task<void> MirrorJob::run_op(std::list<MirrorOp>::iterator it, std::shared_ptr<M
 }
 
 void MirrorJob::on_op_error(const Error& e, bool is_read) {
+  ++stats_.errors_by[{!is_read, e.errnum()}];
   ErrorAction action =
       action_for(is_read ? p_.on_source_error : p_.on_target_error, e.errnum());
   synced_ = false;

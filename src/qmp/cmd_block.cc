@@ -166,6 +166,16 @@ std::span<const Daemon::Command> Daemon::block_commands() {
   return table;
 }
 
+const Schema* Daemon::node_schema(std::string_view driver) {
+  return driver == "file"       ? &kFile
+         : driver == "raw"      ? &kRaw
+         : driver == "qcow2"    ? &kQcow2
+         : driver == "null-co"  ? &kNull
+         : driver == "blkdebug" ? &kBlkdebug
+         : driver == "nbd"      ? &kNbd
+                                : nullptr;
+}
+
 QResult<std::string> Daemon::checked_path(const std::string& path) const {
   if (path.empty()) return generic_error("The filename must not be empty");
   if (opts_.file_root.empty()) return path;
@@ -222,13 +232,7 @@ Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* g
   if (!drv->is_string())
     co_return generic_error("Invalid parameter type for 'driver', expected: string");
   const std::string driver = drv->get<std::string>();
-  const Schema* schema = driver == "file"       ? &kFile
-                         : driver == "raw"      ? &kRaw
-                         : driver == "qcow2"    ? &kQcow2
-                         : driver == "null-co"  ? &kNull
-                         : driver == "blkdebug" ? &kBlkdebug
-                         : driver == "nbd"      ? &kNbd
-                                                : nullptr;
+  const Schema* schema = node_schema(driver);
   if (!schema) co_return generic_error(bad_value("driver", driver));
   if (auto r = check(args, *schema, "", call.coerce); !r) co_return tl::unexpected(r.error());
 
@@ -331,6 +335,7 @@ Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* g
     d.graph_.adopt(*node, rec.backing_edge.get());
     (*node)->set_backing_edge(rec.backing_edge.get());
   }
+  rec.options = args;
   d.nodes_.emplace(name, std::move(rec));
   co_return Json::object();
 }
@@ -374,7 +379,9 @@ Task<QResult<BlockDevicePtr>> Daemon::BlockCommands::open_nbd_node(Daemon& d, Js
     auto it = d.objects_.find(id);
     if (it == d.objects_.end())
       co_return generic_error(fmt::format("No TLS credentials with id '{}'", id));
-    const TlsObject& t = it->second;
+    const QomObject& t = it->second;
+    if (!t.is_tls_creds())
+      co_return generic_error(fmt::format("Object with id '{}' is not TLS credentials", id));
     if (t.endpoint != "client")
       co_return generic_error("Expecting TLS credentials with a client endpoint");
     if (t.type == "tls-creds-x509") {

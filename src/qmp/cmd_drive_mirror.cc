@@ -1,58 +1,39 @@
-// drive-mirror: blockdev-mirror into an image named by its file name, as
-// qemu-storage-daemon 7.2 takes it. The target is created (mode
-// absolute-paths) or opened as it is (mode existing), added as a node
-// (`node-name`, else an implicit #blockN), and mirrored into through the same
-// job-creation path as blockdev-mirror (Daemon::start_mirror).
+// drive-mirror: blockdev-mirror to a target named by its file, as
+// qemu-storage-daemon 7.2 takes it. The daemon opens the target itself:
 //
-//   absolute-paths, sync=top over a backing file: a qcow2 image whose header
-//     names the source's backing file (absolute name, format), of the source's
-//     size, its backing node the source's own backing node, so reads through
-//     the target are right at every moment;
-//   absolute-paths, sync=full (or top without a backing file, which QEMU turns
-//     into full): a standalone image of `format` (default: the source's);
-//   existing: the file opened in `format` (probed when absent), with the
-//     backing chain its header names, as blockdev-add opens a qcow2.
+// - mode absolute-paths (the default) creates it, of the source's size and in
+//   `format` (default: the source's). With sync=top the new image (qcow2) names
+//   the source's backing file, by absolute path and format, as its own; with
+//   sync=none it names the source itself; with sync=full (or a source without a
+//   backing file, where top means full, as in QEMU) it stands alone. An existing
+//   file is refused rather than overwritten (QEMU truncates it).
+// - mode existing opens the file as it is (format given, else probed), its
+//   backing chain from its header.
 //
-// Everything that can be refused is checked before the file is created, so a
-// refused command touches no file; a failure after it removes the new file
-// again. When the job ends without switching over (cancelled, failed), the
-// target node it opened is closed (QEMU drops its last reference then); after
-// complete the target is the node clients use and the old source stays.
-#include <sys/stat.h>
+// The new node is named by `node-name` or gets an implicit #blockN name; with
+// a backing file it reads through the source's own backing node (sync=top) or
+// the source (sync=none) from the start, so reads through the target are right
+// at every moment after ready. Then it is blockdev-mirror. When the job is
+// dismissed without having taken the source's place (cancelled, failed), the
+// target node is closed, as QEMU drops its reference then; the file stays.
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
-
-#include <cstring>
-
-// GCC 12 rule 4 (base/task.h): a false -Wmismatched-new-delete on the Asio
-// coroutine frames of blockdev-add's body.
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
-#include <fmt/format.h>
 
 #include "blockdev/file_device.h"
 #include "blockdev/image_create.h"
+#include "blockdev/image_format.h"
 #include "mirror/mirror_job.h"
-#include "mirror/option_table.h"
 #include "qmp/daemon.h"
+#include "qmp/mirror_args.h"
 
 namespace blkmirror::qmp {
 
 namespace {
 
-Type qmp_type(OptionType t) {
-  switch (t) {
-    case OptionType::kSize:
-    case OptionType::kInteger: return Type::kInt;
-    case OptionType::kEnum: return Type::kEnum;
-    case OptionType::kBool: return Type::kBool;
-  }
-  return Type::kAny;
-}
-
-// QEMU 7.2's DriveMirror, with the mirror options from the shared table
-// (mirror/option_table.h) except target-is-zero, which only blockdev-mirror has.
 Schema drive_mirror_schema() {
   Schema s = {
       {"job-id", Type::kString},
@@ -63,38 +44,29 @@ Schema drive_mirror_schema() {
       {"replaces", Type::kString},
       {"mode", Type::kEnum, false, {"existing", "absolute-paths"}},
   };
-  for (const MirrorOption& o : mirror_options()) {
-    if (o.name == "target-is-zero") continue;
-    s.emplace_back(std::string(o.name), qmp_type(o.type), o.qmp_required,
-                   std::vector<std::string>(o.words.begin(), o.words.end()));
-  }
+  for (Field& f : mirror_option_fields()) s.push_back(std::move(f));
   return s;
 }
 
 const Schema kDriveMirror = drive_mirror_schema();
 
-// The formats a target can have here: QEMU's names for them.
-std::optional<std::string> known_format(const std::string& f) {
-  if (f == "raw" || f == "qcow2" || f == "file") return f;
-  return std::nullopt;
-}
-
-bool is_root(const Node& n) {
-  for (const Child* c : n.parents())
-    if (c->owner()) return false;
-  return true;
-}
-
-std::optional<std::pair<uint64_t, uint64_t>> file_identity(const std::string& path) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) return std::nullopt;
-  return std::pair<uint64_t, uint64_t>(st.st_dev, S_ISBLK(st.st_mode) ? st.st_rdev : st.st_ino);
+// A node's image format as drive-mirror names it: its driver, raw for a file.
+std::string format_of(const std::string& driver) {
+  return driver == "qcow2" ? "qcow2" : driver == "file" ? "file" : "raw";
 }
 
 }  // namespace
 
 struct Daemon::DriveMirrorCommands {
   static Task<QResult<Json>> drive_mirror(Daemon& d, Json& args, const Call& call);
+  // The target as blockdev-add arguments, after creating it when asked to.
+  struct Target {
+    Json args;
+    bool created = false;
+  };
+  static Task<QResult<Target>> prepare_target(Daemon& d, const Json& a, Node& src,
+                                              const std::string& path, const std::string& name,
+                                              std::string format, SyncMode& sync);
 };
 
 std::span<const Daemon::Command> Daemon::drive_mirror_commands() {
@@ -104,168 +76,152 @@ std::span<const Daemon::Command> Daemon::drive_mirror_commands() {
   return table;
 }
 
-Task<QResult<Json>> Daemon::DriveMirrorCommands::drive_mirror(Daemon& d, Json& a,
-                                                              const Call& call) {
-  // The source, as QEMU's qmp_get_root_bs finds it, and not busy.
-  const std::string device = a["device"].get<std::string>();
-  Node* src = d.graph_.find(device);
-  if (!src)
-    co_return generic_error(
-        fmt::format("Cannot find device='{}' nor node-name='{}'", device, device));
-  if (!is_root(*src)) co_return generic_error("Need a root block node");
-  if (const Child* c = job_edge(*src)) co_return generic_error(busy_message(*src, *c));
-
-  MirrorParams p;
-  p.device = device;
-  if (auto r = d.mirror_params(a, p); !r) co_return tl::unexpected(r.error());
+Task<QResult<Daemon::DriveMirrorCommands::Target>> Daemon::DriveMirrorCommands::prepare_target(
+    Daemon& d, const Json& a, Node& src, const std::string& path, const std::string& name,
+    std::string format, SyncMode& sync) {
   const bool existing = a.value("mode", "absolute-paths") == "existing";
-  const std::optional<std::string> node_name =
-      a.contains("node-name") ? std::optional(a["node-name"].get<std::string>()) : std::nullopt;
-  if (p.replaces && !node_name)
-    co_return generic_error(
-        "a node-name must be provided when replacing a named node of the graph");
-  if (node_name && !id_wellformed(*node_name))
-    co_return generic_error(fmt::format("Invalid node-name: '{}'", *node_name));
-  if (node_name && d.graph_.find(*node_name))
-    co_return generic_error(fmt::format("Duplicate nodes with node-name='{}'", *node_name));
-
-  // The format: given, else the source's (absolute-paths) or probed (existing).
-  const auto src_rec = d.nodes_.find(device);
-  std::optional<std::string> format;
-  if (a.contains("format")) {
-    std::string f = a["format"].get<std::string>();
-    format = known_format(f);
-    if (!format)
-      co_return generic_error(existing ? fmt::format("Unknown driver '{}'", f)
-                                       : fmt::format("Unknown file format '{}'", f));
-  } else if (!existing) {
-    std::string f = src_rec != d.nodes_.end() ? src_rec->second.driver : "file";
-    format = known_format(f);
-    if (!format)
+  Target t;
+  if (existing && format.empty()) {
+    // QEMU probes an existing target's format.
+    auto f = FileDevice::open(d.loop_, path, FileOptions{.read_only = true, .force_share = true});
+    if (!f)
+      co_return generic_error(
+          fmt::format("Could not open '{}': {}", path, std::strerror(f.error().errnum())));
+    auto fmt_r = co_await detect_image_format(**f);
+    if (!fmt_r) co_return generic_error(fmt_r.error().message());
+    format = to_string(*fmt_r);
+  }
+  if (format != "qcow2" && format != "raw" && format != "file")
+    co_return generic_error(fmt::format("Unknown file format '{}'", format));
+  Node* backing = src.backing();
+  if (sync == SyncMode::kTop && !backing) sync = SyncMode::kFull;  // nothing below: QEMU's rule
+  // What the target reads through: the source's backing node (top), the
+  // source itself (none), nothing (full).
+  Node* target_backing = sync == SyncMode::kTop    ? backing
+                         : sync == SyncMode::kNone ? &src
+                                                   : nullptr;
+  if (!existing) {
+    if (target_backing && format != "qcow2")
+      co_return generic_error(
+          fmt::format("'{}' does not support backing files", format == "file" ? "file" : "raw"));
+    if (::access(path.c_str(), F_OK) == 0)
       co_return generic_error(fmt::format(
-          "Cannot create an image of the source's format '{}': give 'format' (raw or qcow2)", f));
-  }
-
-  // sync=top copies what the top layer holds over the same backing content;
-  // without a backing file that is everything (QEMU turns it into full).
-  Node* backing = src->backing();
-  if (p.sync == SyncMode::kTop && !backing) p.sync = SyncMode::kFull;
-  // QEMU makes a sync=none target an overlay of the source itself, which
-  // then stays below it after complete: a loop in this graph while the job
-  // runs. Refused rather than creating a standalone image that would read
-  // zeroes wherever no client wrote.
-  if (!existing && p.sync == SyncMode::kNone)
-    co_return generic_error(
-        "drive-mirror: sync 'none' needs mode 'existing' (a target image that reads the "
-        "source's data through its own backing chain)");
-
-  auto path = d.checked_path(a["target"].get<std::string>());
-  if (!path) co_return tl::unexpected(path.error());
-  const std::string target_name = a["target"].get<std::string>();
-  struct stat st {};
-  const bool exists = ::stat(path->c_str(), &st) == 0;
-  if (existing && !exists)
-    co_return generic_error(
-        fmt::format("Could not open '{}': {}", target_name, std::strerror(errno)));
-  if (!existing && exists)
-    co_return generic_error(fmt::format("Could not create '{}': {}", target_name,
-                                        std::strerror(EEXIST)));
-  // A file of the source's own chain is never a target: the mirror would
-  // write the data it reads.
-  if (exists) {
-    auto id = file_identity(*path);
-    for (Node* n = src; n; n = n->backing()) {
-      auto it = d.nodes_.find(n->name());
-      if (it == d.nodes_.end() || !it->second.local) continue;
-      if (id && file_identity(it->second.filename) == id)
-        co_return generic_error(fmt::format(
-            "'{}' is the image of node '{}' in the source's chain: a mirror cannot write into it",
-            target_name, n->name()));
-    }
-  }
-
-  // The new image's spec; checked in full before the file exists.
-  ImageCreateSpec spec;
-  if (!existing) {
-    spec.path = *path;
-    spec.format = *format == "qcow2" ? ImageFormat::kQcow2 : ImageFormat::kRaw;
-    spec.size = src->length();
-    if (p.sync == SyncMode::kTop) {
-      auto b = d.nodes_.find(backing->name());
-      if (b == d.nodes_.end() || !b->second.local)
-        co_return generic_error(
-            fmt::format("The backing node '{}' has no file name to write into the new image",
-                        backing->name()));
-      if (spec.format != ImageFormat::kQcow2)
-        co_return generic_error(
-            fmt::format("Backing file not supported for file format '{}'", *format));
-      spec.backing_file = absolute_path(b->second.filename);
+          "Could not create '{}': File exists (mode 'existing' mirrors into it)", path));
+    ImageCreateSpec spec;
+    spec.path = path;
+    spec.format = format == "qcow2" ? ImageFormat::kQcow2 : ImageFormat::kRaw;
+    spec.size = src.length();
+    if (target_backing) {
+      const NodeRecord& br = d.nodes_.at(target_backing->name());
+      // Absolute, as the mode's name says: a local file's name as the node was
+      // opened may be relative to the daemon's directory, which the new
+      // image's header would resolve against its own directory instead.
+      spec.backing_file = br.local ? absolute_path(br.filename) : br.filename;
       spec.backing_format =
-          b->second.driver == "qcow2" ? ImageFormat::kQcow2 : ImageFormat::kRaw;
+          format_of(br.driver) == "qcow2" ? ImageFormat::kQcow2 : ImageFormat::kRaw;
     }
-  } else if (!format) {
-    // As QEMU probes an image opened without a driver (raw and qcow2 here).
-    auto probe = FileDevice::open(d.loop_, *path, FileOptions{.read_only = true});
-    if (!probe)
-      co_return generic_error(fmt::format("Could not open '{}': {}", target_name,
-                                          probe.error().reason()));
-    auto f = co_await detect_image_format(**probe);
-    if (!f) co_return generic_error(f.error().message());
-    format = to_string(*f);
-  }
-
-  if (!existing) {
     if (auto r = co_await create_image(d.loop_, spec); !r)
       co_return generic_error(r.error().message());
+    t.created = true;
   }
-  // From here on a failure removes what was made (the file only when new).
-  auto undo = [](Daemon* dm, std::string node, std::string file_node, std::string created,
-                 QmpError e) -> Task<QResult<Json>> {
-    if (!node.empty()) co_await dm->remove_node_tree(node);
-    if (!file_node.empty()) co_await dm->remove_node_tree(file_node);
-    if (!created.empty()) ::unlink(created.c_str());
-    co_return tl::unexpected(e);
-  };
-  const std::string created = existing ? std::string() : *path;
-
-  // The nodes: the file (an implicit name, as QEMU's protocol node), then the
-  // format over it, named as asked. A plain file target is its own node.
-  const bool plain = *format == "file";
-  const bool named_file = plain && node_name;
-  const std::string file_node = named_file ? *node_name : d.implicit_node_name();
-  Call inner{call.name, false, std::nullopt};
-  Json file_args = {{"driver", "file"}, {"node-name", file_node}, {"filename", *path}};
-  if (auto r = co_await d.add_node(file_args, inner, nullptr, !named_file); !r)
-    co_return co_await undo(&d, "", "", created, r.error());
-  std::string node = file_node;
-  if (!plain) {
-    node = node_name ? *node_name : d.implicit_node_name();
-    Json fmt_args = {{"driver", *format}, {"node-name", node}, {"file", file_node}};
-    if (*format == "qcow2" && !existing)
-      fmt_args["backing"] = p.sync == SyncMode::kTop ? Json(backing->name()) : Json(nullptr);
-    if (auto r = co_await d.add_node(fmt_args, inner, nullptr, !node_name); !r)
-      co_return co_await undo(&d, "", file_node, created, r.error());
-    d.nodes_[node].implicit.push_back(file_node);  // deleted with its format node
+  Json file_node = {{"driver", "file"}, {"filename", path}};
+  if (format == "file") {
+    t.args = file_node;
+    t.args["node-name"] = name;
+  } else {
+    t.args = {{"driver", format}, {"node-name", name}, {"file", file_node}};
+    // Created with a backing file: read through the very node it names. An
+    // existing image opens its chain from its header.
+    if (format == "qcow2" && !existing) {
+      if (target_backing)
+        t.args["backing"] = target_backing->name();
+      else
+        t.args["backing"] = nullptr;
+    }
   }
-
-  // A new image without a backing file reads as zeroes: nothing to zero.
-  p.target = node;
-  p.target_is_zero = !existing && !spec.backing_file;
-  auto job = d.start_mirror(p);
-  if (!job) co_return co_await undo(&d, node, "", created, job.error());
-  ++d.aftermaths_;
-  asio::co_spawn(d.loop_.executor(), d.after_drive_mirror(*job, node), asio::detached);
-  co_return Json::object();
+  co_return t;
 }
 
-Task<void> Daemon::after_drive_mirror(std::shared_ptr<Job> job, std::string target) {
-  co_await job->wait_concluded();
-  auto m = std::dynamic_pointer_cast<MirrorJob>(job);
-  if (m && !m->switched()) {
-    m->release_nodes();
-    co_await remove_node_tree(target);
+Task<QResult<Json>> Daemon::DriveMirrorCommands::drive_mirror(Daemon& d, Json& a,
+                                                              const Call& call) {
+  MirrorParams p;
+  p.device = a["device"].get<std::string>();
+  if (auto r = set_mirror_options(p, a); !r) co_return generic_error(r.error().message());
+  Node* src = d.graph_.find(p.device);
+  if (!src)
+    co_return generic_error(
+        fmt::format("Cannot find device='{}' nor node-name='{}'", p.device, p.device));
+  for (const Child* c : src->parents())
+    if (c->owner()) co_return generic_error("Need a root block node");
+  if (const Child* e = job_edge(*src)) co_return generic_error(busy_message(*src, *e));
+  p.job_id = a.value("job-id", p.device);
+  if (!id_wellformed(p.job_id))
+    co_return generic_error(fmt::format("Invalid job ID '{}'", p.job_id));
+  if (d.jobs_.count(p.job_id))
+    co_return generic_error(fmt::format("Job ID '{}' already in use", p.job_id));
+  if (a.contains("replaces")) {
+    if (!a.contains("node-name"))
+      co_return generic_error(
+          "a node-name must be provided when replacing a named node of the graph");
+    p.replaces = a["replaces"].get<std::string>();
   }
-  if (--aftermaths_ == 0) aftermaths_done_.notify_all();
+  std::string name;
+  bool implicit = !a.contains("node-name");
+  if (implicit) {
+    name = d.implicit_node_name();
+  } else {
+    name = a["node-name"].get<std::string>();
+    if (!id_wellformed(name)) co_return generic_error(fmt::format("Invalid node-name: '{}'", name));
+    if (d.graph_.find(name))
+      co_return generic_error(fmt::format("Duplicate nodes with node-name='{}'", name));
+  }
+  if (auto v = validate_params(p); !v) co_return generic_error(v.error().message());
+  auto path = d.checked_path(a["target"].get<std::string>());
+  if (!path) co_return tl::unexpected(path.error());
+  auto src_rec = d.nodes_.find(src->name());
+  std::string format = a.value("format", "");
+  const bool existing = a.value("mode", "absolute-paths") == "existing";
+  if (format.empty() && !existing)
+    format = src_rec != d.nodes_.end() ? format_of(src_rec->second.driver) : "raw";
+  auto target = co_await prepare_target(d, a, *src, *path, name, format, p.sync);
+  if (!target) co_return tl::unexpected(target.error());
+  auto undo = [&d, &target, &path](const std::string& node) -> Task<void> {
+    co_await d.remove_node_tree(node);
+    if (target->created) ::unlink(path->c_str());
+  };
+  if (auto r = co_await d.add_node(target->args, call, nullptr, implicit); !r) {
+    if (target->created) ::unlink(path->c_str());
+    co_return tl::unexpected(r.error());
+  }
+  p.target = name;
+  // A new image reads as zeroes where it holds nothing (QEMU's has_zero_init).
+  if (target->created && p.sync != SyncMode::kNone) p.target_is_zero = true;
+  auto job = MirrorJob::create(d.loop_, d.graph_, p);
+  if (!job) {
+    co_await undo(name);
+    co_return generic_error(job.error().message());
+  }
+  d.add_job(*job);
+  // Dismissed without having taken the source's place: close the target (its
+  // edges went with the job just before). Counted as an aftermath, so a daemon
+  // shutting down waits for it before it closes the nodes itself.
+  std::weak_ptr<MirrorJob> weak = *job;
+  (*job)->subscribe([&d, name, weak](const JobEvent& e) {
+    if (e.kind != JobEvent::Kind::kStatusChange || e.status != JobStatus::kNull) return;
+    auto j = weak.lock();
+    if (!j || j->switched()) return;
+    ++d.aftermaths_;
+    asio::co_spawn(
+        d.loop_.executor(),
+        [](Daemon* dm, std::string node) -> Task<void> {
+          // co_spawn starts us inside the event: let the job drop its edges first.
+          co_await yield_now();
+          co_await dm->remove_node_tree(node);
+          if (--dm->aftermaths_ == 0) dm->aftermaths_done_.notify_all();
+        }(&d, name),
+        asio::detached);
+  });
+  co_return Json::object();
 }
 
 }  // namespace blkmirror::qmp

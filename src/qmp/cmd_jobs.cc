@@ -5,9 +5,9 @@
 #include <fmt/format.h>
 
 #include "mirror/mirror_job.h"
-#include "mirror/option_table.h"
 #include "qmp/daemon.h"
 #include "qmp/job_events.h"
+#include "qmp/mirror_args.h"
 
 namespace blkmirror::qmp {
 
@@ -39,18 +39,8 @@ Result<void> apply_verb(Job& job, JobVerb verb) {
                           fmt::format("no generic handler for the job verb '{}'", to_string(verb)));
 }
 
-Type qmp_type(OptionType t) {
-  switch (t) {
-    case OptionType::kSize:
-    case OptionType::kInteger: return Type::kInt;
-    case OptionType::kEnum: return Type::kEnum;
-    case OptionType::kBool: return Type::kBool;
-  }
-  return Type::kAny;
-}
-
-// blockdev-mirror's members: the nodes and ids, then the job's options from the
-// option table (mirror/option_table.h), which the CLI and `ctl` share.
+// blockdev-mirror's members: the nodes and ids, then the job's options
+// (qmp/mirror_args.h), which drive-mirror shares.
 Schema mirror_schema() {
   Schema s = {
       {"job-id", Type::kString},
@@ -59,23 +49,8 @@ Schema mirror_schema() {
       {"replaces", Type::kString},
       {"filter-node-name", Type::kString},
   };
-  for (const MirrorOption& o : mirror_options())
-    s.emplace_back(std::string(o.name), qmp_type(o.type), o.qmp_required,
-                   std::vector<std::string>(o.words.begin(), o.words.end()));
+  for (Field& f : mirror_option_fields()) s.push_back(std::move(f));
   return s;
-}
-
-// The table's members of a checked blockdev-mirror request, into p.
-Result<void> set_table_options(MirrorParams& p, const Json& a) {
-  for (const MirrorOption& o : mirror_options()) {
-    auto it = a.find(std::string(o.name));
-    if (it == a.end()) continue;
-    OptionValue v = o.type == OptionType::kBool   ? OptionValue{it->get<bool>()}
-                    : o.type == OptionType::kEnum ? OptionValue{it->get<std::string>()}
-                                                  : OptionValue{it->get<int64_t>()};
-    if (auto r = set_option(p, o, v, o.name); !r) return r;
-  }
-  return {};
 }
 
 const Schema kMirror = mirror_schema();
@@ -148,34 +123,24 @@ void Daemon::on_job_event(const JobEvent& e) {
     jobs_.erase(it);
 }
 
-QResult<void> Daemon::mirror_params(const Json& a, MirrorParams& p) const {
-  p.job_id = a.value("job-id", p.device);
-  if (!id_wellformed(p.job_id))
-    return generic_error(fmt::format("Invalid job ID '{}'", p.job_id));
-  if (jobs_.count(p.job_id))
-    return generic_error(fmt::format("Job ID '{}' already in use", p.job_id));
-  if (auto r = set_table_options(p, a); !r) return from(r.error());
-  if (a.contains("replaces")) p.replaces = a["replaces"].get<std::string>();
-  if (auto v = validate_params(p); !v) return from(v.error());
-  return {};
-}
-
-QResult<std::shared_ptr<Job>> Daemon::start_mirror(const MirrorParams& p) {
-  auto job = MirrorJob::create(loop_, graph_, p);
-  if (!job) return from(job.error());
-  add_job(*job);
-  return std::shared_ptr<Job>(*job);
-}
-
 Task<QResult<Json>> Daemon::JobCommands::blockdev_mirror(Daemon& d, Json& a, const Call& call) {
   MirrorParams p;
   p.device = a["device"].get<std::string>();
   p.target = a["target"].get<std::string>();
+  p.job_id = a.value("job-id", p.device);
+  if (!id_wellformed(p.job_id))
+    co_return generic_error(fmt::format("Invalid job ID '{}'", p.job_id));
+  if (d.jobs_.count(p.job_id))
+    co_return generic_error(fmt::format("Job ID '{}' already in use", p.job_id));
+  if (auto r = set_mirror_options(p, a); !r) co_return from(r.error());
+  if (a.contains("replaces")) p.replaces = a["replaces"].get<std::string>();
   if (a.contains("filter-node-name") && !id_wellformed(a["filter-node-name"].get<std::string>()))
     co_return generic_error(
         fmt::format("Invalid node-name: '{}'", a["filter-node-name"].get<std::string>()));
-  if (auto r = d.mirror_params(a, p); !r) co_return tl::unexpected(r.error());
-  if (auto j = d.start_mirror(p); !j) co_return tl::unexpected(j.error());
+  if (auto v = validate_params(p); !v) co_return from(v.error());
+  auto job = MirrorJob::create(d.loop_, d.graph_, p);
+  if (!job) co_return from(job.error());
+  d.add_job(*job);
   co_return Json::object();
 }
 

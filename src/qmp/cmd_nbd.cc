@@ -20,6 +20,8 @@ const Schema kInetData = {{"host", Type::kString, true}, {"port", Type::kString,
 const Schema kAddr = {{"type", Type::kEnum, true, {"unix", "inet"}}, {"data", Type::kObject, true}};
 // max-connections as QEMU 7.2 takes it; handshake-max-seconds as QEMU took it later (10.0).
 const Schema kStart = {{"addr", Type::kObject, true, {}, &kAddr},
+                       {"tls-creds", Type::kString},
+                       {"tls-authz", Type::kString},
                        {"max-connections", Type::kInt},
                        {"handshake-max-seconds", Type::kInt}};
 
@@ -51,6 +53,8 @@ const Schema kExportDel = {{"id", Type::kString, true},
 
 struct Daemon::NbdCommands {
   static Task<QResult<Json>> nbd_server_start(Daemon& d, Json& args, const Call& call);
+  // nbd-server-start's tls-creds and tls-authz, loaded (nullptr: no TLS).
+  static QResult<std::shared_ptr<const nbd::TlsServerCreds>> server_tls(Daemon& d, const Json& a);
   static Task<QResult<Json>> nbd_server_stop(Daemon& d, Json& args, const Call& call);
   static Task<QResult<Json>> block_export_add(Daemon& d, Json& args, const Call& call);
   static Task<QResult<Json>> block_export_del(Daemon& d, Json& args, const Call& call);
@@ -70,8 +74,6 @@ std::span<const Daemon::Command> Daemon::nbd_commands() {
 }
 
 Task<QResult<Json>> Daemon::NbdCommands::nbd_server_start(Daemon& d, Json& a, const Call& call) {
-  if (a.contains("tls-creds"))
-    co_return generic_error("TLS on blkmirror's NBD server is not supported yet (tls-creds)");
   if (auto r = check(a, kStart, "", call.coerce); !r) co_return tl::unexpected(r.error());
   Json& addr = a["addr"];
   bool is_unix = addr["type"] == "unix";
@@ -85,7 +87,10 @@ Task<QResult<Json>> Daemon::NbdCommands::nbd_server_start(Daemon& d, Json& a, co
   limits.max_connections = *max_conn;
   limits.handshake_limit = std::chrono::seconds(*handshake);
   if (d.nbd_) co_return generic_error("NBD server already running");
+  auto tls = server_tls(d, a);
+  if (!tls) co_return tl::unexpected(tls.error());
   auto server = std::make_unique<nbd::NbdServer>(d.loop_, d.graph_, limits);
+  server->set_tls(*tls);
   Json& data = addr["data"];
   if (is_unix) {
     if (data.value("abstract", false))
@@ -104,7 +109,47 @@ Task<QResult<Json>> Daemon::NbdCommands::nbd_server_start(Daemon& d, Json& a, co
                                           format_host_port(*host, *port), r.error().message()));
   }
   d.nbd_ = std::move(server);
+  d.nbd_tls_creds_ = a.value("tls-creds", "");
+  d.nbd_tls_authz_ = a.value("tls-authz", "");
   co_return Json::object();
+}
+
+QResult<std::shared_ptr<const nbd::TlsServerCreds>> Daemon::NbdCommands::server_tls(Daemon& d,
+                                                                                  const Json& a) {
+  if (!a.contains("tls-creds")) {
+    if (a.contains("tls-authz"))
+      return generic_error("'tls-authz' is only supported with 'tls-creds'");
+    return nullptr;
+  }
+  const std::string id = a["tls-creds"].get<std::string>();
+  auto it = d.objects_.find(id);
+  if (it == d.objects_.end())
+    return generic_error(fmt::format("No TLS credentials with id '{}'", id));
+  const QomObject& o = it->second;
+  if (!o.is_tls_creds())
+    return generic_error(fmt::format("Object with id '{}' is not TLS credentials", id));
+  if (o.endpoint != "server")
+    return generic_error("Expected TLS credentials for a server endpoint");
+  nbd::TlsServerConfig cfg;
+  if (o.type == "tls-creds-psk") {
+    cfg.kind = nbd::TlsServerConfig::Kind::kPsk;
+    cfg.psk_file = o.dir + "/keys.psk";  // QEMU's layout of a PSK directory
+  } else {
+    cfg.dir = o.dir;
+    cfg.verify_peer = o.verify_peer;
+  }
+  if (a.contains("tls-authz")) {
+    // QEMU looks the object up for each client and denies all when it is
+    // missing; here it is looked up once, and must exist.
+    const std::string authz = a["tls-authz"].get<std::string>();
+    auto z = d.objects_.find(authz);
+    if (z == d.objects_.end() || z->second.is_tls_creds())
+      return generic_error(fmt::format("No authorization object with id '{}'", authz));
+    cfg.authz = z->second.authz;
+  }
+  auto creds = nbd::TlsServerCreds::load(cfg);
+  if (!creds) return generic_error(creds.error().message());
+  return *creds;
 }
 
 Task<QResult<Json>> Daemon::NbdCommands::nbd_server_stop(Daemon& d, Json& args, const Call& call) {

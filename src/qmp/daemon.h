@@ -28,7 +28,6 @@
 #include "blockdev/qcow2/qcow2_device.h"
 #include "io/loop.h"
 #include "job/job.h"
-#include "mirror/mirror_params.h"
 #include "nbd/server/nbd_server.h"
 #include "qmp/schema.h"
 
@@ -73,6 +72,13 @@ class Daemon {
 
   Graph& graph() { return graph_; }
   size_t job_count() const { return jobs_.size(); }
+  // Every job not yet dismissed, and the NBD server if started (the metrics).
+  std::vector<std::shared_ptr<Job>> jobs() const {
+    std::vector<std::shared_ptr<Job>> out;
+    for (auto& [id, j] : jobs_) out.push_back(j);
+    return out;
+  }
+  nbd::NbdServer* nbd_server() const { return nbd_.get(); }
   // The job of that id, or nullptr (an in-process caller drives it: the CLI).
   std::shared_ptr<Job> find_job(const std::string& id) const {
     auto it = jobs_.find(id);
@@ -109,14 +115,22 @@ class Daemon {
     // the header): deleted with it, as QEMU does.
     std::vector<std::string> implicit;
     std::string tls_creds;  // nbd: the TLS object it uses
+    // The blockdev-add arguments as checked (inline children named):
+    // blockdev-reopen compares what it is given against them.
+    Json options;
   };
-  // A tls-creds-x509 / tls-creds-psk object made by object-add.
-  struct TlsObject {
-    std::string type;  // "tls-creds-x509" | "tls-creds-psk"
+  // An object made by object-add: TLS credentials (tls-creds-x509,
+  // tls-creds-psk) or an authorization list (authz-simple, authz-list).
+  struct QomObject {
+    std::string type;
+    bool is_tls_creds() const { return type.starts_with("tls-creds-"); }
+    // TLS credentials.
     std::string dir;
     std::string endpoint = "client";
     bool verify_peer = true;
     std::string username;
+    // Authorization: whom it lets in.
+    nbd::TlsAuthz authz;
   };
   struct ExportRecord {
     std::string id, node, name;
@@ -150,6 +164,8 @@ class Daemon {
   struct JobCommands;     // cmd_jobs.cc: blockdev-mirror, job queries, block-job-* and job-* verbs
   struct NbdCommands;     // cmd_nbd.cc: nbd-server-start/stop, block-export-*
   struct CommitCommands;  // cmd_commit.cc: block-commit
+  struct ReopenCommands;  // cmd_reopen.cc: blockdev-reopen
+  struct ResizeCommands;  // cmd_resize.cc: block_resize / block-resize
   struct DriveMirrorCommands;  // cmd_drive_mirror.cc: drive-mirror
   static std::span<const Command> core_commands();
   static std::span<const Command> block_commands();
@@ -157,17 +173,16 @@ class Daemon {
   static std::span<const Command> job_commands();
   static std::span<const Command> nbd_commands();
   static std::span<const Command> commit_commands();
+  static std::span<const Command> reopen_commands();
+  static std::span<const Command> resize_commands();
   static std::span<const Command> drive_mirror_commands();
+  // blockdev-add's schema for a driver, or nullptr (cmd_block.cc).
+  static const Schema* node_schema(std::string_view driver);
 
   // Shared by several command files.
   QResult<std::string> checked_path(const std::string& path) const;  // cmd_block.cc
   void add_job(std::shared_ptr<Job> job);                            // cmd_jobs.cc
   void on_job_event(const JobEvent& e);                              // cmd_jobs.cc
-  // blockdev-mirror and drive-mirror (cmd_jobs.cc): the job id and the option
-  // table's members of a schema-checked request into p (p.device set first;
-  // nothing is touched), then the job made from p and started.
-  QResult<void> mirror_params(const Json& a, MirrorParams& p) const;
-  QResult<std::shared_ptr<Job>> start_mirror(const MirrorParams& p);
 
   // Block nodes and chains: blockdev-add's body and its children (cmd_block.cc),
   // qcow2 nodes, implicit backing nodes, image info (block_chain.cc).
@@ -215,9 +230,6 @@ class Daemon {
   // A refused block-commit puts back the flags it changed.
   Task<void> restore_read_only(const std::vector<std::string>& names);
   Task<void> drop_committed_layers(const CommitAftermath& a);
-  // drive-mirror (cmd_drive_mirror.cc): once the job ended without switching
-  // over, the target node it opened is closed, as QEMU drops its reference.
-  Task<void> after_drive_mirror(std::shared_ptr<Job> job, std::string target);
 
   void emit(const std::string& name, const Json& data) {
     if (sink_) sink_(name, data);
@@ -226,14 +238,16 @@ class Daemon {
   Loop& loop_;
   DaemonOptions opts_;
   Graph graph_;
-  std::map<std::string, TlsObject> objects_;
+  std::map<std::string, QomObject> objects_;
+  // The objects the NBD server was started with (object-del refuses them).
+  std::string nbd_tls_creds_, nbd_tls_authz_;
   std::map<std::string, NodeRecord> nodes_;
   uint64_t implicit_counter_ = 0;  // for #blockN names
   std::map<std::string, std::shared_ptr<Job>> jobs_;
   std::unique_ptr<nbd::NbdServer> nbd_;
   std::map<std::string, ExportRecord> exports_;
   EventSink sink_;
-  unsigned aftermaths_ = 0;  // after_commit() tasks still running
+  unsigned aftermaths_ = 0;  // after_commit() and drive-mirror clean-ups still running
   Notifier aftermaths_done_;
   bool quitting_ = false;
   Notifier quit_changed_;

@@ -4,9 +4,11 @@ qemu-storage-daemon for comparing QMP replies."""
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -151,15 +153,25 @@ class Qsd:
         self.f.readline()
         self.cmd("qmp_capabilities")
 
-    def cmd(self, name, **args):
+    def reply(self, name, **args):
         self.f.write(json.dumps({"execute": name, "arguments": {k.replace("_", "-"): v for k, v in args.items()}}) + "\n")
         self.f.flush()
         while True:
             r = json.loads(self.f.readline())
             if "event" not in r:
-                if "error" in r:
-                    raise RuntimeError(r["error"]["desc"])
-                return r["return"]
+                return r
+
+    def cmd(self, name, **args):
+        r = self.reply(name, **args)
+        if "error" in r:
+            raise RuntimeError(r["error"]["desc"])
+        return r["return"]
+
+    def error(self, name, **args):
+        """Runs a command that must fail; returns (class, desc)."""
+        r = self.reply(name, **args)
+        assert "error" in r, f"{name} {args} succeeded on qemu-storage-daemon"
+        return r["error"]["class"], r["error"]["desc"]
 
     def stop(self):
         try:
@@ -226,3 +238,53 @@ def not_qcow2(d):
 
 
 BAD = [truncated, self_loop, overlay_loop, missing_backing, encrypted, not_qcow2]
+
+
+class ModelWriter:
+    """A python-libnbd client writing random blocks through an export from a
+    thread, recording every acknowledged write in `model` (a bytearray)."""
+
+    def __init__(self, uri, model, seed, size, pace=0.0):
+        import nbd
+        self.h = nbd.NBD()
+        self.h.connect_uri(uri)
+        self.model = model
+        self.size = size
+        self.rnd = random.Random(seed)
+        self.pace = pace
+        self.stop = threading.Event()
+        self.lock = threading.Lock()  # held by pause(): no write in progress
+        self.errors = []
+        self.writes = 0
+        self.t = threading.Thread(target=self.run)
+        self.t.start()
+
+    def run(self):
+        try:
+            while not self.stop.is_set():
+                length = self.rnd.choice([512, 4096, 6000, 65536])
+                off = self.rnd.randrange(0, self.size - length)
+                data = self.rnd.randbytes(length)
+                with self.lock:
+                    self.h.pwrite(data, off)
+                    self.model[off:off + length] = data
+                self.writes += 1
+                if self.pace:
+                    time.sleep(self.pace)
+        except Exception as e:  # reported by finish()
+            self.errors.append(e)
+
+    def finish(self):
+        self.stop.set()
+        self.t.join(30)
+        assert not self.errors, self.errors
+
+    def read_all(self):
+        return b"".join(self.h.pread(min(MiB, self.size - o), o) for o in range(0, self.size, MiB))
+
+    def pause(self):
+        """Returns once no write is in progress; none starts until resume()."""
+        self.lock.acquire()
+
+    def resume(self):
+        self.lock.release()

@@ -6,13 +6,12 @@ a model; the images judged by qemu-img (check, compare, info) afterwards."""
 
 import json
 import os
-import random
-import threading
 import time
 
 import pytest
 
-from qcow2_helpers import KiB, MiB, check_image, create, in_dir, qemu_img, qemu_io, read_raw
+from qcow2_helpers import (KiB, MiB, ModelWriter, check_image, create, in_dir, qemu_img, qemu_io,
+                           read_raw)
 
 SIZE = 8 * MiB
 
@@ -43,43 +42,8 @@ def add_chain(qmp, base, mid, top, base_fmt="qcow2", base_ro=False):
             file={"driver": "file", "filename": str(top)})
 
 
-class Writer:
-    """A client writing random blocks through the export, recording a model."""
-
-    def __init__(self, uri, model, seed, pace=0.0):
-        import nbd
-        self.h = nbd.NBD()
-        self.h.connect_uri(uri)
-        self.model = model
-        self.rnd = random.Random(seed)
-        self.pace = pace
-        self.stop = threading.Event()
-        self.errors = []
-        self.writes = 0
-        self.t = threading.Thread(target=self.run)
-        self.t.start()
-
-    def run(self):
-        try:
-            while not self.stop.is_set():
-                length = self.rnd.choice([512, 4096, 6000, 65536])
-                off = self.rnd.randrange(0, SIZE - length)
-                data = self.rnd.randbytes(length)
-                self.h.pwrite(data, off)
-                self.model[off:off + length] = data
-                self.writes += 1
-                if self.pace:
-                    time.sleep(self.pace)
-        except Exception as e:  # reported by finish()
-            self.errors.append(e)
-
-    def finish(self):
-        self.stop.set()
-        self.t.join(30)
-        assert not self.errors, self.errors
-
-    def read_all(self):
-        return b"".join(self.h.pread(min(MiB, SIZE - o), o) for o in range(0, SIZE, MiB))
+def Writer(uri, model, seed, pace=0.0):
+    return ModelWriter(uri, model, seed, SIZE, pace)
 
 
 def export(qmp, workdir, node):

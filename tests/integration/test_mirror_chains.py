@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from qcow2_helpers import (KiB, MiB, check_image, create, in_dir, mirror_to_completion, qemu_img,
-                           qemu_io, read_raw)
+from qcow2_helpers import (KiB, MiB, ModelWriter, check_image, create, in_dir, mirror_to_completion,
+                           qemu_img, qemu_io, read_raw)
 
 SIZE = 8 * MiB
 
@@ -189,3 +189,82 @@ def test_cli_shallow_copy_with_sync_top(cli, workdir):
     assert allocated_in_top(workdir / "copy.qcow2") == allocated_in_top(top)
     r = qemu_img("compare", str(top), str(workdir / "copy.qcow2"), check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_libvirt_shallow_blockcopy_sequence(qmp, workdir):
+    # `virsh blockcopy --shallow --reuse-external --pivot` with -blockdev, as
+    # docs/qmp.md writes it down, while a client writes the disk all along.
+    import nbd
+    base, top = source_chain(workdir, [(i * 512 * KiB, 64 * KiB) for i in range(0, 16, 3)])
+    in_dir(workdir, lambda: create("copy.qcow2", SIZE, backing="base.qcow2", backing_fmt="qcow2"))
+    copy = workdir / "copy.qcow2"
+    model = bytearray(read_raw(top, workdir / "start.raw"))
+    # libvirt's nodes: a protocol (file) node and a format node per layer.
+    for n, path, backing, ro in (("libvirt-1", base, None, True), ("libvirt-2", top, "libvirt-1-format", False)):
+        qmp.cmd("blockdev-add", driver="file", node_name=f"{n}-storage", filename=str(path), read_only=ro)
+        qmp.cmd("blockdev-add", driver="qcow2", node_name=f"{n}-format", file=f"{n}-storage",
+                backing=backing, read_only=ro)
+    sock = workdir / "nbd.sock"
+    qmp.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+    qmp.cmd("block-export-add", type="nbd", id="vda", node_name="libvirt-2-format", writable=True)
+    w = ModelWriter(f"nbd+unix:///libvirt-2-format?socket={sock}", model, 5, SIZE, pace=0.002)
+    try:
+        # 1. The copy's chain: its own nodes, its backing the source's base node.
+        qmp.cmd("blockdev-add", driver="file", node_name="libvirt-3-storage", filename=str(copy))
+        qmp.cmd("blockdev-add", driver="qcow2", node_name="libvirt-3-format", file="libvirt-3-storage",
+                backing="libvirt-1-format")
+        # 2. The job.
+        qmp.cmd("blockdev-mirror", job_id="copy-vda-libvirt-3-format", device="libvirt-2-format",
+                target="libvirt-3-format", sync="top", auto_finalize=True, auto_dismiss=False)
+        job = "copy-vda-libvirt-3-format"
+        qmp.wait_event("JOB_STATUS_CHANGE", match={"id": job, "status": "ready"}, timeout=60)
+        # After ready, the copy read through its own chain is the disk: checked
+        # twice at moments the client is held and the job has caught up.
+        qmp.cmd("block-export-add", type="nbd", id="copy", node_name="libvirt-3-format")
+        view = nbd.NBD()
+        view.connect_uri(f"nbd+unix:///libvirt-3-format?socket={sock}")
+        for _ in range(2):
+            time.sleep(0.3)
+            w.pause()
+            try:
+                deadline = time.monotonic() + 30
+                while True:
+                    j = next(j for j in qmp.cmd("query-jobs") if j["id"] == job)
+                    if j["current-progress"] == j["total-progress"]:
+                        break
+                    assert time.monotonic() < deadline, j
+                    time.sleep(0.02)
+                got = b"".join(view.pread(MiB, o) for o in range(0, SIZE, MiB))
+                assert got == bytes(model), "the copy's chain differs from the disk after ready"
+            finally:
+                w.resume()
+        view.shutdown()
+        qmp.cmd("block-export-del", id="copy")
+        # 3. Pivot, with the client still writing.
+        qmp.cmd("job-complete", id=job)
+        qmp.wait_event("JOB_STATUS_CHANGE", match={"id": job, "status": "concluded"}, timeout=60)
+    finally:
+        w.finish()
+    jobs = qmp.cmd("query-jobs")
+    assert len(jobs) == 1 and "error" not in jobs[0], jobs
+    assert jobs[0]["type"] == "mirror" and jobs[0]["current-progress"] == jobs[0]["total-progress"]
+    qmp.cmd("job-dismiss", id=job)
+    assert qmp.cmd("query-jobs") == []
+    # 4. The old top leaves; the base stays, the copy's backing now.
+    qmp.cmd("blockdev-del", node_name="libvirt-2-format")
+    qmp.cmd("blockdev-del", node_name="libvirt-2-storage")
+    exports = {e["id"]: e["node-name"] for e in qmp.cmd("query-block-exports")}
+    assert exports == {"vda": "libvirt-3-format"}
+    nodes = {n["node-name"]: n for n in qmp.cmd("query-named-block-nodes")}
+    assert set(nodes) == {"libvirt-1-storage", "libvirt-1-format", "libvirt-3-storage", "libvirt-3-format"}
+    assert nodes["libvirt-3-format"]["backing_file_depth"] == 1
+    assert w.read_all() == bytes(model)
+    w.h.shutdown()
+    qmp.cmd("block-export-del", id="vda")
+    qmp.wait_event("BLOCK_EXPORT_DELETED", match={"id": "vda"})
+    for n in ("libvirt-3-format", "libvirt-3-storage", "libvirt-1-format", "libvirt-1-storage"):
+        qmp.cmd("blockdev-del", node_name=n)
+    check_image(copy)
+    assert read_raw(copy, workdir / "final.raw") == bytes(model)
+    # Shallow: the copy holds the top's data and the client's writes, not the base.
+    assert sum(length for _, length in allocated_in_top(copy)) < SIZE

@@ -1,6 +1,6 @@
 """Cross-host mirroring: two network namespaces joined by a veth pair made by
 the test stand for two hosts. The receiving host runs `blkmirror serve` on
-TCP; the sending host serves the disk to a live fio client over a UNIX socket
+TCP (TLS with a pre-shared key, or plain with --insecure); the sending host serves the disk to a live fio client over a UNIX socket
 and mirrors it to the receiver, switching fio over to the remote copy. Needs
 root (ip netns add); skipped with the reason otherwise."""
 
@@ -14,6 +14,7 @@ import pytest
 
 from conftest import Check, Cli, MiB, stop_process
 from nbd_helpers import MirrorServer, run_tool
+from nbd_peers import make_psk
 
 ADDR_A, ADDR_B, PORT = "10.231.77.1", "10.231.77.2", 10809
 
@@ -61,14 +62,21 @@ def in_ns(ns, blkmirror_bin, tmp_path):
 class Receiver:
     """`blkmirror serve IMAGE --listen ADDR_B:PORT` in the receiving namespace."""
 
-    def __init__(self, ns_a, ns_b, blkmirror_bin, image, log):
+    def __init__(self, ns_a, ns_b, blkmirror_bin, image, log, psk=None):
         self.ns_a, self.ns_b, self.bin, self.image, self.log = ns_a, ns_b, blkmirror_bin, image, log
-        self.uri = f"nbd://{ADDR_B}:{PORT}/"
+        # Plain NBD across hosts only when asked for (--insecure); with a PSK
+        # file, TLS: the URI names the user and the key file (libnbd's form).
+        if psk:
+            self.uri = f"nbds://alice@{ADDR_B}:{PORT}/?tls-psk-file={psk}"
+            self.args = ["--tls-psk", str(psk), "--tls-authz", "alice"]
+        else:
+            self.uri = f"nbd://{ADDR_B}:{PORT}/"
+            self.args = ["--insecure"]
         self.proc = None
 
     def start(self):
         self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns_b, self.bin, "serve",
-                                      str(self.image), "--listen", f"{ADDR_B}:{PORT}"],
+                                      str(self.image), "--listen", f"{ADDR_B}:{PORT}", *self.args],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
@@ -89,8 +97,8 @@ class Receiver:
 def receiver(hosts, blkmirror_bin, tmp_path):
     made = []
 
-    def make(image):
-        r = Receiver(*hosts, blkmirror_bin, image, tmp_path / "receiver.log")
+    def make(image, psk=None):
+        r = Receiver(*hosts, blkmirror_bin, image, tmp_path / "receiver.log", psk)
         made.append(r)
         return r.start()
 
@@ -104,7 +112,8 @@ def test_cross_host_mirror_with_live_fio_ends_in_verified_switchover(hosts, rece
     size = 32 * MiB
     src = images.dense("src.img", size)
     dst = images.sparse("dst.img", size)
-    rcv = receiver(dst)
+    # Between hosts the copy travels over TLS (PSK: no host names to certify).
+    rcv = receiver(dst, psk=make_psk(tmp_path / "keys.psk", "alice"))
     m = MirrorServer(in_ns(hosts[0], blkmirror_bin, tmp_path), src, rcv.uri, tmp_path / "a.sock",
                      ["--speed", "20M", "--granularity", "4K", "--no-progress"], tmp_path)
     common = ["--name=live", "--bs=4k", f"--size={size}", "--verify=crc32c", "--randseed=7",

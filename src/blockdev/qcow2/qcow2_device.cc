@@ -336,6 +336,9 @@ Task<Result<void>> Qcow2Device::resize(uint64_t new_length) {
 
 Task<Result<void>> Qcow2Impl::grow(uint64_t new_size) {
   if (auto r = check_writable("grow", new_size); !r) co_return r;
+  // QEMU's rule (and text): qcow2 sizes are whole sectors.
+  if (new_size % 512)
+    co_return make_plain_error(EINVAL, "The new size must be a multiple of 512");
   if (new_size < hdr.size)
     co_return make_plain_error(
         ENOTSUP, fmt::format("qcow2 {}: shrinking ({} -> {} bytes) is not supported", name,

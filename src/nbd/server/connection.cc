@@ -43,18 +43,24 @@ Task<bool> Connection::read_exact(void* data, size_t len, bool guard_stall) {
     }
     if (guard_stall) arm(server_.limits().payload_stall_limit);
     if (len >= in_buf_.size()) {  // a large read goes straight to its buffer
-      auto [ec, n] = co_await sock_.async_read_some(asio::buffer(out, len), use_tuple);
-      if (ec) co_return false;
+      size_t n = co_await recv_some({out, len});
+      if (n == 0) co_return false;
       out += n;
       len -= n;
       continue;
     }
-    auto [ec, n] = co_await sock_.async_read_some(asio::buffer(in_buf_), use_tuple);
-    if (ec) co_return false;
+    size_t n = co_await recv_some(in_buf_);
+    if (n == 0) co_return false;
     in_pos_ = 0;
     in_end_ = n;
   }
   co_return true;
+}
+
+Task<size_t> Connection::recv_some(std::span<std::byte> buf) {
+  if (tls_) co_return co_await tls_->read_some(buf);
+  auto [ec, n] = co_await sock_.async_read_some(asio::buffer(buf.data(), buf.size()), use_tuple);
+  co_return ec ? 0 : n;
 }
 
 Task<bool> Connection::skip(uint64_t len, bool guard_stall) {
@@ -92,6 +98,7 @@ Task<void> Connection::watchdog(std::shared_ptr<Connection> self) {
 
 Task<bool> Connection::write_all(std::span<const std::byte> data) {
   if (closed_) co_return false;
+  if (tls_) co_return co_await tls_->write_all(data);
   auto [ec, n] =
       co_await asio::async_write(sock_, asio::buffer(data.data(), data.size()), use_tuple);
   co_return !ec;
@@ -112,7 +119,10 @@ Task<void> Connection::run(std::shared_ptr<Connection> self) {
   arm(server_.limits().handshake_limit);
   bool chosen = co_await handshake();
   disarm();
-  if (chosen) co_await transmission();
+  if (chosen) {
+    ++export_->connections_total;
+    co_await transmission();
+  }
   close();
   // Handlers still running keep using the socket's state. transmission() closed
   // the gate already when it ran.
@@ -143,11 +153,21 @@ Task<void> Connection::writer(std::shared_ptr<Connection> self) {
       bufs.emplace_back(batch.back().data(), batch.back().size());
       bytes += batch.back().size();
     }
-    auto [ec, n] = co_await asio::async_write(sock_, bufs, use_tuple);
+    bool ok;
+    if (tls_) {
+      // TLS records are made from one buffer: the batch is joined first.
+      std::vector<std::byte> joined;
+      joined.reserve(bytes);
+      for (auto& b : batch) joined.insert(joined.end(), b.begin(), b.end());
+      ok = co_await tls_->write_all(joined);
+    } else {
+      auto [ec, n] = co_await asio::async_write(sock_, bufs, use_tuple);
+      ok = !ec;
+    }
     BLKMIRROR_ASSERT(out_bytes_ >= bytes, "queued reply bytes below zero");
     out_bytes_ -= bytes;
     slot_free_.notify_all();
-    if (ec) {
+    if (!ok) {
       close();
       break;
     }
@@ -236,45 +256,56 @@ Task<void> Connection::transmission() {
 }
 
 Task<void> Connection::handle(Request r, Payload payload, std::shared_ptr<Connection> self) {
-  Child& edge = *export_->edge;
+  Export& exp = *export_;
+  Child& edge = *exp.edge;
+  const auto start = std::chrono::steady_clock::now();
+  ++exp.in_flight;
   bool fua = r.flags & kCmdFlagFua;
+  uint32_t err = 0;
   switch (r.type) {
     case kCmdRead:
-      co_await do_read(r);
+      err = co_await do_read(r);
       break;
     case kCmdWrite:
-      send_simple(r.cookie,
-                  wire_error(co_await edge.write(r.offset, payload.span(), WriteFlags{fua})));
+      err = wire_error(co_await edge.write(r.offset, payload.span(), WriteFlags{fua}));
+      send_simple(r.cookie, err);
       break;
     case kCmdFlush:
-      send_simple(r.cookie, wire_error(co_await edge.flush()));
+      err = wire_error(co_await edge.flush());
+      send_simple(r.cookie, err);
       break;
     case kCmdTrim: {
       auto res = co_await edge.discard(r.offset, r.length);
       if (res && fua) res = co_await edge.flush();
-      send_simple(r.cookie, wire_error(res));
+      err = wire_error(res);
+      send_simple(r.cookie, err);
       break;
     }
     case kCmdWriteZeroes: {
       ZeroFlags zf{.may_unmap = !(r.flags & kCmdFlagNoHole),
                    .no_fallback = (r.flags & kCmdFlagFastZero) != 0,
                    .fua = fua};
-      send_simple(r.cookie, wire_error(co_await edge.write_zeroes(r.offset, r.length, zf)));
+      err = wire_error(co_await edge.write_zeroes(r.offset, r.length, zf));
+      send_simple(r.cookie, err);
       break;
     }
     case kCmdCache:
       send_simple(r.cookie, 0);  // advisory; the page cache does its own read-ahead
       break;
     case kCmdBlockStatus:
-      co_await do_block_status(r);
+      err = co_await do_block_status(r);
       break;
   }
+  --exp.in_flight;
+  if (auto* st = exp.stats_for(r.type))
+    st->record(r.type == kCmdFlush ? 0 : r.length, std::chrono::steady_clock::now() - start,
+               err == 0);
   BLKMIRROR_ASSERT(in_flight_ > 0, "requests in flight below zero");
   --in_flight_;
   slot_free_.notify_all();
 }
 
-Task<void> Connection::do_read(const Request& r) {
+Task<uint32_t> Connection::do_read(const Request& r) {
   Child& edge = *export_->edge;
   if (!structured_) {
     std::vector<std::byte> buf;
@@ -284,10 +315,10 @@ Task<void> Connection::do_read(const Request& r) {
     auto res = co_await edge.read(r.offset, {buf.data() + head, r.length});
     if (!res) {
       send_simple(r.cookie, wire_error(res));  // no payload after an error
-      co_return;
+      co_return wire_error(res);
     }
     queue(std::move(buf));
-    co_return;
+    co_return 0;
   }
   // Structured: holes go out as hole chunks (no data on the wire), unless the
   // client asked for one unfragmented chunk (DF).
@@ -300,7 +331,7 @@ Task<void> Connection::do_read(const Request& r) {
       auto st = co_await edge.block_status(pos, end - pos);
       if (!st) {
         send_error(r, errno_to_wire(st.error().errnum()));
-        co_return;
+        co_return errno_to_wire(st.error().errnum());
       }
       e = *st;
     }
@@ -318,12 +349,13 @@ Task<void> Connection::do_read(const Request& r) {
       auto res = co_await edge.read(pos, {out.data() + at, e.length});
       if (!res) {
         send_error(r, wire_error(res));
-        co_return;
+        co_return wire_error(res);
       }
     }
     pos += e.length;
   }
   queue(std::move(out));
+  co_return 0;
 }
 
 namespace {
@@ -353,7 +385,7 @@ struct Descriptors {
 
 }  // namespace
 
-Task<void> Connection::do_block_status(const Request& r) {
+Task<uint32_t> Connection::do_block_status(const Request& r) {
   // One walk over the device's extents feeds both contexts; each gets its own
   // chunk (base:allocation first), the last one flagged done. Both describe
   // the same prefix of the request, which may end early at the descriptor cap.
@@ -365,7 +397,7 @@ Task<void> Connection::do_block_status(const Request& r) {
     auto st = co_await edge.block_status(pos, end - pos);
     if (!st) {
       send_error(r, errno_to_wire(st.error().errnum()));
-      co_return;
+      co_return errno_to_wire(st.error().errnum());
     }
     alloc.add(st->length, (st->allocated ? 0 : kStateHole) | (st->zero ? kStateZero : 0));
     depth.add(st->length, st->depth);
@@ -379,6 +411,7 @@ Task<void> Connection::do_block_status(const Request& r) {
   if (limits_.meta_allocation_depth)
     depth.encode(kReplyFlagDone, r.cookie, kMetaIdAllocationDepth, out);
   queue(std::move(out));
+  co_return 0;
 }
 
 }  // namespace blkmirror::nbd

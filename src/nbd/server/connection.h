@@ -11,6 +11,10 @@
 // payload_stall_limit closes the connection. One watchdog timer serves both
 // deadlines.
 //
+// With TLS configured on the server (FORCEDTLS mode of the NBD protocol), the
+// handshake refuses every option but NBD_OPT_STARTTLS until TLS is on, and from
+// then on every byte goes through the connection's TlsStream.
+//
 // Threading rule: loop thread only.
 #pragma once
 
@@ -26,6 +30,7 @@
 #include "nbd/proto/nbd_proto.h"
 #include "nbd/server/nbd_server.h"
 #include "nbd/server/payload.h"
+#include "nbd/server/tls.h"
 
 namespace blkmirror::nbd {
 
@@ -52,8 +57,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Transmission (connection.cc).
   Task<void> transmission();
   Task<void> handle(Request r, Payload payload, std::shared_ptr<Connection> self);
-  Task<void> do_read(const Request& r);
-  Task<void> do_block_status(const Request& r);
+  // Send the reply; return the NBD error sent (0: success), for the statistics.
+  Task<uint32_t> do_read(const Request& r);
+  Task<uint32_t> do_block_status(const Request& r);
   void send_simple(uint64_t cookie, uint32_t error);
   void send_error(const Request& r, uint32_t error);
   void queue(std::vector<std::byte> buf);
@@ -67,6 +73,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Reads and drops len bytes (an option or payload refused for its size).
   Task<bool> skip(uint64_t len, bool guard_stall);
   Task<bool> write_all(std::span<const std::byte> data);
+  // Some bytes from the socket, through TLS once it is on; 0: closed or failed.
+  Task<size_t> recv_some(std::span<std::byte> buf);
+  // NBD_OPT_STARTTLS on a server that requires TLS: ACK, then the handshake.
+  Task<bool> start_tls(const OptionHeader& h, const std::vector<std::byte>& data);
 
   // The watchdog closes the connection when the deadline passes.
   void arm(std::chrono::milliseconds limit);
@@ -75,6 +85,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   NbdServer& server_;
   asio::generic::stream_protocol::socket sock_;
+  // Set once NBD_OPT_STARTTLS succeeded: every byte after it goes through it.
+  std::unique_ptr<TlsStream> tls_;
   asio::steady_timer deadline_;
   bool no_zeroes_ = false;
   bool structured_ = false;

@@ -48,6 +48,9 @@ Task<bool> Connection::handshake() {
   Reader(cf).u32(client_flags);
   if (client_flags & ~(kClientFixedNewstyle | kClientNoZeroes)) co_return false;
   no_zeroes_ = client_flags & kClientNoZeroes;
+  // TLS needs fixed newstyle (NOTLS mode otherwise), and this server has no
+  // plain-text mode when TLS is set.
+  if (server_.tls() && !(client_flags & kClientFixedNewstyle)) co_return false;
 
   for (int options = 0; options < kMaxOptions; ++options) {
     std::array<std::byte, 16> raw;
@@ -64,6 +67,18 @@ Task<bool> Connection::handshake() {
     }
     std::vector<std::byte> data(h->length);
     if (h->length && !co_await read_exact(data.data(), data.size())) co_return false;
+    if (server_.tls() && !tls_) {
+      // FORCEDTLS: nothing but STARTTLS before TLS is on, and nothing about the
+      // exports leaks. EXPORT_NAME cannot be refused: hang up.
+      if (h->option == kOptStartTls) {
+        if (!co_await start_tls(*h, data)) co_return false;
+        continue;
+      }
+      if (h->option == kOptExportName) co_return false;
+      if (!co_await send_option_reply(h->option, kRepErrTlsReqd)) co_return false;
+      if (h->option == kOptAbort) co_return false;
+      continue;
+    }
     bool done = false;
     if (!co_await handle_option(*h, data, done)) co_return false;
     if (done) co_return true;
@@ -123,10 +138,33 @@ Task<bool> Connection::handle_option(const OptionHeader& h, std::vector<std::byt
       if (!export_) co_return co_await send_option_reply(h.option, kRepErrUnknown);
       co_return co_await reply_meta(h.option, *m, *export_);
     }
-    case kOptStartTls:  // TLS arrives with the remote-disk work
+    case kOptStartTls:
+      // Already on (its STARTTLS was handled above), or not configured.
+      co_return co_await send_option_reply(h.option, tls_ ? kRepErrInvalid : kRepErrPolicy);
     default:
       co_return co_await send_option_reply(h.option, kRepErrUnsup);
   }
+}
+
+Task<bool> Connection::start_tls(const OptionHeader& h, const std::vector<std::byte>& data) {
+  if (!data.empty()) co_return co_await send_option_reply(h.option, kRepErrInvalid);
+  // Bytes already read past this option were sent before our ACK, in plain
+  // text: a client (or someone between) injecting them is hung up on rather
+  // than having them taken as if they came over TLS.
+  if (in_pos_ < in_end_) co_return false;
+  auto stream = TlsStream::create(server_.tls(), sock_);
+  if (!stream) {
+    spdlog::error("NBD client: {}", stream.error().message());
+    co_await send_option_reply(h.option, kRepErrInvalid);
+    co_return false;
+  }
+  if (!co_await send_option_reply(h.option, kRepAck)) co_return false;
+  if (auto r = co_await (*stream)->handshake(); !r) {
+    spdlog::warn("NBD client refused: {}", r.error().message());
+    co_return false;
+  }
+  tls_ = std::move(*stream);
+  co_return true;
 }
 
 Task<bool> Connection::reply_info(uint32_t option, const GoRequest& go, const Export& e) {

@@ -14,6 +14,7 @@
 // the Loop go away.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <list>
@@ -27,9 +28,11 @@
 
 #include "base/gate.h"
 #include "base/limits.h"
+#include "base/op_stats.h"
 #include "blockdev/graph.h"
 #include "io/listener.h"
 #include "io/loop.h"
+#include "nbd/server/tls.h"
 
 namespace blkmirror::nbd {
 
@@ -49,6 +52,15 @@ struct Export {
   bool allocation_depth = false;
   std::unique_ptr<Child> edge;
   Gate gate;  // held by each ExportRef: closed and waited for by remove_export
+
+  // For the metrics endpoint: requests by NBD command (bytes: the request's
+  // length), requests running now, and clients that ever chose the export.
+  static constexpr const char* kCommands[] = {"read",  "write", "disc",        "flush",
+                                              "trim",  "cache", "write_zeroes", "block_status"};
+  std::array<OpStats, std::size(kCommands)> stats{};
+  uint64_t in_flight = 0;
+  uint64_t connections_total = 0;
+  OpStats* stats_for(uint16_t cmd) { return cmd < stats.size() ? &stats[cmd] : nullptr; }
 };
 
 // A connection's hold on an export: keeps it alive and counted while held.
@@ -98,6 +110,10 @@ class NbdServer {
   ~NbdServer();
 
   const ServerLimits& limits() const { return limits_; }
+  // TLS required for every client from now on (nullptr: plain NBD). Clients
+  // already connected keep what they negotiated.
+  void set_tls(std::shared_ptr<const TlsServerCreds> creds) { tls_ = std::move(creds); }
+  const std::shared_ptr<const TlsServerCreds>& tls() const { return tls_; }
 
   // Errors: unknown node, duplicate export name.
   Result<void> add_export(const ExportConfig& cfg);
@@ -140,6 +156,7 @@ class NbdServer {
   Loop& loop_;
   Graph& graph_;
   ServerLimits limits_;
+  std::shared_ptr<const TlsServerCreds> tls_;
   std::map<std::string, std::shared_ptr<Export>> exports_;
   std::string default_name_;
   bool has_default_ = false;
