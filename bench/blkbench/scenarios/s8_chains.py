@@ -85,7 +85,7 @@ def add_qcow2(qmp: QMP, node: str, path: str, backing: str | None = None,
 
 def add_chain(qmp: QMP, base: str, top: str, base_ro: bool = False) -> None:
     """Every layer a named node; the base writable, as libvirt leaves it after
-    blockdev-reopen (a read-only base is refused until reopen lands)."""
+    its blockdev-reopen (so neither daemon's commit reopens it in the timed part)."""
     add_qcow2(qmp, "base", base, read_only=base_ro)
     add_qcow2(qmp, "top", top, backing="base")
 
