@@ -292,6 +292,18 @@ void Graph::adopt(Node* owner, Child* edge) {
   owner->children_.push_back(edge);
 }
 
+namespace {
+
+// n is top or a node below it (through the edges nodes hold to their children).
+bool reaches(const Node* top, const Node* n) {
+  if (top == n) return true;
+  for (const Child* c : top->children())
+    if (reaches(&c->node(), n)) return true;
+  return false;
+}
+
+}  // namespace
+
 Result<void> Graph::replace(Node* from, Node* to, const std::vector<const Child*>& keep) {
   BLKMIRROR_ASSERT_THREAD(thread_);
   // A request mid-flight would finish on the node it started on, after its
@@ -299,8 +311,15 @@ Result<void> Graph::replace(Node* from, Node* to, const std::vector<const Child*
   assert(from->drained() && to->drained() && "Graph::replace REQUIRES both nodes drained");
   assert(from->in_flight_ == 0 && to->in_flight_ == 0);
   std::vector<Child*> moving;
-  for (Child* c : from->parents_)
-    if (std::find(keep.begin(), keep.end(), c) == keep.end()) moving.push_back(c);
+  for (Child* c : from->parents_) {
+    if (std::find(keep.begin(), keep.end(), c) != keep.end()) continue;
+    // An edge held by `to` or a node below it stays: moved, it would make
+    // `to` its own descendant (a loop every read would follow forever), as
+    // when a drive-mirror sync=none target reads through its source. QEMU's
+    // should_update_child() leaves such edges alone too.
+    if (c->owner() && reaches(to, c->owner())) continue;
+    moving.push_back(c);
+  }
   for (Child* c : moving) c->move_to(to);
   if (auto r = check_perms(); !r) {
     for (Child* c : moving) c->move_to(from);

@@ -207,7 +207,8 @@ class Graph {
   // node just added), so nothing can conflict.
   void adopt(Node* owner, Child* edge);
   // Moves every parent of `from` except those in `keep` to `to`, unless that
-  // would conflict (EPERM, nothing moved).
+  // would conflict (EPERM, nothing moved). Edges held by `to` or a node below
+  // it stay where they are: moving them would make a loop.
   // REQUIRES: both nodes drained by the caller, so no request is mid-flight.
   Result<void> replace(Node* from, Node* to, const std::vector<const Child*>& keep);
   std::vector<Node*> nodes() const;

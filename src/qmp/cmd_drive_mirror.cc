@@ -24,6 +24,7 @@
 #include <asio/detached.hpp>
 
 #include "blockdev/file_device.h"
+#include "blockdev/image_create.h"
 #include "blockdev/image_format.h"
 #include "mirror/mirror_job.h"
 #include "qmp/daemon.h"
@@ -106,29 +107,22 @@ Task<QResult<Daemon::DriveMirrorCommands::Target>> Daemon::DriveMirrorCommands::
     if (::access(path.c_str(), F_OK) == 0)
       co_return generic_error(fmt::format(
           "Could not create '{}': File exists (mode 'existing' mirrors into it)", path));
-    const uint64_t size = src.length();
-    if (auto r = FileDevice::create(path, format == "qcow2" ? 0 : size); !r)
-      co_return generic_error(
-          fmt::format("Could not create '{}': {}", path, std::strerror(r.error().errnum())));
-    t.created = true;
-    if (format == "qcow2") {
-      Qcow2CreateOptions c;
-      c.size = size;
-      if (target_backing) {
-        const NodeRecord& br = d.nodes_.at(target_backing->name());
-        c.backing_file = br.filename;
-        c.backing_format = format_of(br.driver) == "qcow2" ? "qcow2" : "raw";
-      }
-      auto file = FileDevice::open(d.loop_, path, FileOptions{.read_only = false});
-      Result<void> r = file ? Result<void>{} : make_error(file.error());
-      if (r) r = co_await Qcow2Device::create(**file, c);
-      if (r) r = co_await (*file)->flush();
-      if (!r) {
-        ::unlink(path.c_str());
-        co_return generic_error(
-            fmt::format("Could not create '{}': {}", path, r.error().message()));
-      }
+    ImageCreateSpec spec;
+    spec.path = path;
+    spec.format = format == "qcow2" ? ImageFormat::kQcow2 : ImageFormat::kRaw;
+    spec.size = src.length();
+    if (target_backing) {
+      const NodeRecord& br = d.nodes_.at(target_backing->name());
+      // Absolute, as the mode's name says: a local file's name as the node was
+      // opened may be relative to the daemon's directory, which the new
+      // image's header would resolve against its own directory instead.
+      spec.backing_file = br.local ? absolute_path(br.filename) : br.filename;
+      spec.backing_format =
+          format_of(br.driver) == "qcow2" ? ImageFormat::kQcow2 : ImageFormat::kRaw;
     }
+    if (auto r = co_await create_image(d.loop_, spec); !r)
+      co_return generic_error(r.error().message());
+    t.created = true;
   }
   Json file_node = {{"driver", "file"}, {"filename", path}};
   if (format == "file") {

@@ -198,3 +198,108 @@ def test_refusals_match_qemu_storage_daemon_and_create_nothing(qmp, workdir):
     made = {p.name for p in workdir.iterdir()} - {"base.qcow2", "top.qcow2", "keep.qcow2",
                                                      "busy.qcow2"}
     assert not {m for m in made if m.endswith((".qcow2", ".img", ".raw"))}, made
+
+
+def test_absolute_paths_writes_an_absolute_backing_name(qmp, workdir):
+    """Regression: a source added by a name relative to the daemon's directory
+    got that relative name written into the new image, which resolves it
+    against its own directory: the image named a file that is not there."""
+    base, top = chain(workdir)
+    model = read_raw(top, workdir / "start.raw")
+    rel = os.path.relpath(workdir)  # the daemon runs in the test's directory
+    assert not os.path.isabs(rel) and os.sep in rel
+    qmp.cmd("blockdev-add", driver="qcow2", node_name="base", read_only=True,
+            file={"driver": "file", "filename": os.path.join(rel, "base.qcow2")})
+    qmp.cmd("blockdev-add", driver="qcow2", node_name="top", backing="base",
+            file={"driver": "file", "filename": os.path.join(rel, "top.qcow2")})
+    (workdir / "sub").mkdir()
+    copy = workdir / "sub" / "copy.qcow2"
+    qmp.cmd("drive-mirror", device="top", target=str(copy), sync="top", node_name="copy")
+    complete(qmp, "top")
+    for n in ("copy", "top", "base"):
+        qmp.cmd("blockdev-del", node_name=n)
+    info = json.loads(qemu_img("info", "--output=json", str(copy)).stdout)
+    assert info["backing-filename"] == str(base), info
+    check_image(copy)
+    assert read_raw(copy, workdir / "final.raw") == model
+
+
+def test_sync_top_copies_only_the_top_layers_allocation(qmp, workdir):
+    base, top = chain(workdir)
+    add_chain(qmp, base, top)
+    copy = workdir / "shallow.qcow2"
+    qmp.cmd("drive-mirror", device="top", target=str(copy), sync="top", node_name="shallow")
+    complete(qmp, "top")
+    for n in ("shallow", "top", "base"):
+        qmp.cmd("blockdev-del", node_name=n)
+
+    def own_extents(path):
+        m = json.loads(qemu_img("map", "-U", "--output=json", str(path)).stdout)
+        return [(e["start"], e["length"]) for e in m if e["depth"] == 0 and e["data"]]
+
+    assert own_extents(copy) == own_extents(top)
+    info = json.loads(qemu_img("info", "--output=json", str(copy)).stdout)
+    assert info["virtual-size"] == SIZE and info["format"] == "qcow2", info
+    qemu_img("compare", str(copy), str(top))
+    check_image(copy)
+
+
+def test_mode_existing_probes_the_format(qmp, workdir):
+    base, top = chain(workdir)
+    add_chain(qmp, base, top)
+    copy = create(workdir / "probed.qcow2", SIZE, backing=str(base), backing_fmt="qcow2")
+    qmp.cmd("drive-mirror", device="top", target=str(copy), sync="top", mode="existing",
+            node_name="probed")
+    n = nodes(qmp)["probed"]
+    assert n["drv"] == "qcow2" and n["backing_file"] == str(base), n
+    complete(qmp, "top")
+    assert "top" in nodes(qmp)  # the old source stays, as QEMU leaves a named node
+    for k in ("probed", "top", "base"):
+        qmp.cmd("blockdev-del", node_name=k)
+    qemu_img("compare", str(copy), str(top))
+
+
+def test_absolute_paths_sync_none_reads_through_the_source(qmp, workdir):
+    """sync=none: the new qcow2 names the source as its backing file (QEMU's
+    rule) and reads through the source node. Regression: on complete the
+    target's own backing edge moved onto the target with the source's other
+    parents, a loop that crashed the daemon at the first read."""
+    base, top = chain(workdir)
+    model = read_raw(top, workdir / "start.raw")
+    add_chain(qmp, base, top)
+    copy = workdir / "none.qcow2"
+    qmp.cmd("drive-mirror", device="top", target=str(copy), sync="none", node_name="none")
+    assert nodes(qmp)["none"]["backing_file"] == str(top)
+    complete(qmp, "top")
+    n = nodes(qmp)
+    assert n["none"]["backing_file"] == str(top) and n["none"]["backing_file_depth"] == 2, n
+    assert n["top"]["backing_file_depth"] == 1
+    import nbd
+    sock = workdir / "nbd.sock"
+    qmp.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+    qmp.cmd("block-export-add", type="nbd", id="e", node_name="none")
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///none?socket={sock}")
+    assert b"".join(h.pread(MiB, o) for o in range(0, SIZE, MiB)) == bytes(model)
+    h.shutdown()
+    qmp.cmd("block-export-del", id="e")
+    qmp.wait_event("BLOCK_EXPORT_DELETED", match={"id": "e"})
+    for k in ("none", "top", "base"):
+        qmp.cmd("blockdev-del", node_name=k)
+    info = json.loads(qemu_img("info", "--output=json", str(copy)).stdout)
+    assert info["backing-filename"] == str(top), info
+    check_image(copy)
+    assert read_raw(copy, workdir / "final.raw") == model
+
+
+def test_absolute_paths_sync_none_under_a_writer_is_refused_cleanly(qmp, workdir):
+    """The source's writer and a backing link that cannot share write: refused
+    with the permission conflict, no file and no node left."""
+    base, top = chain(workdir)
+    add_chain(qmp, base, top)
+    export(qmp, workdir)
+    before = set(nodes(qmp))
+    copy = workdir / "none.qcow2"
+    cls, desc = qmp.error("drive-mirror", device="top", target=str(copy), sync="none")
+    assert desc.startswith("Permission conflict on node 'top'"), desc
+    assert not copy.exists() and set(nodes(qmp)) == before
