@@ -147,8 +147,19 @@ class Qsd:
                                       "--monitor", "chardev=c"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_for_socket(self.proc, self.path, "qemu-storage-daemon")
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(self.path)
+        # The socket file exists from bind(); connections are taken from listen()
+        # on: a refused connect in between is retried.
+        deadline = time.monotonic() + 20
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX)
+            try:
+                self.sock.connect(self.path)
+                break
+            except ConnectionRefusedError:
+                self.sock.close()
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         self.f = self.sock.makefile("rw")
         self.f.readline()
         self.cmd("qmp_capabilities")
