@@ -375,13 +375,9 @@ Task<QResult<BlockDevicePtr>> Daemon::BlockCommands::open_nbd_node(Daemon& d, Js
   }
   o.export_name = args.value("export", "");
   if (args.contains("tls-creds")) {
-    std::string id = args["tls-creds"].get<std::string>();
-    auto it = d.objects_.find(id);
-    if (it == d.objects_.end())
-      co_return generic_error(fmt::format("No TLS credentials with id '{}'", id));
-    const QomObject& t = it->second;
-    if (!t.is_tls_creds())
-      co_return generic_error(fmt::format("Object with id '{}' is not TLS credentials", id));
+    auto creds = d.tls_creds(args["tls-creds"].get<std::string>());
+    if (!creds) co_return tl::unexpected(creds.error());
+    const QomObject& t = **creds;
     if (t.endpoint != "client")
       co_return generic_error("Expecting TLS credentials with a client endpoint");
     if (t.type == "tls-creds-x509") {

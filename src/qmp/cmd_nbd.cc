@@ -121,13 +121,9 @@ QResult<std::shared_ptr<const nbd::TlsServerCreds>> Daemon::NbdCommands::server_
       return generic_error("'tls-authz' is only supported with 'tls-creds'");
     return nullptr;
   }
-  const std::string id = a["tls-creds"].get<std::string>();
-  auto it = d.objects_.find(id);
-  if (it == d.objects_.end())
-    return generic_error(fmt::format("No TLS credentials with id '{}'", id));
-  const QomObject& o = it->second;
-  if (!o.is_tls_creds())
-    return generic_error(fmt::format("Object with id '{}' is not TLS credentials", id));
+  auto obj = d.tls_creds(a["tls-creds"].get<std::string>());
+  if (!obj) return tl::unexpected(obj.error());
+  const QomObject& o = **obj;
   if (o.endpoint != "server")
     return generic_error("Expected TLS credentials for a server endpoint");
   nbd::TlsServerConfig cfg;

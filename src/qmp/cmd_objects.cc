@@ -3,9 +3,8 @@
 // blockdev-add driver nbd and nbd-server-start name in tls-creds, and
 // authorization lists (authz-simple, authz-list) for nbd-server-start's
 // tls-authz.
-#include <sys/stat.h>
-
 #include <fmt/format.h>
+#include <sys/stat.h>
 
 #include "qmp/daemon.h"
 
@@ -125,6 +124,15 @@ Task<QResult<Json>> Daemon::ObjectCommands::object_add(Daemon& d, Json& a, const
   }
   d.objects_.emplace(id, std::move(o));
   co_return Json::object();
+}
+
+QResult<const Daemon::QomObject*> Daemon::tls_creds(const std::string& id) const {
+  auto it = objects_.find(id);
+  if (it == objects_.end())
+    return generic_error(fmt::format("No TLS credentials with id '{}'", id));
+  if (!it->second.is_tls_creds())
+    return generic_error(fmt::format("Object with id '{}' is not TLS credentials", id));
+  return &it->second;
 }
 
 Task<QResult<Json>> Daemon::ObjectCommands::object_del(Daemon& d, Json& a, const Call& call) {

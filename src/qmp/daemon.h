@@ -181,6 +181,9 @@ class Daemon {
 
   // Shared by several command files.
   QResult<std::string> checked_path(const std::string& path) const;  // cmd_block.cc
+  // The TLS credentials object of that id, with QEMU's texts for a missing id
+  // or another kind of object (cmd_objects.cc).
+  QResult<const QomObject*> tls_creds(const std::string& id) const;
   void add_job(std::shared_ptr<Job> job);                            // cmd_jobs.cc
   void on_job_event(const JobEvent& e);                              // cmd_jobs.cc
 
