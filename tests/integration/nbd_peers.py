@@ -27,6 +27,24 @@ START_TIMEOUT = 15
 PORT_TRIES = 5  # a free_port() taken by another process before the peer binds it
 
 
+def _greets(s):
+    """Whether the server on connected socket s sends the NBD greeting. A
+    connect alone is not enough: qemu-nbd listens before it opens (and locks)
+    its image, and the kernel accepts connections into the backlog meanwhile;
+    it greets only from its main loop, after the image is open."""
+    s.settimeout(0.5)
+    got = b""
+    try:
+        while len(got) < 8:
+            chunk = s.recv(8 - len(got))
+            if not chunk:
+                return False
+            got += chunk
+    except OSError:
+        return False
+    return got == b"NBDMAGIC"
+
+
 class Server:
     def __init__(self, cmd, uri, ready, log):
         self.cmd = cmd
@@ -80,8 +98,8 @@ class Peers:
 
             def ready():
                 try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                        return True
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                        return _greets(s)
                 except OSError:
                     return False
             return port, f"nbd://localhost:{port}/", ready
@@ -93,7 +111,7 @@ class Peers:
             s = socket.socket(socket.AF_UNIX)
             try:
                 s.connect(str(sock))
-                return True
+                return _greets(s)
             except OSError:
                 return False
             finally:
