@@ -20,6 +20,11 @@ uint64_t fnv1a(std::span<const std::byte> data) {
   return h;
 }
 
+uint64_t tracked_chunks(const BlockDevice& target, uint64_t length, uint64_t granularity) {
+  if (!target.can_reconnect()) return 0;
+  return div_round_up(std::max(length, target.length()), granularity);
+}
+
 }  // namespace
 
 TargetTracker::TargetTracker(BlockDevicePtr inner, uint64_t granularity, Redirty redirty,
@@ -28,8 +33,11 @@ TargetTracker::TargetTracker(BlockDevicePtr inner, uint64_t granularity, Redirty
       gran_(granularity),
       checkpoint_(checkpoint),
       redirty_(std::move(redirty)),
-      unflushed_(div_round_up(std::max(length, this->inner()->length()), granularity)),
-      flushing_(div_round_up(std::max(length, this->inner()->length()), granularity)),
+      // A target that never reconnects never loses what it acknowledged, so
+      // there is nothing to hand back: no bitmaps (one bit per chunk, twice,
+      // was 256 MiB for a 64 TiB copy). Set and reset clip to an empty bitmap.
+      unflushed_(tracked_chunks(*this->inner(), length, granularity)),
+      flushing_(tracked_chunks(*this->inner(), length, granularity)),
       generation_(this->inner()->generation()) {}
 
 size_t TargetTracker::durable_samples() const {

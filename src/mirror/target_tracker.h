@@ -4,6 +4,8 @@
 // target's connection changed, and it refuses a target that is no longer the
 // disk the job was writing (docs/design/mirror-job.md "Remote target identity").
 //
+// - Only a target that can reconnect (BlockDevice::can_reconnect(): a remote
+//   disk) is tracked; a local one keeps what it acknowledged.
 // - Writes, write-zeroes and discards mark their chunks in `unflushed_` once
 //   done. A flush moves those marks to `flushing_` as it starts and drops them
 //   when it succeeds: only then are they on stable storage.

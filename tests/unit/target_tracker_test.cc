@@ -18,12 +18,12 @@ constexpr uint64_t kGran = 64 << 10;
 // restarts, and the restart is seen as a new connection generation.
 class Remote : public BlockDeviceWrapper {
  public:
-  explicit Remote(std::shared_ptr<MemoryDevice> mem)
-      : BlockDeviceWrapper(mem), mem_(std::move(mem)), durable_(kSize) {}
+  Remote(std::shared_ptr<MemoryDevice> mem, bool reconnects)
+      : BlockDeviceWrapper(mem), mem_(std::move(mem)), durable_(kSize), reconnects_(reconnects) {}
 
   uint64_t generation() const override { return gen_; }
+  // Off: a disk that says it never reconnects (a local file).
   bool can_reconnect() const override { return reconnects_; }
-  bool reconnects_ = false;  // on: the tracker checkpoints it
   bool connected() const override { return up_; }
 
   Task<Result<void>> read(uint64_t off, std::span<std::byte> buf) override {
@@ -37,6 +37,7 @@ class Remote : public BlockDeviceWrapper {
   }
   Task<Result<void>> flush() override {
     reconnect();
+    ++flushes_;
     mem_->read_now(0, durable_);
     co_return Result<void>{};
   }
@@ -52,6 +53,7 @@ class Remote : public BlockDeviceWrapper {
     up_ = false;
   }
   uint64_t writes() const { return writes_; }
+  uint64_t flushes() const { return flushes_; }
 
  private:
   void reconnect() {
@@ -61,21 +63,25 @@ class Remote : public BlockDeviceWrapper {
   }
   std::shared_ptr<MemoryDevice> mem_;
   std::vector<std::byte> durable_;
-  uint64_t gen_ = 0, writes_ = 0;
+  uint64_t gen_ = 0, writes_ = 0, flushes_ = 0;
   bool up_ = true;
+  bool reconnects_;
 };
 
+// A remote target, checkpointed every `checkpoint` (by default too rarely to
+// matter in a test).
 struct Fixture {
-  explicit Fixture(bool checkpoints = false) { remote->reconnects_ = checkpoints; }
+  explicit Fixture(std::chrono::milliseconds checkpoint = std::chrono::hours(1),
+                   bool reconnects = true)
+      : remote(std::make_shared<Remote>(mem, reconnects)),
+        tracker{remote, kGran,
+                [this](uint64_t off, uint64_t len) { redirtied.push_back({off, len}); },
+                checkpoint} {}
   Loop loop{1};
   std::shared_ptr<MemoryDevice> mem = std::make_shared<MemoryDevice>(kSize);
-  std::shared_ptr<Remote> remote = std::make_shared<Remote>(mem);
+  std::shared_ptr<Remote> remote;
   std::vector<std::pair<uint64_t, uint64_t>> redirtied;
-  TargetTracker tracker{remote, kGran,
-                        [this](uint64_t off, uint64_t len) {
-                          redirtied.push_back({off, len});
-                        },
-                        std::chrono::milliseconds(50)};
+  TargetTracker tracker;
   std::vector<std::byte> data = std::vector<std::byte>(kGran, std::byte{0x5a});
 
   Result<void> write(uint64_t off) {
@@ -113,7 +119,7 @@ TEST(TargetTracker, RestartHandsBackWhatWasNotFlushed) {
 }
 
 TEST(TargetTracker, ReconnectingTargetIsFlushedEveryCheckpoint) {
-  Fixture f(true);
+  Fixture f(std::chrono::milliseconds(50));
   ASSERT_TRUE(f.write(0));  // fingerprint flush
   ASSERT_TRUE(f.write(4 * kGran));
   EXPECT_EQ(f.tracker.unflushed_chunks(), 1u);  // within the checkpoint interval
@@ -125,12 +131,13 @@ TEST(TargetTracker, ReconnectingTargetIsFlushedEveryCheckpoint) {
   EXPECT_TRUE(f.redirtied.empty());
 }
 
-TEST(TargetTracker, LocalTargetIsNotCheckpointed) {
-  Fixture f(false);
-  ASSERT_TRUE(f.write(0));
+TEST(TargetTracker, TargetThatCannotReconnectIsNeitherCheckpointedNorTracked) {
+  Fixture f(std::chrono::milliseconds(50), false);
+  ASSERT_TRUE(f.write(0));  // fingerprint flush
   std::this_thread::sleep_for(std::chrono::milliseconds(80));
   ASSERT_TRUE(f.write(4 * kGran));
-  EXPECT_EQ(f.tracker.unflushed_chunks(), 1u);
+  EXPECT_EQ(f.remote->flushes(), 1u);
+  EXPECT_EQ(f.tracker.unflushed_chunks(), 0u);  // nothing it could lose: no bitmap
 }
 
 TEST(TargetTracker, FlushedWritesStayDone) {
