@@ -69,6 +69,17 @@ bool MirrorJob::overlaps_any_op(const ByteRange& r) const {
   return false;
 }
 
+bool MirrorJob::copy_pending(uint64_t off, uint64_t len) const {
+  if (concluded() || len == 0) return false;
+  ByteRange chunks = chunks_covering(off, len);
+  if (chunks.length == 0) return false;
+  if (dirty_.count_range(chunks.offset / gran_, div_round_up(chunks.length, gran_)) > 0)
+    return true;
+  // A client write still inside intercept() is the caller's to see (a write
+  // observer on the source: graph.h), not a pending copy.
+  return overlaps_any_op(chunks);
+}
+
 Task<Result<void>> MirrorJob::intercept(Node& node, const WriteRequest& req) {
   // The job may conclude and be released while a write it saw is suspended.
   auto self = shared_from_this();

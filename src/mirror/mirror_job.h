@@ -96,6 +96,14 @@ class MirrorJob : public Job, public WriteInterceptor {
   // left to copy (QEMU's actively-synced).
   bool actively_synced() const;
 
+  Node* source_node() const { return src_node_; }
+  Node* target_node() const { return tgt_node_; }
+  // Whether [off, off+len) of the target may still differ from the source
+  // through work this job has yet to finish: dirty chunks, copies in flight,
+  // client writes not yet mirrored. False once the job concluded (it then
+  // keeps the target in step no more). Verify asks (verify/verify_job.h).
+  bool copy_pending(uint64_t off, uint64_t len) const;
+
   // WriteInterceptor: every client write to the source passes through here.
   Task<Result<void>> intercept(Node& node, const WriteRequest& req) override;
 

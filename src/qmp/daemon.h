@@ -167,6 +167,7 @@ class Daemon {
   struct ReopenCommands;  // cmd_reopen.cc: blockdev-reopen
   struct ResizeCommands;  // cmd_resize.cc: block_resize / block-resize
   struct DriveMirrorCommands;  // cmd_drive_mirror.cc: drive-mirror
+  struct VerifyCommands;  // cmd_verify.cc: x-blockdev-verify, x-query-verify
   static std::span<const Command> core_commands();
   static std::span<const Command> block_commands();
   static std::span<const Command> object_commands();
@@ -176,6 +177,7 @@ class Daemon {
   static std::span<const Command> reopen_commands();
   static std::span<const Command> resize_commands();
   static std::span<const Command> drive_mirror_commands();
+  static std::span<const Command> verify_commands();
   // blockdev-add's schema for a driver, or nullptr (cmd_block.cc).
   static const Schema* node_schema(std::string_view driver);
 
