@@ -137,6 +137,8 @@ class VerifyJob : public Job, public WriteObserver {
   // The source holds data (not zeroes) below this offset, as its block status
   // last said: segments there are read without asking again.
   uint64_t src_data_until_ = 0;
+  bool status_busy_ = false;  // a source block-status question is out
+  Notifier status_done_;
   EventThrottle mismatch_events_;
   std::chrono::steady_clock::time_point last_settled_;  // a chunk last settled
   unsigned in_flight_ = 0;
