@@ -84,11 +84,28 @@ Task<Result<void>> MirrorJob::intercept(Node& node, const WriteRequest& req) {
   // The job may conclude and be released while a write it saw is suspended.
   auto self = shared_from_this();
   ++intercepts_;
+  ByteRange range{req.offset, req.length};
+  if (journal_) {
+    // Metadata before data: the extent is dirty on stable storage before the
+    // write can change the source (checkpoint.cc).
+    intercepting_.push_back(range);
+    touch(req.offset, req.length);
+    if (!journal_->durable(req.offset, req.length)) {
+      if (auto m = co_await journal_->mark(req.offset, req.length); !m) journal_failed(m.error());
+    }
+  }
   Result<void> r;
   if (copy_to_target())
     r = co_await active_write(node, req);
   else
     r = co_await passive_write(node, req);
+  if (journal_) {
+    touch(req.offset, req.length);
+    auto it = std::find_if(intercepting_.begin(), intercepting_.end(), [&](const ByteRange& b) {
+      return b.offset == range.offset && b.length == range.length;
+    });
+    if (it != intercepting_.end()) intercepting_.erase(it);
+  }
   BLKMIRROR_ASSERT(intercepts_ > 0, "intercepted writes below zero");
   if (--intercepts_ == 0) intercepts_done_.notify_all();
   co_return r;

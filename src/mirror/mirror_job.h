@@ -31,6 +31,7 @@
 #include "io/buffer.h"
 #include "io/loop.h"
 #include "job/job.h"
+#include "journal/journal.h"
 #include "mirror/adaptive.h"
 #include "mirror/mirror_op.h"
 #include "mirror/mirror_params.h"
@@ -204,6 +205,21 @@ class MirrorJob : public Job, public WriteInterceptor {
   // The whole chunks covering [off, off+len), clipped to the device.
   ByteRange chunks_covering(uint64_t off, uint64_t len) const;
   void mark_dirty(uint64_t off, uint64_t len);
+
+  // Crash-safe state (checkpoint.cc; docs/design/journal.md).
+  // Client writes and dirty marks since the last checkpoint, per journal extent.
+  void touch(uint64_t off, uint64_t len);
+  // Nothing of the extent is dirty, copied or written by a client right now.
+  bool extent_idle(uint64_t extent) const;
+  // Every checkpoint_interval: clears the journal's extents untouched for a
+  // whole interval and idle, after flushing source and target.
+  Task<void> run_checkpoints(std::shared_ptr<MirrorJob> self);
+  Task<void> checkpoint();
+  Task<void> stop_checkpoints();
+  // The journal's end state (completed, cancelled); failures are reported,
+  // never fatal: the copy itself is done.
+  Task<void> record_end(JournalState s);
+  void journal_failed(const Error& e);
   void update_len();
   // len = offset + dirty + in flight (docs/design/mirror-job.md, "Progress").
   uint64_t progress_len() const;
@@ -284,6 +300,12 @@ class MirrorJob : public Job, public WriteInterceptor {
   std::optional<Error> fatal_;
   BufferPool pool_;
   MirrorStats stats_;
+  std::shared_ptr<Journal> journal_;  // p_.journal
+  DirtyBitmap touched_;               // per journal extent (empty without one)
+  std::vector<ByteRange> intercepting_;  // client writes inside intercept() now
+  bool checkpoints_running_ = false;
+  bool stop_checkpoints_ = false;
+  Notifier checkpoint_wake_;
 };
 
 }  // namespace blkmirror
