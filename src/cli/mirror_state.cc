@@ -1,11 +1,10 @@
 #include "cli/mirror_state.h"
 
+#include <fmt/format.h>
 #include <sys/stat.h>
 
-#include <ctime>
 #include <cstring>
-
-#include <fmt/format.h>
+#include <ctime>
 
 #include "blockdev/file_device.h"
 #include "blockdev/graph.h"
@@ -40,7 +39,7 @@ std::string when(uint64_t unix_seconds) {
 // The first clean extent of each of kFingerprintExtents stretches of the disk
 // reads the same on both devices; the offset of the first that does not.
 Task<Result<std::optional<uint64_t>>> fingerprint(const Journal* j, BlockDevice* src,
-                                                   BlockDevice* dst) {
+                                                  BlockDevice* dst) {
   const uint64_t n = j->extents(), ext = j->extent_size(), len = j->header().length;
   AlignedBuffer a(ext), b(ext);
   for (uint64_t k = 0; k < kFingerprintExtents && n > 0; ++k) {
@@ -137,17 +136,19 @@ Result<MirrorState> open_mirror_state(Loop& loop, const MirrorStateOptions& o,
   std::shared_ptr<Journal> j = std::move(*opened);
   const JournalHeader& h = j->header();
   if (h.state == JournalState::kCompleted)
-    return fail(fmt::format("this mirror completed on {}: the target took the source's place, "
-                            "and copying again would undo what was written to it since; remove "
-                            "the file to copy anew",
-                            when(h.updated_unix)));
+    return fail(
+        fmt::format("this mirror completed on {}: the target took the source's place, "
+                    "and copying again would undo what was written to it since; remove "
+                    "the file to copy anew",
+                    when(h.updated_unix)));
   if (h.length != sid.length || h.length != tid.length)
     return fail(fmt::format("made for {}-byte disks; SRC has {} bytes, DST {}", h.length,
                             sid.length, tid.length));
   if (!(h.source == sid)) return fail("made for another source than SRC (device or inode differ)");
   if (!(h.target == tid)) return fail("made for another target than DST (device or inode differ)");
   if (h.sync != static_cast<uint32_t>(p.sync))
-    return fail(fmt::format("made for another sync mode ({})", to_string(static_cast<SyncMode>(h.sync))));
+    return fail(
+        fmt::format("made for another sync mode ({})", to_string(static_cast<SyncMode>(h.sync))));
   if (granularity_given && p.granularity != h.granularity)
     return fail(fmt::format("made with granularity {}; give that or leave --granularity out",
                             h.granularity));

@@ -1,11 +1,11 @@
 #include "journal/journal.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <bit>
 #include <chrono>
 #include <cstring>
-
-#include <fmt/format.h>
 
 #include "io/buffer.h"
 
@@ -149,8 +149,7 @@ Task<Result<void>> Journal::wait_durable(uint64_t batch) {
     else
       co_await batch_done_.wait();
   }
-  if (failed_)
-    co_return make_plain_error(failed_->errnum(), "state file: " + failed_->message());
+  if (failed_) co_return make_plain_error(failed_->errnum(), "state file: " + failed_->message());
   co_return Result<void>{};
 }
 
@@ -163,8 +162,7 @@ bool Journal::durable(uint64_t off, uint64_t len) const {
 }
 
 Task<Result<void>> Journal::mark(uint64_t off, uint64_t len) {
-  if (failed_)
-    co_return make_plain_error(failed_->errnum(), "state file: " + failed_->message());
+  if (failed_) co_return make_plain_error(failed_->errnum(), "state file: " + failed_->message());
   auto [first, end] = extents_of(off, len);
   uint64_t need = 0;  // the batch that makes the last of these bits durable
   for (uint64_t x = first; x < end; ++x) {
@@ -182,8 +180,7 @@ Task<Result<void>> Journal::mark(uint64_t off, uint64_t len) {
 }
 
 Task<Result<void>> Journal::clear(const std::vector<uint64_t>& which) {
-  if (failed_)
-    co_return make_plain_error(failed_->errnum(), "state file: " + failed_->message());
+  if (failed_) co_return make_plain_error(failed_->errnum(), "state file: " + failed_->message());
   bool changed = false;
   for (uint64_t x : which) {
     if (x >= extents() || !dirty(x)) continue;

@@ -72,8 +72,8 @@ class Journal {
   // Per page: the batch that writes its latest change (durable once done_batch_
   // reaches it).
   std::vector<uint64_t> page_batch_;
-  uint64_t open_batch_ = 1;      // the batch pages changed now will be written in
-  uint64_t done_batch_ = 0;      // the last batch on stable storage
+  uint64_t open_batch_ = 1;  // the batch pages changed now will be written in
+  uint64_t done_batch_ = 0;  // the last batch on stable storage
   bool flushing_ = false;
   std::optional<Error> failed_;  // a write or flush failed: nothing is durable any more
   Notifier batch_done_;

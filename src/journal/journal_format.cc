@@ -1,10 +1,10 @@
 #include "journal/journal_format.h"
 
-#include <bit>
-#include <cstring>
-
 #include <fmt/format.h>
 #include <xxhash.h>
+
+#include <bit>
+#include <cstring>
 
 namespace blkmirror {
 
@@ -12,8 +12,7 @@ namespace {
 
 // Field offsets within a slot.
 constexpr size_t kMagic = 0, kVersion = 8, kSeq = 16, kState = 24, kLength = 32, kExtent = 40,
-                 kGran = 48, kSync = 56, kCreated = 64, kUpdated = 72, kSource = 128,
-                 kTarget = 512;
+                 kGran = 48, kSync = 56, kCreated = 64, kUpdated = 72, kSource = 128, kTarget = 512;
 // An identity: dev, ino, length (3 x 8 bytes), name length (2), name.
 constexpr size_t kIdentityName = 26;
 constexpr size_t kChecksum = kJournalSlotSize - 8;
@@ -52,8 +51,8 @@ Result<JournalIdentity> get_identity(const std::byte* p, const char* which) {
   id.length = get64(p + 16);
   size_t n = static_cast<uint8_t>(p[24]) | (static_cast<size_t>(static_cast<uint8_t>(p[25])) << 8);
   if (n > kJournalNameMax)
-    return make_plain_error(EINVAL, fmt::format("{} name of {} bytes (at most {})", which, n,
-                                                kJournalNameMax));
+    return make_plain_error(
+        EINVAL, fmt::format("{} name of {} bytes (at most {})", which, n, kJournalNameMax));
   id.name.assign(reinterpret_cast<const char*>(p + kIdentityName), n);
   return id;
 }
@@ -64,9 +63,12 @@ uint64_t checksum(std::span<const std::byte> slot) { return XXH64(slot.data(), k
 
 const char* to_string(JournalState s) {
   switch (s) {
-    case JournalState::kRunning: return "running";
-    case JournalState::kCompleted: return "completed";
-    case JournalState::kCancelled: return "cancelled";
+    case JournalState::kRunning:
+      return "running";
+    case JournalState::kCompleted:
+      return "completed";
+    case JournalState::kCancelled:
+      return "cancelled";
   }
   return "unknown";
 }

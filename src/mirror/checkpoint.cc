@@ -16,8 +16,9 @@
 //      rest, write them down.
 // A write that lands on a cleared extent after 3 marks it again first; one
 // that lands between 1 and 3 touched it, so it stays dirty.
-#include <asio/co_spawn.hpp>
 #include <fmt/format.h>
+
+#include <asio/co_spawn.hpp>
 
 #include "mirror/mirror_job.h"
 
@@ -40,8 +41,7 @@ bool MirrorJob::extent_idle(uint64_t x) const {
 }
 
 void MirrorJob::journal_failed(const Error& e) {
-  if (!fatal_)
-    fatal_ = make_plain_error(e.errnum(), "crash-safe state: " + e.message()).value();
+  if (!fatal_) fatal_ = make_plain_error(e.errnum(), "crash-safe state: " + e.message()).value();
   wake_.notify_all();
 }
 
