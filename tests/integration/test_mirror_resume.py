@@ -219,3 +219,53 @@ def test_changed_source_refused_then_verify_resume_copies_what_differs(cli, imag
     assert r.returncode == 0, r.stderr
     assert "--verify-resume compared every chunk" in note(r.stdout, "resuming from")
     subprocess.run(["cmp", str(src), str(dst)], check=True)
+
+
+def test_qmp_persistent_state_resumes_after_the_daemon_is_killed(blkmirror_bin, images, workdir):
+    from qmp_client import Daemon
+    src = images.dense("src.img", SIZE)
+    dst = images.zeros("dst.img", SIZE)
+    state = workdir / "m.state"
+
+    def start(dirname):
+        d = workdir / dirname
+        d.mkdir()
+        daemon = Daemon(blkmirror_bin, d)
+        q = daemon.client()
+        q.cmd("blockdev-add", driver="file", node_name="src", filename=str(src))
+        q.cmd("blockdev-add", driver="file", node_name="dst", filename=str(dst))
+        return daemon, q
+
+    daemon, q = start("d1")
+    q.cmd("blockdev-mirror", job_id="m", device="src", target="dst", sync="full",
+          speed=8 * MiB, x_persistent_state=str(state))
+    time.sleep(1.2)  # about 10 MiB copied and checkpointed
+    daemon.proc.kill()
+    daemon.proc.wait()
+    q.close()
+
+    daemon, q = start("d2")
+    try:
+        for _ in range(50):  # the killed daemon's image locks go a moment after it
+            try:
+                q.cmd("blockdev-mirror", job_id="m", device="src", target="dst", sync="full",
+                      x_persistent_state=str(state))
+                break
+            except Exception as e:
+                if '"write" lock' not in str(e):
+                    raise
+                time.sleep(0.1)
+        ready = q.wait_event("BLOCK_JOB_READY", match={"device": "m"}, timeout=60)
+        # Only what the state said may differ was copied.
+        assert 0 < ready["data"]["len"] < SIZE - 4 * MiB, ready
+        q.cmd("block-job-complete", device="m")
+        ev = q.wait_event("BLOCK_JOB_COMPLETED", match={"device": "m"}, timeout=60)
+        assert "error" not in ev["data"], ev
+        subprocess.run(["cmp", str(src), str(dst)], check=True)
+        # Completed: the state refuses another copy over the target.
+        _, desc = q.error("blockdev-mirror", job_id="m2", device="src", target="dst",
+                          sync="full", x_persistent_state=str(state))
+        assert "this mirror completed" in desc, desc
+    finally:
+        q.close()
+        daemon.stop()
