@@ -187,3 +187,56 @@ def test_transaction_all_or_nothing(qmp, node):
     assert got["t2"]["count"] == 64 * KiB and got["t2"]["recording"] is False
     assert got["b1"]["recording"] is False
     do(qmp, "transaction", actions=[])
+
+
+# --------------------------------------------------------------------------
+# Export as the qemu:dirty-bitmap:NAME meta context
+
+
+def nbdinfo_map(uri, ctx):
+    out = subprocess.run(["nbdinfo", "--json", f"--map={ctx}", uri], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    import json
+    return [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+
+
+def test_nbdinfo_map_lists_exactly_the_written_ranges(qmp, node, workdir):
+    do(qmp, "block-dirty-bitmap-add", node="a", name="fine", granularity=512)
+    do(qmp, "block-dirty-bitmap-add", node="a", name="b0")
+    qemu_io(node, "write 4k 4k", "write -z 1M 8k", "discard 3M 64k", "write 3584k 512")
+    do(qmp, "block-export-add", type="nbd", id="bk", name="backup", node_name="a",
+            writable=True, bitmaps=["fine", {"node": "a", "name": "b0"}])
+    uri = f"nbd+unix:///backup?socket={workdir / 'nbd.sock'}"
+    dirty = [(o, n) for o, n, t in nbdinfo_map(uri, "qemu:dirty-bitmap:fine") if t == 1]
+    assert dirty == [(4 * KiB, 4 * KiB), (MiB, 8 * KiB), (3 * MiB, 64 * KiB),
+                     (3584 * KiB, 512)]
+    ext = nbdinfo_map(uri, "qemu:dirty-bitmap:b0")
+    assert sum(n for _, n, _ in ext) == SIZE
+    assert [(o, n) for o, n, t in ext if t == 1] == [
+        (0, 64 * KiB), (MiB, 64 * KiB), (3 * MiB, 64 * KiB), (3584 * KiB, 64 * KiB)]
+    # Both contexts and base:allocation are listed.
+    listed = subprocess.run(["nbdinfo", "--list", uri], capture_output=True, text=True,
+                            check=True, timeout=60).stdout
+    assert "qemu:dirty-bitmap:fine" in listed and "qemu:dirty-bitmap:b0" in listed
+    # Exported: busy, so QMP may not remove it; free again after block-export-del.
+    assert bitmaps(qmp)["fine"]["busy"] is True
+    assert fails(qmp, "block-dirty-bitmap-remove", node="a", name="fine") == (
+        "GenericError", "Bitmap 'fine' is currently in use by another operation and cannot be used")
+    qmp.cmd("block-export-del", id="bk")
+    assert bitmaps(qmp)["fine"]["busy"] is False
+    do(qmp, "block-dirty-bitmap-remove", node="a", name="fine")
+
+
+def test_export_bitmap_bad_input(qmp, node):
+    do(qmp, "block-dirty-bitmap-add", node="a", name="b0")
+    assert fails(qmp, "block-export-add", type="nbd", id="x", name="x", node_name="a",
+                     bitmaps=["nope"]) == ("GenericError", "Bitmap 'nope' is not found")
+    assert fails(qmp, "block-export-add", type="nbd", id="x", name="x", node_name="a",
+                     bitmaps=["b0"]) == (
+        "GenericError", "Enabled bitmap 'b0' incompatible with readonly export")
+    do(qmp, "block-dirty-bitmap-disable", node="a", name="b0")
+    do(qmp, "block-export-add", type="nbd", id="x", name="x", node_name="a", bitmaps=["b0"])
+    assert fails(qmp, "block-export-add", type="nbd", id="y", name="y", node_name="a",
+                     bitmaps=["b0"]) == (
+        "GenericError", "Bitmap 'b0' is currently in use by another operation and cannot be used")
+    assert qmp.cmd("query-block-exports")  # still serving
