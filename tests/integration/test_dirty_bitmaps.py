@@ -240,3 +240,55 @@ def test_export_bitmap_bad_input(qmp, node):
                      bitmaps=["b0"]) == (
         "GenericError", "Bitmap 'b0' is currently in use by another operation and cannot be used")
     assert qmp.cmd("query-block-exports")  # still serving
+
+
+# --------------------------------------------------------------------------
+# blockdev-mirror sync=bitmap (the workflow: test_migrate_back.py)
+
+
+def test_sync_bitmap_copies_only_marked_ranges_and_never_keeps_it(qmp, node, images):
+    tgt = images.zeros("t.img", SIZE)
+    qmp.cmd("blockdev-add", driver="file", node_name="t", filename=str(tgt))
+    do(qmp, "block-dirty-bitmap-add", node="a", name="b0")
+    qemu_io(node, "write -P 7 64k 4k", "write -P 9 2M 64k")
+    qmp.request("blockdev-mirror", {"job-id": "j", "device": "a", "target": "t",
+                                    "sync": "bitmap", "bitmap": "b0"})
+    assert bitmaps(qmp)["b0"]["busy"] is True
+    assert fails(qmp, "block-dirty-bitmap-clear", node="a", name="b0") == (
+        "GenericError", "Bitmap 'b0' is currently in use by another operation and cannot be used")
+    qmp.wait_event("BLOCK_JOB_READY", match={"device": "j"})
+    qmp.cmd("block-job-cancel", device="j")  # ready: ends in sync, no switch
+    ev = qmp.wait_event("BLOCK_JOB_COMPLETED", match={"device": "j"})
+    assert ev["data"]["offset"] == 2 * 64 * KiB
+    got = tgt.read_bytes()
+    assert got[64 * KiB:68 * KiB] == b"\7" * 4096 and got[2 * MiB:2 * MiB + 64 * KiB] == b"\x09" * 65536
+    assert got[:64 * KiB] == bytes(64 * KiB)  # not marked: not copied
+    # bitmap-mode never (the default): left as it was, and free again.
+    assert bitmaps(qmp)["b0"]["busy"] is False and bitmaps(qmp)["b0"]["count"] == 2 * 64 * KiB
+
+
+MIRROR_BAD = [
+    (dict(sync="bitmap"), "must provide a valid bitmap name for 'bitmap' sync mode"),
+    (dict(sync="bitmap", bitmap="nope"), "Bitmap 'nope' could not be found"),
+    (dict(sync="full", bitmap="b0"), "a bitmap was given, but sync mode is 'full', not 'bitmap'"),
+    (dict(sync="bitmap", bitmap_mode="never"), "Cannot specify bitmap sync mode without a bitmap"),
+    (dict(sync="bitmap", bitmap="b0", bitmap_mode="always"),
+     "Bitmap sync mode 'always' is not supported by blkmirror's mirror (use 'never' or 'on-success')"),
+    (dict(sync="bitmap", bitmap="busy"),
+     "Bitmap 'busy' is currently in use by another operation and cannot be used"),
+    (dict(sync="bitmap", bitmap="onother"), "Bitmap 'onother' could not be found"),
+]
+
+
+@pytest.mark.parametrize("args,desc", MIRROR_BAD, ids=[str(i) for i in range(len(MIRROR_BAD))])
+def test_sync_bitmap_bad_input(qmp, node, images, args, desc):
+    tgt = images.zeros("t.img", SIZE)
+    qmp.cmd("blockdev-add", driver="file", node_name="t", filename=str(tgt))
+    do(qmp, "block-dirty-bitmap-add", node="a", name="b0")
+    do(qmp, "block-dirty-bitmap-add", node="a", name="busy", disabled=True)
+    do(qmp, "block-dirty-bitmap-add", node="t", name="onother")
+    do(qmp, "block-export-add", type="nbd", id="x", name="x", node_name="a", bitmaps=["busy"])
+    before = bitmaps(qmp)
+    assert qmp.error("blockdev-mirror", job_id="j", device="a", target="t", **args) == (
+        "GenericError", desc)
+    assert bitmaps(qmp) == before and qmp.cmd("query-block-jobs") == []
