@@ -19,6 +19,7 @@
 #include "cli/fault_env.h"
 #include "cli/serve_options.h"
 #include "cli/mirror_options.h"
+#include "cli/mirror_state.h"
 #include "cli/signals.h"
 
 namespace blkmirror {
@@ -37,6 +38,7 @@ struct MirrorArgs {
   bool no_auto_complete = false;
   std::string src_format, dst_format;  // "" = detect
   std::string backing, backing_format;  // --create --format qcow2 only
+  MirrorStateOptions state;
 };
 
 // --create --format qcow2: formats the new, empty file at path as a qcow2
@@ -166,6 +168,11 @@ int run_mirror(const MirrorArgs& a) {
     // up to the max op size, so the bulk copy is not slowed.
     params->granularity = 4096;
   }
+  auto state = open_mirror_state(loop, a.state, a.dst, *src, *dst, *params,
+                                 a.opts.given("granularity"));
+  if (!state) return fail_input(state.error().message());
+  params->journal = state->journal;
+  params->resume = state->resumed;
   auto job = MirrorJob::create(loop, graph, *params);
   if (!job) return fail_input(job.error().message());
 
@@ -188,6 +195,7 @@ int run_mirror(const MirrorArgs& a) {
                             a.src, a.dst, format_size(size),
                             format_size((*job)->granularity()), format_size((*job)->buf_size()),
                             to_string((*job)->copy_mode())));
+  if (!state->note.empty()) progress.note(state->note);
   if (serving)
     progress.note(fmt::format("serving {} at {} (clients switch to {} on completion)", a.src,
                               a.serve.where(server), a.dst));
@@ -202,6 +210,14 @@ int run_mirror(const MirrorArgs& a) {
   asio::signal_set stop_signals(loop.ctx(), SIGINT, SIGTERM);
   return loop.run([&]() -> Task<int> {
     int rc = co_await drive_mirror(loop, *job, progress, drive);
+    if (state->journal && (*job)->failure() &&
+        (*job)->failure()->message().starts_with("crash-safe state")) {
+      // It could not be kept a superset of the truth: it must not be trusted.
+      ::unlink(state->path.c_str());
+      progress.note(fmt::format("removed {}: it could not be kept up to date (a new run copies "
+                                "everything)",
+                                state->path));
+    }
     if (serving) {
       if (rc == exit_code::kOk && (*job)->switched()) {
         progress.note(fmt::format("serving {} now; SIGINT/SIGTERM to stop", a.dst));
@@ -265,6 +281,18 @@ CommandRunner add_mirror_command(CLI::App& app) {
   args->metrics.add_to(*cmd);
   cmd->add_flag("--no-auto-complete", args->no_auto_complete,
                 "when serving: stay ready until SIGUSR1, then complete");
+  cmd->add_option_function<std::string>(
+         "--state",
+         [args](const std::string& v) {
+           args->state.enabled = true;
+           args->state.path = v;
+         },
+         "crash-safe state file (default DST.blkmirror-state): a killed mirror run again with "
+         "the same --state copies only what may differ")
+      ->expected(0, 1);
+  cmd->add_flag("--verify-resume", args->state.verify_resume,
+                "resuming: compare every chunk of SRC and DST first (checksums) and copy what "
+                "differs too; needed when the devices changed behind the state's back");
   return [cmd, args]() -> int {
     if (!cmd->parsed()) return -1;
     return run_mirror(*args);

@@ -2,6 +2,9 @@
 
 #include <algorithm>
 
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+
 #include <fmt/format.h>
 
 #include "base/assert.h"
@@ -163,6 +166,7 @@ MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes
           sizes.granularity,
           [this](uint64_t off, uint64_t len) {
             mark_dirty(off, len);
+            touch(off, len);  // not durable on the target after all: no clearing now
             wake_.notify_all();
           },
           TargetTracker::kCheckpoint, src->length())),
@@ -184,7 +188,9 @@ MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes
       mode_(p_.copy_mode),
       target_sized_(tgt->length() >= length_),
       adaptive_(p_.adaptive_window_ms),
-      pool_(max_op_, buf_size_ / max_op_ + 1) {
+      pool_(max_op_, buf_size_ / max_op_ + 1),
+      journal_(p_.journal),
+      touched_(journal_ ? journal_->extents() : 0) {
   // The target's own device, not the tracker: offload needs a local file,
   // which never reconnects, so copies the tracker does not see are safe.
   auto s = src_.file_span(), t = tgt->device().file_span();
@@ -291,6 +297,10 @@ Task<Result<void>> MirrorJob::run() {
   src_node_->undrain();
   if (auto r = co_await grow_base(); !r) co_return r;
   if (auto r = co_await dirty_init(); !r) co_return r;
+  if (journal_)
+    asio::co_spawn(loop_.executor(),
+                   run_checkpoints(std::static_pointer_cast<MirrorJob>(shared_from_this())),
+                   asio::detached);
   for (;;) {
     update_len();
     if (!fatal_ && tracker_->fatal()) fatal_ = *tracker_->fatal();
@@ -432,6 +442,10 @@ void MirrorJob::release_sync_bitmap(bool in_sync) {
 
 Task<void> MirrorJob::commit() {
   release_sync_bitmap(true);
+  co_await stop_checkpoints();
+  // Switched: the source is stale from now on, and must never be copied over
+  // the target again. A soft cancel leaves a consistent copy: resumable.
+  co_await record_end(switched_ ? JournalState::kCompleted : JournalState::kCancelled);
   detach();
   undrain_sources();
   release_permissions();
@@ -456,6 +470,10 @@ void MirrorJob::on_dismissed() {
 Task<void> MirrorJob::abort() {
   co_await wait_idle();
   release_sync_bitmap(false);
+  co_await stop_checkpoints();
+  // A cancel says so; a failure leaves the state running: resume after fixing
+  // the cause copies what it says.
+  if (cancel_requested()) co_await record_end(JournalState::kCancelled);
   detach();
   // Client writes the job saw finish before it reports the end: no target write
   // after BLOCK_JOB_CANCELLED / COMPLETED.
