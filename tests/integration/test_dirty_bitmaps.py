@@ -117,6 +117,8 @@ BAD = [
      "Granularity must be power of 2 and at least 512"),
     ("block-dirty-bitmap-add", dict(node="a", name="b1"), "Bitmap already exists: b1"),
     ("block-dirty-bitmap-add", dict(node="a", name="x" * 1024), "Bitmap name too long: " + "x" * 1024),
+    ("block-dirty-bitmap-add", dict(node="a", name="p", persistent=True),
+     "Can't store persistent bitmaps to a: Operation not supported"),
     ("block-dirty-bitmap-remove", dict(node="a", name="nope"), "Dirty bitmap 'nope' not found"),
     ("block-dirty-bitmap-remove", dict(node="nope", name="b1"), "Node 'nope' not found"),
     ("block-dirty-bitmap-clear", dict(node="fa", name="b1"), "Dirty bitmap 'b1' not found"),
@@ -292,3 +294,17 @@ def test_sync_bitmap_bad_input(qmp, node, images, args, desc):
     assert qmp.error("blockdev-mirror", job_id="j", device="a", target="t", **args) == (
         "GenericError", desc)
     assert bitmaps(qmp) == before and qmp.cmd("query-block-jobs") == []
+
+
+def test_bitmap_on_a_mirror_target_records_the_jobs_writes(qmp, node, images):
+    # The job writes its target's device directly (not through the node's
+    # request path); an incremental backup of the target must still see them.
+    qemu_io(node, "write -P 5 1M 64k", "write -P 6 3M 4k")
+    tgt = images.zeros("t.img", SIZE)
+    qmp.cmd("blockdev-add", driver="file", node_name="t", filename=str(tgt))
+    do(qmp, "block-dirty-bitmap-add", node="t", name="tb")
+    qmp.cmd("blockdev-mirror", job_id="j", device="a", target="t", sync="full")
+    qmp.wait_event("BLOCK_JOB_READY", match={"device": "j"})
+    qmp.cmd("block-job-cancel", device="j")
+    qmp.wait_event("BLOCK_JOB_COMPLETED", match={"device": "j"})
+    assert bitmaps(qmp, "t")["tb"]["count"] >= 2 * 64 * KiB

@@ -79,6 +79,9 @@ def mirror_contestant(key: str, label: str, qsd: bool, incremental: bool) -> Con
             wall, cpu = time.monotonic() - t0, cpu_seconds(pid) - cpu0
         finally:
             qsd_quit(child, qmp)
+        # Not timed: the incremental copy must leave A equal to B.
+        if subprocess.run(["cmp", "-s", a, b]).returncode != 0:
+            raise RunFailed(f"{label}: A differs from B after the mirror")
         return Measure({"": wall}, info={"cpu": cpu, "bytes": ev["data"]["offset"]})
 
     return Contestant(key, label, run)
