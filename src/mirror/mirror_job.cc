@@ -415,6 +415,18 @@ Task<Result<void>> MirrorJob::prepare() {
   Perms src_perms = src_edge_->perms(), tgt_perms = tgt_edge_->perms();
   (void)src_edge_->set_perms(Perms{});
   (void)tgt_edge_->set_perms(Perms{});
+  // The state says completed before anyone can write the target: after a
+  // crash past this point the target (an exact copy now: the source is
+  // drained, everything copied and flushed) must never be copied over again,
+  // whether or not the switch below happened.
+  if (journal_) {
+    co_await stop_checkpoints();
+    if (auto j = co_await journal_->set_state(JournalState::kCompleted); !j) {
+      (void)src_edge_->set_perms(src_perms);
+      (void)tgt_edge_->set_perms(tgt_perms);
+      co_return make_plain_error(j.error().errnum(), "crash-safe state: " + j.error().message());
+    }
+  }
   // The target too must be quiet while edges move onto it.
   co_await tgt_node_->drain();
   std::vector<const Child*> keep{src_edge_.get(), tgt_edge_.get()};
@@ -425,6 +437,7 @@ Task<Result<void>> MirrorJob::prepare() {
   if (!r) {
     (void)src_edge_->set_perms(src_perms);
     (void)tgt_edge_->set_perms(tgt_perms);
+    co_await record_end(JournalState::kRunning);  // not switched: still resumable
     co_return r;
   }
   switched_ = true;
@@ -443,9 +456,9 @@ void MirrorJob::release_sync_bitmap(bool in_sync) {
 Task<void> MirrorJob::commit() {
   release_sync_bitmap(true);
   co_await stop_checkpoints();
-  // Switched: the source is stale from now on, and must never be copied over
-  // the target again. A soft cancel leaves a consistent copy: resumable.
-  co_await record_end(switched_ ? JournalState::kCompleted : JournalState::kCancelled);
+  // Switched: prepare() recorded it. A soft cancel leaves a consistent copy:
+  // resumable.
+  if (!switched_) co_await record_end(JournalState::kCancelled);
   detach();
   undrain_sources();
   release_permissions();
