@@ -1,7 +1,7 @@
 // Phase 1: marking what must be copied before the copy loop starts.
-#include <chrono>
-
 #include <fmt/format.h>
+
+#include <chrono>
 
 #include "mirror/mirror_job.h"
 
@@ -54,7 +54,8 @@ Task<Result<void>> MirrorJob::dirty_init() {
     // user's promise: the target was a copy of the source when the bitmap
     // started recording). Its granules map onto the job's chunks, whatever
     // either granularity.
-    for (auto r = sync_bitmap_->next_dirty(0); r; r = sync_bitmap_->next_dirty(r->first + r->second))
+    for (auto r = sync_bitmap_->next_dirty(0); r;
+         r = sync_bitmap_->next_dirty(r->first + r->second))
       mark_dirty(r->first, r->second);
     update_len();
     co_return Result<void>{};
