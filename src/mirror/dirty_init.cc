@@ -43,8 +43,8 @@ Task<Result<void>> MirrorJob::dirty_init() {
     // A run before this one left its state: where it says the target may
     // differ is all there is to copy (the caller checked it is this mirror's).
     const uint64_t ext = journal_->extent_size();
-    for (uint64_t x = 0; x < journal_->extents(); ++x)
-      if (journal_->dirty(x)) mark_dirty(x * ext, ext);
+    for (auto x = journal_->next_dirty(0); x; x = journal_->next_dirty(*x + 1))
+      mark_dirty(*x * ext, ext);
     update_len();
     co_return Result<void>{};
   }
