@@ -9,6 +9,7 @@
 #include "blockdev/child_device.h"
 #include "blockdev/qcow2/qcow2_device.h"
 #include "harness.h"
+#include "sanitizer_scale.h"
 
 namespace blkmirror::test {
 namespace {
@@ -30,9 +31,9 @@ Layer add_layer(Loop& loop, Graph& graph, const std::string& name, Node* below, 
   c.size = size;
   c.cluster_size = cluster;
   EXPECT_TRUE(loop.run(Qcow2Device::create(*file, c)));
-  l.backing_edge = graph.attach_child(below, "backing of " + name,
-                                      EdgeUse{"node '" + name + "'", "backing", {}},
-                                      EdgeKind::kBacking);
+  l.backing_edge =
+      graph.attach_child(below, "backing of " + name, EdgeUse{"node '" + name + "'", "backing", {}},
+                         EdgeKind::kBacking);
   auto backing = std::make_shared<ChildDevice>(l.backing_edge.get(), true);
   auto q = loop.run(Qcow2Device::open(loop, file, backing, Qcow2OpenOptions{}));
   EXPECT_TRUE(q) << q.error().message();
@@ -66,9 +67,8 @@ void run_commit_case(uint64_t seed, CopyMode mode) {
   // Sometimes the base is shorter than the chain: the job grows it first.
   const uint64_t base_size = rng() % 3 == 0 ? size / 2 / 512 * 512 : size;
   const uint64_t cluster = uint64_t{4096} << (rng() % 5);  // 4 KiB .. 64 KiB
-  SCOPED_TRACE(::testing::Message() << "seed=" << seed << " size=" << size << " base="
-                                    << base_size << " cluster=" << cluster
-                                    << " mode=" << to_string(mode));
+  SCOPED_TRACE(::testing::Message() << "seed=" << seed << " size=" << size << " base=" << base_size
+                                    << " cluster=" << cluster << " mode=" << to_string(mode));
   Loop loop(2);
   Graph graph;
   auto base = std::make_shared<MemoryDevice>(base_size, memory_opts(false, 6, seed));
@@ -125,21 +125,21 @@ void run_commit_case(uint64_t seed, CopyMode mode) {
 }
 
 TEST(CommitRandom, BackgroundManySeeds) {
-  for (uint64_t seed = 1; seed <= 20; ++seed) {
+  for (uint64_t seed = 1; seed <= seeds(20); ++seed) {
     run_commit_case(seed, CopyMode::kBackground);
     if (HasFailure()) break;
   }
 }
 
 TEST(CommitRandom, WriteBlockingManySeeds) {
-  for (uint64_t seed = 101; seed <= 120; ++seed) {
+  for (uint64_t seed = 101; seed <= 100 + seeds(20); ++seed) {
     run_commit_case(seed, CopyMode::kWriteBlocking);
     if (HasFailure()) break;
   }
 }
 
 TEST(CommitRandom, AdaptiveManySeeds) {
-  for (uint64_t seed = 201; seed <= 220; ++seed) {
+  for (uint64_t seed = 201; seed <= 200 + seeds(20); ++seed) {
     run_commit_case(seed, CopyMode::kAdaptive);
     if (HasFailure()) break;
   }

@@ -3,13 +3,14 @@
 // the disk must hold, and an event recorder.
 #pragma once
 
+#include <gtest/gtest.h>
+
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "blockdev/fault_device.h"
 #include "blockdev/graph.h"
@@ -44,8 +45,15 @@ inline std::vector<std::byte> contents(const MemoryDevice& dev) {
 // Index of the first differing byte, or -1.
 inline int64_t first_difference(const std::vector<std::byte>& a, const std::vector<std::byte>& b) {
   if (a.size() != b.size()) return 0;
-  for (size_t i = 0; i < a.size(); ++i)
-    if (a[i] != b[i]) return static_cast<int64_t>(i);
+  // memcmp a block at a time, then bytes only in the block that differs: a byte loop
+  // over hundreds of MiB takes minutes in the sanitized (-O0) build.
+  constexpr size_t kBlock = 4096;
+  for (size_t at = 0; at < a.size(); at += kBlock) {
+    const size_t n = std::min(kBlock, a.size() - at);
+    if (std::memcmp(a.data() + at, b.data() + at, n) == 0) continue;
+    for (size_t i = at; i < at + n; ++i)
+      if (a[i] != b[i]) return static_cast<int64_t>(i);
+  }
   return -1;
 }
 
@@ -165,8 +173,7 @@ inline Task<bool> drive_to_switch(MirrorJob& job, Client& client, std::mt19937_6
     client.hold = false;
   }
   uint64_t target = client.acked + 20;
-  if (!co_await wait_until([&client, target] { return client.acked >= target; }))
-    co_return false;
+  if (!co_await wait_until([&client, target] { return client.acked >= target; })) co_return false;
   client.stop = true;
   co_return co_await wait_until([&client] { return client.done; });
 }
@@ -188,11 +195,11 @@ inline MemoryDevice::Options memory_opts(bool zero_init = true, unsigned jitter 
 struct MirrorFixture {
   struct Options {
     uint64_t size = 0;
-    uint64_t seed = 1;         // data, device jitter and fault probabilities
-    bool fill = true;          // random data in about half of the source; else zeroes
-    bool target_zero = true;   // the target reports that it reads as zeroes
-    unsigned jitter = 0;       // shuffles the order devices complete I/O in
-    bool client = false;       // attach `client`, an edge on the source
+    uint64_t seed = 1;        // data, device jitter and fault probabilities
+    bool fill = true;         // random data in about half of the source; else zeroes
+    bool target_zero = true;  // the target reports that it reads as zeroes
+    unsigned jitter = 0;      // shuffles the order devices complete I/O in
+    bool client = false;      // attach `client`, an edge on the source
   };
 
   Loop loop{2};

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include "harness.h"
+#include "sanitizer_scale.h"
 
 namespace blkmirror::test {
 namespace {
@@ -99,10 +100,10 @@ TEST(MirrorActive, UnalignedPieceOfDirtyChunkLeftToBackgroundCopy) {
     uint64_t off = (1 << 20) + 1000, len = 2 * 65536;
     EXPECT_TRUE(co_await f.write(off, len, 0x44));
     uint64_t c17 = 17 * 65536, c18 = 18 * 65536;
-    EXPECT_TRUE(f.target_has(off, c17 - off, 0));            // dirty head skipped
-    EXPECT_TRUE(f.target_has(c17, 65536, 0x44));             // whole chunk written
-    EXPECT_TRUE(f.target_has(c18, off + len - c18, 0x44));   // clean tail written
-    EXPECT_EQ(f.job->dirty_bytes(), 65536u);                 // only chunk 16
+    EXPECT_TRUE(f.target_has(off, c17 - off, 0));           // dirty head skipped
+    EXPECT_TRUE(f.target_has(c17, 65536, 0x44));            // whole chunk written
+    EXPECT_TRUE(f.target_has(c18, off + len - c18, 0x44));  // clean tail written
+    EXPECT_EQ(f.job->dirty_bytes(), 65536u);                // only chunk 16
     EXPECT_FALSE(f.job->actively_synced());
     EXPECT_TRUE(f.job->resume());
     if (!co_await wait_until([&] { return f.job->actively_synced(); })) co_return false;
@@ -119,7 +120,7 @@ TEST(MirrorActive, UnalignedPieceOfDirtyChunkLeftToBackgroundCopy) {
 // that instant, with no further copying: a lost update or a torn chunk would
 // show as a difference.
 TEST(MirrorActive, OverlappingWritesRaceBackgroundCopies) {
-  for (uint64_t seed = 1; seed <= 12; ++seed) {
+  for (uint64_t seed = 1; seed <= seeds(12); ++seed) {
     SCOPED_TRACE(::testing::Message() << "seed=" << seed);
     ActiveFixture f(1 << 20, seed, true, 6);
     auto p = f.params(seed % 2 ? CopyMode::kWriteBlocking : CopyMode::kBackground, 4096);
@@ -430,8 +431,8 @@ TEST(MirrorActive, SourceWriteErrorReturnedAndRangeResynced) {
 // A failing synchronous target write: the client still gets the source's
 // success; the range is dirty again; the policy decides what the job does.
 TEST(MirrorActive, TargetWriteErrorUnderEachPolicy) {
-  for (ErrorPolicy policy : {ErrorPolicy::kReport, ErrorPolicy::kIgnore, ErrorPolicy::kStop,
-                             ErrorPolicy::kEnospc}) {
+  for (ErrorPolicy policy :
+       {ErrorPolicy::kReport, ErrorPolicy::kIgnore, ErrorPolicy::kStop, ErrorPolicy::kEnospc}) {
     SCOPED_TRACE(static_cast<int>(policy));
     // enospc is tried with ENOSPC (stops, io-status nospace); with EIO it
     // would report, as kReport shows.
@@ -444,9 +445,11 @@ TEST(MirrorActive, TargetWriteErrorUnderEachPolicy) {
       f.job->start(f.loop.executor());
       if (!co_await f.ready()) co_return false;
       if (!co_await wait_until([&] { return f.job->actively_synced(); })) co_return false;
-      f.dst_fault->add_rule(
-          FaultRule{.ops = FaultRule::kAllWrites, .offset = 1 << 20, .length = 65536,
-                    .remaining = 1, .errnum = errnum});
+      f.dst_fault->add_rule(FaultRule{.ops = FaultRule::kAllWrites,
+                                      .offset = 1 << 20,
+                                      .length = 65536,
+                                      .remaining = 1,
+                                      .errnum = errnum});
       EXPECT_TRUE(co_await f.write(1 << 20, 65536, 0x66));  // client sees the source's success
       EXPECT_TRUE(f.target_has(1 << 20, 65536, 0));
       auto* err = f.rec.last(JobEvent::Kind::kError);

@@ -13,6 +13,7 @@
 #include "harness.h"
 #include "journal/journal.h"
 #include "power_cut_file.h"
+#include "sanitizer_scale.h"
 
 namespace blkmirror::test {
 namespace {
@@ -289,7 +290,7 @@ void run_live_case(const LiveCase& c) {
 }
 
 TEST(MirrorJournal, CleanExtentsAgreeAtEveryMomentManySeeds) {
-  for (uint64_t seed = 1; seed <= 3; ++seed) {
+  for (uint64_t seed = 1; seed <= seeds(3); ++seed) {
     run_live_case({seed, CopyMode::kBackground, false});
     run_live_case({seed + 10, CopyMode::kWriteBlocking, false});
     run_live_case({seed + 20, CopyMode::kBackground, true});

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include "harness.h"
+#include "sanitizer_scale.h"
 
 namespace blkmirror::test {
 namespace {
@@ -23,9 +24,9 @@ struct RandomCase {
 };
 
 void run_random_case(const RandomCase& c) {
-  SCOPED_TRACE(::testing::Message() << "seed=" << c.seed << " size=" << c.size
-                                    << " granularity=" << c.granularity << " mode="
-                                    << to_string(c.mode) << (c.switch_mid_run ? "+switch" : ""));
+  SCOPED_TRACE(::testing::Message()
+               << "seed=" << c.seed << " size=" << c.size << " granularity=" << c.granularity
+               << " mode=" << to_string(c.mode) << (c.switch_mid_run ? "+switch" : ""));
   std::mt19937_64 rng(c.seed);
   Loop loop(2);
   Graph graph;
@@ -95,7 +96,7 @@ RandomCase random_case(uint64_t seed) {
   std::mt19937_64 r(seed);
   RandomCase c;
   c.seed = seed;
-  c.granularity = uint64_t{512} << (r() % 8);  // 512 B .. 64 KiB
+  c.granularity = uint64_t{512} << (r() % 8);                     // 512 B .. 64 KiB
   c.size = (1 + r() % 24) * 65536 + (r() % 2 ? r() % 65536 : 0);  // some unaligned
   c.buf_size = (r() % 3 == 0) ? 4096 : 0;
   c.in_flight = 1 + r() % 16;
@@ -104,14 +105,14 @@ RandomCase random_case(uint64_t seed) {
 }
 
 TEST(MirrorRandom, ConcurrentWritesManySeeds) {
-  for (uint64_t seed = 1; seed <= 40; ++seed) {
+  for (uint64_t seed = 1; seed <= seeds(40); ++seed) {
     run_random_case(random_case(seed));
     if (HasFatalFailure() || HasFailure()) break;
   }
 }
 
 TEST(MirrorRandom, WriteBlockingManySeeds) {
-  for (uint64_t seed = 201; seed <= 240; ++seed) {
+  for (uint64_t seed = 201; seed <= 200 + seeds(40); ++seed) {
     RandomCase c = random_case(seed);
     c.mode = CopyMode::kWriteBlocking;
     run_random_case(c);
@@ -120,7 +121,7 @@ TEST(MirrorRandom, WriteBlockingManySeeds) {
 }
 
 TEST(MirrorRandom, AdaptiveManySeeds) {
-  for (uint64_t seed = 301; seed <= 330; ++seed) {
+  for (uint64_t seed = 301; seed <= 300 + seeds(30); ++seed) {
     RandomCase c = random_case(seed);
     c.mode = CopyMode::kAdaptive;
     run_random_case(c);
@@ -129,7 +130,7 @@ TEST(MirrorRandom, AdaptiveManySeeds) {
 }
 
 TEST(MirrorRandom, SwitchMidRunManySeeds) {
-  for (uint64_t seed = 401; seed <= 430; ++seed) {
+  for (uint64_t seed = 401; seed <= 400 + seeds(30); ++seed) {
     RandomCase c = random_case(seed);
     c.switch_mid_run = true;
     run_random_case(c);

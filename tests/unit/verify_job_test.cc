@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include "harness.h"
+#include "sanitizer_scale.h"
 
 namespace blkmirror::test {
 namespace {
@@ -227,8 +228,9 @@ void run_live_case(uint64_t seed, CopyMode mode) {
 }
 
 TEST(VerifyJob, LiveMirrorNoFalseDifferencesManySeeds) {
-  for (uint64_t seed = 1; seed <= 4; ++seed) run_live_case(seed, CopyMode::kBackground);
-  for (uint64_t seed = 11; seed <= 14; ++seed) run_live_case(seed, CopyMode::kWriteBlocking);
+  for (uint64_t seed = 1; seed <= seeds(4); ++seed) run_live_case(seed, CopyMode::kBackground);
+  for (uint64_t seed = 11; seed <= 10 + seeds(4); ++seed)
+    run_live_case(seed, CopyMode::kWriteBlocking);
 }
 
 }  // namespace
