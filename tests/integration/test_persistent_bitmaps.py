@@ -372,3 +372,69 @@ def test_raw_side_file_survives_restarts_and_marks_crashes_and_foreign_writes(
         f.seek(3 * MiB)
         f.write(b"x" * 512)
     assert reopen({"inconsistent": True}).stop() == 0
+
+
+def completed(stdout):
+    for line in stdout.splitlines():
+        ev = json.loads(line)
+        if ev["event"] == "BLOCK_JOB_COMPLETED":
+            return ev["data"]
+    raise AssertionError(stdout)
+
+
+def test_cli_mirror_bitmap_copies_what_qemu_io_wrote_since_bitmap_add(cli, images):
+    """B is a qcow2 copy of A; `blkmirror bitmap --add` puts a persistent bitmap
+    in it, qemu-io writes B (QEMU records them in it), then `blkmirror mirror
+    --bitmap` brings A up to date copying only those granules."""
+    a = images.dense("a.img", SIZE)
+    b = images.path("b.qcow2")
+    sh("qemu-img", "convert", "-O", "qcow2", str(a), str(b))
+    r = cli.run("bitmap", "--add", "-g", "4k", b, "since")
+    assert r.returncode == 0, r.stderr
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 7 100k 10k", "-c", "write -P 8 9M 4k",
+       "-c", "write -z 12M 64k", str(b))
+    r = cli.run("bitmap", "--json", b)
+    assert json.loads(r.stdout) == [{"name": "since", "granularity": 4096, "recording": True,
+                                     "count": 4096 * 3 + 4096 + 65536}], r.stdout
+    r = cli.mirror(b, a, "--bitmap", "since", "--granularity", "4k", "--json")
+    assert r.returncode == 0, r.stderr
+    assert completed(r.stdout)["offset"] == 4096 * 3 + 4096 + 65536
+    assert sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(b), str(a)).returncode == 0
+    # The source was only read: its bitmap is as it was, consistent.
+    assert img_bitmaps(b) == [{"name": "since", "granularity": 4096, "flags": ["auto"]}]
+    qemu_check(b)
+    r = cli.run("bitmap", "--remove", b, "since")
+    assert r.returncode == 0 and img_bitmaps(b) == []
+    qemu_check(b)
+
+
+def test_cli_bitmap_bad_input_changes_nothing(cli, images):
+    b = images.path("b.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(b), "4M")
+    sh("qemu-img", "bitmap", "--add", str(b), "x")
+    raw = images.zeros("r.img", 4 * MiB)
+    before = b.read_bytes()
+    for args, text in [
+        (("--add", b, "x"), "Bitmap already exists: x"),
+        (("--remove", b, "nope"), "Dirty bitmap 'nope' not found"),
+        (("--add", "-g", "1000", b, "y"), "Granularity must be power of 2 and at least 512"),
+        (("--add", b, "y" * 1024),
+         f"Can't make bitmap '{'y' * 1024}' persistent in '{b}': Name length exceeds maximum "
+         "(1023 characters)"),
+        (("--clear", b), "--clear needs the bitmap's NAME"),
+    ]:
+        r = cli.run("bitmap", *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.strip().endswith("blkmirror: " + text), r.stderr
+    assert [x["name"] for x in img_bitmaps(b)] == ["x"]
+    qemu_check(b)
+    assert b.read_bytes() == before
+    # A raw file's bitmap is refused for --bitmap once another program wrote it.
+    assert cli.run("bitmap", "--add", raw, "r").returncode == 0
+    with open(raw, "r+b") as f:
+        f.write(b"z" * 4096)
+    r = cli.mirror(raw, images.zeros("t.img", 4 * MiB), "--bitmap", "r")
+    assert r.returncode == 2 and "Bitmap 'r' is inconsistent and cannot be used" in r.stderr, \
+        r.stderr
+    r = cli.mirror(raw, images.path("t.img"), "--bitmap", "nope")
+    assert r.returncode == 2 and "Bitmap 'nope' could not be found" in r.stderr, r.stderr
