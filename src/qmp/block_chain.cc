@@ -342,6 +342,15 @@ Json Daemon::image_info(const Node& n, bool flat) const {
       data["corrupt"] = q.corrupt;
       data["extended-l2"] = q.extended_l2;
     }
+    // The image's bitmap directory as QEMU lists it (only when it has one).
+    Json list = Json::array();
+    for (const auto& b : rec->qcow2->stored_bitmaps()) {
+      Json flags = Json::array();
+      if (b.in_use) flags.push_back("in-use");
+      if (b.enabled) flags.push_back("auto");
+      list.push_back({{"flags", flags}, {"name", b.name}, {"granularity", b.granularity}});
+    }
+    if (!list.empty()) data["bitmaps"] = list;
     image["format-specific"] = {{"type", "qcow2"}, {"data", data}};
     if (q.backing_file) {
       image["backing-filename"] = *q.backing_file;

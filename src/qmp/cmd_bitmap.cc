@@ -12,7 +12,10 @@
 // the same transaction is refused with QEMU's "in use" text.
 //
 // Nothing here suspends between prepare and commit, so no other request can
-// see a half-applied transaction.
+// see a half-applied transaction. Only after the commit, a removed persistent
+// bitmap is taken out of its node's store (its image): that I/O suspends, and
+// its failure is reported though the bitmap is gone from memory (the image's
+// copy stays marked in use, and the next store drops it).
 #include <fmt/format.h>
 
 #include <bit>

@@ -85,8 +85,10 @@ def test_bitmaps_qemu_img_wrote_are_loaded_with_their_ranges(qmp, daemon, images
     assert got["b0"] == {"name": "b0", "recording": True, "persistent": True, "busy": False,
                          "granularity": 65536, "count": 128 * KiB}
     assert got["off"]["recording"] is False and got["off"]["persistent"] is True
-    # Marked in use on disk while we hold them.
+    # Marked in use on disk while we hold them; the node's image info agrees.
     assert all("in-use" in b["flags"] for b in img_bitmaps(img))
+    node = [n for n in qmp.cmd("query-named-block-nodes") if n["node-name"] == "a"][0]
+    assert node["image"]["format-specific"]["data"]["bitmaps"] == img_bitmaps(img)
     uri = export(qmp, workdir, "a", "b0")
     assert nbd_map(uri, "b0") == [(1 * MiB, 64 * KiB), (5 * MiB, 64 * KiB)]
     qemu_io(uri, "write 9M 4k")
@@ -438,3 +440,29 @@ def test_cli_bitmap_bad_input_changes_nothing(cli, images):
         r.stderr
     r = cli.mirror(raw, images.path("t.img"), "--bitmap", "nope")
     assert r.returncode == 2 and "Bitmap 'nope' could not be found" in r.stderr, r.stderr
+
+
+def test_reopen_read_only_stores_them_and_read_write_marks_them_in_use(qmp, images, workdir):
+    """As QEMU's qcow2_reopen_bitmaps_ro/_rw: stored and kept read-only going
+    read-only; marked in use and recording again going read-write."""
+    img = qcow2(images, "a.qcow2")
+    qmp.cmd("blockdev-add", driver="file", node_name="fa", filename=str(img))
+    qmp.cmd("blockdev-add", driver="qcow2", node_name="a", file="fa")
+    do(qmp, "block-dirty-bitmap-add", node="a", name="p", persistent=True)
+    uri = export(qmp, workdir, "a")
+    qemu_io(uri, "write 2M 4k")
+    qmp.cmd("block-export-del", id="e-a")
+    entry = {"driver": "qcow2", "node-name": "a", "file": "fa"}
+    qmp.cmd("blockdev-reopen", options=[{**entry, "read-only": True}])
+    assert img_bitmaps(img) == [{"name": "p", "granularity": 65536, "flags": ["auto"]}]
+    assert fails(qmp, "block-dirty-bitmap-clear", node="a", name="p") == (
+        "GenericError", "Bitmap 'p' is readonly and cannot be modified")
+    qmp.cmd("blockdev-reopen", options=[{**entry, "read-only": False}])
+    assert img_bitmaps(img)[0]["flags"] == ["in-use", "auto"]
+    do(qmp, "block-dirty-bitmap-clear", node="a", name="p")
+    assert bitmaps(qmp)["p"]["count"] == 0
+    qmp.cmd("blockdev-del", node_name="a")
+    qmp.cmd("blockdev-del", node_name="fa")
+    assert img_bitmaps(img) == [{"name": "p", "granularity": 65536, "flags": ["auto"]}]
+    assert dirty_map(img, "p") == []
+    qemu_check(img)
