@@ -466,3 +466,40 @@ def test_reopen_read_only_stores_them_and_read_write_marks_them_in_use(qmp, imag
     assert img_bitmaps(img) == [{"name": "p", "granularity": 65536, "flags": ["auto"]}]
     assert dirty_map(img, "p") == []
     qemu_check(img)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_cli_serve_records_clients_writes_in_the_images_bitmaps(cli, images, workdir, fmt):
+    """`blkmirror serve` is one of the ways B is used between the two mirrors:
+    its clients' writes land in the image's persistent bitmaps."""
+    if fmt == "qcow2":
+        img = qcow2(images, "b.qcow2")
+    else:
+        img = images.zeros("b.img", SIZE)
+    assert cli.run("bitmap", "--add", "-g", "4k", img, "since").returncode == 0
+    sock = workdir / "s.sock"
+    run = cli.start("serve", img, "--socket", sock)
+    run.wait_for_line("serving", 30)
+    qemu_io(f"nbd+unix:///?socket={sock}", "write 1M 4k", "write -z 8M 8k")
+    run.send_signal(signal.SIGTERM)
+    assert run.finish(30).returncode == 0
+    r = cli.run("bitmap", "--json", img)
+    assert json.loads(r.stdout) == [{"name": "since", "granularity": 4096, "recording": True,
+                                     "count": 12 * KiB}], r.stderr
+    if fmt == "qcow2":
+        assert dirty_map(img, "since") == [(1 * MiB, 4 * KiB), (8 * MiB, 8 * KiB)]
+        qemu_check(img)
+
+
+def test_a_grown_image_stores_its_bitmaps_at_the_new_size(qmp, daemon, images, workdir):
+    img = qcow2(images, "a.qcow2")
+    sh("qemu-img", "bitmap", "--add", str(img), "old")
+    add_qcow2(qmp, "a", img)
+    do(qmp, "block-dirty-bitmap-add", node="a", name="p", persistent=True)
+    qmp.cmd("block_resize", node_name="a", size=2 * SIZE)
+    uri = export(qmp, workdir, "a")
+    qemu_io(uri, "write 1M 4k", f"write {SIZE + MiB} 4k")
+    quit_daemon(daemon, qmp)
+    qemu_check(img)
+    for name in ("old", "p"):
+        assert dirty_map(img, name) == [(1 * MiB, 64 * KiB), (SIZE + MiB, 64 * KiB)], name
