@@ -112,6 +112,7 @@ Result<BitmapFileContents> parse_bitmap_file(std::span<const std::byte> b) {
     e.granularity = uint64_t{1} << gbits;
     e.in_use = flags & kInUse;
     e.enabled = flags & kAuto;
+    if (bytes > body) return bad(fmt::format("entry {}: truncated", i));
     const uint64_t want = e.in_use ? 0 : data_bytes(c.stamp.length, e.granularity);
     if (bytes != want)
       return bad(fmt::format("entry {}: {} bytes of data, {} expected", i, bytes, want));

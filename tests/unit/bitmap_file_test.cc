@@ -5,6 +5,7 @@
 #include "journal/bitmap_file.h"
 
 #include <gtest/gtest.h>
+#include <xxhash.h>
 
 #include <fstream>
 
@@ -68,6 +69,15 @@ TEST(BitmapFile, CorruptionsAreRefused) {
   c = sample();
   c.entries[0].name = "";
   expect(encode_bitmap_file(c), "entry 0: name of 0 bytes");
+  // A data size no file could hold is refused before anything is allocated
+  // (fuzz: a 2^52-byte resize).
+  c = sample();
+  c.stamp.length = uint64_t{1} << 62;
+  auto huge = encode_bitmap_file(c);
+  for (int i = 0; i < 8; ++i) huge[56 + 8 + i] = std::byte{0xff};
+  const uint64_t sum = XXH64(huge.data(), huge.size() - 8, 0);
+  for (int i = 0; i < 8; ++i) huge[huge.size() - 8 + i] = std::byte((sum >> (8 * i)) & 0xff);
+  expect(huge, "entry 0: truncated");
   auto trunc = good;
   trunc.resize(good.size() - 16);
   expect(trunc, "checksum mismatch");

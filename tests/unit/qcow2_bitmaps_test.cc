@@ -120,6 +120,15 @@ TEST(Qcow2BitmapFormat, CorruptDirectoriesAreRefused) {
   dup[1].name = "a";
   auto dup_bytes = *encode_bitmap_directory(dup, kGeo);
   expect(dup_bytes, {2, dup_bytes.size(), 0x10000}, "Bitmap already exists: a");
+  // In use or not, a bitmap whose bits for the disk would not fit in memory
+  // (2^50 bytes at 512 per bit) is refused, not allocated.
+  const BitmapGeometry huge{65536, 1ull << 50};
+  auto big = two_entries();
+  big.resize(2);
+  auto big_bytes = *encode_bitmap_directory({big[1]}, kGeo);
+  auto r = parse_bitmap_directory(big_bytes, {1, big_bytes.size(), 0x10000}, huge);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().message(), "Bitmap '" + big[1].name + "' doesn't satisfy the constraints");
   // An in-use bitmap may have a stale table size (a resize it did not see).
   auto stale = two_entries();
   stale[1].table_size = 7;

@@ -33,6 +33,9 @@ bool entry_ok(const BitmapDirEntry& e, const BitmapGeometry& g) {
     return false;
   const uint64_t phys = uint64_t{e.table_size} * g.cluster_size;
   if (phys > kMaxBitmapDataBytes) return false;
+  // Its bits for the disk's size must fit in memory, in use or not (QEMU
+  // never makes a bigger one: check_bitmap_constraints).
+  if (bitmap_data_bytes(g.virtual_size, e.granularity()) > kMaxBitmapDataBytes) return false;
   // A consistent bitmap's table is exactly as long as its data (QEMU's
   // load_bitmap_data() refuses any other); an in-use one may be stale.
   if (!e.in_use() && e.table_size != bitmap_table_entries(g, e.granularity())) return false;
