@@ -353,6 +353,46 @@ TEST(Qcow2Bitmaps, ImagesWithBitmapsWeDoNotUnderstandAreRefusedUntouched) {
   EXPECT_NE(before, changed);
 }
 
+// A bitmap table pointing outside the file fails the load with a clear line;
+// the image is not marked corrupt (its guest data is fine) and is not written
+// by a read-only open.
+TEST(Qcow2Bitmaps, ABadBitmapTableFailsTheLoadWithoutMarkingTheImageCorrupt) {
+  TempDir dir;
+  const std::string img = dir / "a.qcow2";
+  ASSERT_EQ(sh("qemu-img create -q -f qcow2 " + q(img) + " 4M").status, 0);
+  ASSERT_EQ(sh("qemu-img bitmap --add " + q(img) + " b").status, 0);
+  ASSERT_EQ(sh("qemu-io -c 'write 0 4k' " + q(img)).status, 0);
+  auto bytes = read_file(img);
+  auto h = parse_header(bytes, "img");
+  ASSERT_TRUE(h);
+  uint64_t dir_off = 0;
+  for (auto& e : h->extensions)
+    if (e.type == kExtBitmaps) dir_off = load_be64(&e.data[16]);
+  const uint64_t table = load_be64(&bytes[dir_off]);
+  ASSERT_EQ(sh(fmt::format("printf '\\000\\000\\000\\001\\000\\000\\000\\000' | dd "
+                           "of={} bs=1 seek={} conv=notrunc status=none",
+                           img, table))
+                .status,
+            0);
+  const auto patched = read_file(img);
+  Loop loop;
+  for (bool ro : {true, false}) {
+    auto dev = open_qcow2(loop, img, ro);
+    ASSERT_TRUE(dev) << dev.error().message();
+    auto l = loop.run((*dev)->load_bitmaps());
+    ASSERT_FALSE(l);
+    EXPECT_NE(l.error().message().find("Could not read bitmap 'b' from image: data cluster "
+                                       "0x100000000 lies past the end of the file"),
+              std::string::npos)
+        << l.error().message();
+    EXPECT_FALSE((*dev)->info().corrupt);
+    ASSERT_TRUE(loop.run((*dev)->close()));
+    if (ro) EXPECT_EQ(read_file(img), patched);
+  }
+  auto info = sh("qemu-img info " + q(img));
+  EXPECT_NE(info.out.find("corrupt: false"), std::string::npos) << info.out;
+}
+
 // A power cut at any moment of the in-use marking at open, guest writes, and
 // the store at close leaves an image qemu-img check accepts (leaks allowed)
 // whose bitmaps are each either as they were, in use (inconsistent), or as

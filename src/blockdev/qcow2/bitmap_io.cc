@@ -86,18 +86,22 @@ Task<Result<void>> Qcow2Impl::mark_bitmaps_in_use() {
   co_return co_await commit_bitmap_directory(std::move(dir), {});
 }
 
+// A bad bitmap table or data cluster fails the load (the node is not added, as
+// QEMU's open fails) without marking the image corrupt: its guest data is fine.
 Task<Result<std::vector<uint64_t>>> Qcow2Impl::read_bitmap_table(const BitmapDirEntry& e) {
   const uint64_t bytes = uint64_t{e.table_size} * 8;
   if (e.table_offset + bytes > file->length())
-    co_return corrupt(fmt::format("bitmap '{}': table at {:#x} lies past the end of the file",
-                                  e.name, e.table_offset));
+    co_return make_plain_error(
+        EINVAL, fmt::format("bitmap '{}': table at {:#x} lies past the end of the file", e.name,
+                            e.table_offset));
   std::vector<std::byte> raw(bytes);
   if (auto r = co_await file->read(e.table_offset, raw); !r) co_return make_error(r.error());
   std::vector<uint64_t> t(e.table_size);
   for (uint64_t i = 0; i < t.size(); ++i) {
     t[i] = load_be64(&raw[i * 8]);
     if (!check_bitmap_table_entry(t[i], cs()))
-      co_return corrupt(
+      co_return make_plain_error(
+          EINVAL,
           fmt::format("bitmap '{}': invalid bitmap table entry {} ({:#x})", e.name, i, t[i]));
   }
   co_return t;
@@ -128,9 +132,10 @@ Task<Result<std::vector<NamedBitmap>>> Qcow2Impl::load_bitmaps() {
         continue;
       }
       if (host + cs() > file->length() || is_metadata(host >> cb()))
-        co_return corrupt(fmt::format(
-            "bitmap '{}': data cluster {:#x} lies past the end of the file or in metadata", e.name,
-            host));
+        co_return make_plain_error(EINVAL, fmt::format("Could not read bitmap '{}' from image: "
+                                                       "data cluster {:#x} lies past the end of "
+                                                       "the file or in metadata",
+                                                       e.name, host));
       if (auto r = co_await file->read(host, buf); !r)
         co_return with_context(r.error(),
                                fmt::format("Could not read bitmap '{}' from image", e.name));
@@ -336,9 +341,7 @@ BitmapStorePtr qcow2_bitmap_store(std::shared_ptr<Qcow2Device> dev) {
 }
 
 Task<Result<std::vector<NamedBitmap>>> Qcow2Device::load_bitmaps() {
-  auto r = co_await impl_->load_bitmaps();
-  if (!r) co_return make_error(co_await impl_->on_error(r.error()));
-  co_return r;
+  co_return co_await impl_->load_bitmaps();
 }
 
 Result<void> Qcow2Device::can_store_bitmap(const BitmapSet& set, const std::string& name,
