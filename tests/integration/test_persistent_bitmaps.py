@@ -457,6 +457,13 @@ def test_reopen_read_only_stores_them_and_read_write_marks_them_in_use(qmp, imag
     assert img_bitmaps(img) == [{"name": "p", "granularity": 65536, "flags": ["auto"]}]
     assert fails(qmp, "block-dirty-bitmap-clear", node="a", name="p") == (
         "GenericError", "Bitmap 'p' is readonly and cannot be modified")
+    t = qcow2(images, "t.qcow2")
+    add_qcow2(qmp, "t", t)
+    r = qmp.request("blockdev-mirror", {"job-id": "j", "device": "a", "target": "t",
+                                        "sync": "bitmap", "bitmap": "p",
+                                        "bitmap-mode": "on-success"})
+    assert r["error"]["desc"] == "Bitmap 'p' is readonly and cannot be modified"
+    qmp.cmd("blockdev-del", node_name="t")
     qmp.cmd("blockdev-reopen", options=[{**entry, "read-only": False}])
     assert img_bitmaps(img)[0]["flags"] == ["in-use", "auto"]
     do(qmp, "block-dirty-bitmap-clear", node="a", name="p")
