@@ -510,3 +510,21 @@ def test_a_grown_image_stores_its_bitmaps_at_the_new_size(qmp, daemon, images, w
     qemu_check(img)
     for name in ("old", "p"):
         assert dirty_map(img, name) == [(1 * MiB, 64 * KiB), (SIZE + MiB, 64 * KiB)], name
+
+
+def test_an_aborted_transaction_leaves_the_image_as_it_was(qmp, daemon, images):
+    img = qcow2(images, "a.qcow2")
+    sh("qemu-img", "bitmap", "--add", str(img), "keep")
+    add_qcow2(qmp, "a", img)
+    before = img_bitmaps(img)
+    r = qmp.request("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-remove", "data": {"node": "a", "name": "keep"}},
+        {"type": "block-dirty-bitmap-add", "data": {"node": "a", "name": "new",
+                                                    "persistent": True}},
+        {"type": "abort", "data": {}}]})
+    assert r["error"]["desc"] == "Transaction aborted using Abort action"
+    assert img_bitmaps(img) == before
+    assert list(bitmaps(qmp)) == ["keep"]
+    quit_daemon(daemon, qmp)
+    assert [b["name"] for b in img_bitmaps(img)] == ["keep"]
+    qemu_check(img)
