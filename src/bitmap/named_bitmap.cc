@@ -78,6 +78,11 @@ NamedBitmap& BitmapSet::add(std::string name, uint64_t granularity, uint64_t len
   return list_.emplace_front(std::move(name), granularity, length);
 }
 
+NamedBitmap& BitmapSet::adopt(NamedBitmap b) {
+  BLKMIRROR_ASSERT(find(b.name()) == nullptr);
+  return list_.emplace_front(std::move(b));
+}
+
 void BitmapSet::remove(const std::string& name) {
   list_.remove_if([&](const NamedBitmap& b) { return b.name() == name; });
 }

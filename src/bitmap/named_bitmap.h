@@ -15,6 +15,8 @@
 //     (docs/design/dirty-bitmaps.md says where).
 //   - inconsistent: loaded with the in-use flag set (the writer crashed); it
 //     cannot be used, only removed.
+//   - read_only: loaded from an image opened read-only; it cannot be modified
+//     (QEMU's "is readonly and cannot be modified").
 //
 // Threading rule: loop thread only, like the Node that owns the set.
 #pragma once
@@ -67,6 +69,7 @@ class NamedBitmap {
   bool persistent = false;
   bool busy = false;
   bool inconsistent = false;
+  bool read_only = false;
 
  private:
   std::string name_;
@@ -81,6 +84,9 @@ class BitmapSet {
   const NamedBitmap* find(const std::string& name) const;
   // REQUIRES: no bitmap of that name (callers check first, for QEMU's text).
   NamedBitmap& add(std::string name, uint64_t granularity, uint64_t length);
+  // A bitmap made elsewhere (loaded from a store) becomes the newest.
+  // REQUIRES: no bitmap of its name.
+  NamedBitmap& adopt(NamedBitmap b);
   void remove(const std::string& name);
   // A write-type request reached the node's device: every enabled bitmap
   // records it.

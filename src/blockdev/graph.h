@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "base/notifier.h"
+#include "bitmap/bitmap_store.h"
 #include "bitmap/named_bitmap.h"
 #include "blockdev/block_device.h"
 #include "base/op_stats.h"
@@ -130,6 +131,11 @@ class Node {
   // into them; Child::resize() resizes them.
   BitmapSet& bitmaps() { return bitmaps_; }
   const BitmapSet& bitmaps() const { return bitmaps_; }
+  // Where the node's persistent bitmaps are kept (its qcow2 image, a raw
+  // image's side file), or nullptr: the node cannot store any. Set by whoever
+  // opened the node, which also stores them before closing it.
+  const BitmapStorePtr& bitmap_store() const { return bitmap_store_; }
+  void set_bitmap_store(BitmapStorePtr s) { bitmap_store_ = std::move(s); }
 
   // Stops new requests from starting and waits for those in flight to finish.
   // Drains nest; each drain() needs one undrain().
@@ -165,6 +171,7 @@ class Node {
   Notifier changed_;  // in_flight_ reached 0, or the node was undrained
   std::array<OpStats, static_cast<size_t>(Op::kCount)> stats_{};
   BitmapSet bitmaps_;
+  BitmapStorePtr bitmap_store_;
 };
 
 // A parent's edge to a node. Detaches itself on destruction.

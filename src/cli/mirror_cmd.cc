@@ -14,6 +14,7 @@
 #include "cli/drive.h"
 #include "cli/exit_codes.h"
 #include "cli/fault_env.h"
+#include "cli/image_bitmaps.h"
 #include "cli/metrics_option.h"
 #include "cli/mirror_options.h"
 #include "cli/serve_options.h"
@@ -156,8 +157,17 @@ int run_mirror(const MirrorArgs& a) {
   auto dst_dev = apply_fault_env(dst->dev, "dst");
   if (!src_dev || !dst_dev)
     return fail_input((!src_dev ? src_dev.error() : dst_dev.error()).message());
-  (void)graph.add("src", *src_dev);
-  (void)graph.add("dst", *dst_dev);
+  Node* src_node = *graph.add("src", *src_dev);
+  Node* dst_node = *graph.add("dst", *dst_dev);
+  // Persistent dirty bitmaps: SRC's for --bitmap (and, served, recording the
+  // clients' writes), DST's recording the job's writes; both stored at the end.
+  for (auto [node, dev, spec, writable] :
+       {std::tuple{src_node, &*src, &a.src, serving}, std::tuple{dst_node, &*dst, &a.dst, true}}) {
+    auto store = open_image_bitmaps(*dev, *spec, writable);
+    if (!store) return fail_input(store.error().message());
+    if (auto r = load_image_bitmaps(loop, *node, *store); !r)
+      return fail_input(r.error().message());
+  }
   params->device = "src";
   params->target = "dst";
   params->job_id = "mirror";
@@ -237,6 +247,14 @@ int run_mirror(const MirrorArgs& a) {
       }
     }
     if (*metrics) co_await (*metrics)->stop();
+    for (Node* n : {src_node, dst_node}) {
+      if (!n->bitmap_store()) continue;
+      if (auto r = co_await n->bitmap_store()->store(n->bitmaps()); !r) {
+        progress.note(fmt::format("storing the dirty bitmaps of {}: {}", n->device().describe(),
+                                  r.error().message()));
+        rc = exit_code::kJobFailed;
+      }
+    }
     // qcow2 layers write their metadata back and are marked clean.
     if (auto c = co_await src->image.close(); !c) {
       progress.note(fmt::format("closing {}: {}", a.src, c.error().message()));
@@ -279,6 +297,10 @@ CommandRunner add_mirror_command(CLI::App& app) {
   cmd->add_flag("--no-auto-complete", args->no_auto_complete,
                 "when serving: stay ready until SIGUSR1, then complete");
   args->state.add_to(*cmd);
+  cmd->add_option("--bitmap", args->opts.bitmap,
+                  "copy only what SRC's persistent dirty bitmap NAME marks (--sync bitmap; the "
+                  "bitmap lives in SRC's qcow2 image or SRC.blkmirror-bitmaps; see `blkmirror "
+                  "bitmap`)");
   return [cmd, args]() -> int {
     if (!cmd->parsed()) return -1;
     return run_mirror(*args);

@@ -55,6 +55,10 @@ Result<MirrorParams> MirrorCliOptions::to_params() const {
   MirrorParams p;
   if (auto r = apply_table_options(p, table_values); !r) return make_error(r.error());
   p.copy_offload = !no_copy_offload;
+  if (!bitmap.empty()) {
+    p.bitmap = bitmap;
+    if (!given("sync")) p.sync = SyncMode::kBitmap;
+  }
   if (auto r = validate_params(p); !r) return make_error(r.error());
   return p;
 }

@@ -44,6 +44,9 @@ struct MirrorCliOptions {
   bool json = false;
   bool no_progress = false;
   double progress_interval = 1.0;  // seconds between --json PROGRESS objects
+  // mirror --bitmap: SRC's persistent dirty bitmap for sync=bitmap (implied
+  // when --sync is not given).
+  std::string bitmap;
 
   void add_to(CLI::App& cmd);
   bool given(std::string_view name) const;

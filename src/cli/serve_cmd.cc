@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "cli/device_spec.h"
 #include "cli/exit_codes.h"
+#include "cli/image_bitmaps.h"
 #include "cli/metrics_option.h"
 #include "cli/mirror_options.h"
 #include "cli/serve_options.h"
@@ -42,7 +43,12 @@ int run_serve(const ServeArgs& a) {
   if (!img) return fail_input(img.error().message());
   if (img->is_nbd()) return fail_input(a.image + ": serve takes a file or block device");
   BlockDevicePtr dev = img->dev;
-  (void)graph.add("disk", dev);
+  Node* node = *graph.add("disk", dev);
+  // The image's persistent dirty bitmaps record the clients' writes (QEMU's
+  // qemu-nbd does the same with a qcow2 image's); stored when serving stops.
+  auto store = open_image_bitmaps(*img, a.image, !a.serve.read_only);
+  if (!store) return fail_input(store.error().message());
+  if (auto r = load_image_bitmaps(loop, *node, *store); !r) return fail_input(r.error().message());
   nbd::NbdServer server(loop, graph, a.serve.limits());
   if (auto r = a.serve.start(server, "disk"); !r) return fail_input(r.error().message());
   fmt::print(stderr, "serving {} ({}, {} bytes{}) at {}\n", a.image, to_string(img->image.format),
@@ -53,6 +59,8 @@ int run_serve(const ServeArgs& a) {
     int sig = co_await wait_stop_signal(loop);
     if (*metrics) co_await (*metrics)->stop();
     auto f = co_await stop_and_flush(server, graph);
+    if (node->bitmap_store())
+      if (auto b = co_await node->bitmap_store()->store(node->bitmaps()); !b && f) f = b;
     if (auto c = co_await img->image.close(); !c && f) f = c;
     fmt::print(stderr, "{}: stopped serving{}\n", sig == SIGINT ? "interrupted" : "terminated",
                f ? "; flushed" : "; flush failed: " + f.error().message());

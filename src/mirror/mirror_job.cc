@@ -110,6 +110,10 @@ Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, M
     if (sync_bitmap->inconsistent)
       return make_plain_error(
           EINVAL, fmt::format("Bitmap '{}' is inconsistent and cannot be used", p.bitmap));
+    // on-success clears it: not a bitmap of a read-only image (QEMU's check).
+    if (sync_bitmap->read_only && p.bitmap_mode != BitmapMode::kNever)
+      return make_plain_error(
+          EROFS, fmt::format("Bitmap '{}' is readonly and cannot be modified", p.bitmap));
   }
   // The edges last: a permission conflict refuses the job before anything else
   // happened (the edges made so far detach as they go).

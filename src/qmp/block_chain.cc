@@ -16,6 +16,7 @@
 
 #include "blockdev/child_device.h"
 #include "blockdev/file_device.h"
+#include "journal/bitmap_file.h"
 #include "qmp/create_job.h"
 #include "qmp/daemon.h"
 
@@ -247,10 +248,34 @@ Task<QResult<std::string>> Daemon::open_backing_from_header(NodeRecord& rec, con
   co_return fmt_node;
 }
 
+QResult<BitmapStorePtr> Daemon::bitmap_store_for(NodeRecord& rec) {
+  if (rec.qcow2) return qcow2_bitmap_store(rec.qcow2);
+  // A raw image in a local regular file keeps them in a side file
+  // (journal/bitmap_file.h); other nodes cannot store bitmaps.
+  if (rec.driver != "raw" || !rec.local) return nullptr;
+  struct stat st {};
+  const std::string path = absolute_path(rec.filename);
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return nullptr;
+  auto f = BitmapFile::open(path, !rec.read_only);
+  if (!f) return generic_error(f.error().message());
+  return BitmapStorePtr(*f);
+}
+
+Task<Result<void>> Daemon::store_bitmaps(Node& n) {
+  if (!n.bitmap_store()) co_return Result<void>{};
+  auto r = co_await n.bitmap_store()->store(n.bitmaps());
+  if (!r) spdlog::warn("storing the persistent bitmaps of node '{}': {}", n.name(),
+                       r.error().message());
+  co_return r;
+}
+
 Task<void> Daemon::remove_node_tree(const std::string& name) {
   Node* n = graph_.find(name);
   if (!n || !n->parents().empty()) co_return;  // gone, or still used elsewhere: it stays
   std::vector<std::string> implicit;
+  (void)co_await store_bitmaps(*n);
+  n = graph_.find(name);
+  if (!n || !n->parents().empty()) co_return;
   if (auto it = nodes_.find(name); it != nodes_.end()) {
     if (it->second.qcow2) {
       // Metadata written back and the image marked clean while its file edge
@@ -317,6 +342,15 @@ Json Daemon::image_info(const Node& n, bool flat) const {
       data["corrupt"] = q.corrupt;
       data["extended-l2"] = q.extended_l2;
     }
+    // The image's bitmap directory as QEMU lists it (only when it has one).
+    Json list = Json::array();
+    for (const auto& b : rec->qcow2->stored_bitmaps()) {
+      Json flags = Json::array();
+      if (b.in_use) flags.push_back("in-use");
+      if (b.enabled) flags.push_back("auto");
+      list.push_back({{"flags", flags}, {"name", b.name}, {"granularity", b.granularity}});
+    }
+    if (!list.empty()) data["bitmaps"] = list;
     image["format-specific"] = {{"type", "qcow2"}, {"data", data}};
     if (q.backing_file) {
       image["backing-filename"] = *q.backing_file;

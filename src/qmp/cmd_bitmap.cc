@@ -12,7 +12,10 @@
 // the same transaction is refused with QEMU's "in use" text.
 //
 // Nothing here suspends between prepare and commit, so no other request can
-// see a half-applied transaction.
+// see a half-applied transaction. Only after the commit, a removed persistent
+// bitmap is taken out of its node's store (its image): that I/O suspends, and
+// its failure is reported though the bitmap is gone from memory (the image's
+// copy stays marked in use, and the next store drops it).
 #include <fmt/format.h>
 
 #include <bit>
@@ -49,6 +52,9 @@ const Schema kAbort = {};
 struct Prepared {
   std::function<void()> commit = [] {};
   std::function<void()> abort = [] {};
+  // A removed persistent bitmap: taken out of its node's store once every
+  // action committed ({node, bitmap}).
+  std::optional<std::pair<std::string, std::string>> unstore;
 };
 
 // QEMU's bdrv_dirty_bitmap_check() flags.
@@ -60,6 +66,9 @@ QResult<void> check_usable(const NamedBitmap& b, unsigned flags) {
   if ((flags & kBusy) && b.busy)
     return generic_error(fmt::format(
         "Bitmap '{}' is currently in use by another operation and cannot be used", b.name()));
+  if ((flags & kReadOnly) && b.read_only)
+    return generic_error(
+        fmt::format("Bitmap '{}' is readonly and cannot be modified", b.name()));
   if ((flags & kInconsistent) && b.inconsistent)
     return generic_error(fmt::format("Bitmap '{}' is inconsistent and cannot be used", b.name()));
   return {};
@@ -89,8 +98,9 @@ struct Daemon::BitmapCommands {
   static QResult<Prepared> merge(Daemon& d, Json& data);
   static QResult<Prepared> abort_action(Daemon& d, Json& data);
 
-  // Prepares every action, then commits them all, or aborts the prepared ones.
-  static QResult<void> run(Daemon& d, std::vector<std::pair<const Action*, Json>>& list);
+  // Prepares every action, then commits them all, or aborts the prepared ones;
+  // then takes the removed persistent bitmaps out of their stores.
+  static Task<QResult<void>> run(Daemon& d, std::vector<std::pair<const Action*, Json>>& list);
 
   static Task<QResult<Json>> single(Daemon& d, Json& args, const Call& call);
   static Task<QResult<Json>> transaction(Daemon& d, Json& args, const Call& call);
@@ -155,14 +165,28 @@ QResult<Prepared> Daemon::BitmapCommands::add(Daemon& d, Json& a) {
     const uint64_t cluster = n->device().caps().cluster_size;
     granularity = cluster ? std::clamp<uint64_t>(cluster, 4096, 65536) : 65536;
   }
-  if (a.value("persistent", false))
-    return generic_error(
-        fmt::format("Can't store persistent bitmaps to {}: Operation not supported", node));
+  const bool persistent = a.value("persistent", false);
+  if (persistent) {
+    // QEMU's bdrv_can_store_new_dirty_bitmap(), then the driver's checks.
+    const BitmapStorePtr& store = n->bitmap_store();
+    if (!store)
+      return generic_error(
+          fmt::format("Can't store persistent bitmaps to {}: Operation not supported", node));
+    if (n->bitmaps().find(name))
+      return generic_error(fmt::format("Bitmap already exists: {}", name));
+    auto why = n->device().caps().read_only
+                   ? Result<void>(make_plain_error(EROFS, "the node is read-only"))
+                   : store->can_store(n->bitmaps(), name, granularity);
+    if (!why)
+      return generic_error(fmt::format("Can't make bitmap '{}' persistent in '{}': {}", name,
+                                       node, why.error().message()));
+  }
   if (name.size() > kMaxBitmapNameLength)
     return generic_error(fmt::format("Bitmap name too long: {}", name));
   if (n->bitmaps().find(name)) return generic_error(fmt::format("Bitmap already exists: {}", name));
   NamedBitmap& b = n->bitmaps().add(name, granularity, n->length());
   b.enabled = !a.value("disabled", false);
+  b.persistent = persistent;
   Prepared p;
   p.abort = [n, name] { n->bitmaps().remove(name); };
   return p;
@@ -179,6 +203,7 @@ QResult<Prepared> Daemon::BitmapCommands::remove(Daemon& d, Json& a) {
   Prepared p;
   p.commit = [n, name = bm->name()] { n->bitmaps().remove(name); };
   p.abort = [bm] { bm->busy = false; };
+  if (bm->persistent) p.unstore.emplace(n->name(), bm->name());
   return p;
 }
 
@@ -265,25 +290,39 @@ QResult<Prepared> Daemon::BitmapCommands::abort_action(Daemon&, Json&) {
   return generic_error("Transaction aborted using Abort action");
 }
 
-QResult<void> Daemon::BitmapCommands::run(Daemon& d,
-                                          std::vector<std::pair<const Action*, Json>>& list) {
+Task<QResult<void>> Daemon::BitmapCommands::run(
+    Daemon& d, std::vector<std::pair<const Action*, Json>>& list) {
   std::vector<Prepared> done;
   for (auto& [action, data] : list) {
     auto p = action->prepare(d, data);
     if (!p) {
       for (auto it = done.rbegin(); it != done.rend(); ++it) it->abort();
-      return tl::unexpected(p.error());
+      co_return tl::unexpected(p.error());
     }
     done.push_back(std::move(*p));
   }
-  for (Prepared& p : done) p.commit();
-  return {};
+  std::vector<std::pair<std::string, std::string>> unstore;
+  for (Prepared& p : done) {
+    p.commit();
+    if (p.unstore) unstore.push_back(std::move(*p.unstore));
+  }
+  // The transaction is whole in memory; the stores follow (a failure here
+  // leaves the bitmap in the image marked in use: the next store drops it).
+  for (auto& [node, name] : unstore) {
+    Node* n = d.graph_.find(node);
+    if (!n || !n->bitmap_store()) continue;
+    BitmapStorePtr store = n->bitmap_store();
+    if (auto r = co_await store->remove(name); !r)
+      co_return generic_error(
+          fmt::format("Failed to update bitmap extension: {}", r.error().message()));
+  }
+  co_return QResult<void>{};
 }
 
 Task<QResult<Json>> Daemon::BitmapCommands::single(Daemon& d, Json& args, const Call& call) {
   std::vector<std::pair<const Action*, Json>> list;
   list.emplace_back(find_action(call.name), std::move(args));
-  if (auto r = run(d, list); !r) co_return tl::unexpected(r.error());
+  if (auto r = co_await run(d, list); !r) co_return tl::unexpected(r.error());
   co_return Json::object();
 }
 
@@ -317,7 +356,7 @@ Task<QResult<Json>> Daemon::BitmapCommands::transaction(Daemon& d, Json& args, c
           "Action '{}' does not support Transaction property completion-mode = grouped", type));
     list.emplace_back(a, std::move(data));
   }
-  if (auto r = run(d, list); !r) co_return tl::unexpected(r.error());
+  if (auto r = co_await run(d, list); !r) co_return tl::unexpected(r.error());
   co_return Json::object();
 }
 

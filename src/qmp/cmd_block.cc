@@ -249,6 +249,9 @@ Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* g
   // A failure after an inline child was added takes the child away again:
   // a refused blockdev-add leaves no nodes behind.
   auto fail = [](Daemon* d, NodeRecord* r, QmpError e) -> Task<QResult<Json>> {
+    // An image opened writable marked its bitmaps in use: closing it again
+    // (nothing written) clears the marks.
+    if (r->qcow2) (void)co_await r->qcow2->close();
     r->file_edge.reset();
     r->backing_edge.reset();
     r->qcow2.reset();
@@ -327,8 +330,21 @@ Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* g
       dev = fault;
     }
   }
+  // Persistent bitmaps load before the node joins the graph, so no request
+  // can reach it between the two.
+  auto found = d.bitmap_store_for(rec);
+  if (!found) co_return co_await fail(this, &rec, found.error());
+  BitmapStorePtr store = *found;
+  std::vector<NamedBitmap> loaded;
+  if (store) {
+    auto l = co_await store->load();
+    if (!l) co_return co_await fail(this, &rec, QmpError{"GenericError", l.error().message()});
+    loaded = std::move(*l);
+  }
   auto node = d.graph_.add(name, dev);
   if (!node) co_return co_await fail(this, &rec, QmpError{"GenericError", node.error().message()});
+  for (NamedBitmap& b : loaded) (*node)->bitmaps().adopt(std::move(b));
+  (*node)->set_bitmap_store(std::move(store));
   if (rec.file_edge && rec.file_edge->kind() != EdgeKind::kRoot)
     d.graph_.adopt(*node, rec.file_edge.get());
   if (rec.backing_edge) {

@@ -108,6 +108,12 @@ Task<Result<void>> Daemon::shutdown() {
   }
   exports_.clear();
   Result<void> first;
+  // Persistent bitmaps first: written into their images while every node is
+  // still open.
+  for (Node* n : graph_.nodes()) {
+    auto r = co_await store_bitmaps(*n);
+    if (!r && first) first = r;
+  }
   // qcow2 nodes first: closing writes their metadata back through their file
   // nodes and marks the images clean; the file nodes are flushed after.
   for (auto& [name, rec] : nodes_) {

@@ -222,6 +222,11 @@ class Daemon {
   // Removes a node and, after it, the implicit nodes it made that nobody else
   // uses. Closes qcow2 devices (metadata written back, image marked clean).
   Task<void> remove_node_tree(const std::string& name);
+  // Persistent bitmaps (block_chain.cc): the store of a node being added (its
+  // qcow2 image; a raw image's side file), or nullptr; and the store at close,
+  // whose failure is logged and returned.
+  QResult<BitmapStorePtr> bitmap_store_for(NodeRecord& rec);
+  Task<Result<void>> store_bitmaps(Node& n);
   Json image_info(const Node& n, bool flat) const;
   Json named_block_nodes(bool flat) const;  // query-named-block-nodes' reply
   Task<QResult<Json>> create_qcow2(Json& args, Json& o, const Call& call);

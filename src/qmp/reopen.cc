@@ -115,6 +115,8 @@ Task<QResult<void>> Daemon::reopen_read_write(Node& n, NodeRecord& rec, Node* fi
     co_return tl::unexpected(e);
   }
   rec.read_only = false;
+  // The image marked its bitmaps in use again (set_read_only): they record.
+  for (NamedBitmap& b : n.bitmaps()) b.read_only = false;
   if (file_was_ro)
     if (auto f = nodes_.find(file->name()); f != nodes_.end()) f->second.read_only = false;
   co_return QResult<void>{};
@@ -133,8 +135,13 @@ Task<QResult<void>> Daemon::reopen_to_read_only(Node& n, NodeRecord& rec, Node* 
   const bool file_follows = file && !file->device().caps().read_only && !has_writer(*file, fe);
   co_await n.drain();
   DrainScope scope{&n};
+  // Persistent bitmaps are written back while the image still takes writes,
+  // then kept read-only, as QEMU's qcow2_reopen_bitmaps_ro().
+  if (auto r = co_await store_bitmaps(n); !r)
+    co_return tl::unexpected(reopen_error(n, r.error()));
   if (auto r = co_await n.device().set_read_only(true); !r)
     co_return tl::unexpected(reopen_error(n, r.error()));
+  for (NamedBitmap& b : n.bitmaps()) b.read_only = b.read_only || b.persistent;
   const bool declared = fe && fe->kind() == EdgeKind::kRoot;
   const Perms old_perms = declared ? fe->perms() : Perms{};
   if (declared) {

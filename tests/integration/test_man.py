@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SUBS = ["mirror", "serve", "commit", "daemon", "ctl", "demo"]
+SUBS = ["mirror", "serve", "commit", "daemon", "ctl", "demo", "bitmap"]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,12 @@ bool Qcow2Impl::is_metadata(uint64_t c) const {
   uint64_t l1_first = hdr.l1_table_offset >> cb();
   uint64_t l1_clusters = div_round_up(uint64_t{hdr.l1_size} * 8, cs());
   if (c >= l1_first && c < l1_first + l1_clusters) return true;
+  // The bitmap directory (QEMU's default overlap checks cover it too).
+  if (bitmaps_ext.directory_size) {
+    const uint64_t dir_first = bitmaps_ext.directory_offset >> cb();
+    if (c >= dir_first && c < dir_first + div_round_up(bitmaps_ext.directory_size, cs()))
+      return true;
+  }
   return rc->is_metadata(c) || l2_clusters.count(c) != 0;
 }
 

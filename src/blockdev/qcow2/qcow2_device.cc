@@ -198,12 +198,9 @@ Task<Result<std::unique_ptr<Qcow2Impl>>> open_impl(Loop* loop, BlockDevicePtr fi
   c.zero_init = !q.has_backing() && std::all_of(q.l1.begin(), q.l1.end(),
                                                 [](uint64_t e) { return (e & kOffsetMask) == 0; });
 
-  if (!ro && q.hdr.autoclear) {
-    // We keep no autoclear feature up to date (bitmaps): clear the bits before the
-    // first write, as the format asks; the extensions themselves are kept.
-    q.hdr.autoclear = 0;
-    if (auto r = co_await q.write_header(); !r) co_return make_error(r.error());
-  }
+  // The bitmaps extension (bitmap_io.cc); writable: the other autoclear bits
+  // cleared and every bitmap marked in use before the first write.
+  if (auto r = co_await q.open_bitmaps(); !r) co_return make_error(r.error());
   co_return impl;
 }
 
@@ -254,6 +251,7 @@ Task<Result<void>> Qcow2Device::write(uint64_t off, std::span<const std::byte> b
   auto& q = *impl_;
   if (auto r = check_range(q, "write", off, buf.size()); !r) co_return r;
   if (auto r = q.check_writable("write", off); !r) co_return r;
+  QCOW2_TRY(co_await q.before_guest_write());
   if (buf.empty()) co_return Result<void>{};
   QCOW2_TRY(co_await q.write(off, buf));
   QCOW2_TRY(co_await q.maybe_write_back());
@@ -265,6 +263,7 @@ Task<Result<void>> Qcow2Device::write_zeroes(uint64_t off, uint64_t len, ZeroFla
   auto& q = *impl_;
   if (auto r = check_range(q, "write zeroes", off, len); !r) co_return r;
   if (auto r = q.check_writable("write zeroes", off); !r) co_return r;
+  QCOW2_TRY(co_await q.before_guest_write());
   if (len == 0) co_return Result<void>{};
   auto r = co_await q.write_zeroes(off, len, f);
   if (!r && r.error().errnum() == ENOTSUP && f.no_fallback) co_return r;
@@ -278,6 +277,7 @@ Task<Result<void>> Qcow2Device::discard(uint64_t off, uint64_t len) {
   auto& q = *impl_;
   if (auto r = check_range(q, "discard", off, len); !r) co_return r;
   if (auto r = q.check_writable("discard", off); !r) co_return r;
+  QCOW2_TRY(co_await q.before_guest_write());
   if (len == 0) co_return Result<void>{};
   QCOW2_TRY(co_await q.discard(off, len));
   QCOW2_TRY(co_await q.maybe_write_back());
@@ -336,6 +336,7 @@ Task<Result<void>> Qcow2Device::resize(uint64_t new_length) {
 
 Task<Result<void>> Qcow2Impl::grow(uint64_t new_size) {
   if (auto r = check_writable("grow", new_size); !r) co_return r;
+  if (auto r = co_await before_guest_write(); !r) co_return r;
   // QEMU's rule (and text): qcow2 sizes are whole sectors.
   if (new_size % 512)
     co_return make_plain_error(EINVAL, "The new size must be a multiple of 512");
@@ -396,6 +397,7 @@ Task<Result<void>> Qcow2Impl::close() {
 
 Task<Result<void>> Qcow2Impl::write_back_clean() {
   if (read_only || corrupt_marked) co_return Result<void>{};
+  if (auto r = co_await release_bitmaps(); !r) co_return r;
   auto guard = co_await locks.lock(0, ~0ull, true);
   if (auto r = co_await flush(); !r) co_return r;
   // The frees of the last flush dirtied refcount blocks: write them too.
@@ -439,10 +441,9 @@ Task<Result<void>> Qcow2Impl::set_read_only(bool ro) {
                                fmt::format("qcow2 image {}: marked corrupt while open", name));
   if (auto r = co_await file->set_read_only(false); !r) co_return r;
   read_only = caps.read_only = false;
-  if (hdr.autoclear) {
-    // As on a writable open: no autoclear feature is kept up to date here.
-    hdr.autoclear = 0;
-    if (auto r = co_await write_header(); !r) {
+  {
+    // As on a writable open: autoclear bits, bitmaps marked in use.
+    if (auto r = co_await claim_bitmaps(); !r) {
       read_only = caps.read_only = true;
       (void)co_await file->set_read_only(true);
       co_return r;

@@ -20,6 +20,7 @@
 #include <optional>
 #include <string>
 
+#include "bitmap/bitmap_store.h"
 #include "blockdev/block_device.h"
 #include "io/loop.h"
 
@@ -56,6 +57,10 @@ struct Qcow2CreateOptions {
 };
 
 class Qcow2Impl;
+class Qcow2Device;
+
+// The image's bitmaps extension as a node's BitmapStore.
+BitmapStorePtr qcow2_bitmap_store(std::shared_ptr<Qcow2Device> dev);
 
 class Qcow2Device final : public BlockDevice {
  public:
@@ -84,6 +89,21 @@ class Qcow2Device final : public BlockDevice {
                                       std::optional<std::string> format);
   // Grows the virtual size (block_resize, active commit into a smaller base).
   Task<Result<void>> grow(uint64_t new_virtual_size);
+  // Persistent dirty bitmaps (the bitmaps extension, bitmap_io.cc): what
+  // BitmapStore says, for this image. A writable open already marked every
+  // bitmap in use.
+  Task<Result<std::vector<NamedBitmap>>> load_bitmaps();
+  Result<void> can_store_bitmap(const BitmapSet& set, const std::string& name,
+                                uint64_t granularity) const;
+  Task<Result<void>> store_bitmaps(const BitmapSet& set);
+  Task<Result<void>> remove_bitmap(const std::string& name);
+  // Names and flags of the bitmaps in the image's directory (query info).
+  struct StoredBitmapInfo {
+    std::string name;
+    uint64_t granularity;
+    bool in_use, enabled;
+  };
+  std::vector<StoredBitmapInfo> stored_bitmaps() const;
   // Host bytes in use by the image (actual-size).
   uint64_t allocated_bytes() const;
   // Writes back all metadata, flushes, and leaves the image clean. Further I/O fails.

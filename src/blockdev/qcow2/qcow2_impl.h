@@ -19,6 +19,8 @@
 #include <unordered_set>
 #include <vector>
 
+#include "bitmap/named_bitmap.h"
+#include "blockdev/qcow2/bitmaps.h"
 #include "blockdev/qcow2/header.h"
 #include "blockdev/qcow2/l2_cache.h"
 #include "blockdev/qcow2/qcow2_device.h"
@@ -81,6 +83,43 @@ class Qcow2Impl {
   Task<Result<void>> flush();
   Task<Result<void>> maybe_write_back();
 
+  // --- bitmap_io.cc (the bitmaps extension; bitmaps.h is its format)
+  // At open: reads and checks the extension and directory when the autoclear
+  // bit says they are valid; drops an extension it says is stale (writable).
+  Task<Result<void>> open_bitmaps();
+  // A writable open or reopen: the autoclear bits we do not keep cleared, and
+  // every bitmap marked in use.
+  Task<Result<void>> claim_bitmaps();
+  // A writable open or reopen: every consistent bitmap marked in use on disk.
+  Task<Result<void>> mark_bitmaps_in_use();
+  Task<Result<std::vector<NamedBitmap>>> load_bitmaps();
+  // Why a new persistent bitmap cannot be stored (QEMU's reasons, without
+  // its "Can't make bitmap ... persistent" prefix), or nothing.
+  Result<void> can_store_bitmap(const BitmapSet& set, const std::string& name,
+                                uint64_t granularity) const;
+  Task<Result<void>> store_bitmaps(const BitmapSet& set);
+  Task<Result<void>> remove_bitmap(const std::string& name);
+  // A clean close by a user that never stored the bitmaps: when the image took
+  // no write since open (or since the last store), the bitmaps on disk still
+  // describe it and their in-use marks are cleared again; otherwise they stay
+  // marked (inconsistent at the next open), as after a crash.
+  Task<Result<void>> release_bitmaps();
+  // Every guest write, zeroes, discard and grow first: notes the change and,
+  // when a store or release cleared the in-use marks, sets them again before
+  // the image changes.
+  Task<Result<void>> before_guest_write();
+  Task<Result<qcow2::BitmapDirEntry>> write_bitmap(const NamedBitmap& b);
+  // Writes a new directory (or none) and the header pointing at it, then frees
+  // `frees` and the old directory.
+  Task<Result<void>> commit_bitmap_directory(std::vector<qcow2::BitmapDirEntry> dir,
+                                             std::vector<std::pair<uint64_t, uint64_t>> frees);
+  // The clusters of an entry's table and data, for freeing (nothing it cannot
+  // vouch for: a cluster outside the file or in other metadata is leaked).
+  Task<std::vector<std::pair<uint64_t, uint64_t>>> bitmap_clusters(
+      const qcow2::BitmapDirEntry& e);
+  Task<Result<std::vector<uint64_t>>> read_bitmap_table(const qcow2::BitmapDirEntry& e);
+  qcow2::BitmapGeometry bitmap_geometry() const { return {cs(), hdr.size}; }
+
   // --- qcow2_device.cc
   Task<Result<void>> write_header();
   Task<Result<void>> grow(uint64_t new_size);
@@ -116,6 +155,15 @@ class Qcow2Impl {
   qcow2::ClusterLock locks;
   qcow2::AsyncMutex l1_mutex;
   qcow2::AsyncMutex flush_mutex;
+  // The bitmap directory as on disk (empty: no extension) and its place.
+  std::vector<qcow2::BitmapDirEntry> bitmap_dir;
+  qcow2::BitmapsExtension bitmaps_ext;
+  // Bitmaps found in use at open (a writer crashed): inconsistent.
+  std::set<std::string> bitmaps_stale;
+  // A guest write, zeroes, discard or grow since open or the last store.
+  bool changed_since_store = false;
+  bool bitmaps_released = false;  // in-use marks cleared on disk by a store or release
+  qcow2::AsyncMutex bitmap_mutex;
   bool read_only = false;
   bool corrupt_marked = false;
   bool closed = false;
