@@ -118,3 +118,17 @@ def test_bad_rbd_target_is_one_clear_line(ceph, cli, images, mangle, needle):
     assert len(lines) == 1, res.stderr
     assert needle in lines[0], res.stderr
     assert ceph.du(name) == before
+
+
+def test_second_writer_is_refused_by_the_exclusive_lock(ceph, cli, images, workdir):
+    name = ceph.create(8 * MiB)
+    sock = workdir / "serve.sock"
+    served = cli.start("serve", ceph.spec(name), "--socket", sock)
+    served.wait_for_line("serving", 60)
+    src = images.dense("src.img", 8 * MiB)
+    before = ceph.du(name)
+    res = cli.mirror(src, ceph.spec(name), "--no-progress")
+    assert res.returncode == 2
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "exclusive lock" in lines[0], res.stderr
+    assert ceph.du(name) == before
