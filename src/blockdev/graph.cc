@@ -171,12 +171,15 @@ Result<void> Node::set_interceptor(WriteInterceptor* i) {
 Task<Result<void>> Child::submit(const WriteRequest& req) {
   const auto start = StatClock::now();
   Node* n = co_await enter();
+  for (WriteObserver* o : n->observers_) o->write_started(*n, req.offset, req.length);
   // if/else, not ?: (GCC 12 rule 1, base/task.h).
   Result<void> r;
   if (n->interceptor_)
     r = co_await n->interceptor_->intercept(*n, req);
   else
     r = co_await n->perform(req);
+  // An observer added meanwhile sees an end without a start.
+  for (WriteObserver* o : n->observers_) o->write_ended(*n, req.offset, req.length);
   count(n->stats_, op_of(req.kind), req.length, start, r.has_value());
   leave(n);
   co_return r;

@@ -80,6 +80,20 @@ class WriteInterceptor {
   virtual Task<Result<void>> intercept(Node& node, const WriteRequest& req) = 0;
 };
 
+// Something that must know which bytes of a node changed while it looked at
+// them (verify: a chunk written while it was being compared is compared
+// again). Told of every write-type request made through the node's edges as
+// it starts and again as it ends, whatever its result; a job's own direct
+// device access (the mirror writing its target) is not a request through an
+// edge. Called on the loop thread; must not suspend, nor add or remove
+// observers from inside the call. Any number per node.
+class WriteObserver {
+ public:
+  virtual ~WriteObserver() = default;
+  virtual void write_started(const Node& node, uint64_t offset, uint64_t length) = 0;
+  virtual void write_ended(const Node& node, uint64_t offset, uint64_t length) = 0;
+};
+
 class Node {
  public:
   Node(std::string name, BlockDevicePtr dev) : name_(std::move(name)), dev_(std::move(dev)) {}
@@ -101,6 +115,9 @@ class Node {
   void clear_interceptor(WriteInterceptor* i) {
     if (interceptor_ == i) interceptor_ = nullptr;
   }
+  // The observer stays registered until removed; remove it before it dies.
+  void add_observer(WriteObserver* o) { observers_.push_back(o); }
+  void remove_observer(WriteObserver* o) { std::erase(observers_, o); }
   // Runs req on the device, nothing else (no drain, no interceptor): for the
   // interceptor.
   Task<Result<void>> perform(const WriteRequest& req);
@@ -129,6 +146,7 @@ class Node {
   std::string name_;
   BlockDevicePtr dev_;
   WriteInterceptor* interceptor_ = nullptr;
+  std::vector<WriteObserver*> observers_;
   std::vector<Child*> parents_;
   std::vector<Child*> children_;
   std::thread::id thread_ = std::this_thread::get_id();  // the loop thread

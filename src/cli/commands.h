@@ -17,5 +17,6 @@ CommandRunner add_serve_command(CLI::App& app);
 CommandRunner add_daemon_command(CLI::App& app);
 CommandRunner add_ctl_command(CLI::App& app);
 CommandRunner add_commit_command(CLI::App& app);
+CommandRunner add_verify_command(CLI::App& app);
 
 }  // namespace blkmirror

@@ -1,8 +1,9 @@
 // Opening a SRC, DST or IMAGE argument of the CLI: a file or block device path,
 // a Ceph RBD image in QEMU's legacy syntax (rbd:POOL/IMAGE[@SNAP][:conf=PATH]...,
-// blockdev/rbd/rbd_spec.h; raw unless --format says otherwise), or an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://; see
-// blockdev/nbd_uri.h), which connects to the remote export; then the image
-// format over it: raw or qcow2 (with its backing chain, read-only).
+// blockdev/rbd/rbd_spec.h; raw unless --format says otherwise), or an NBD URI
+// (nbd://, nbds://, nbd+unix://, nbds+unix://; see blockdev/nbd_uri.h), which
+// connects to the remote export; then the image format over it: raw or qcow2
+// (with its backing chain, read-only).
 //
 // Format: the one given (--format); else a file is detected by its magic, and
 // when that made it qcow2 the CLI says so (one line on stderr; raw, what the CLI

@@ -7,6 +7,6 @@ inline constexpr int kOk = 0;           // job completed; target verified by the
 inline constexpr int kJobFailed = 1;    // an I/O error ended the job (policy "report")
 inline constexpr int kBadInput = 2;     // bad arguments, missing/unreadable files; nothing written
 inline constexpr int kCancelled = 3;    // interrupted (Ctrl-C / SIGTERM) before completion
-inline constexpr int kVerifyFailed = 4; // demo: the verification found a difference
+inline constexpr int kVerifyFailed = 4; // verify (and the demo's check): the copies differ
 
 }  // namespace blkmirror::exit_code

@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
       blkmirror::add_daemon_command(app),
       blkmirror::add_ctl_command(app),
       blkmirror::add_commit_command(app),
+      blkmirror::add_verify_command(app),
   };
   try {
     app.parse(argc, argv);

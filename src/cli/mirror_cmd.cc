@@ -1,13 +1,11 @@
 // `blkmirror mirror SRC DST`: mirror one file, block device or NBD export to another.
+#include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <csignal>
-
 #include <memory>
 #include <string>
-
-#include <fmt/format.h>
 
 #include "base/size_parse.h"
 #include "blockdev/file_device.h"
@@ -16,11 +14,12 @@
 #include "cli/device_spec.h"
 #include "cli/drive.h"
 #include "cli/exit_codes.h"
-#include "cli/metrics_option.h"
 #include "cli/fault_env.h"
-#include "cli/serve_options.h"
+#include "cli/metrics_option.h"
 #include "cli/mirror_options.h"
+#include "cli/serve_options.h"
 #include "cli/signals.h"
+#include "cli/state_option.h"
 
 namespace blkmirror {
 
@@ -36,8 +35,9 @@ struct MirrorArgs {
   MetricsOption metrics;
   bool create = false;
   bool no_auto_complete = false;
-  std::string src_format, dst_format;  // "" = detect
+  std::string src_format, dst_format;   // "" = detect
   std::string backing, backing_format;  // --create --format qcow2 only
+  StateOption state;
 };
 
 // --create --format qcow2: formats the new, empty file at path as a qcow2
@@ -113,21 +113,23 @@ int run_mirror(const MirrorArgs& a) {
   uint64_t size = src->dev->length();
   if (a.create) {
     if (is_nbd_spec(a.dst))
-      return fail_input(a.dst + ": --create makes files; an NBD export is created by its server "
-                                "(drop --create)");
+      return fail_input(a.dst +
+                        ": --create makes files; an NBD export is created by its server "
+                        "(drop --create)");
     if (looks_like_rbd_spec(a.dst)) {
-      if (qcow2_target) return fail_input(a.dst + ": --create makes rbd images raw (drop --format qcow2)");
+      if (qcow2_target)
+        return fail_input(a.dst + ": --create makes rbd images raw (drop --format qcow2)");
       auto spec = parse_rbd_filename(a.dst);
       if (!spec) return fail_input(spec.error().message());
       RbdCreateOptions ro{.size = size};
-      if (auto r = loop.run(create_rbd_image(loop, *spec, ro)); !r)
-        return fail_input(r.error().message() + (r.error().errnum() == EEXIST
-                                                     ? " (drop --create to mirror into it)"
-                                                     : ""));
+      if (auto r = loop.run(create_rbd_image(loop, *spec, ro)); !r) {
+        bool exists = r.error().errnum() == EEXIST;
+        return fail_input(r.error().message() +
+                          (exists ? " (drop --create to mirror into it)" : ""));
+      }
     } else if (auto r = FileDevice::create(a.dst, qcow2_target ? 0 : size); !r) {
-      return fail_input(r.error().message() + (r.error().errnum() == EEXIST
-                                                   ? " (drop --create to mirror into it)"
-                                                   : ""));
+      return fail_input(r.error().message() +
+                        (r.error().errnum() == EEXIST ? " (drop --create to mirror into it)" : ""));
     } else {
       created = true;
     }
@@ -137,10 +139,11 @@ int run_mirror(const MirrorArgs& a) {
   // Before opening DST: the same file opened twice would otherwise meet its
   // own image lock and be refused with a less helpful text.
   struct stat dst_st {};
-  if (src->file && !is_nbd_spec(a.dst) && !looks_like_rbd_spec(a.dst) && ::stat(a.dst.c_str(), &dst_st) == 0 &&
-      src->file->identity() == std::pair<uint64_t, uint64_t>(dst_st.st_dev, S_ISBLK(dst_st.st_mode)
-                                                                                ? dst_st.st_rdev
-                                                                                : dst_st.st_ino))
+  if (src->file && !is_nbd_spec(a.dst) && !looks_like_rbd_spec(a.dst) &&
+      ::stat(a.dst.c_str(), &dst_st) == 0 &&
+      src->file->identity() ==
+          std::pair<uint64_t, uint64_t>(dst_st.st_dev,
+                                        S_ISBLK(dst_st.st_mode) ? dst_st.st_rdev : dst_st.st_ino))
     return fail_input(fmt::format("{} and {} are the same file", a.src, a.dst));
   // A target we created is raw or qcow2 as we made it: no detection.
   auto dst_open_fmt =
@@ -158,12 +161,14 @@ int run_mirror(const MirrorArgs& a) {
   }
   bool same = src->file && dst->file ? src->file->identity() == dst->file->identity()
                                      : src->dev->describe() == dst->dev->describe();
-  if (same) return fail_input(fmt::format("{} and {} are the same {}", a.src, a.dst,
-                                          src->file ? "file" : "export"));
+  if (same)
+    return fail_input(
+        fmt::format("{} and {} are the same {}", a.src, a.dst, src->file ? "file" : "export"));
   if (size != dst->dev->length())
-    return fail_input(fmt::format("{}: size {} differs from {}'s size {} (Source and target "
-                                  "image have different sizes)",
-                                  a.dst, dst->dev->length(), a.src, size));
+    return fail_input(
+        fmt::format("{}: size {} differs from {}'s size {} (Source and target "
+                    "image have different sizes)",
+                    a.dst, dst->dev->length(), a.src, size));
 
   auto src_dev = apply_fault_env(src->dev, "src");
   auto dst_dev = apply_fault_env(dst->dev, "dst");
@@ -181,6 +186,8 @@ int run_mirror(const MirrorArgs& a) {
     // up to the max op size, so the bulk copy is not slowed.
     params->granularity = 4096;
   }
+  auto state = a.state.open(loop, a.src, a.dst, *src, *dst, *params, a.opts.given("granularity"));
+  if (!state) return fail_input(state.error().message());
   auto job = MirrorJob::create(loop, graph, *params);
   if (!job) return fail_input(job.error().message());
 
@@ -190,19 +197,18 @@ int run_mirror(const MirrorArgs& a) {
 
   std::shared_ptr<Job> job_ref = *job;
   auto metrics = a.metrics.start(
-      loop, metrics::Sources{&graph,
-                             [&server, serving]() -> nbd::NbdServer* {
-                               return serving ? &server : nullptr;
-                             },
-                             [job_ref] { return std::vector<std::shared_ptr<Job>>{job_ref}; }});
+      loop,
+      metrics::Sources{
+          &graph, [&server, serving]() -> nbd::NbdServer* { return serving ? &server : nullptr; },
+          [job_ref] { return std::vector<std::shared_ptr<Job>>{job_ref}; }});
   if (!metrics) return fail_input(metrics.error().message());
 
   Progress progress(a.opts.progress_style());
   progress.set_json_interval(a.opts.progress_interval);
   progress.note(fmt::format("mirroring {} -> {} ({}, granularity {}, buffer {}, copy mode {})",
-                            a.src, a.dst, format_size(size),
-                            format_size((*job)->granularity()), format_size((*job)->buf_size()),
-                            to_string((*job)->copy_mode())));
+                            a.src, a.dst, format_size(size), format_size((*job)->granularity()),
+                            format_size((*job)->buf_size()), to_string((*job)->copy_mode())));
+  if (!state->note.empty()) progress.note(state->note);
   if (serving)
     progress.note(fmt::format("serving {} at {} (clients switch to {} on completion)", a.src,
                               a.serve.where(server), a.dst));
@@ -217,6 +223,15 @@ int run_mirror(const MirrorArgs& a) {
   asio::signal_set stop_signals(loop.ctx(), SIGINT, SIGTERM);
   return loop.run([&]() -> Task<int> {
     int rc = co_await drive_mirror(loop, *job, progress, drive);
+    if (state->journal && (*job)->failure() &&
+        (*job)->failure()->message().starts_with("crash-safe state")) {
+      // It could not be kept a superset of the truth: it must not be trusted.
+      ::unlink(state->path.c_str());
+      progress.note(
+          fmt::format("removed {}: it could not be kept up to date (a new run copies "
+                      "everything)",
+                      state->path));
+    }
     if (serving) {
       if (rc == exit_code::kOk && (*job)->switched()) {
         progress.note(fmt::format("serving {} now; SIGINT/SIGTERM to stop", a.dst));
@@ -225,9 +240,10 @@ int run_mirror(const MirrorArgs& a) {
       } else if (rc == exit_code::kJobFailed) {
         // The job failed on its own (a target problem, say): the clients keep
         // their disk, as in QEMU. Only the operator ends the process.
-        progress.note(fmt::format("the mirror failed; still serving {} (the source, unchanged "
-                                  "by the failure) at {}; SIGINT/SIGTERM to stop (exit {})",
-                                  a.src, a.serve.where(server), exit_code::kJobFailed));
+        progress.note(
+            fmt::format("the mirror failed; still serving {} (the source, unchanged "
+                        "by the failure) at {}; SIGINT/SIGTERM to stop (exit {})",
+                        a.src, a.serve.where(server), exit_code::kJobFailed));
         std::error_code ec;
         co_await stop_signals.async_wait(asio::redirect_error(asio::use_awaitable, ec));
       }
@@ -280,6 +296,7 @@ CommandRunner add_mirror_command(CLI::App& app) {
   args->metrics.add_to(*cmd);
   cmd->add_flag("--no-auto-complete", args->no_auto_complete,
                 "when serving: stay ready until SIGUSR1, then complete");
+  args->state.add_to(*cmd);
   return [cmd, args]() -> int {
     if (!cmd->parsed()) return -1;
     return run_mirror(*args);

@@ -40,6 +40,8 @@ struct JobEvent {
   enum class Kind {
     kStatusChange, kReady, kCompleted, kCancelled, kError, kPending, kNote,
     kCopyModeChange,  // a mirror changed its copy mode by itself (adaptive)
+    kMismatch,        // verify: [offset, offset+len) of the target differs; action
+                      // "reported" or "repaired"
   };
   JobEvent(Kind k, std::string job_id) : kind(k), id(std::move(job_id)) {}
   Kind kind;

@@ -69,15 +69,43 @@ bool MirrorJob::overlaps_any_op(const ByteRange& r) const {
   return false;
 }
 
+bool MirrorJob::copy_pending(uint64_t off, uint64_t len) const {
+  if (concluded() || len == 0) return false;
+  ByteRange chunks = chunks_covering(off, len);
+  if (chunks.length == 0) return false;
+  if (dirty_.count_range(chunks.offset / gran_, div_round_up(chunks.length, gran_)) > 0)
+    return true;
+  // A client write still inside intercept() is the caller's to see (a write
+  // observer on the source: graph.h), not a pending copy.
+  return overlaps_any_op(chunks);
+}
+
 Task<Result<void>> MirrorJob::intercept(Node& node, const WriteRequest& req) {
   // The job may conclude and be released while a write it saw is suspended.
   auto self = shared_from_this();
   ++intercepts_;
+  ByteRange range{req.offset, req.length};
+  if (journal_) {
+    // Metadata before data: the extent is dirty on stable storage before the
+    // write can change the source (checkpoint.cc).
+    intercepting_.push_back(range);
+    touch(req.offset, req.length);
+    if (!journal_->durable(req.offset, req.length)) {
+      if (auto m = co_await journal_->mark(req.offset, req.length); !m) journal_failed(m.error());
+    }
+  }
   Result<void> r;
   if (copy_to_target())
     r = co_await active_write(node, req);
   else
     r = co_await passive_write(node, req);
+  if (journal_) {
+    touch(req.offset, req.length);
+    auto it = std::find_if(intercepting_.begin(), intercepting_.end(), [&](const ByteRange& b) {
+      return b.offset == range.offset && b.length == range.length;
+    });
+    if (it != intercepting_.end()) intercepting_.erase(it);
+  }
   BLKMIRROR_ASSERT(intercepts_ > 0, "intercepted writes below zero");
   if (--intercepts_ == 0) intercepts_done_.notify_all();
   co_return r;

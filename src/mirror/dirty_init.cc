@@ -39,6 +39,15 @@ Task<Result<void>> MirrorJob::mark_zero_region(uint64_t off, uint64_t len) {
 }
 
 Task<Result<void>> MirrorJob::dirty_init() {
+  if (journal_ && p_.resume) {
+    // A run before this one left its state: where it says the target may
+    // differ is all there is to copy (the caller checked it is this mirror's).
+    const uint64_t ext = journal_->extent_size();
+    for (uint64_t x = 0; x < journal_->extents(); ++x)
+      if (journal_->dirty(x)) mark_dirty(x * ext, ext);
+    update_len();
+    co_return Result<void>{};
+  }
   if (p_.sync == SyncMode::kNone || length_ == 0) co_return Result<void>{};
   // sync=top: only what the source's top layer holds (depth 1; a device
   // without a chain holds everything itself). The rest the target is expected

@@ -2,6 +2,9 @@
 
 #include <algorithm>
 
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+
 #include <fmt/format.h>
 
 #include "base/assert.h"
@@ -143,6 +146,7 @@ MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes
           sizes.granularity,
           [this](uint64_t off, uint64_t len) {
             mark_dirty(off, len);
+            touch(off, len);  // not durable on the target after all: no clearing now
             wake_.notify_all();
           },
           TargetTracker::kCheckpoint, src->length())),
@@ -164,7 +168,9 @@ MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes
       mode_(p_.copy_mode),
       target_sized_(tgt->length() >= length_),
       adaptive_(p_.adaptive_window_ms),
-      pool_(max_op_, buf_size_ / max_op_ + 1) {
+      pool_(max_op_, buf_size_ / max_op_ + 1),
+      journal_(p_.journal),
+      touched_(journal_ ? journal_->extents() : 0) {
   // The target's own device, not the tracker: offload needs a local file,
   // which never reconnects, so copies the tracker does not see are safe.
   auto s = src_.file_span(), t = tgt->device().file_span();
@@ -271,6 +277,10 @@ Task<Result<void>> MirrorJob::run() {
   src_node_->undrain();
   if (auto r = co_await grow_base(); !r) co_return r;
   if (auto r = co_await dirty_init(); !r) co_return r;
+  if (journal_)
+    asio::co_spawn(loop_.executor(),
+                   run_checkpoints(std::static_pointer_cast<MirrorJob>(shared_from_this())),
+                   asio::detached);
   for (;;) {
     update_len();
     if (!fatal_ && tracker_->fatal()) fatal_ = *tracker_->fatal();
@@ -385,6 +395,18 @@ Task<Result<void>> MirrorJob::prepare() {
   Perms src_perms = src_edge_->perms(), tgt_perms = tgt_edge_->perms();
   (void)src_edge_->set_perms(Perms{});
   (void)tgt_edge_->set_perms(Perms{});
+  // The state says completed before anyone can write the target: after a
+  // crash past this point the target (an exact copy now: the source is
+  // drained, everything copied and flushed) must never be copied over again,
+  // whether or not the switch below happened.
+  if (journal_) {
+    co_await stop_checkpoints();
+    if (auto j = co_await journal_->set_state(JournalState::kCompleted); !j) {
+      (void)src_edge_->set_perms(src_perms);
+      (void)tgt_edge_->set_perms(tgt_perms);
+      co_return make_plain_error(j.error().errnum(), "crash-safe state: " + j.error().message());
+    }
+  }
   // The target too must be quiet while edges move onto it.
   co_await tgt_node_->drain();
   std::vector<const Child*> keep{src_edge_.get(), tgt_edge_.get()};
@@ -395,6 +417,7 @@ Task<Result<void>> MirrorJob::prepare() {
   if (!r) {
     (void)src_edge_->set_perms(src_perms);
     (void)tgt_edge_->set_perms(tgt_perms);
+    co_await record_end(JournalState::kRunning);  // not switched: still resumable
     co_return r;
   }
   switched_ = true;
@@ -402,6 +425,10 @@ Task<Result<void>> MirrorJob::prepare() {
 }
 
 Task<void> MirrorJob::commit() {
+  co_await stop_checkpoints();
+  // Switched: prepare() recorded it. A soft cancel leaves a consistent copy:
+  // resumable.
+  if (!switched_) co_await record_end(JournalState::kCancelled);
   detach();
   undrain_sources();
   release_permissions();
@@ -425,6 +452,10 @@ void MirrorJob::on_dismissed() {
 
 Task<void> MirrorJob::abort() {
   co_await wait_idle();
+  co_await stop_checkpoints();
+  // A cancel says so; a failure leaves the state running: resume after fixing
+  // the cause copies what it says.
+  if (cancel_requested()) co_await record_end(JournalState::kCancelled);
   detach();
   // Client writes the job saw finish before it reports the end: no target write
   // after BLOCK_JOB_CANCELLED / COMPLETED.

@@ -31,6 +31,7 @@
 #include "io/buffer.h"
 #include "io/loop.h"
 #include "job/job.h"
+#include "journal/journal.h"
 #include "mirror/adaptive.h"
 #include "mirror/mirror_op.h"
 #include "mirror/mirror_params.h"
@@ -95,6 +96,14 @@ class MirrorJob : public Job, public WriteInterceptor {
   // Every client write reaches the target before its reply and nothing else is
   // left to copy (QEMU's actively-synced).
   bool actively_synced() const;
+
+  Node* source_node() const { return src_node_; }
+  Node* target_node() const { return tgt_node_; }
+  // Whether [off, off+len) of the target may still differ from the source
+  // through work this job has yet to finish: dirty chunks, copies in flight,
+  // client writes not yet mirrored. False once the job concluded (it then
+  // keeps the target in step no more). Verify asks (verify/verify_job.h).
+  bool copy_pending(uint64_t off, uint64_t len) const;
 
   // WriteInterceptor: every client write to the source passes through here.
   Task<Result<void>> intercept(Node& node, const WriteRequest& req) override;
@@ -196,6 +205,21 @@ class MirrorJob : public Job, public WriteInterceptor {
   // The whole chunks covering [off, off+len), clipped to the device.
   ByteRange chunks_covering(uint64_t off, uint64_t len) const;
   void mark_dirty(uint64_t off, uint64_t len);
+
+  // Crash-safe state (checkpoint.cc; docs/design/journal.md).
+  // Client writes and dirty marks since the last checkpoint, per journal extent.
+  void touch(uint64_t off, uint64_t len);
+  // Nothing of the extent is dirty, copied or written by a client right now.
+  bool extent_idle(uint64_t extent) const;
+  // Every checkpoint_interval: clears the journal's extents untouched for a
+  // whole interval and idle, after flushing source and target.
+  Task<void> run_checkpoints(std::shared_ptr<MirrorJob> self);
+  Task<void> checkpoint();
+  Task<void> stop_checkpoints();
+  // The journal's end state (completed, cancelled); failures are reported,
+  // never fatal: the copy itself is done.
+  Task<void> record_end(JournalState s);
+  void journal_failed(const Error& e);
   void update_len();
   // len = offset + dirty + in flight (docs/design/mirror-job.md, "Progress").
   uint64_t progress_len() const;
@@ -276,6 +300,12 @@ class MirrorJob : public Job, public WriteInterceptor {
   std::optional<Error> fatal_;
   BufferPool pool_;
   MirrorStats stats_;
+  std::shared_ptr<Journal> journal_;  // p_.journal
+  DirtyBitmap touched_;               // per journal extent (empty without one)
+  std::vector<ByteRange> intercepting_;  // client writes inside intercept() now
+  bool checkpoints_running_ = false;
+  bool stop_checkpoints_ = false;
+  Notifier checkpoint_wake_;
 };
 
 }  // namespace blkmirror

@@ -4,6 +4,9 @@
 // (option_table.h). Plain data; thread-safe.
 #pragma once
 
+#include <chrono>
+#include <memory>
+
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -12,6 +15,8 @@
 #include "base/result.h"
 
 namespace blkmirror {
+
+class Journal;
 
 enum class SyncMode { kFull, kTop, kNone };
 // background: client writes only mark chunks dirty; the copy loop catches up.
@@ -64,6 +69,18 @@ struct MirrorParams {
   // smaller, and the job's type is "commit". Not a user option: block-commit
   // and `blkmirror commit` set it.
   bool commit = false;
+  // Crash-safe state (docs/design/journal.md): the job keeps `journal` a
+  // superset of where the target may differ (extents marked before client
+  // writes, cleared at checkpoints after flushing both devices). resume: the
+  // journal was written by an earlier run of this mirror; its dirty extents
+  // replace dirty init. Not options of the table: the CLI's --state and QMP's
+  // x-persistent-state open the file.
+  std::shared_ptr<Journal> journal;
+  bool resume = false;
+  // Short: a crash re-copies what was copied since the last checkpoint (a
+  // quarter second of copying), and a client's extent stays marked (no state
+  // write for its next writes) while it wrote there within the interval.
+  std::chrono::milliseconds checkpoint_interval{250};
 };
 
 inline constexpr int64_t kDefaultBufSize = 16 << 20;

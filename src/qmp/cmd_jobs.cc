@@ -1,10 +1,13 @@
 // Job commands: blockdev-mirror, the job queries, the block-job-* and job-*
 // verbs, and the job events sent as QMP events (qmp/job_events.h).
+#include <fmt/format.h>
+#include <unistd.h>
+
 #include <cassert>
 
-#include <fmt/format.h>
-
+#include "blockdev/file_device.h"
 #include "mirror/mirror_job.h"
+#include "mirror/mirror_state.h"
 #include "qmp/daemon.h"
 #include "qmp/job_events.h"
 #include "qmp/mirror_args.h"
@@ -26,14 +29,21 @@ bool is_block_job(const Job& j) { return j.info().type != "create"; }
 // QEMU, job-cancel is a forced cancel; block-job-cancel has its own handler.
 Result<void> apply_verb(Job& job, JobVerb verb) {
   switch (verb) {
-    case JobVerb::kPause: return job.pause();
-    case JobVerb::kResume: return job.resume();
-    case JobVerb::kCancel: return job.cancel(true);
-    case JobVerb::kComplete: return job.complete();
-    case JobVerb::kFinalize: return job.finalize();
-    case JobVerb::kDismiss: return job.dismiss();
+    case JobVerb::kPause:
+      return job.pause();
+    case JobVerb::kResume:
+      return job.resume();
+    case JobVerb::kCancel:
+      return job.cancel(true);
+    case JobVerb::kComplete:
+      return job.complete();
+    case JobVerb::kFinalize:
+      return job.finalize();
+    case JobVerb::kDismiss:
+      return job.dismiss();
     case JobVerb::kSetSpeed:
-    case JobVerb::kChange: break;  // commands of their own, with arguments
+    case JobVerb::kChange:
+      break;  // commands of their own, with arguments
   }
   return make_plain_error(EINVAL,
                           fmt::format("no generic handler for the job verb '{}'", to_string(verb)));
@@ -48,6 +58,8 @@ Schema mirror_schema() {
       {"target", Type::kString, true},
       {"replaces", Type::kString},
       {"filter-node-name", Type::kString},
+      // blkmirror's own: the crash-safe state file (docs/design/journal.md).
+      {"x-persistent-state", Type::kString},
   };
   for (Field& f : mirror_option_fields()) s.push_back(std::move(f));
   return s;
@@ -62,7 +74,6 @@ const Schema kCancel = {{"device", Type::kString, true}, {"force", Type::kBool}}
 const Schema kJobChange = {{"id", Type::kString, true},
                            {"type", Type::kEnum, true, {"mirror"}},
                            {"copy-mode", Type::kString, true}};
-
 
 }  // namespace
 
@@ -138,10 +149,53 @@ Task<QResult<Json>> Daemon::JobCommands::blockdev_mirror(Daemon& d, Json& a, con
     co_return generic_error(
         fmt::format("Invalid node-name: '{}'", a["filter-node-name"].get<std::string>()));
   if (auto v = validate_params(p); !v) co_return from(v.error());
+  std::optional<MirrorState> state;
+  if (a.contains("x-persistent-state")) {
+    auto st = co_await d.open_state(a["x-persistent-state"].get<std::string>(), p,
+                                    a.contains("granularity"));
+    if (!st) co_return tl::unexpected(st.error());
+    state = std::move(*st);
+  }
   auto job = MirrorJob::create(d.loop_, d.graph_, p);
-  if (!job) co_return from(job.error());
+  if (!job) {
+    // A state file made a moment ago for this refused job goes again.
+    if (state && !state->resumed) ::unlink(state->path.c_str());
+    co_return from(job.error());
+  }
   d.add_job(*job);
   co_return Json::object();
+}
+
+// The file a node's bytes live in, for a state file's identity: the node's own
+// device, or the file node below a format node (raw, qcow2).
+const BlockDevice& Daemon::backing_store(const Node& n) const {
+  auto it = nodes_.find(n.name());
+  if (it != nodes_.end() && it->second.file_edge)
+    return backing_store(it->second.file_edge->node());
+  return *n.device_ptr();
+}
+
+Task<QResult<MirrorState>> Daemon::open_state(const std::string& path, MirrorParams& p,
+                                              bool granularity_given) {
+  auto checked = checked_path(path);
+  if (!checked) co_return tl::unexpected(checked.error());
+  Node* src = graph_.find(p.device);
+  Node* tgt = graph_.find(p.target);
+  // MirrorJob::create reports missing nodes with QEMU's texts.
+  if (!src || !tgt) co_return MirrorState{};
+  MirrorStateRequest req;
+  req.path = *checked;
+  req.src = &src->device();
+  req.dst = &tgt->device();
+  req.src_id = device_identity(backing_store(*src), p.device);
+  req.dst_id = device_identity(backing_store(*tgt), p.target);
+  req.src_id.length = src->length();
+  req.dst_id.length = tgt->length();
+  auto st = co_await open_mirror_state(loop_, &req, &p, granularity_given);
+  if (!st) co_return generic_error(st.error().message());
+  p.journal = st->journal;
+  p.resume = st->resumed;
+  co_return std::move(*st);
 }
 
 Task<QResult<Json>> Daemon::JobCommands::query_block_jobs(Daemon& d, Json& args, const Call& call) {
@@ -149,12 +203,18 @@ Task<QResult<Json>> Daemon::JobCommands::query_block_jobs(Daemon& d, Json& args,
   for (auto& [id, job] : d.jobs_) {
     if (!is_block_job(*job)) continue;
     JobInfo i = job->info();
-    Json j = {{"type", i.type},           {"device", i.id},
-              {"len", i.len},             {"offset", i.offset},
-              {"busy", i.busy},           {"paused", i.paused},
-              {"speed", i.speed},         {"io-status", to_string(i.io_status)},
-              {"ready", i.ready},         {"status", to_string(i.status)},
-              {"auto-finalize", i.auto_finalize}, {"auto-dismiss", i.auto_dismiss}};
+    Json j = {{"type", i.type},
+              {"device", i.id},
+              {"len", i.len},
+              {"offset", i.offset},
+              {"busy", i.busy},
+              {"paused", i.paused},
+              {"speed", i.speed},
+              {"io-status", to_string(i.io_status)},
+              {"ready", i.ready},
+              {"status", to_string(i.status)},
+              {"auto-finalize", i.auto_finalize},
+              {"auto-dismiss", i.auto_dismiss}};
     if (i.error) j["error"] = *i.error;
     if (i.type == "mirror") j["actively-synced"] = i.actively_synced;
     list.push_back(j);
@@ -217,7 +277,6 @@ Task<QResult<Json>> Daemon::JobCommands::block_job_cancel(Daemon& d, Json& a, co
   if (auto r = it->second->cancel(force); !r) co_return from(r.error());
   co_return Json::object();
 }
-
 
 // block-job-change {id, type: mirror, copy-mode}: QEMU 8.2's command; the only
 // change a mirror accepts is to write-blocking.

@@ -28,6 +28,7 @@
 #include "blockdev/qcow2/qcow2_device.h"
 #include "io/loop.h"
 #include "job/job.h"
+#include "mirror/mirror_state.h"
 #include "nbd/server/nbd_server.h"
 #include "qmp/schema.h"
 
@@ -106,11 +107,11 @@ class Daemon {
     std::string filename;  // file: the path; raw, qcow2: its file node's
     bool read_only = false;
     bool direct = false;
-    bool local = false;                // filename is a local path (file, or over one)
-    std::unique_ptr<Child> file_edge;  // raw, qcow2: the edge to its file node
+    bool local = false;                   // filename is a local path (file, or over one)
+    std::unique_ptr<Child> file_edge;     // raw, qcow2: the edge to its file node
     std::unique_ptr<Child> backing_edge;  // qcow2: the edge to its backing node
     std::shared_ptr<Qcow2Device> qcow2;   // qcow2: the device (info, close)
-    std::string full_backing;  // qcow2: the header's backing file, resolved
+    std::string full_backing;             // qcow2: the header's backing file, resolved
     // Nodes made for this one (an inline file object, a backing file opened from
     // the header): deleted with it, as QEMU does.
     std::vector<std::string> implicit;
@@ -140,9 +141,9 @@ class Daemon {
   // reference down each call rather than kept in members: requests of several
   // clients interleave at every co_await.
   struct Call {
-    std::string name;              // the command ("block-job-pause")
-    bool coerce;  // from the command line: string values convert to the member's type
-    std::optional<JobVerb> verb;   // the job verb the command applies (its table entry's)
+    std::string name;  // the command ("block-job-pause")
+    bool coerce;       // from the command line: string values convert to the member's type
+    std::optional<JobVerb> verb;  // the job verb the command applies (its table entry's)
   };
   using Handler = Task<QResult<Json>> (*)(Daemon& d, Json& args, const Call& call);
   // One QMP command. Each cmd_*.cc lists its own commands in a table of these,
@@ -167,6 +168,7 @@ class Daemon {
   struct ReopenCommands;  // cmd_reopen.cc: blockdev-reopen
   struct ResizeCommands;  // cmd_resize.cc: block_resize / block-resize
   struct DriveMirrorCommands;  // cmd_drive_mirror.cc: drive-mirror
+  struct VerifyCommands;       // cmd_verify.cc: x-blockdev-verify, x-query-verify
   static std::span<const Command> core_commands();
   static std::span<const Command> block_commands();
   static std::span<const Command> object_commands();
@@ -176,6 +178,7 @@ class Daemon {
   static std::span<const Command> reopen_commands();
   static std::span<const Command> resize_commands();
   static std::span<const Command> drive_mirror_commands();
+  static std::span<const Command> verify_commands();
   // blockdev-add's schema for a driver, or nullptr (cmd_block.cc).
   static const Schema* node_schema(std::string_view driver);
 
@@ -184,8 +187,13 @@ class Daemon {
   // The TLS credentials object of that id, with QEMU's texts for a missing id
   // or another kind of object (cmd_objects.cc).
   QResult<const QomObject*> tls_creds(const std::string& id) const;
-  void add_job(std::shared_ptr<Job> job);                            // cmd_jobs.cc
-  void on_job_event(const JobEvent& e);                              // cmd_jobs.cc
+  void add_job(std::shared_ptr<Job> job);  // cmd_jobs.cc
+  // blockdev-mirror's x-persistent-state: opens or creates the state file
+  // (mirror/mirror_state.h) and sets p.journal and p.resume (cmd_jobs.cc).
+  Task<QResult<MirrorState>> open_state(const std::string& path, MirrorParams& p,
+                                        bool granularity_given);
+  const BlockDevice& backing_store(const Node& n) const;
+  void on_job_event(const JobEvent& e);  // cmd_jobs.cc
 
   // Block nodes and chains: blockdev-add's body and its children (cmd_block.cc),
   // qcow2 nodes, implicit backing nodes, image info (block_chain.cc).
@@ -220,13 +228,12 @@ class Daemon {
   Task<QResult<void>> reopen_to_read_only(Node& n, NodeRecord& rec, Node* file);
   QmpError reopen_error(const Node& n, const Error& e) const;
 
-
   // What block-commit does to the graph once its job concluded (cmd_commit.cc).
   struct CommitAftermath {
     bool active = false;
-    std::string top, base, overlay;  // overlay: intermediate commit only
-    std::vector<std::string> removed;  // the layers leaving the chain, top first
-    std::string backing_file;          // written into the overlay's header
+    std::string top, base, overlay;     // overlay: intermediate commit only
+    std::vector<std::string> removed;   // the layers leaving the chain, top first
+    std::string backing_file;           // written into the overlay's header
     std::vector<std::string> reopened;  // made read-write for the job
   };
   Task<void> after_commit(std::shared_ptr<Job> job, CommitAftermath a);

@@ -41,6 +41,13 @@ std::optional<EventJson> job_event_json(const JobEvent& e) {
       // blkmirror's own event; QMP clients ignore events they do not know.
       return EventJson{"BLOCK_JOB_COPY_MODE_CHANGED",
                        {{"device", e.device}, {"copy-mode", e.copy_mode}, {"reason", e.message}}};
+    case K::kMismatch: {
+      // blkmirror's own event (verify, docs/qmp.md): x- as QMP names what is
+      // not QEMU's.
+      Json d = {{"id", e.id}, {"offset", e.offset}, {"length", e.len}, {"action", e.action}};
+      if (e.suppressed) d["suppressed"] = e.suppressed;
+      return EventJson{"X_VERIFY_MISMATCH", d};
+    }
     case K::kNote:
       break;
   }

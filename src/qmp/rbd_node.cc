@@ -11,16 +11,11 @@ const Schema kServer = {{"host", Type::kString, true}, {"port", Type::kString, t
 }  // namespace
 
 Schema rbd_location_members() {
-  return {{"pool", Type::kString, true},
-          {"namespace", Type::kString},
-          {"image", Type::kString, true},
-          {"snapshot", Type::kString},
-          {"conf", Type::kString},
-          {"user", Type::kString},
-          {"key-secret", Type::kString},
-          {"auth-client-required", Type::kAny},
-          {"encrypt", Type::kAny},
-          {"server", Type::kAny}};
+  return {{"pool", Type::kString, true},  {"namespace", Type::kString},
+          {"image", Type::kString, true}, {"snapshot", Type::kString},
+          {"conf", Type::kString},        {"user", Type::kString},
+          {"key-secret", Type::kString},  {"auth-client-required", Type::kAny},
+          {"encrypt", Type::kAny},        {"server", Type::kAny}};
 }
 
 const Schema& rbd_create_schema() {
@@ -40,18 +35,22 @@ QResult<RbdSpec> rbd_spec_from_json(const Json& o, const std::string& prefix) {
   RbdSpec s;
   s.pool = o["pool"].get<std::string>();
   s.image = o["image"].get<std::string>();
-  if (s.pool.empty()) return generic_error(fmt::format("Parameter '{}pool' must not be empty", prefix));
-  if (s.image.empty()) return generic_error(fmt::format("Parameter '{}image' must not be empty", prefix));
+  if (s.pool.empty())
+    return generic_error(fmt::format("Parameter '{}pool' must not be empty", prefix));
+  if (s.image.empty())
+    return generic_error(fmt::format("Parameter '{}image' must not be empty", prefix));
   s.ns = o.value("namespace", "");
   if (o.contains("snapshot")) s.snapshot = o["snapshot"].get<std::string>();
   if (o.contains("conf")) s.conf = o["conf"].get<std::string>();
   if (o.contains("user")) s.user = o["user"].get<std::string>();
   if (o.contains("encrypt"))
-    return generic_error(fmt::format("Parameter '{}encrypt': rbd encryption is not supported", prefix));
+    return generic_error(
+        fmt::format("Parameter '{}encrypt': rbd encryption is not supported", prefix));
   if (o.contains("key-secret"))
     return generic_error(fmt::format(
         "Parameter '{}key-secret': secret objects are not supported; name a keyring in the "
-        "Ceph config file (conf) instead", prefix));
+        "Ceph config file (conf) instead",
+        prefix));
   if (o.contains("auth-client-required")) {
     const Json& a = o["auth-client-required"];
     if (!a.is_array())
@@ -67,7 +66,8 @@ QResult<RbdSpec> rbd_spec_from_json(const Json& o, const std::string& prefix) {
     // The monitors, as QEMU passes them: mon_host="[host]:port;..." over the config.
     const Json& srv = o["server"];
     if (!srv.is_array())
-      return generic_error(fmt::format("Invalid parameter type for '{}server', expected: array", prefix));
+      return generic_error(
+          fmt::format("Invalid parameter type for '{}server', expected: array", prefix));
     std::string hosts;
     for (Json m : srv) {
       if (auto r = check(m, kServer, prefix + "server."); !r) return tl::unexpected(r.error());
@@ -86,8 +86,8 @@ Task<QResult<BlockDevicePtr>> open_rbd_node(Loop& loop, const Json& args) {
   RbdOptions opts;
   opts.read_only = args.value("read-only", false);
   if (spec->snapshot && !opts.read_only)
-    co_return generic_error(fmt::format("{}: a snapshot is read-only; add it with read-only=true",
-                                        spec->describe()));
+    co_return generic_error(
+        fmt::format("{}: a snapshot is read-only; add it with read-only=true", spec->describe()));
   auto dev = co_await open_rbd(loop, *spec, opts);
   if (!dev) co_return generic_error(dev.error().message());
   co_return *dev;

@@ -54,8 +54,8 @@ TEST(RbdSpec, AuthSupportedListIsSplit) {
 }
 
 TEST(RbdSpec, Errors) {
-  for (const char* bad : {"rbd:", "rbd:pool", "rbd:/img", "rbd:pool/", "rbd:p/i@",
-                          "rbd:a/b/c/d", "rbd:p/i:conf", "rbd:p/i:=x", "nbd://x"}) {
+  for (const char* bad : {"rbd:", "rbd:pool", "rbd:/img", "rbd:pool/", "rbd:p/i@", "rbd:a/b/c/d",
+                          "rbd:p/i:conf", "rbd:p/i:=x", "nbd://x"}) {
     auto s = parse_rbd_filename(bad);
     EXPECT_FALSE(s) << bad;
     if (!s) {

@@ -8,13 +8,12 @@
 // and must only start the request (librbd's aio calls do not block).
 #pragma once
 
+#include <rbd/librbd.h>
 #include <sys/types.h>
 
+#include <asio.hpp>
 #include <memory>
 #include <utility>
-
-#include <asio.hpp>
-#include <rbd/librbd.h>
 
 #include "base/task.h"
 

@@ -1,10 +1,10 @@
 #include "blockdev/rbd/rbd_create.h"
 
-#include <cstring>
-
 #include <fmt/format.h>
 #include <rbd/features.h>
 #include <rbd/librbd.h>
+
+#include <cstring>
 
 #include "blockdev/rbd/rbd_image.h"
 
@@ -56,8 +56,8 @@ Task<Result<void>> create_rbd_image(Loop& loop, const RbdSpec& spec, const RbdCr
     rbd_image_options_destroy(io);
     c->close();
     if (r < 0) {
-      return make_plain_error(-r, fmt::format("{}: cannot create the image: {}", s->describe(),
-                                              std::strerror(-r)));
+      return make_plain_error(
+          -r, fmt::format("{}: cannot create the image: {}", s->describe(), std::strerror(-r)));
     }
     return {};
   });

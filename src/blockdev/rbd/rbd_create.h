@@ -18,7 +18,7 @@ namespace blkmirror {
 
 struct RbdCreateOptions {
   uint64_t size = 0;
-  uint64_t object_size = 0;  // a power of two from 4 KiB to 32 MiB; 0: default
+  uint64_t object_size = 0;          // a power of two from 4 KiB to 32 MiB; 0: default
   std::optional<uint64_t> features;  // RBD_FEATURE_* bits; none: the default set
 };
 

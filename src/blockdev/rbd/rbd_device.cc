@@ -1,9 +1,9 @@
 #include "blockdev/rbd/rbd_device.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cstring>
-
-#include <fmt/format.h>
 
 #include "blockdev/rbd/rbd_aio.h"
 
@@ -69,7 +69,8 @@ Task<Result<void>> RbdDevice::write(uint64_t off, std::span<const std::byte> buf
 }
 
 Task<Result<void>> RbdDevice::write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) {
-  if (caps_.read_only) co_return make_error(EROFS, fmt::format("{}: write zeroes at {}", where_, off));
+  if (caps_.read_only)
+    co_return make_error(EROFS, fmt::format("{}: write zeroes at {}", where_, off));
   rbd_image_t img = image_->handle();
   int zflags = f.may_unmap ? 0 : RBD_WRITE_ZEROES_FLAG_THICK_PROVISION;
   auto issue = [img, off, len, zflags](rbd_completion_t c) {
@@ -105,9 +106,9 @@ namespace {
 // as soon as the extent at off is known.
 struct FirstExtent {
   uint64_t off = 0, end = 0;
-  uint64_t data_end = 0;  // end of the data run starting at off (when data)
-  bool found = false;     // off lies in a reported range
-  uint64_t next_data = 0; // start of the first reported range after off (hole case)
+  uint64_t data_end = 0;   // end of the data run starting at off (when data)
+  bool found = false;      // off lies in a reported range
+  uint64_t next_data = 0;  // start of the first reported range after off (hole case)
   bool done = false;
 
   static int cb(uint64_t o, size_t l, int exists, void* arg) {
@@ -161,7 +162,8 @@ Task<Result<Extent>> RbdDevice::block_status(uint64_t off, uint64_t len) {
     }
     return e;
   });
-  if (!walked) co_return with_context(walked.error(), fmt::format("{}: block status at {}", where_, off));
+  if (!walked)
+    co_return with_context(walked.error(), fmt::format("{}: block status at {}", where_, off));
   co_return *walked;
 }
 

@@ -1,8 +1,8 @@
 #include "blockdev/rbd/rbd_image.h"
 
-#include <cstring>
-
 #include <fmt/format.h>
+
+#include <cstring>
 
 namespace blkmirror {
 
@@ -90,8 +90,9 @@ Task<Result<std::unique_ptr<RbdImage>>> RbdImage::open(Loop& loop, const RbdSpec
       r = rbd_open(img->io_, s->image.c_str(), &img->image_, nullptr);
     }
     if (r == -ENOENT && snap) {
-      return fail(*s, r, fmt::format("image '{}' or its snapshot '{}' does not exist in pool '{}'",
-                                     s->image, *snap, s->pool));
+      return fail(*s, r,
+                  fmt::format("image '{}' or its snapshot '{}' does not exist in pool '{}'",
+                              s->image, *snap, s->pool));
     }
     if (r == -ENOENT)
       return fail(*s, r, fmt::format("image '{}' does not exist in pool '{}'", s->image, s->pool));
@@ -102,8 +103,9 @@ Task<Result<std::unique_ptr<RbdImage>>> RbdImage::open(Loop& loop, const RbdSpec
       // over cooperatively in the middle of a mirror.
       r = rbd_lock_acquire(img->image_, RBD_LOCK_MODE_EXCLUSIVE);
       if (r < 0) {
-        return fail(*s, r, "cannot take the image's exclusive lock (is it open for writing "
-                           "by another client? `rbd status` lists its watchers)");
+        return fail(*s, r,
+                    "cannot take the image's exclusive lock (is it open for writing "
+                    "by another client? `rbd status` lists its watchers)");
       }
     }
     return img.release();

@@ -8,12 +8,12 @@
 // thread (librbd's image handle is thread-safe), the object is owned by the loop.
 #pragma once
 
+#include <rados/librados.h>
+#include <rbd/librbd.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
-
-#include <rados/librados.h>
-#include <rbd/librbd.h>
 
 #include "blockdev/rbd/rbd_spec.h"
 #include "io/loop.h"

@@ -105,7 +105,8 @@ Result<RbdSpec> parse_rbd_filename(const std::string& text) {
   for (size_t i = 1; i < fields.size(); ++i) {
     const std::string& f = fields[i];
     auto eq = find_unescaped(f, '=');
-    if (eq == std::string::npos) return bad(fmt::format("option '{}' is not KEY=VALUE", unescape(f)));
+    if (eq == std::string::npos)
+      return bad(fmt::format("option '{}' is not KEY=VALUE", unescape(f)));
     std::string key = unescape(f.substr(0, eq)), value = unescape(f.substr(eq + 1));
     if (key.empty()) return bad("empty option name");
     if (key == "conf") {

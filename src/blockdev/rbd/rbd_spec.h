@@ -25,7 +25,7 @@ struct RbdSpec {
   std::optional<std::string> conf;      // ceph.conf; none: Ceph's default search
   std::optional<std::string> user;      // client id without "client."; none: admin
   std::optional<std::string> keyring;
-  std::optional<std::string> key;  // the secret itself (blockdev-add key-secret)
+  std::optional<std::string> key;                 // the secret itself (blockdev-add key-secret)
   std::vector<std::string> auth_client_required;  // "cephx", "none"
   std::vector<std::pair<std::string, std::string>> options;  // other Ceph options
 
