@@ -367,7 +367,8 @@ def start_blkmirror_serve(ctx: Ctx, src: str, workdir: str,
 
 
 def start_blkmirror_mirror(ctx: Ctx, src: str, dst: str, workdir: str,
-                           copy_mode: str | None = None) -> tuple[Child, str]:
+                           copy_mode: str | None = None,
+                           extra: tuple[str, ...] = ()) -> tuple[Child, str]:
     """`blkmirror mirror --socket --json --no-auto-complete`: serves SRC over
     NBD and starts mirroring at once; stays ready until SIGUSR1. PROGRESS
     events every 0.25 s feed the dirty/copied time series."""
@@ -375,7 +376,7 @@ def start_blkmirror_mirror(ctx: Ctx, src: str, dst: str, workdir: str,
     remove(sock)
     cmd = ([ctx.blkmirror, "mirror", src, dst, "--socket", sock, "--json", "--no-progress",
             "--no-auto-complete", "--progress-interval", "0.25"]
-           + (["--copy-mode", copy_mode] if copy_mode else [])
+           + (["--copy-mode", copy_mode] if copy_mode else []) + list(extra)
            + shlex.split(ctx.args.blkmirror_args))
     c = Child("blkmirror mirror", cmd, workdir, json_stdout=True)
     try:

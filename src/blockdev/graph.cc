@@ -150,15 +150,23 @@ Task<Result<void>> Child::read(uint64_t off, std::span<std::byte> buf) {
 }
 
 Task<Result<void>> Node::perform(const WriteRequest& req) {
+  Result<void> r;
   switch (req.kind) {
     case WriteRequest::Kind::kWrite:
-      co_return co_await dev_->write(req.offset, req.data, req.wflags);
+      r = co_await dev_->write(req.offset, req.data, req.wflags);
+      break;
     case WriteRequest::Kind::kWriteZeroes:
-      co_return co_await dev_->write_zeroes(req.offset, req.length, req.zflags);
+      r = co_await dev_->write_zeroes(req.offset, req.length, req.zflags);
+      break;
     case WriteRequest::Kind::kDiscard:
-      co_return co_await dev_->discard(req.offset, req.length);
+      r = co_await dev_->discard(req.offset, req.length);
+      break;
+    default:
+      co_return make_plain_error(EINVAL, "unknown write request");
   }
-  co_return make_plain_error(EINVAL, "unknown write request");
+  // Even a failed request may have changed part of its range: mark it either way.
+  bitmaps_.record(req.offset, req.length);
+  co_return r;
 }
 
 Result<void> Node::set_interceptor(WriteInterceptor* i) {
@@ -233,6 +241,7 @@ Task<Result<Extent>> Child::block_status(uint64_t off, uint64_t len) {
 Task<Result<void>> Child::resize(uint64_t new_length) {
   Node* n = co_await enter();
   auto r = co_await n->dev_->resize(new_length);
+  if (r) n->bitmaps_.resize(n->dev_->length());
   leave(n);
   co_return r;
 }

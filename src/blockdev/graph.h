@@ -8,7 +8,10 @@
 //   - counts requests in flight, so drain() knows when the node is idle;
 //   - hands every write, write-zeroes and discard to the node's WriteInterceptor
 //     when it has one (a mirror: in write-blocking mode it also writes the
-//     target before the client's reply), else runs it on the device.
+//     target before the client's reply), else runs it on the device;
+//   - records every write-type request that reached the device in the node's
+//     named dirty bitmaps (bitmaps()), after the device ran it, whatever its
+//     outcome (a failed write may have changed part of the range).
 // Graph::replace() moves every parent of one node to another: the switch-over.
 // A node may have a backing child (a qcow2 overlay's backing file): an edge like
 // the others, which the node names so chain walkers can follow it.
@@ -37,6 +40,7 @@
 #include <vector>
 
 #include "base/notifier.h"
+#include "bitmap/named_bitmap.h"
 #include "blockdev/block_device.h"
 #include "base/op_stats.h"
 #include "blockdev/permissions.h"
@@ -122,6 +126,11 @@ class Node {
   // interceptor.
   Task<Result<void>> perform(const WriteRequest& req);
 
+  // The node's named dirty bitmaps (block-dirty-bitmap-add). perform() records
+  // into them; Child::resize() resizes them.
+  BitmapSet& bitmaps() { return bitmaps_; }
+  const BitmapSet& bitmaps() const { return bitmaps_; }
+
   // Stops new requests from starting and waits for those in flight to finish.
   // Drains nest; each drain() needs one undrain().
   Task<void> drain();
@@ -155,6 +164,7 @@ class Node {
   uint64_t in_flight_ = 0;
   Notifier changed_;  // in_flight_ reached 0, or the node was undrained
   std::array<OpStats, static_cast<size_t>(Op::kCount)> stats_{};
+  BitmapSet bitmaps_;
 };
 
 // A parent's edge to a node. Detaches itself on destruction.

@@ -127,6 +127,8 @@ Task<Result<void>> MirrorJob::passive_write(Node& node, const WriteRequest& req)
 }
 
 Task<Result<void>> MirrorJob::target_write(const WriteRequest& req, uint64_t off, uint64_t len) {
+  // The target's device directly: its node's bitmaps record it here (as launch_next() does).
+  tgt_node_->bitmaps().record(off, len);
   switch (req.kind) {
     case WriteRequest::Kind::kWrite:
       co_return co_await tgt_.write(off, req.data.subspan(off - req.offset, len), WriteFlags{});

@@ -49,6 +49,16 @@ Task<Result<void>> MirrorJob::dirty_init() {
     co_return Result<void>{};
   }
   if (p_.sync == SyncMode::kNone || length_ == 0) co_return Result<void>{};
+  if (p_.sync == SyncMode::kBitmap) {
+    // Only what the bitmap marks: the rest is already on the target (the
+    // user's promise: the target was a copy of the source when the bitmap
+    // started recording). Its granules map onto the job's chunks, whatever
+    // either granularity.
+    for (auto r = sync_bitmap_->next_dirty(0); r; r = sync_bitmap_->next_dirty(r->first + r->second))
+      mark_dirty(r->first, r->second);
+    update_len();
+    co_return Result<void>{};
+  }
   // sync=top: only what the source's top layer holds (depth 1; a device
   // without a chain holds everything itself). The rest the target is expected
   // to read from a backing chain with the same contents.

@@ -97,6 +97,20 @@ Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, M
         EFBIG, fmt::format("A {}-byte disk needs a {}-byte dirty bitmap at granularity {}; "
                            "use a larger granularity",
                            src->length(), bytes, gran));
+  NamedBitmap* sync_bitmap = nullptr;
+  if (p.sync == SyncMode::kBitmap) {
+    sync_bitmap = src->bitmaps().find(p.bitmap);
+    if (!sync_bitmap)
+      return make_plain_error(ENOENT, fmt::format("Bitmap '{}' could not be found", p.bitmap));
+    if (sync_bitmap->busy)
+      return make_plain_error(
+          EBUSY, fmt::format("Bitmap '{}' is currently in use by another operation and cannot "
+                             "be used",
+                             p.bitmap));
+    if (sync_bitmap->inconsistent)
+      return make_plain_error(
+          EINVAL, fmt::format("Bitmap '{}' is inconsistent and cannot be used", p.bitmap));
+  }
   // The edges last: a permission conflict refuses the job before anything else
   // happened (the edges made so far detach as they go).
   const std::string who = fmt::format("mirror job '{}'", p.job_id);
@@ -124,8 +138,14 @@ Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, M
     if (!r) return make_error(r.error());
     edges.replaces = std::move(*r);
   }
-  return std::shared_ptr<MirrorJob>(new MirrorJob(loop, graph, std::move(p), sizes, src, tgt,
-                                                  replaces, base_depth, std::move(edges)));
+  auto job = std::shared_ptr<MirrorJob>(new MirrorJob(loop, graph, std::move(p), sizes, src, tgt,
+                                                      replaces, base_depth, std::move(edges)));
+  // Busy while the job runs: QMP may not clear, merge into or remove it.
+  if (sync_bitmap) {
+    sync_bitmap->busy = true;
+    job->sync_bitmap_ = sync_bitmap;
+  }
+  return job;
 }
 
 MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes, Node* src,
@@ -424,7 +444,17 @@ Task<Result<void>> MirrorJob::prepare() {
   co_return Result<void>{};
 }
 
+void MirrorJob::release_sync_bitmap(bool in_sync) {
+  if (!sync_bitmap_) return;
+  // In sync and drained: everything the bitmap marks (writes during the job
+  // included) is on the target, so on-success starts it over from here.
+  if (in_sync && p_.bitmap_mode == BitmapMode::kOnSuccess) sync_bitmap_->clear();
+  sync_bitmap_->busy = false;
+  sync_bitmap_ = nullptr;
+}
+
 Task<void> MirrorJob::commit() {
+  release_sync_bitmap(true);
   co_await stop_checkpoints();
   // Switched: prepare() recorded it. A soft cancel leaves a consistent copy:
   // resumable.
@@ -452,6 +482,7 @@ void MirrorJob::on_dismissed() {
 
 Task<void> MirrorJob::abort() {
   co_await wait_idle();
+  release_sync_bitmap(false);
   co_await stop_checkpoints();
   // A cancel says so; a failure leaves the state running: resume after fixing
   // the cause copies what it says.

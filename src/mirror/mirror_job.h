@@ -205,6 +205,9 @@ class MirrorJob : public Job, public WriteInterceptor {
   // The whole chunks covering [off, off+len), clipped to the device.
   ByteRange chunks_covering(uint64_t off, uint64_t len) const;
   void mark_dirty(uint64_t off, uint64_t len);
+  // Unmarks the sync=bitmap bitmap busy; in_sync: the job ended with source
+  // and target equal and the source drained (commit), so on-success clears it.
+  void release_sync_bitmap(bool in_sync);
 
   // Crash-safe state (checkpoint.cc; docs/design/journal.md).
   // Client writes and dirty marks since the last checkpoint, per journal extent.
@@ -228,6 +231,7 @@ class MirrorJob : public Job, public WriteInterceptor {
   Graph& graph_;
   MirrorParams p_;
   Node* src_node_;
+  NamedBitmap* sync_bitmap_ = nullptr;  // sync=bitmap: busy until commit or abort
   Node* tgt_node_;
   Node* replaces_node_;
   // Source: consistent read, shares all but resize. Target: write, shares

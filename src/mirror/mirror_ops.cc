@@ -109,6 +109,11 @@ bool MirrorJob::launch_next() {
   // Charge at launch (the op may turn out to be a cheap zero and get a refund),
   // so a burst of launches cannot outrun the speed limit.
   rate_.charge(bytes.length);
+  // The op writes the target's device directly (through the tracker, or the
+  // kernel's copy_file_range), not through the node's request path: record it
+  // in the target node's dirty bitmaps here, the whole range, whatever the op
+  // turns out to write.
+  tgt_node_->bitmaps().record(bytes.offset, bytes.length);
   cursor_ = end_chunk;
   asio::co_spawn(loop_.executor(),
                  run_op(op, std::static_pointer_cast<MirrorJob>(shared_from_this())),

@@ -17,7 +17,8 @@ Result<SyncMode> parse_sync_mode(std::string_view s) {
   if (s == "full") return SyncMode::kFull;
   if (s == "top") return SyncMode::kTop;
   if (s == "none") return SyncMode::kNone;
-  if (s == "incremental" || s == "bitmap")
+  if (s == "bitmap") return SyncMode::kBitmap;
+  if (s == "incremental")
     return make_plain_error(ENOTSUP, fmt::format("Sync mode '{}' not supported", s));
   return make_plain_error(EINVAL, fmt::format("Parameter 'sync' does not accept value '{}'", s));
 }
@@ -43,6 +44,7 @@ const char* to_string(SyncMode m) {
   switch (m) {
     case SyncMode::kFull: return "full";
     case SyncMode::kTop: return "top";
+    case SyncMode::kBitmap: return "bitmap";
     case SyncMode::kNone: return "none";
   }
   return "?";
@@ -100,6 +102,13 @@ Result<void> validate_params(const MirrorParams& p) {
                             fmt::format("Parameter 'buf-size' expects a value of at most {} "
                                         "(a quarter of this machine's memory, at most 1 GiB)",
                                         format_size(max_buf_size())));
+  // QEMU's texts for backup's bitmap arguments, which mirror's follow.
+  if (p.sync == SyncMode::kBitmap && p.bitmap.empty())
+    return make_plain_error(EINVAL, "must provide a valid bitmap name for 'bitmap' sync mode");
+  if (p.sync != SyncMode::kBitmap && !p.bitmap.empty())
+    return make_plain_error(EINVAL, fmt::format("a bitmap was given, but sync mode is '{}', not "
+                                                "'bitmap'",
+                                                to_string(p.sync)));
   if (p.max_in_flight == 0 || p.max_in_flight > 1024)
     return make_plain_error(EINVAL, "Parameter 'max-in-flight' expects a value in range [1, 1024]");
   return {};

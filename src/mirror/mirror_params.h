@@ -18,7 +18,11 @@ namespace blkmirror {
 
 class Journal;
 
-enum class SyncMode { kFull, kTop, kNone };
+enum class SyncMode { kFull, kTop, kNone, kBitmap };
+// What a sync=bitmap job does to its bitmap (QEMU's BitmapSyncMode): never
+// touches it, or clears it when the job ends in sync (completed, or cancelled
+// once ready). QEMU's `always` is refused.
+enum class BitmapMode { kNever, kOnSuccess };
 // background: client writes only mark chunks dirty; the copy loop catches up.
 // write-blocking: a client write is also written to the target before its reply
 //   (active mirroring), so the job converges whatever the write rate.
@@ -44,6 +48,10 @@ struct MirrorParams {
   std::string device;    // source node
   std::string target;    // target node
   SyncMode sync = SyncMode::kFull;
+  // sync=bitmap: the source node's dirty bitmap whose dirty ranges are the
+  // initial copy set (instead of the allocation map).
+  std::string bitmap;
+  BitmapMode bitmap_mode = BitmapMode::kNever;
   uint64_t granularity = 0;  // 0: default from the target
   int64_t buf_size = 0;      // 0: default (16 MiB)
   int64_t speed = 0;

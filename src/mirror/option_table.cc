@@ -33,7 +33,8 @@ constexpr MirrorOption kOptions[] = {
      .type = OptionType::kEnum,
      .qmp_required = true,
      .default_text = "full",
-     .help = "what to copy: full | top (what the source's top layer holds) | none (new writes)",
+     .help = "what to copy: full | top (what the source's top layer holds) | none (new writes) | "
+             "bitmap (what --bitmap marks dirty)",
      .words = kSyncWords,
      .store = [](MirrorParams& p, const OptionValue& v) -> Result<void> {
        auto s = parse_sync_mode(word(v));

@@ -355,6 +355,7 @@ Json Daemon::named_block_nodes(bool flat) const {
         {"bps", 0}, {"bps_rd", 0}, {"bps_wr", 0},
         {"iops", 0}, {"iops_rd", 0}, {"iops_wr", 0},
     };
+    if (!n->bitmaps().empty()) node["dirty-bitmaps"] = dirty_bitmaps_json(*n);
     if (const Node* b = n->backing()) {
       auto bit = nodes_.find(b->name());
       node["backing_file"] =

@@ -423,6 +423,14 @@ Task<QResult<Json>> Daemon::BlockCommands::blockdev_del(Daemon& d, Json& args, c
     for (const Child* c : n->parents()) users += (users.empty() ? "" : ", ") + c->role();
     co_return generic_error(fmt::format("Node '{}' is busy: in use by {}", name, users));
   }
+  // An export or a job may still hold a bitmap of a node it no longer holds an
+  // edge to (a mirror's switch-over moved the export away).
+  for (const Node* c = n; c; c = c->backing())
+    for (const NamedBitmap& b : c->bitmaps())
+      if (b.busy)
+        co_return generic_error(fmt::format(
+            "Node '{}' is busy: its dirty bitmap '{}' is in use by another operation",
+            c->name(), b.name()));
   co_await d.remove_node_tree(name);
   co_return Json::object();
 }

@@ -58,6 +58,8 @@ Schema mirror_schema() {
       {"target", Type::kString, true},
       {"replaces", Type::kString},
       {"filter-node-name", Type::kString},
+      {"bitmap", Type::kString},
+      {"bitmap-mode", Type::kEnum, false, {"on-success", "never", "always"}},
       // blkmirror's own: the crash-safe state file (docs/design/journal.md).
       {"x-persistent-state", Type::kString},
   };
@@ -145,6 +147,14 @@ Task<QResult<Json>> Daemon::JobCommands::blockdev_mirror(Daemon& d, Json& a, con
     co_return generic_error(fmt::format("Job ID '{}' already in use", p.job_id));
   if (auto r = set_mirror_options(p, a); !r) co_return from(r.error());
   if (a.contains("replaces")) p.replaces = a["replaces"].get<std::string>();
+  if (a.contains("bitmap-mode") && !a.contains("bitmap"))
+    co_return generic_error("Cannot specify bitmap sync mode without a bitmap");
+  if (a.contains("bitmap")) p.bitmap = a["bitmap"].get<std::string>();
+  const std::string mode = a.value("bitmap-mode", "never");
+  if (mode == "always")
+    co_return generic_error("Bitmap sync mode 'always' is not supported by blkmirror's mirror "
+                            "(use 'never' or 'on-success')");
+  p.bitmap_mode = mode == "on-success" ? BitmapMode::kOnSuccess : BitmapMode::kNever;
   if (a.contains("filter-node-name") && !id_wellformed(a["filter-node-name"].get<std::string>()))
     co_return generic_error(
         fmt::format("Invalid node-name: '{}'", a["filter-node-name"].get<std::string>()));

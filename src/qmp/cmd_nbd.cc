@@ -45,7 +45,30 @@ const Schema kExportAdd = {
     {"node-name", Type::kString, true}, {"name", Type::kString},
     {"description", Type::kString}, {"writable", Type::kBool},
     {"writethrough", Type::kBool}, {"allocation-depth", Type::kBool},
+    {"bitmaps", Type::kAny},
 };
+
+// block-export-add's `bitmaps`: names, or {node, name} objects (QEMU 7.2's
+// BlockDirtyBitmapOrStr).
+QResult<std::vector<nbd::ExportConfig::BitmapRef>> bitmap_refs(const Json& a) {
+  std::vector<nbd::ExportConfig::BitmapRef> out;
+  if (!a.contains("bitmaps")) return out;
+  const Json& list = a["bitmaps"];
+  if (!list.is_array())
+    return generic_error("Invalid parameter type for 'bitmaps', expected: array");
+  for (const Json& b : list) {
+    if (b.is_string()) {
+      out.push_back({"", b.get<std::string>()});
+    } else if (b.is_object() && b.size() == 2 && b.contains("node") && b["node"].is_string() &&
+               b.contains("name") && b["name"].is_string()) {
+      out.push_back({b["node"].get<std::string>(), b["name"].get<std::string>()});
+    } else {
+      return generic_error(
+          "Invalid parameter type for 'bitmaps[]', expected: BlockDirtyBitmapOrStr");
+    }
+  }
+  return out;
+}
 const Schema kExportDel = {{"id", Type::kString, true},
                            {"mode", Type::kEnum, false, {"safe", "hard"}}};
 
@@ -177,6 +200,9 @@ Task<QResult<Json>> Daemon::NbdCommands::block_export_add(Daemon& d, Json& a, co
   if (rec.name.size() > 4096) co_return generic_error("export name too long to send to clients");
   nbd::ExportConfig cfg{rec.name, rec.node, a.value("description", std::string()), rec.writable,
                         a.value("allocation-depth", false)};
+  auto bitmaps = bitmap_refs(a);
+  if (!bitmaps) co_return tl::unexpected(bitmaps.error());
+  cfg.bitmaps = std::move(*bitmaps);
   if (auto r = d.nbd_->add_export(cfg); !r) co_return generic_error(r.error().message());
   d.exports_.emplace(rec.id, rec);
   co_return Json::object();

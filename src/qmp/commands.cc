@@ -36,7 +36,7 @@ const std::map<std::string_view, const Daemon::Command*>& Daemon::commands() {
     for (auto table : {core_commands(), block_commands(), object_commands(), job_commands(),
                        nbd_commands(), commit_commands(), reopen_commands(),
                        resize_commands(), drive_mirror_commands(),
-                       verify_commands()}) {
+                       verify_commands(), bitmap_commands()}) {
       for (const Command& c : table) {
         bool fresh = all.emplace(c.name, &c).second;
         assert(fresh && "a QMP command is listed twice");

@@ -168,6 +168,7 @@ class Daemon {
   struct ReopenCommands;  // cmd_reopen.cc: blockdev-reopen
   struct ResizeCommands;  // cmd_resize.cc: block_resize / block-resize
   struct DriveMirrorCommands;  // cmd_drive_mirror.cc: drive-mirror
+  struct BitmapCommands;  // cmd_bitmap.cc: block-dirty-bitmap-*, transaction
   struct VerifyCommands;       // cmd_verify.cc: x-blockdev-verify, x-query-verify
   static std::span<const Command> core_commands();
   static std::span<const Command> block_commands();
@@ -178,6 +179,7 @@ class Daemon {
   static std::span<const Command> reopen_commands();
   static std::span<const Command> resize_commands();
   static std::span<const Command> drive_mirror_commands();
+  static std::span<const Command> bitmap_commands();
   static std::span<const Command> verify_commands();
   // blockdev-add's schema for a driver, or nullptr (cmd_block.cc).
   static const Schema* node_schema(std::string_view driver);
@@ -262,5 +264,8 @@ class Daemon {
   bool quitting_ = false;
   Notifier quit_changed_;
 };
+
+// A node's dirty bitmaps as query-named-block-nodes lists them (cmd_bitmap.cc).
+Json dirty_bitmaps_json(const Node& n);
 
 }  // namespace blkmirror::qmp

@@ -98,7 +98,14 @@ TEST(MirrorJob, RefusesBadParameters) {
   p.target = "small";
   expect_error(p, "Source and target image have different sizes");
   EXPECT_FALSE(parse_sync_mode("incremental"));
-  EXPECT_EQ(parse_sync_mode("bitmap").error().message(), "Sync mode 'bitmap' not supported");
+  EXPECT_EQ(parse_sync_mode("bitmap").value(), SyncMode::kBitmap);
+  p = f.params();
+  p.sync = SyncMode::kBitmap;
+  expect_error(p, "must provide a valid bitmap name for 'bitmap' sync mode");
+  p.bitmap = "ghost";
+  expect_error(p, "Bitmap 'ghost' could not be found");
+  p.sync = SyncMode::kFull;
+  expect_error(p, "a bitmap was given, but sync mode is 'full', not 'bitmap'");
   EXPECT_EQ(f.dst->writes(), 0u);
 }
 

@@ -21,8 +21,8 @@ from ..report import div, fmt_iops, fmt_ms, fmt_x, load_note, med, pct_or_dash, 
 from ..util import GiB, MiB, fmt_size, fresh_sparse, log, make_dense, parse_size, remove
 
 
-def live_blkmirror_mode(copy_mode: str) -> Callable[[Ctx, Variant], Measure]:
-    return lambda ctx, v: live_blkmirror(ctx, v, copy_mode)
+def live_blkmirror_mode(copy_mode: str, state: bool = False) -> Callable[[Ctx, Variant], Measure]:
+    return lambda ctx, v: live_blkmirror(ctx, v, copy_mode, state)
 
 
 def live_qsd_mode(copy_mode: str, daemon: str = "qsd") -> Callable[[Ctx, Variant], Measure]:
@@ -44,7 +44,8 @@ def blkmirror_series(evs: list[tuple[float, dict]], t0: float) -> tuple[list, li
     return pts, marks
 
 
-def live_blkmirror(ctx: Ctx, v: Variant, copy_mode: str = "background") -> Measure:
+def live_blkmirror(ctx: Ctx, v: Variant, copy_mode: str = "background",
+                   state: bool = False) -> Measure:
     """`blkmirror mirror --socket --no-auto-complete` with fio writing to its
     export. blkmirror cannot start the job later than its export, so fio starts
     right after the export is up, i.e. together with the mirror (the daemon's
@@ -62,7 +63,12 @@ def live_blkmirror(ctx: Ctx, v: Variant, copy_mode: str = "background") -> Measu
         return lambda e: e.get("event") == name
 
     try:
-        c, uri = start_blkmirror_mirror(ctx, v.src, dst, v.workdir, copy_mode)
+        extra: tuple[str, ...] = ()
+        if state:  # crash-safe state, a fresh file each run (issue 12's IOPS cost)
+            state_path = os.path.join(v.workdir, "bm.state")
+            remove(state_path)
+            extra = ("--state", state_path)
+        c, uri = start_blkmirror_mirror(ctx, v.src, dst, v.workdir, copy_mode, extra)
         fio = FioNbd(uri, "randwrite", a.live_runtime, v.workdir)
         cpu0 = proc_cpu(c.p.pid)
         t_start, _ = c.wait_event(lambda e: e.get("event") == "JOB_STATUS_CHANGE"
@@ -269,6 +275,8 @@ def scenario_3(ctx: Ctx) -> list[Table]:
         qsd = want_peer(ctx, "qsd") and ctx.have["qemu-storage-daemon"]
         cs = [Contestant(f"blkmirror-{m}", f"blkmirror mirror --socket --copy-mode {m}",
                          live_blkmirror_mode(m), kind="live") for m in a.blkmirror_copy_modes]
+        cs += [Contestant(f"blkmirror-{m}-state", f"blkmirror mirror --socket --copy-mode {m} --state",
+                          live_blkmirror_mode(m, True), kind="live") for m in a.blkmirror_state_modes]
         cs += [Contestant(f"blkmirror-daemon-{m}", f"blkmirror daemon blockdev-mirror copy-mode {m}",
                           live_qsd_mode(m, "blkmirror"), kind="live")
                for m in a.blkmirror_daemon_copy_modes]
@@ -396,6 +404,15 @@ def live_table(ctx: Ctx, v: Variant, cs: list[Contestant], res: dict[str, list[M
                        f"{fmt_x(div(b['iops'], qb['iops']))}, copy amplification "
                        f"{fmt_x(div(b['amp_final'], qb['amp_final']))}, p99 "
                        f"{fmt_x(div(b['p99'], qb['p99']))}")
+    for key, sm in summary.items():
+        if not key.endswith("-state"):
+            continue
+        plain = summary.get(key[:-len("-state")])
+        r = div(sm["iops"], plain["iops"]) if plain else None
+        if r is not None:
+            t.notes.append(f"crash-safe state ({key[len('blkmirror-'):-len('-state')]}): fio IOPS "
+                           f"with --state / without **{r * 100:.0f}%** (target >= 90%: "
+                           f"{'met' if r >= 0.9 else 'missed'})")
     if plot:
         t.notes.append(f"dirty and copied bytes over time, per mode: `{plot}`")
     ln = load_note(res)
@@ -463,6 +480,9 @@ def add_arguments(g) -> None:
                    help="the daemon peer's copy modes (default background,write-blocking)")
     g.add_argument("--blkmirror-copy-modes", default="background,write-blocking,adaptive",
                    help="`blkmirror mirror --socket` copy modes (default all three)")
+    g.add_argument("--blkmirror-state-modes", default="write-blocking,adaptive",
+                   help="copy modes run again with --state (crash-safe state; its IOPS cost "
+                        "against the same mode without; empty: none)")
     g.add_argument("--blkmirror-daemon-copy-modes", default="write-blocking,adaptive",
                    help="`blkmirror daemon` (QMP, as the daemon peer is driven) copy modes "
                         "(default write-blocking,adaptive; empty: none)")
@@ -474,6 +494,7 @@ def resolve_arguments(a) -> str | None:
     a.qsd_copy_modes = [x for x in a.qsd_copy_modes.split(",") if x]
     a.blkmirror_copy_modes = [x for x in a.blkmirror_copy_modes.split(",") if x]
     a.blkmirror_daemon_copy_modes = [x for x in a.blkmirror_daemon_copy_modes.split(",") if x]
+    a.blkmirror_state_modes = [x for x in a.blkmirror_state_modes.split(",") if x]
     if a.live_runtime < 2:
         return "--live-runtime must be >= 2 (the daemon's job starts after 1 s)"
     return None

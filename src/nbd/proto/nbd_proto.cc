@@ -194,7 +194,8 @@ uint32_t validate_request(const Request& r, const ExportLimits& lim) {
   if ((r.flags & (kCmdFlagNoHole | kCmdFlagFastZero)) && r.type != kCmdWriteZeroes) return kEinval;
   if ((r.flags & kCmdFlagDf) && (r.type != kCmdRead || !lim.structured)) return kEinval;
   if ((r.flags & kCmdFlagReqOne) && r.type != kCmdBlockStatus) return kEinval;
-  if (r.type == kCmdBlockStatus && !lim.meta_base_allocation && !lim.meta_allocation_depth)
+  if (r.type == kCmdBlockStatus && !lim.meta_base_allocation && !lim.meta_allocation_depth &&
+      !lim.meta_dirty_bitmap)
     return kEinval;
   // Range: no overflow, inside the export.
   if (r.offset > lim.size || r.length > lim.size - r.offset) {

@@ -127,6 +127,12 @@ inline constexpr const char* kAllocationDepth = "qemu:allocation-depth";
 // Context ids we hand out (any non-zero values would do; they are per connection).
 inline constexpr uint32_t kMetaIdBaseAllocation = 1;
 inline constexpr uint32_t kMetaIdAllocationDepth = 2;
+// QEMU's dirty bitmap contexts, one per exported bitmap: per extent, 1 when it
+// is dirty in the bitmap, 0 when clean. Ids kMetaIdFirstBitmap + the bitmap's
+// index in the export.
+inline constexpr const char* kDirtyBitmapPrefix = "qemu:dirty-bitmap:";
+inline constexpr uint32_t kMetaIdFirstBitmap = 16;
+inline constexpr uint32_t kStateDirty = 1;
 inline constexpr size_t kMaxStringLen = 4096;
 inline constexpr size_t kRequestSize = 28;
 
@@ -212,6 +218,7 @@ struct ExportLimits {
   bool structured = false;       // structured replies negotiated
   bool meta_base_allocation = false;
   bool meta_allocation_depth = false;
+  bool meta_dirty_bitmap = false;  // at least one qemu:dirty-bitmap context
   uint32_t max_payload = kMaxRequestBytes;
 };
 

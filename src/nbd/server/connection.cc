@@ -202,6 +202,8 @@ Task<void> Connection::transmission() {
   limits_.structured = structured_;
   limits_.meta_base_allocation = meta_base_allocation_ && meta_export_ == exp->name;
   limits_.meta_allocation_depth = meta_allocation_depth_ && meta_export_ == exp->name;
+  if (meta_export_ != exp->name) meta_bitmaps_.clear();
+  limits_.meta_dirty_bitmap = !meta_bitmaps_.empty();
   limits_.max_payload = NbdServer::kMaxPayload;
   in_buf_.resize(NbdServer::kTransmissionReadBuffer);  // past the handshake: buffer for throughput
 
@@ -383,16 +385,42 @@ struct Descriptors {
   }
 };
 
+// The dirty extents of one exported bitmap over [off, end): at most
+// kMaxBlockStatusDescriptors descriptors (one with REQ_ONE). A request's length
+// is 32-bit, so descriptor lengths fit theirs.
+Descriptors bitmap_extents(const NamedBitmap& b, uint64_t off, uint64_t end, bool one) {
+  Descriptors d;
+  uint64_t pos = off;
+  while (pos < end && d.list.size() < kMaxBlockStatusDescriptors) {
+    auto dirty = b.next_dirty(pos);
+    uint64_t run_end, flags;
+    if (dirty && dirty->first <= pos) {
+      run_end = std::min(end, dirty->first + dirty->second);
+      flags = kStateDirty;
+    } else {
+      run_end = dirty ? std::min(end, dirty->first) : end;
+      flags = 0;
+    }
+    d.add(run_end - pos, static_cast<uint32_t>(flags));
+    pos = run_end;
+    if (one) break;
+  }
+  return d;
+}
+
 }  // namespace
 
 Task<uint32_t> Connection::do_block_status(const Request& r) {
-  // One walk over the device's extents feeds both contexts; each gets its own
-  // chunk (base:allocation first), the last one flagged done. Both describe
-  // the same prefix of the request, which may end early at the descriptor cap.
+  // One walk over the device's extents feeds both allocation contexts; each
+  // gets its own chunk (base:allocation first), then one chunk per dirty
+  // bitmap context; the last chunk is flagged done. The allocation chunks
+  // describe the same prefix of the request, which may end early at the
+  // descriptor cap.
   Child& edge = *export_->edge;
   Descriptors alloc, depth;
   uint64_t pos = r.offset, end = r.offset + r.length;
-  while (pos < end && alloc.list.size() < kMaxBlockStatusDescriptors &&
+  const bool walk = limits_.meta_base_allocation || limits_.meta_allocation_depth;
+  while (walk && pos < end && alloc.list.size() < kMaxBlockStatusDescriptors &&
          depth.list.size() < kMaxBlockStatusDescriptors) {
     auto st = co_await edge.block_status(pos, end - pos);
     if (!st) {
@@ -404,12 +432,17 @@ Task<uint32_t> Connection::do_block_status(const Request& r) {
     pos += st->length;
     if (r.flags & kCmdFlagReqOne) break;
   }
+  std::vector<std::pair<uint32_t, Descriptors>> chunks;
+  if (limits_.meta_base_allocation) chunks.emplace_back(kMetaIdBaseAllocation, std::move(alloc));
+  if (limits_.meta_allocation_depth) chunks.emplace_back(kMetaIdAllocationDepth, std::move(depth));
+  for (size_t i : meta_bitmaps_)
+    chunks.emplace_back(kMetaIdFirstBitmap + i,
+                        bitmap_extents(*export_->bitmaps[i], r.offset, end,
+                                       (r.flags & kCmdFlagReqOne) != 0));
   std::vector<std::byte> out;
-  if (limits_.meta_base_allocation)
-    alloc.encode(limits_.meta_allocation_depth ? 0 : kReplyFlagDone, r.cookie,
-                 kMetaIdBaseAllocation, out);
-  if (limits_.meta_allocation_depth)
-    depth.encode(kReplyFlagDone, r.cookie, kMetaIdAllocationDepth, out);
+  for (size_t i = 0; i < chunks.size(); ++i)
+    chunks[i].second.encode(i + 1 == chunks.size() ? kReplyFlagDone : 0, r.cookie,
+                            chunks[i].first, out);
   queue(std::move(out));
   co_return 0;
 }

@@ -93,6 +93,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Meta contexts chosen by the last NBD_OPT_SET_META_CONTEXT, for meta_export_.
   bool meta_base_allocation_ = false;
   bool meta_allocation_depth_ = false;
+  std::vector<size_t> meta_bitmaps_;  // indices into the export's bitmaps
   std::string meta_export_;  // export the meta contexts were negotiated for
   ExportRef export_;
   ExportLimits limits_;

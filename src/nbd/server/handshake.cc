@@ -183,23 +183,27 @@ Task<bool> Connection::reply_info(uint32_t option, const GoRequest& go, const Ex
 }
 
 Task<bool> Connection::reply_meta(uint32_t option, const MetaRequest& m, const Export& e) {
-  // Two contexts exist: base:allocation, and qemu:allocation-depth when the
-  // export offers it. An empty LIST asks for everything; a LIST of "base:" or
-  // "qemu:" asks for that whole namespace. Unknown queries match nothing (no
-  // error), as the spec asks.
-  auto wanted = [&](const char* ctx, const char* ns) {
+  // The contexts: base:allocation; qemu:allocation-depth when the export
+  // offers it; qemu:dirty-bitmap:NAME for each exported bitmap. An empty LIST
+  // asks for everything; a LIST of "base:", "qemu:" or "qemu:dirty-bitmap:"
+  // asks for that whole namespace. Unknown queries match nothing (no error),
+  // as the spec asks.
+  auto wanted = [&](const std::string& ctx, std::initializer_list<const char*> prefixes) {
     if (m.queries.empty()) return option == kOptListMetaContext;
-    for (auto& q : m.queries)
-      if (q == ctx || (option == kOptListMetaContext && q == ns)) return true;
+    for (auto& q : m.queries) {
+      if (q == ctx) return true;
+      if (option == kOptListMetaContext)
+        for (const char* p : prefixes)
+          if (q == p) return true;
+    }
     return false;
   };
-  bool base = wanted(kBaseAllocation, "base:");
-  bool depth = e.allocation_depth && wanted(kAllocationDepth, "qemu:");
-  if (option == kOptSetMetaContext) {
-    meta_base_allocation_ = base;
-    meta_allocation_depth_ = depth;
-    meta_export_ = e.name;
-  }
+  bool base = wanted(kBaseAllocation, {"base:"});
+  bool depth = e.allocation_depth && wanted(kAllocationDepth, {"qemu:"});
+  std::vector<size_t> bitmaps;
+  for (size_t i = 0; i < e.bitmaps.size(); ++i)
+    if (wanted(kDirtyBitmapPrefix + e.bitmaps[i]->name(), {"qemu:", kDirtyBitmapPrefix}))
+      bitmaps.push_back(i);
   std::vector<std::byte> d;
   if (base) {
     Writer(d).u32(kMetaIdBaseAllocation).str(kBaseAllocation);
@@ -209,6 +213,19 @@ Task<bool> Connection::reply_meta(uint32_t option, const MetaRequest& m, const E
     d.clear();
     Writer(d).u32(kMetaIdAllocationDepth).str(kAllocationDepth);
     if (!co_await send_option_reply(option, kRepMetaContext, d)) co_return false;
+  }
+  for (size_t i : bitmaps) {
+    d.clear();
+    Writer(d)
+        .u32(kMetaIdFirstBitmap + static_cast<uint32_t>(i))
+        .str(kDirtyBitmapPrefix + e.bitmaps[i]->name());
+    if (!co_await send_option_reply(option, kRepMetaContext, d)) co_return false;
+  }
+  if (option == kOptSetMetaContext) {
+    meta_base_allocation_ = base;
+    meta_allocation_depth_ = depth;
+    meta_bitmaps_ = std::move(bitmaps);
+    meta_export_ = e.name;
   }
   co_return co_await send_option_reply(option, kRepAck);
 }

@@ -1,5 +1,7 @@
 #include "nbd/server/nbd_server.h"
 
+#include <algorithm>
+
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
@@ -24,9 +26,13 @@ Result<void> NbdServer::add_export(const ExportConfig& cfg) {
   EdgeUse use{
       fmt::format("NBD export '{}'", cfg.name), "root",
       Perms{kPermConsistentRead | (cfg.writable ? kPermWrite : 0u), kPermAll & ~kPermResize}};
+  auto bitmaps = find_bitmaps(*node, cfg, cfg.writable);
+  if (!bitmaps) return make_error(bitmaps.error());
   auto edge = graph_.attach(node, "export " + cfg.name, std::move(use));
   if (!edge) return make_error(edge.error());
   auto e = std::make_shared<Export>();
+  e->bitmaps = std::move(*bitmaps);
+  for (NamedBitmap* b : e->bitmaps) b->busy = true;
   e->name = cfg.name;
   e->description = cfg.description;
   e->writable = cfg.writable;
@@ -38,6 +44,40 @@ Result<void> NbdServer::add_export(const ExportConfig& cfg) {
     default_name_ = cfg.name;
   }
   return {};
+}
+
+// QEMU's nbd_export_create() checks, with its texts.
+Result<std::vector<NamedBitmap*>> NbdServer::find_bitmaps(Node& node, const ExportConfig& cfg,
+                                                          bool writable) {
+  std::vector<NamedBitmap*> out;
+  for (const auto& ref : cfg.bitmaps) {
+    NamedBitmap* b = nullptr;
+    bool in_chain = ref.node.empty();
+    for (Node* n = &node; n && !b; n = n->backing()) {
+      if (!ref.node.empty() && n->name() != ref.node) continue;
+      in_chain = true;
+      b = n->bitmaps().find(ref.name);
+    }
+    if (!ref.node.empty() && !in_chain)
+      return make_plain_error(EINVAL, fmt::format("Bitmap '{}' of node '{}' is not in the backing "
+                                                  "chain of the exported node '{}'",
+                                                  ref.name, ref.node, node.name()));
+    if (!b) return make_plain_error(ENOENT, fmt::format("Bitmap '{}' is not found", ref.name));
+    if (b->busy)
+      return make_plain_error(
+          EBUSY, fmt::format(
+                     "Bitmap '{}' is currently in use by another operation and cannot be used",
+                     b->name()));
+    if (b->inconsistent)
+      return make_plain_error(
+          EINVAL, fmt::format("Bitmap '{}' is inconsistent and cannot be used", b->name()));
+    // A read-only export promises a stable view; a recording bitmap would move.
+    if (!writable && b->enabled)
+      return make_plain_error(
+          EINVAL, fmt::format("Enabled bitmap '{}' incompatible with readonly export", b->name()));
+    if (std::find(out.begin(), out.end(), b) == out.end()) out.push_back(b);
+  }
+  return out;
 }
 
 Export* NbdServer::find_export(const std::string& name) {

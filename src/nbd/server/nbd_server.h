@@ -44,13 +44,29 @@ struct ExportConfig {
   // Offer the qemu:allocation-depth meta context (QEMU's allocation-depth
   // export option; off by default there too).
   bool allocation_depth = false;
+  // Dirty bitmaps offered as qemu:dirty-bitmap:NAME meta contexts (QEMU's
+  // `bitmaps`): a bare name is looked up on the node and down its backing
+  // chain; {node, name} names the node, which must be the export's node or in
+  // its backing chain. Each is busy while the export exists.
+  struct BitmapRef {
+    std::string node;  // "" for a bare name
+    std::string name;
+  };
+  std::vector<BitmapRef> bitmaps;
 };
 
 struct Export {
   std::string name, description;
   bool writable = true;
   bool allocation_depth = false;
+  // Exported dirty bitmaps: meta context id kMetaIdFirstBitmap + index. Marked
+  // busy by add_export; the destructor unmarks them (the nodes holding them
+  // outlive the export: they are its node or below it, held through edge).
+  std::vector<NamedBitmap*> bitmaps;
   std::unique_ptr<Child> edge;
+  ~Export() {
+    for (NamedBitmap* b : bitmaps) b->busy = false;
+  }
   Gate gate;  // held by each ExportRef: closed and waited for by remove_export
 
   // For the metrics endpoint: requests by NBD command (bytes: the request's
@@ -149,6 +165,7 @@ class NbdServer {
   uint64_t refused() const { return refused_; }
 
  private:
+  Result<std::vector<NamedBitmap*>> find_bitmaps(Node& node, const ExportConfig& cfg, bool writable);
   friend class Connection;
   void start_connection(asio::generic::stream_protocol::socket sock);
   Export* default_export();
