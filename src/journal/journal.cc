@@ -52,6 +52,18 @@ uint64_t Journal::dirty_count() const {
   return n;
 }
 
+std::optional<uint64_t> Journal::next_dirty(uint64_t from) const {
+  const uint64_t n = extents();
+  for (uint64_t w = from / 64; w < words_.size() && w * 64 < n; ++w) {
+    uint64_t bits = words_[w];
+    if (w == from / 64) bits &= ~uint64_t{0} << (from % 64);
+    if (!bits) continue;
+    uint64_t x = w * 64 + static_cast<uint64_t>(std::countr_zero(bits));
+    return x < n ? std::optional<uint64_t>(x) : std::nullopt;
+  }
+  return std::nullopt;
+}
+
 Task<Result<std::unique_ptr<Journal>>> Journal::create(BlockDevicePtr file, JournalHeader h) {
   h.seq = 0;
   h.created_unix = h.updated_unix = now_unix();

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <set>
 #include <vector>
 
@@ -43,6 +44,9 @@ class Journal {
   uint64_t extents() const { return h_.extents(); }
   bool dirty(uint64_t extent) const { return (words_[extent / 64] >> (extent % 64)) & 1; }
   uint64_t dirty_count() const;
+  // The first dirty extent at or after `from`, skipping clean words; nullopt
+  // when none (checkpoints walk a 64M-extent bitmap this way every 250 ms).
+  std::optional<uint64_t> next_dirty(uint64_t from) const;
   // The extents covering [off, off+len), clipped to the length.
   std::pair<uint64_t, uint64_t> extents_of(uint64_t off, uint64_t len) const;
 

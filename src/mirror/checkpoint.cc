@@ -47,8 +47,8 @@ void MirrorJob::journal_failed(const Error& e) {
 
 Task<void> MirrorJob::checkpoint() {
   std::vector<uint64_t> cands;
-  for (uint64_t x = 0; x < journal_->extents(); ++x)
-    if (journal_->dirty(x) && !touched_.test(x) && extent_idle(x)) cands.push_back(x);
+  for (auto x = journal_->next_dirty(0); x; x = journal_->next_dirty(*x + 1))
+    if (!touched_.test(*x) && extent_idle(*x)) cands.push_back(*x);
   touched_.reset_all();
   if (cands.empty()) co_return;
   if (auto f = co_await src_.flush(); !f) co_return;  // the copy loop reports device errors

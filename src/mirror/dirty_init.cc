@@ -1,7 +1,7 @@
 // Phase 1: marking what must be copied before the copy loop starts.
-#include <chrono>
-
 #include <fmt/format.h>
+
+#include <chrono>
 
 #include "mirror/mirror_job.h"
 
@@ -43,8 +43,8 @@ Task<Result<void>> MirrorJob::dirty_init() {
     // A run before this one left its state: where it says the target may
     // differ is all there is to copy (the caller checked it is this mirror's).
     const uint64_t ext = journal_->extent_size();
-    for (uint64_t x = 0; x < journal_->extents(); ++x)
-      if (journal_->dirty(x)) mark_dirty(x * ext, ext);
+    for (auto x = journal_->next_dirty(0); x; x = journal_->next_dirty(*x + 1))
+      mark_dirty(*x * ext, ext);
     update_len();
     co_return Result<void>{};
   }
@@ -54,7 +54,8 @@ Task<Result<void>> MirrorJob::dirty_init() {
     // user's promise: the target was a copy of the source when the bitmap
     // started recording). Its granules map onto the job's chunks, whatever
     // either granularity.
-    for (auto r = sync_bitmap_->next_dirty(0); r; r = sync_bitmap_->next_dirty(r->first + r->second))
+    for (auto r = sync_bitmap_->next_dirty(0); r;
+         r = sync_bitmap_->next_dirty(r->first + r->second))
       mark_dirty(r->first, r->second);
     update_len();
     co_return Result<void>{};

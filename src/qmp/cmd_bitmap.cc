@@ -13,12 +13,12 @@
 //
 // Nothing here suspends between prepare and commit, so no other request can
 // see a half-applied transaction.
+#include <fmt/format.h>
+
 #include <bit>
 #include <functional>
 #include <memory>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "qmp/daemon.h"
 
@@ -27,9 +27,8 @@ namespace blkmirror::qmp {
 namespace {
 
 const Schema kAdd = {
-    {"node", Type::kString, true},      {"name", Type::kString, true},
-    {"granularity", Type::kInt},        {"persistent", Type::kBool},
-    {"disabled", Type::kBool},
+    {"node", Type::kString, true}, {"name", Type::kString, true}, {"granularity", Type::kInt},
+    {"persistent", Type::kBool},   {"disabled", Type::kBool},
 };
 const Schema kNamed = {{"node", Type::kString, true}, {"name", Type::kString, true}};
 const Schema kMerge = {
@@ -62,8 +61,7 @@ QResult<void> check_usable(const NamedBitmap& b, unsigned flags) {
     return generic_error(fmt::format(
         "Bitmap '{}' is currently in use by another operation and cannot be used", b.name()));
   if ((flags & kInconsistent) && b.inconsistent)
-    return generic_error(
-        fmt::format("Bitmap '{}' is inconsistent and cannot be used", b.name()));
+    return generic_error(fmt::format("Bitmap '{}' is inconsistent and cannot be used", b.name()));
   return {};
 }
 
@@ -80,8 +78,8 @@ struct Daemon::BitmapCommands {
   static const Action* find_action(std::string_view type);
 
   // block_dirty_bitmap_lookup(): QEMU's texts for a missing node or bitmap.
-  static QResult<NamedBitmap*> lookup(Daemon& d, const std::string& node,
-                                      const std::string& name, Node** out_node = nullptr);
+  static QResult<NamedBitmap*> lookup(Daemon& d, const std::string& node, const std::string& name,
+                                      Node** out_node = nullptr);
 
   static QResult<Prepared> add(Daemon& d, Json& data);
   static QResult<Prepared> remove(Daemon& d, Json& data);
@@ -233,14 +231,16 @@ QResult<Prepared> Daemon::BitmapCommands::merge(Daemon& d, Json& a) {
     const NamedBitmap* src = nullptr;
     if (s.is_string()) {
       src = n->bitmaps().find(s.get<std::string>());
-      if (!src) return generic_error(fmt::format("Dirty bitmap '{}' not found", s.get<std::string>()));
-    } else if (s.is_object() && s.contains("node") && s["node"].is_string() &&
-               s.contains("name") && s["name"].is_string() && s.size() == 2) {
+      if (!src)
+        return generic_error(fmt::format("Dirty bitmap '{}' not found", s.get<std::string>()));
+    } else if (s.is_object() && s.contains("node") && s["node"].is_string() && s.contains("name") &&
+               s["name"].is_string() && s.size() == 2) {
       auto b = lookup(d, s["node"], s["name"]);
       if (!b) return tl::unexpected(b.error());
       src = *b;
     } else {
-      return generic_error("Invalid parameter type for 'bitmaps[]', expected: BlockDirtyBitmapOrStr");
+      return generic_error(
+          "Invalid parameter type for 'bitmaps[]', expected: BlockDirtyBitmapOrStr");
     }
     sources.push_back(src);
   }
@@ -291,9 +291,8 @@ Task<QResult<Json>> Daemon::BitmapCommands::transaction(Daemon& d, Json& args, c
   Json& actions = args["actions"];
   if (!actions.is_array())
     co_return generic_error("Invalid parameter type for 'actions', expected: array");
-  const bool grouped =
-      args.contains("properties") &&
-      args["properties"].value("completion-mode", "individual") == "grouped";
+  const bool grouped = args.contains("properties") &&
+                       args["properties"].value("completion-mode", "individual") == "grouped";
   // Every action's arguments are checked before the first one is prepared.
   std::vector<std::pair<const Action*, Json>> list;
   for (size_t i = 0; i < actions.size(); ++i) {
@@ -306,7 +305,8 @@ Task<QResult<Json>> Daemon::BitmapCommands::transaction(Daemon& d, Json& args, c
           fmt::format("Invalid parameter type for '{}type', expected: string", at));
     const std::string type = item["type"];
     const Action* a = find_action(type);
-    if (!a) co_return generic_error(fmt::format("Parameter 'type' does not accept value '{}'", type));
+    if (!a)
+      co_return generic_error(fmt::format("Parameter 'type' does not accept value '{}'", type));
     for (auto& [key, v] : item.items())
       if (key != "type" && key != "data")
         co_return generic_error(fmt::format("Parameter '{}{}' is unexpected", at, key));
@@ -326,9 +326,8 @@ Task<QResult<Json>> Daemon::BitmapCommands::transaction(Daemon& d, Json& args, c
 Json dirty_bitmaps_json(const Node& n) {
   Json list = Json::array();
   for (const NamedBitmap& b : n.bitmaps()) {
-    Json info = {{"name", b.name()},       {"recording", b.enabled},
-                 {"persistent", b.persistent}, {"busy", b.busy},
-                 {"granularity", b.granularity()}, {"count", b.count()}};
+    Json info = {{"name", b.name()}, {"recording", b.enabled},         {"persistent", b.persistent},
+                 {"busy", b.busy},   {"granularity", b.granularity()}, {"count", b.count()}};
     if (b.inconsistent) info["inconsistent"] = true;
     list.push_back(std::move(info));
   }

@@ -172,6 +172,8 @@ bool VerifyJob::written_since_reset(const ByteRange& r) const {
   return written_.count_range(first, end - first) > 0;
 }
 
+bool VerifyJob::moved(const ByteRange& r) const { return written_since_reset(r) || unsettled(r); }
+
 void VerifyJob::defer(const ByteRange& r) {
   auto [first, end] = chunks_of(r.offset, r.length, gran_, length_);
   recheck_.set(first, end - first);
@@ -262,7 +264,7 @@ Task<Result<void>> VerifyJob::compare(ByteRange r) {
             te.error().errnum(),
             fmt::format("target block status at {}: {}", r.offset, te.error().message()));
       if (te->zero && te->length >= r.length) {
-        if (written_since_reset(r) || unsettled(r)) {
+        if (moved(r)) {
           defer(r);
         } else {
           report_.zero_skipped += r.length;
@@ -312,7 +314,7 @@ Task<Result<void>> VerifyJob::compare(ByteRange r) {
     }
     // Something wrote the chunk while it was read, or a copy still owes it:
     // the difference may be the moment's, not the copy's. Compare it again.
-    if (busy[off / gran_ - first] || written_since_reset(c) || unsettled(c)) {
+    if (busy[off / gran_ - first] || moved(c)) {
       defer(c);
       continue;
     }
@@ -347,7 +349,7 @@ Task<Result<void>> VerifyJob::repair(ByteRange r, std::span<const std::byte> dat
     co_return make_plain_error(w.error().errnum(), fmt::format("repairing the target at {}: {}",
                                                                r.offset, w.error().message()));
   // The source changed since it was read: what was written may be old.
-  if (written_since_reset(r) || unsettled(r)) {
+  if (moved(r)) {
     defer(r);
     co_return Result<void>{};
   }

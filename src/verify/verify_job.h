@@ -105,6 +105,9 @@ class VerifyJob : public Job, public WriteObserver {
   // True when [r) cannot be compared now: written right now, or owed by a copy.
   bool unsettled(const ByteRange& r) const;
   bool written_since_reset(const ByteRange& r) const;
+  // Written since its reads began, or busy now: a difference there may be the
+  // moment's, not the copy's.
+  bool moved(const ByteRange& r) const;
   void defer(const ByteRange& r);
   void settle(const ByteRange& r);
   // A difference found in r (whole chunks, nothing explains it): reported,

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <array>
+#include <asio.hpp>
 #include <chrono>
 #include <cstdint>
 #include <list>
@@ -23,8 +24,6 @@
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <asio.hpp>
 
 #include "base/gate.h"
 #include "base/limits.h"
@@ -71,8 +70,8 @@ struct Export {
 
   // For the metrics endpoint: requests by NBD command (bytes: the request's
   // length), requests running now, and clients that ever chose the export.
-  static constexpr const char* kCommands[] = {"read",  "write", "disc",        "flush",
-                                              "trim",  "cache", "write_zeroes", "block_status"};
+  static constexpr const char* kCommands[] = {"read", "write", "disc",         "flush",
+                                              "trim", "cache", "write_zeroes", "block_status"};
   std::array<OpStats, std::size(kCommands)> stats{};
   uint64_t in_flight = 0;
   uint64_t connections_total = 0;
@@ -165,7 +164,8 @@ class NbdServer {
   uint64_t refused() const { return refused_; }
 
  private:
-  Result<std::vector<NamedBitmap*>> find_bitmaps(Node& node, const ExportConfig& cfg, bool writable);
+  Result<std::vector<NamedBitmap*>> find_bitmaps(Node& node, const ExportConfig& cfg,
+                                                 bool writable);
   friend class Connection;
   void start_connection(asio::generic::stream_protocol::socket sock);
   Export* default_export();
