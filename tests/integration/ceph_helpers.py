@@ -1,8 +1,10 @@
 """A real Ceph cluster for the rbd tests: the session fixture `ceph` starts one
 (scripts/ceph-cluster: one monitor, one memstore OSD, pool `rbd`, no auth, loopback)
 the first time a test asks for it and stops it when the session ends. Under xdist
-each worker is its own session, so each worker has its own cluster in its own
-directory on its own monitor port: nothing is shared between workers.
+each worker is its own session; to share one cluster between all workers (as
+scripts/test does, to start it once and hold one memstore in memory), start it
+beforehand and name its directory in BLKMIRROR_CEPH_DIR. A test that disturbs the
+cluster itself (stops its OSD) takes `private_ceph`: a cluster of its own.
 
 Tests name images with ceph.image(): unique per call, so tests sharing the cluster
 never see each other's images. Judges: ceph.export() (`rbd export`), ceph.du()
@@ -85,13 +87,35 @@ class Ceph:
         return int((self.root / "run" / "osd.0.pid").read_text())
 
 
-@pytest.fixture(scope="session")
-def ceph(tmp_path_factory):
+def _need_ceph():
     missing = [t for t in ("ceph-mon", "ceph-osd", "ceph", "rbd") if shutil.which(t) is None]
     if missing:
         pytest.fail(f"the rbd tests need Ceph ({', '.join(missing)} missing): run scripts/deps")
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory):
+    _need_ceph()
+    shared = os.environ.get("BLKMIRROR_CEPH_DIR")
+    if shared:
+        c = Ceph(Path(shared))
+        if not Path(c.conf).exists():
+            pytest.fail(f"BLKMIRROR_CEPH_DIR={shared} holds no cluster (no ceph.conf)")
+        yield c  # started and stopped by whoever set the variable
+        return
     # A short path: the daemons' admin sockets live under it (UNIX paths are limited).
     c = Ceph(tmp_path_factory.mktemp("ceph"))
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def private_ceph(tmp_path_factory):
+    """A cluster of the test's own, for tests that stop or break the cluster: on the
+    shared one they would stall every other worker's rbd tests."""
+    _need_ceph()
+    c = Ceph(tmp_path_factory.mktemp("pceph"))
     c.start()
     yield c
     c.stop()

@@ -71,7 +71,8 @@ def test_live_writer_switches_over_onto_rbd(ceph, mirror_server, tmp_path):
     qemu_compare(out, ceph.spec(name))
 
 
-def test_osd_stopped_mid_mirror_waits_and_completes(ceph, cli, check, images, workdir):
+def test_osd_stopped_mid_mirror_waits_and_completes(private_ceph, cli, check, images, workdir):
+    ceph = private_ceph
     src = images.dense("src.img", 48 * MiB)
     name = ceph.create(48 * MiB)
     osd = ceph.osd_pid()
