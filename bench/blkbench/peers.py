@@ -57,20 +57,24 @@ class QMP(QmpClient):
 
 
 def qsd_mirror(src: str, dst: str, workdir: str, src_fmt: str = "raw",
-               dst_fmt: str = "raw") -> dict:
+               dst_fmt: str = "raw", dst_nodes: list[str] | None = None) -> dict:
     """One qemu-storage-daemon mirror of src to dst, flow of docs/measuring.md. Returns
     job time (blockdev-mirror sent .. BLOCK_JOB_COMPLETED), total (spawn ..
     daemon exited after quit) and the daemon's peak RSS. The formats are the
-    drivers of the nodes over the files (raw or qcow2)."""
+    drivers of the nodes over the files (raw or qcow2). dst_nodes: --blockdev
+    values that make node `dst` instead of a file (an rbd image, say)."""
     sock = os.path.join(workdir, f"qmp-{os.getpid()}.sock")
     remove(sock)
+    if dst_nodes is None:
+        dst_nodes = [f"driver=file,node-name=dstf,filename={dst},aio=threads",
+                     f"driver={dst_fmt},node-name=dst,file=dstf"]
     cmd = ["qemu-storage-daemon",
            "--blockdev", f"driver=file,node-name=srcf,filename={src},aio=threads",
-           "--blockdev", f"driver={src_fmt},node-name=src,file=srcf",
-           "--blockdev", f"driver=file,node-name=dstf,filename={dst},aio=threads",
-           "--blockdev", f"driver={dst_fmt},node-name=dst,file=dstf",
-           "--chardev", f"socket,id=c0,path={sock},server=on,wait=off",
-           "--monitor", "chardev=c0"]
+           "--blockdev", f"driver={src_fmt},node-name=src,file=srcf"]
+    for n in dst_nodes:
+        cmd += ["--blockdev", n]
+    cmd += ["--chardev", f"socket,id=c0,path={sock},server=on,wait=off",
+            "--monitor", "chardev=c0"]
     errf = tempfile.TemporaryFile()
     sp = Spawned(cmd, errf, errf)
     t0 = sp.t0

@@ -4,6 +4,7 @@
 
 #include "blockdev/nbd_device.h"
 #include "blockdev/nbd_uri.h"
+#include "blockdev/rbd/rbd_device.h"
 
 namespace blkmirror {
 
@@ -21,7 +22,17 @@ Result<OpenedDevice> open_device_spec(Loop& loop, const std::string& spec, FileO
                                       std::optional<ImageFormat> format, const char* role) {
   OpenedDevice out;
   BlockDevicePtr bytes;
-  if (!is_nbd_spec(spec)) {
+  if (looks_like_rbd_spec(spec)) {
+    auto r = parse_rbd_filename(spec);
+    if (!r) return make_error(r.error());
+    RbdOptions ro;
+    ro.read_only = opts.read_only;
+    auto dev = loop.run(RbdDevice::open(loop, *r, ro));
+    if (!dev) return make_error(dev.error());
+    bytes = *dev;
+    out.rbd = *dev;
+    if (!format) format = ImageFormat::kRaw;  // a guest's disk, like an NBD export
+  } else if (!is_nbd_spec(spec)) {
     auto f = FileDevice::open(loop, spec, opts);
     if (!f) return make_error(f.error());
     out.file = *f;
@@ -36,7 +47,7 @@ Result<OpenedDevice> open_device_spec(Loop& loop, const std::string& spec, FileO
     bytes = *dev;
     if (!format) format = ImageFormat::kRaw;  // see the header: never guessed for an export
   }
-  auto img = loop.run(open_image(loop, bytes, spec, !out.is_nbd(), format, opts.read_only));
+  auto img = loop.run(open_image(loop, bytes, spec, out.file != nullptr, format, opts.read_only));
   if (!img) return make_plain_error(img.error().errnum(), img.error().message());
   out.image = std::move(*img);
   out.dev = out.image.top;

@@ -1,7 +1,9 @@
 // Opening a SRC, DST or IMAGE argument of the CLI: a file or block device path,
-// or an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://; see
-// blockdev/nbd_uri.h), which connects to the remote export; then the image
-// format over it: raw or qcow2 (with its backing chain, read-only).
+// a Ceph RBD image in QEMU's legacy syntax (rbd:POOL/IMAGE[@SNAP][:conf=PATH]...,
+// blockdev/rbd/rbd_spec.h; raw unless --format says otherwise), or an NBD URI
+// (nbd://, nbds://, nbd+unix://, nbds+unix://; see blockdev/nbd_uri.h), which
+// connects to the remote export; then the image format over it: raw or qcow2
+// (with its backing chain, read-only).
 //
 // Format: the one given (--format); else a file is detected by its magic, and
 // when that made it qcow2 the CLI says so (one line on stderr; raw, what the CLI
@@ -20,15 +22,17 @@
 
 #include "blockdev/file_device.h"
 #include "blockdev/image_chain.h"
+#include "blockdev/rbd/rbd_device.h"
 #include "io/loop.h"
 
 namespace blkmirror {
 
 struct OpenedDevice {
   BlockDevicePtr dev;                // the guest view (qcow2 over the file, or the file)
-  std::shared_ptr<FileDevice> file;  // set for files and block devices, null for NBD
+  std::shared_ptr<FileDevice> file;  // set for files and block devices, null for NBD, rbd
   OpenedImage image;                 // format and qcow2 layers (close() before exit)
-  bool is_nbd() const { return file == nullptr; }
+  std::shared_ptr<RbdDevice> rbd;    // set for a Ceph RBD image (rbd:POOL/IMAGE...)
+  bool is_nbd() const { return file == nullptr && !rbd; }
 };
 
 bool is_nbd_spec(const std::string& spec);

@@ -9,6 +9,7 @@
 
 #include "base/size_parse.h"
 #include "blockdev/file_device.h"
+#include "blockdev/rbd/rbd_create.h"
 #include "cli/commands.h"
 #include "cli/device_spec.h"
 #include "cli/drive.h"
@@ -116,17 +117,31 @@ int run_mirror(const MirrorArgs& a) {
       return fail_input(a.dst +
                         ": --create makes files; an NBD export is created by its server "
                         "(drop --create)");
-    if (auto r = FileDevice::create(a.dst, qcow2_target ? 0 : size); !r)
+    if (looks_like_rbd_spec(a.dst)) {
+      if (qcow2_target)
+        return fail_input(a.dst + ": --create makes rbd images raw (drop --format qcow2)");
+      auto spec = parse_rbd_filename(a.dst);
+      if (!spec) return fail_input(spec.error().message());
+      RbdCreateOptions ro{.size = size};
+      if (auto r = loop.run(create_rbd_image(loop, *spec, ro)); !r) {
+        bool exists = r.error().errnum() == EEXIST;
+        return fail_input(r.error().message() +
+                          (exists ? " (drop --create to mirror into it)" : ""));
+      }
+    } else if (auto r = FileDevice::create(a.dst, qcow2_target ? 0 : size); !r) {
       return fail_input(r.error().message() +
                         (r.error().errnum() == EEXIST ? " (drop --create to mirror into it)" : ""));
-    created = true;
+    } else {
+      created = true;
+    }
     if (qcow2_target)
       if (auto r = create_qcow2_target(loop, a, size); !r) return fail_input(r.error().message());
   }
   // Before opening DST: the same file opened twice would otherwise meet its
   // own image lock and be refused with a less helpful text.
   struct stat dst_st {};
-  if (src->file && !is_nbd_spec(a.dst) && ::stat(a.dst.c_str(), &dst_st) == 0 &&
+  if (src->file && !is_nbd_spec(a.dst) && !looks_like_rbd_spec(a.dst) &&
+      ::stat(a.dst.c_str(), &dst_st) == 0 &&
       src->file->identity() ==
           std::pair<uint64_t, uint64_t>(dst_st.st_dev,
                                         S_ISBLK(dst_st.st_mode) ? dst_st.st_rdev : dst_st.st_ino))
@@ -139,9 +154,12 @@ int run_mirror(const MirrorArgs& a) {
       FileOptions{.read_only = false, .direct = a.opts.direct, .locking = a.opts.lock_mode()},
       dst_open_fmt, "DST");
   if (!dst) return fail_input(dst.error().message());
-  // A raw file we just made reads as zeroes; a new qcow2 image says so itself
-  // (and must not, over a backing file).
-  if (a.create && !qcow2_target) dst->file->set_zero_init(true);
+  // A raw file or rbd image we just made reads as zeroes; a new qcow2 image says
+  // so itself (and must not, over a backing file).
+  if (a.create && !qcow2_target) {
+    if (dst->file) dst->file->set_zero_init(true);
+    if (dst->rbd) dst->rbd->set_zero_init(true);
+  }
   bool same = src->file && dst->file ? src->file->identity() == dst->file->identity()
                                      : src->dev->describe() == dst->dev->describe();
   if (same)

@@ -19,6 +19,7 @@
 #include "blockdev/raw_device.h"
 #include "qmp/create_job.h"
 #include "qmp/daemon.h"
+#include "qmp/rbd_node.h"
 
 namespace blkmirror::qmp {
 
@@ -96,6 +97,12 @@ const Schema kCreateFile = {{"driver", Type::kString, true},
                             {"size", Type::kInt, true},
                             {"preallocation", Type::kEnum, false, {"off", "falloc", "full"}},
                             {"nocow", Type::kBool}};
+const Schema kRbd = [] {
+  Schema s = common_members();
+  Schema more = rbd_location_members();
+  s.insert(s.end(), more.begin(), more.end());
+  return s;
+}();
 const Schema kCreate = {{"job-id", Type::kString, true}, {"options", Type::kObject, true}};
 const Schema kBlockdevDel = {{"node-name", Type::kString, true}};
 const Schema kQueryNodes = {{"flat", Type::kBool}};
@@ -152,6 +159,7 @@ struct Daemon::BlockCommands {
   static Task<QResult<Json>> blockdev_create(Daemon& d, Json& args, const Call& call);
   static Task<QResult<Json>> query_named_block_nodes(Daemon& d, Json& args, const Call& call);
   static Task<QResult<BlockDevicePtr>> open_nbd_node(Daemon& d, Json& args);
+  static Task<QResult<Json>> create_rbd(Daemon& d, Json& args, Json& o, const Call& call);
 };
 
 std::span<const Daemon::Command> Daemon::block_commands() {
@@ -173,6 +181,7 @@ const Schema* Daemon::node_schema(std::string_view driver) {
          : driver == "null-co"  ? &kNull
          : driver == "blkdebug" ? &kBlkdebug
          : driver == "nbd"      ? &kNbd
+         : driver == "rbd"      ? &kRbd
                                 : nullptr;
 }
 
@@ -287,6 +296,11 @@ Task<QResult<Json>> Daemon::add_node(Json& args, const Call& call, ChainGuard* g
     dev = *nbd;
     rec.filename = dev->describe();
     rec.tls_creds = args.value("tls-creds", "");
+  } else if (driver == "rbd") {
+    auto rbd = co_await open_rbd_node(d.loop_, args);
+    if (!rbd) co_return tl::unexpected(rbd.error());
+    dev = *rbd;
+    rec.filename = dev->describe();
   } else if (driver == "null-co") {
     int64_t size = args["size"].get<int64_t>();
     if (size < 0) co_return generic_error("Parameter 'size' expects a non-negative value");
@@ -443,10 +457,11 @@ Task<QResult<Json>> Daemon::BlockCommands::blockdev_create(Daemon& d, Json& args
   Json& o = args["options"];
   auto drv = o.find("driver");
   if (drv == o.end()) co_return generic_error("Parameter 'options.driver' is missing");
-  if (!drv->is_string() || (*drv != "file" && *drv != "qcow2"))
+  if (!drv->is_string() || (*drv != "file" && *drv != "qcow2" && *drv != "rbd"))
     co_return generic_error(
         bad_value("options.driver", drv->is_string() ? drv->get<std::string>() : drv->dump()));
   if (*drv == "qcow2") co_return co_await d.create_qcow2(args, o, call);
+  if (*drv == "rbd") co_return co_await BlockCommands::create_rbd(d, args, o, call);
   if (auto r = check(o, kCreateFile, "options.", call.coerce); !r)
     co_return tl::unexpected(r.error());
   std::string id = args["job-id"].get<std::string>();
@@ -458,6 +473,37 @@ Task<QResult<Json>> Daemon::BlockCommands::blockdev_create(Daemon& d, Json& args
   if (!path) co_return tl::unexpected(path.error());
   CreateFileSpec spec{*path, static_cast<uint64_t>(size), o.value("preallocation", "off")};
   d.add_job(std::make_shared<CreateJob>(d.loop_, id, std::move(spec)));
+  co_return Json::object();
+}
+
+// blockdev-create driver rbd: {location: BlockdevOptionsRbd, size, cluster-size}
+// (cluster-size is the object size). A "create" job like the file driver's.
+Task<QResult<Json>> Daemon::BlockCommands::create_rbd(Daemon& d, Json& args, Json& o,
+                                                      const Call& call) {
+  if (auto r = check(o, rbd_create_schema(), "options.", call.coerce); !r)
+    co_return tl::unexpected(r.error());
+  if (o.contains("encrypt"))
+    co_return generic_error("Parameter 'options.encrypt': rbd encryption is not supported");
+  std::string id = args["job-id"].get<std::string>();
+  if (!id_wellformed(id)) co_return generic_error(fmt::format("Invalid job ID '{}'", id));
+  if (d.jobs_.count(id)) co_return generic_error(fmt::format("Job ID '{}' already in use", id));
+  auto spec = rbd_spec_from_json(o["location"], "options.location.");
+  if (!spec) co_return tl::unexpected(spec.error());
+  if (spec->snapshot)
+    co_return generic_error("Parameter 'options.location.snapshot': cannot create a snapshot");
+  int64_t size = o["size"].get<int64_t>();
+  if (size < 0) co_return generic_error("Parameter 'size' expects a non-negative value");
+  RbdCreateOptions opts;
+  opts.size = static_cast<uint64_t>(size);
+  if (o.contains("cluster-size")) {
+    int64_t cs = o["cluster-size"].get<int64_t>();
+    if (cs < 4096 || cs > (32 << 20) || (cs & (cs - 1)) != 0)
+      co_return generic_error(
+          "Parameter 'options.cluster-size': the object size must be a power of two from 4 KiB "
+          "to 32 MiB");
+    opts.object_size = static_cast<uint64_t>(cs);
+  }
+  d.add_job(std::make_shared<CreateRbdJob>(d.loop_, id, std::move(*spec), opts));
   co_return Json::object();
 }
 

@@ -20,6 +20,8 @@ Fixtures:
   qmp             a negotiated QmpClient connected to that daemon
   nbd_server, mirror_server, tool_env   from nbd_helpers.py (blkmirror serve / mirror)
   peers           from nbd_peers.py (nbdkit, qemu-nbd)
+  ceph            from ceph_helpers.py (a real one-OSD Ceph cluster per session)
+  private_ceph    a Ceph cluster of the test's own (for tests that stop its OSD)
 
 Helpers: KiB, MiB; free_port() (a loopback TCP port free right now); wait_for()
 (polls a condition, failing early when the process it waits on exits) and
@@ -466,3 +468,4 @@ def qmp(daemon):
 from qmp_client import Daemon  # noqa: E402
 from nbd_helpers import mirror_server, nbd_server, tool_env  # noqa: E402,F401
 from nbd_peers import peers  # noqa: E402,F401
+from ceph_helpers import ceph, private_ceph  # noqa: E402,F401

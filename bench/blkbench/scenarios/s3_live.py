@@ -53,8 +53,14 @@ def live_blkmirror(ctx: Ctx, v: Variant, copy_mode: str = "background",
     SIGUSR1 (complete: the export switches to DST), BLOCK_JOB_COMPLETED,
     SIGTERM, cmp."""
     a = ctx.args
-    dst = os.path.join(v.workdir, "dst-blkmirror")
-    fresh_sparse(dst, v.size)
+    # v.extra["live_target"](ctx, v) -> (DST, verify(src, dst, who), cleanup()) puts the
+    # target elsewhere (scenario 9: an rbd image); by default a fresh sparse file.
+    if "live_target" in v.extra:
+        dst, verify, cleanup = v.extra["live_target"](ctx, v)
+    else:
+        dst = os.path.join(v.workdir, "dst-blkmirror")
+        fresh_sparse(dst, v.size)
+        verify, cleanup = verify_cmp, lambda: remove(dst)
     os.sync()
     t_run = time.monotonic()
     c = fio = None
@@ -108,8 +114,8 @@ def live_blkmirror(ctx: Ctx, v: Variant, copy_mode: str = "background",
         done_note = " ".join(e.get("data", {}).get("message", "") for _, e in evs
                              if e.get("event") == "NOTE")
         own = parse_blkmirror_stderr(done_note)
-        log("  completed; cmp")
-        verify_cmp(v.src, dst, "blkmirror mirror (live)")
+        log("  completed; verifying")
+        verify(v.src, dst, "blkmirror mirror (live)")
         info = dict(r)
         info.update({
             "server_cpu_s": cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None,
@@ -138,7 +144,7 @@ def live_blkmirror(ctx: Ctx, v: Variant, copy_mode: str = "background",
             fio.close()
         if c:
             c.close()
-        remove(dst)
+        cleanup()
 
 
 def qsd_sample(qmp: QMP, t0: float, series: list) -> bool:
