@@ -255,9 +255,11 @@ def make_source(path, size, seed, sparse):
 CASES = [
     # seed, disk MiB, granularity, speed, total write ops/s, auto-complete, sparse source
     pytest.param(1, 64, "4K", "30M", 400, True, False, id="gran4K-auto"),
-    pytest.param(2, 64, "64K", "30M", 60, True, True, id="gran64K-auto-sparse"),
-    pytest.param(3, 48, "1M", "40M", 10, False, False, id="gran1M-sigusr1"),
-    pytest.param(4, 32, None, "20M", 80, False, True, id="default-gran-sigusr1-sparse"),
+    # Each copy takes about 3 s (32 MiB of data at 10M, 48 at 16M, 16 at 6M), so that clients
+    # slowed by a loaded machine still write before the mirror is ready.
+    pytest.param(2, 64, "64K", "10M", 60, True, True, id="gran64K-auto-sparse"),
+    pytest.param(3, 48, "1M", "16M", 10, False, False, id="gran1M-sigusr1"),
+    pytest.param(4, 32, None, "6M", 80, False, True, id="default-gran-sigusr1-sparse"),
 ]
 
 
