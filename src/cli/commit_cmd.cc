@@ -88,10 +88,13 @@ Task<void> carry_bitmaps(qmp::Daemon* d, const std::vector<Node*>* layers, Node*
       actions.push_back({{"type", "block-dirty-bitmap-merge"}, {"data", merge}});
       const std::string name = b.name(), image = n->device().describe();
       qmp::Json args = {{"actions", actions}};
-      auto r = co_await run_qmp(d, "transaction", args);
+      // The command's name from this frame, not a by-value string argument
+      // (GCC 12 rule 2, base/task.h).
+      const std::string command = "transaction";
+      auto r = co_await d->execute(command, std::move(args));
       if (!r) {
         progress->note(fmt::format("bitmap '{}' of {} not carried into {}: {}; it stays as it was",
-                                   name, image, base->device().describe(), r.error().message()));
+                                   name, image, base->device().describe(), r.error().desc));
         continue;
       }
       if (again) continue;
@@ -106,7 +109,8 @@ Task<void> carry_bitmaps(qmp::Daemon* d, const std::vector<Node*>* layers, Node*
 Task<void> undo_carry(qmp::Daemon* d, Node* base, const Carried* c) {
   for (const std::string& name : c->created) {
     qmp::Json args = {{"node", base->name()}, {"name", name}};
-    (void)co_await run_qmp(d, "block-dirty-bitmap-remove", args);
+    const std::string command = "block-dirty-bitmap-remove";
+    (void)co_await d->execute(command, std::move(args));
   }
 }
 

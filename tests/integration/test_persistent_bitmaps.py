@@ -650,3 +650,22 @@ def test_cli_commit_while_serving_carries_the_writes_before_and_after_the_switch
     assert granules(written, 4 * KiB) <= got <= coarse, got
     assert dirty_map(top, "t0") == written[:2]
     qemu_check(top)
+
+
+def test_cli_commit_names_a_bitmap_it_cannot_carry(cli, images):
+    """A v2 base cannot store bitmaps: the commit still succeeds, says which
+    bitmap stayed behind and why, and the top keeps it, consistent."""
+    base = qcow2(images, "base.qcow2", SIZE, "-o", "compat=0.10")
+    top = images.path("top.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    sh("qemu-img", "bitmap", "--add", str(top), "t0")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 2 1M 64k", str(top))
+    r = cli.run("commit", "--no-progress", top)
+    assert r.returncode == 0, r.stderr
+    note = [x for x in r.stderr.splitlines() if x.startswith("bitmap 't0'")]
+    assert len(note) == 1 and note[0].startswith(f"bitmap 't0' of {top} not carried into {base}: ")
+    assert note[0].endswith("Cannot store dirty bitmaps in qcow2 v2 files; it stays as it was")
+    assert img_bitmaps(top) == [{"name": "t0", "granularity": 65536, "flags": ["auto"]}]
+    assert dirty_map(top, "t0") == [(1 * MiB, 64 * KiB)]
+    qemu_check(top)
+    qemu_check(base)
