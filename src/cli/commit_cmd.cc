@@ -45,11 +45,11 @@ Task<Result<qmp::Json>> run_qmp(qmp::Daemon* d, std::string name, qmp::Json args
   co_return *r;
 }
 
-// What carry_bitmaps did at ready: the names it carried, and those of them it
-// created in the base.
+// What carry_bitmaps did at ready: the bitmaps it carried (layer's node,
+// name), and the names of those it created in the base.
 struct Carried {
   bool ran = false;
-  std::set<std::string> names;
+  std::set<std::pair<std::string, std::string>> carried;
   std::vector<std::string> created;
 };
 
@@ -58,20 +58,19 @@ struct Carried {
 // around block-commit (QEMU leaves it to the management tool): each is OR'ed
 // into the base's bitmap of the same name, created first when missing
 // (persistent, with the dropped one's granularity and recording flag; a name
-// in two layers: the newest layer's). The base's own bitmaps recorded the
-// commit's writes already. Runs at ready, before the switch, so a bitmap it
-// creates records the base's writes from before the base takes the clients';
+// in two layers: created as the newest layer's, with both layers' bits). The
+// base's own bitmaps recorded the commit's writes already. Runs at ready,
+// before the switch, so a bitmap it creates records the base's writes from
+// before the base takes the clients';
 // and again (again = true: only what the first run carried) after the switch,
 // for what the top took meanwhile. A bitmap it cannot carry (inconsistent, a
 // base that cannot store bitmaps, ...) is named in a note and stays as it was.
 Task<void> carry_bitmaps(qmp::Daemon* d, const std::vector<Node*>* layers, Node* base,
                          Progress* progress, Carried* c, bool again) {
-  std::set<std::string> seen;
   for (Node* n : *layers) {
     for (const NamedBitmap& b : n->bitmaps()) {
-      if (!b.persistent || seen.count(b.name())) continue;
-      seen.insert(b.name());
-      if (again && !c->names.count(b.name())) continue;
+      if (!b.persistent) continue;
+      if (again && !c->carried.count({n->name(), b.name()})) continue;
       const bool create = !base->bitmaps().find(b.name());
       qmp::Json actions = qmp::Json::array();
       if (create)
@@ -86,7 +85,7 @@ Task<void> carry_bitmaps(qmp::Daemon* d, const std::vector<Node*>* layers, Node*
       qmp::Json merge = {
           {"node", base->name()}, {"target", b.name()}, {"bitmaps", qmp::Json::array({source})}};
       actions.push_back({{"type", "block-dirty-bitmap-merge"}, {"data", merge}});
-      const std::string name = b.name(), image = n->device().describe();
+      const std::string node = n->name(), name = b.name(), image = n->device().describe();
       qmp::Json args = {{"actions", actions}};
       // The command's name from this frame, not a by-value string argument
       // (GCC 12 rule 2, base/task.h).
@@ -98,7 +97,7 @@ Task<void> carry_bitmaps(qmp::Daemon* d, const std::vector<Node*>* layers, Node*
         continue;
       }
       if (again) continue;
-      c->names.insert(name);
+      c->carried.insert({node, name});
       if (create) c->created.push_back(name);
     }
   }

@@ -669,3 +669,27 @@ def test_cli_commit_names_a_bitmap_it_cannot_carry(cli, images):
     assert dirty_map(top, "t0") == [(1 * MiB, 64 * KiB)]
     qemu_check(top)
     qemu_check(base)
+
+
+def test_cli_commit_carries_the_bitmaps_of_the_layers_between(cli, images):
+    """base <- mid <- top, committed into base: mid is dropped too, and its
+    bitmap (mid's writes only) lands in the base; a name in both mid and top
+    takes the newest layer's granularity and both layers' bits."""
+    base = qcow2(images, "base.qcow2")
+    mid, top = images.path("mid.qcow2"), images.path("top.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(mid))
+    sh("qemu-img", "bitmap", "--add", "-g", "64k", str(mid), "m")
+    sh("qemu-img", "bitmap", "--add", "-g", "64k", str(mid), "both")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 1 2M 64k", str(mid))
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(mid), "-F", "qcow2", str(top))
+    sh("qemu-img", "bitmap", "--add", "-g", "4k", str(top), "both")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 2 6M 4k", str(top))
+    r = cli.run("commit", "--no-progress", top)
+    assert r.returncode == 0, r.stderr
+    assert {b["name"]: b["granularity"] for b in img_bitmaps(base)} == {"m": 65536, "both": 4096}
+    qemu_check(base)
+    assert dirty_map(base, "m") == [(2 * MiB, 64 * KiB)]
+    assert dirty_map(base, "both") == [(2 * MiB, 64 * KiB), (6 * MiB, 4 * KiB)]
+    for img in (mid, top):
+        assert all(b["flags"] == ["auto"] for b in img_bitmaps(img))
+        qemu_check(img)
