@@ -3,9 +3,9 @@
 // An NBD export, an rbd image or a block device keeps none.
 //
 // Every CLI command that may write an image it opened itself (mirror's DST, and
-// SRC when served; serve's IMAGE; verify --repair's DST) goes through one
-// CliImageBitmaps, so what it writes is recorded in the image's enabled
-// bitmaps and the bitmaps are left consistent at a clean end:
+// SRC when served; serve's IMAGE; verify --repair's DST; bitmap's IMAGE) goes
+// through one CliImageBitmaps, so what it writes is recorded in the image's
+// enabled bitmaps and the bitmaps are left consistent at a clean end:
 //   1. attach() when the image's node joins the command's graph: a writable
 //      open marks the stored bitmaps in use on disk first, then they load into
 //      the node, which records every write from then on;
@@ -31,8 +31,8 @@ namespace blkmirror {
 
 // The image's store, or nullptr when it cannot keep bitmaps. writable: the
 // image was opened read-write (its bitmaps are then marked in use until
-// stored). One-line errors naming the image. For `blkmirror bitmap`, which
-// works on the bitmaps alone; a command with a graph uses attach_image_bitmaps.
+// stored). One-line errors naming the image. Which store an image has:
+// CliImageBitmaps::attach() asks here.
 Result<BitmapStorePtr> open_image_bitmaps(const OpenedDevice& d, const std::string& spec,
                                           bool writable);
 
