@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include <bit>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -87,35 +88,42 @@ Result<void> apply(const BitmapArgs& a, const std::string& action, BitmapSet& se
   return {};
 }
 
+// The image as the node of a one-node graph, its bitmaps attached (the CLI's
+// one way, cli/image_bitmaps.h). Members in destruction order: the bitmaps
+// (stored if finish() did not run), the graph, the image.
 struct Opened {
   OpenedDevice img;
-  BitmapStorePtr store;
-  BitmapSet set;
+  Graph graph;
+  Node* node = nullptr;
+  std::optional<CliImageBitmaps> bitmaps;
+  BitmapSet& set() { return node->bitmaps(); }
+  const BitmapStore& store() const { return *node->bitmap_store(); }
 };
 
-Result<Opened> open_bitmaps(Loop& loop, const BitmapArgs& a, std::optional<ImageFormat> format,
-                            bool writable) {
+Result<std::unique_ptr<Opened>> open_bitmaps(Loop& loop, const BitmapArgs& a,
+                                             std::optional<ImageFormat> format, bool writable) {
   const FileOptions o{.read_only = !writable,
                       .locking = parse_lock_mode(a.locking).value_or(LockMode::kAuto)};
   // The note about a detected format once, on the first (read-only) open.
   auto img = open_device_spec(loop, a.image, o, format, writable ? nullptr : "IMAGE");
   if (!img) return make_error(img.error());
-  Opened out{std::move(*img), nullptr, {}};
-  auto store = open_image_bitmaps(out.img, a.image, writable);
-  if (!store) return make_error(store.error());
-  if (!*store)
+  auto out = std::make_unique<Opened>();
+  out->img = std::move(*img);
+  auto node = out->graph.add("image", out->img.dev);
+  if (!node) return make_error(node.error());
+  out->node = *node;
+  out->bitmaps.emplace(loop, out->graph);
+  if (auto r = out->bitmaps->attach(*out->node, out->img, a.image, writable); !r)
+    return make_error(r.error());
+  if (!out->node->bitmap_store())
     return make_plain_error(EINVAL, a.image + ": cannot keep persistent bitmaps (not a file)");
-  out.store = *store;
-  auto loaded = loop.run(out.store->load());
-  if (!loaded) return make_plain_error(EINVAL, a.image + ": " + loaded.error().message());
-  for (NamedBitmap& b : *loaded) out.set.adopt(std::move(b));
   return out;
 }
 
 // Stores the bitmaps (writable) and closes the image; the first error.
 Result<void> finish(Loop& loop, Opened& o) {
   return loop.run([](Opened* x) -> Task<Result<void>> {
-    auto r = co_await x->store->store(x->set);
+    auto r = co_await x->bitmaps->store();
     auto c = co_await x->img.image.close();
     co_return r ? c : r;
   }(&o));
@@ -138,28 +146,27 @@ int run_bitmap(const BitmapArgs& a) {
   if (!ro) return fail_input(ro.error().message());
   if (!act) {
     if (a.json) {
-      fmt::print("{}\n", list_json(ro->set).dump());
+      fmt::print("{}\n", list_json((*ro)->set()).dump());
     } else {
-      for (const auto& j : list_json(ro->set))
+      for (const auto& j : list_json((*ro)->set()))
         fmt::print("{}  granularity {}  {}  {} dirty bytes{}\n", j["name"].get<std::string>(),
                    j["granularity"].get<uint64_t>(),
                    j["recording"].get<bool>() ? "recording" : "disabled",
                    j["count"].get<uint64_t>(), j.contains("inconsistent") ? "  INCONSISTENT" : "");
     }
-    (void)finish(loop, *ro);
+    (void)finish(loop, **ro);
     return exit_code::kOk;
   }
-  auto checked = apply(a, act, ro->set, *ro->store, ro->img.dev->length());
-  (void)finish(loop, *ro);
-  ro->store.reset();
-  ro->img = OpenedDevice{};  // its image lock goes before the writable open
+  auto checked = apply(a, act, (*ro)->set(), (*ro)->store(), (*ro)->img.dev->length());
+  (void)finish(loop, **ro);
+  ro->reset();  // its image lock goes before the writable open
   if (!checked) return fail_input(checked.error().message());
   auto rw = open_bitmaps(loop, a, *format, true);
   if (!rw) return fail_input(rw.error().message());
-  auto applied = apply(a, act, rw->set, *rw->store, rw->img.dev->length());
+  auto applied = apply(a, act, (*rw)->set(), (*rw)->store(), (*rw)->img.dev->length());
   // Stored even if the image changed under us meanwhile: the writable open
   // marked the bitmaps in use, and storing them clears that again.
-  auto done = finish(loop, *rw);
+  auto done = finish(loop, **rw);
   if (!applied) return fail_input(applied.error().message());
   if (!done) {
     fmt::print(stderr, "blkmirror: {}: storing its bitmaps: {}\n", a.image, done.error().message());

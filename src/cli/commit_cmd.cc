@@ -7,6 +7,7 @@
 // the mirror's (drive.h).
 #include <csignal>
 #include <memory>
+#include <set>
 #include <string>
 
 #include <fmt/format.h>
@@ -42,6 +43,74 @@ Task<Result<qmp::Json>> run_qmp(qmp::Daemon* d, std::string name, qmp::Json args
   auto r = co_await d->execute(name, std::move(args));
   if (!r) co_return make_plain_error(EINVAL, r.error().desc);
   co_return *r;
+}
+
+// What carry_bitmaps did at ready: the bitmaps it carried (layer's node,
+// name), and the names of those it created in the base.
+struct Carried {
+  bool ran = false;
+  std::set<std::pair<std::string, std::string>> carried;
+  std::vector<std::string> created;
+};
+
+// Carries the persistent bitmaps of the layers the commit drops from the chain
+// (layers: IMAGE down to the base, exclusive) into the base, as libvirt does
+// around block-commit (QEMU leaves it to the management tool): each is OR'ed
+// into the base's bitmap of the same name, created first when missing
+// (persistent, with the dropped one's granularity and recording flag; a name
+// in two layers: created as the newest layer's, with both layers' bits). The
+// base's own bitmaps recorded the commit's writes already. Runs at ready,
+// before the switch, so a bitmap it creates records the base's writes from
+// before the base takes the clients';
+// and again (again = true: only what the first run carried) after the switch,
+// for what the top took meanwhile. A bitmap it cannot carry (inconsistent, a
+// base that cannot store bitmaps, ...) is named in a note and stays as it was.
+Task<void> carry_bitmaps(qmp::Daemon* d, const std::vector<Node*>* layers, Node* base,
+                         Progress* progress, Carried* c, bool again) {
+  for (Node* n : *layers) {
+    for (const NamedBitmap& b : n->bitmaps()) {
+      if (!b.persistent) continue;
+      if (again && !c->carried.count({n->name(), b.name()})) continue;
+      const bool create = !base->bitmaps().find(b.name());
+      qmp::Json actions = qmp::Json::array();
+      if (create)
+        actions.push_back({{"type", "block-dirty-bitmap-add"},
+                           {"data",
+                            {{"node", base->name()},
+                             {"name", b.name()},
+                             {"granularity", b.granularity()},
+                             {"persistent", true},
+                             {"disabled", !b.enabled}}}});
+      qmp::Json source = {{"node", n->name()}, {"name", b.name()}};
+      qmp::Json merge = {
+          {"node", base->name()}, {"target", b.name()}, {"bitmaps", qmp::Json::array({source})}};
+      actions.push_back({{"type", "block-dirty-bitmap-merge"}, {"data", merge}});
+      const std::string node = n->name(), name = b.name(), image = n->device().describe();
+      qmp::Json args = {{"actions", actions}};
+      // The command's name from this frame, not a by-value string argument
+      // (GCC 12 rule 2, base/task.h).
+      const std::string command = "transaction";
+      auto r = co_await d->execute(command, std::move(args));
+      if (!r) {
+        progress->note(fmt::format("bitmap '{}' of {} not carried into {}: {}; it stays as it was",
+                                   name, image, base->device().describe(), r.error().desc));
+        continue;
+      }
+      if (again) continue;
+      c->carried.insert({node, name});
+      if (create) c->created.push_back(name);
+    }
+  }
+}
+
+// A commit that did not switch keeps its chain: a bitmap carry_bitmaps made in
+// the base would claim a history the base alone does not have.
+Task<void> undo_carry(qmp::Daemon* d, Node* base, const Carried* c) {
+  for (const std::string& name : c->created) {
+    qmp::Json args = {{"node", base->name()}, {"name", name}};
+    const std::string command = "block-dirty-bitmap-remove";
+    (void)co_await d->execute(command, std::move(args));
+  }
 }
 
 int run_commit(const CommitArgs& a) {
@@ -100,11 +169,25 @@ int run_commit(const CommitArgs& a) {
     if (serving)
       progress.note(fmt::format("serving {} at {} (clients switch to the base on completion)",
                                 a.image, a.serve.where(server)));
+    std::vector<Node*> layers;  // the ones the commit drops, newest first
+    for (Node* n = d->graph().find("top"); n && n != base; n = n->backing()) layers.push_back(n);
+    Carried carried;
     DriveOptions drive;
     drive.already_started = true;  // block-commit started it
     drive.auto_complete = !a.no_auto_complete;
     drive.complete_on_usr1 = a.no_auto_complete;
+    drive.before_complete = [d, l = &layers, base, p = &progress, c = &carried]() -> Task<void> {
+      return [](qmp::Daemon* d, const std::vector<Node*>* l, Node* base, Progress* p,
+                Carried* c) -> Task<void> {
+        c->ran = true;
+        co_await carry_bitmaps(d, l, base, p, c, false);
+      }(d, l, base, p, c);
+    };
     int rc = co_await drive_mirror(loop, job, progress, drive);
+    if (carried.ran && rc == exit_code::kOk && job->switched())
+      co_await carry_bitmaps(d, &layers, base, &progress, &carried, true);
+    else if (carried.ran)
+      co_await undo_carry(d, base, &carried);
     if (serving) {
       if (rc == exit_code::kOk && job->switched()) {
         progress.note("serving the base now; SIGINT/SIGTERM to stop");

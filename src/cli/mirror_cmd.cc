@@ -179,11 +179,10 @@ int run_mirror(const MirrorArgs& a) {
   Node* dst_node = *graph.add("dst", *dst_dev);
   // Persistent dirty bitmaps: SRC's for --bitmap (and, served, recording the
   // clients' writes), DST's recording the job's writes; both stored at the end.
+  CliImageBitmaps bitmaps(loop, graph);  // after the graph and the images: goes first
   for (auto [node, dev, spec, writable] :
        {std::tuple{src_node, &*src, &a.src, serving}, std::tuple{dst_node, &*dst, &a.dst, true}}) {
-    auto store = open_image_bitmaps(*dev, *spec, writable);
-    if (!store) return fail_input(store.error().message());
-    if (auto r = load_image_bitmaps(loop, *node, *store); !r)
+    if (auto r = bitmaps.attach(*node, *dev, *spec, writable); !r)
       return fail_input(r.error().message());
   }
   params->device = "src";
@@ -265,13 +264,9 @@ int run_mirror(const MirrorArgs& a) {
       }
     }
     if (*metrics) co_await (*metrics)->stop();
-    for (Node* n : {src_node, dst_node}) {
-      if (!n->bitmap_store()) continue;
-      if (auto r = co_await n->bitmap_store()->store(n->bitmaps()); !r) {
-        progress.note(fmt::format("storing the dirty bitmaps of {}: {}", n->device().describe(),
-                                  r.error().message()));
-        rc = exit_code::kJobFailed;
-      }
+    if (auto r = co_await bitmaps.store(); !r) {
+      progress.note(r.error().message());
+      rc = exit_code::kJobFailed;
     }
     // qcow2 layers write their metadata back and are marked clean.
     if (auto c = co_await src->image.close(); !c) {

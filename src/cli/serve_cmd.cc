@@ -46,9 +46,9 @@ int run_serve(const ServeArgs& a) {
   Node* node = *graph.add("disk", dev);
   // The image's persistent dirty bitmaps record the clients' writes (QEMU's
   // qemu-nbd does the same with a qcow2 image's); stored when serving stops.
-  auto store = open_image_bitmaps(*img, a.image, !a.serve.read_only);
-  if (!store) return fail_input(store.error().message());
-  if (auto r = load_image_bitmaps(loop, *node, *store); !r) return fail_input(r.error().message());
+  CliImageBitmaps bitmaps(loop, graph);  // after the graph and the image: goes first
+  if (auto r = bitmaps.attach(*node, *img, a.image, !a.serve.read_only); !r)
+    return fail_input(r.error().message());
   nbd::NbdServer server(loop, graph, a.serve.limits());
   if (auto r = a.serve.start(server, "disk"); !r) return fail_input(r.error().message());
   fmt::print(stderr, "serving {} ({}, {} bytes{}) at {}\n", a.image, to_string(img->image.format),
@@ -59,8 +59,7 @@ int run_serve(const ServeArgs& a) {
     int sig = co_await wait_stop_signal(loop);
     if (*metrics) co_await (*metrics)->stop();
     auto f = co_await stop_and_flush(server, graph);
-    if (node->bitmap_store())
-      if (auto b = co_await node->bitmap_store()->store(node->bitmaps()); !b && f) f = b;
+    if (auto b = co_await bitmaps.store(); !b && f) f = b;
     if (auto c = co_await img->image.close(); !c && f) f = c;
     fmt::print(stderr, "{}: stopped serving{}\n", sig == SIGINT ? "interrupted" : "terminated",
                f ? "; flushed" : "; flush failed: " + f.error().message());

@@ -2,7 +2,8 @@
 // qcow2 images, NBD exports on either side), lists the ranges that differ, and
 // with --repair copies them from SRC. The comparison is the daemon's verify job
 // (verify/verify_job.h) on two nodes of a local graph. Nothing here writes the
-// devices except --repair, and only DST.
+// devices except --repair, and only DST (recorded in DST's persistent dirty
+// bitmaps, cli/image_bitmaps.h).
 #include <fmt/format.h>
 
 #include <csignal>
@@ -14,6 +15,7 @@
 #include "cli/commands.h"
 #include "cli/device_spec.h"
 #include "cli/exit_codes.h"
+#include "cli/image_bitmaps.h"
 #include "cli/mirror_options.h"
 #include "cli/progress.h"
 #include "cli/signals.h"
@@ -93,7 +95,7 @@ int run_verify(const VerifyArgs& a) {
     return fail_input(
         fmt::format("{} and {} are the same {}", a.src, a.dst, src->file ? "file" : "export"));
   (void)graph.add("src", src->dev);
-  (void)graph.add("dst", dst->dev);
+  Node* dst_node = *graph.add("dst", dst->dev);
   VerifyParams p;
   p.source = "src";
   p.target = "dst";
@@ -102,6 +104,11 @@ int run_verify(const VerifyArgs& a) {
   p.repair = a.repair;
   auto job = VerifyJob::create(loop, graph, p);
   if (!job) return fail_input(job.error().message());
+  // What --repair writes is recorded in DST's enabled persistent bitmaps.
+  CliImageBitmaps bitmaps(loop, graph);  // after the graph and the images: goes first
+  if (a.repair)
+    if (auto r = bitmaps.attach(*dst_node, *dst, a.dst, true); !r)
+      return fail_input(r.error().message());
 
   Progress progress(a.json          ? ProgressStyle::kJson
                     : a.no_progress ? ProgressStyle::kNone
@@ -166,6 +173,11 @@ int run_verify(const VerifyArgs& a) {
                                              format_size(r.unverified.size() * j->granularity())),
           format_size(r.bytes_read)));
       rc = ok ? exit_code::kOk : exit_code::kVerifyFailed;
+    }
+    // Whatever the outcome: every write the job made was recorded.
+    if (auto b = co_await bitmaps.store(); !b) {
+      progress.note(b.error().message());
+      if (rc == exit_code::kOk) rc = exit_code::kJobFailed;
     }
     if (auto c = co_await src->image.close(); !c) {
       progress.note(fmt::format("closing {}: {}", a.src, c.error().message()));

@@ -526,3 +526,170 @@ def test_an_aborted_transaction_leaves_the_image_as_it_was(qmp, daemon, images):
     quit_daemon(daemon, qmp)
     assert [b["name"] for b in img_bitmaps(img)] == ["keep"]
     qemu_check(img)
+
+
+def repaired_ranges(stdout):
+    out = []
+    for line in stdout.splitlines():
+        word, _, off, _, length = line.split()
+        assert word == "repaired", line
+        out.append((int(off), int(length)))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_cli_verify_repair_records_its_writes_and_stores_the_bitmaps(cli, images, fmt):
+    """verify --repair writes DST: DST's persistent bitmap records exactly the
+    chunks it repaired, and is stored consistent (not left in use)."""
+    src = images.dense("a.img", SIZE)
+    if fmt == "qcow2":
+        dst = images.path("b.qcow2")
+        sh("qemu-img", "convert", "-O", "qcow2", str(src), str(dst))
+    else:
+        dst = images.path("b.img")
+        dst.write_bytes(src.read_bytes())
+    assert cli.run("bitmap", "--add", "-g", "4k", dst, "since").returncode == 0
+    with open(src, "r+b") as f:
+        for off in (1 * MiB + 5, 9 * MiB + 70 * KiB):
+            f.seek(off)
+            f.write(b"\xa5" * 100)
+    r = cli.run("verify", "--repair", "--no-progress", src, dst)
+    assert r.returncode == 0, r.stderr
+    repaired = repaired_ranges(r.stdout)
+    assert repaired == [(1 * MiB, 64 * KiB), (9 * MiB + 64 * KiB, 64 * KiB)], r.stdout
+    r = cli.run("bitmap", "--json", dst)
+    assert json.loads(r.stdout) == [{"name": "since", "granularity": 4096, "recording": True,
+                                     "count": 128 * KiB}], r.stdout
+    if fmt == "qcow2":
+        assert img_bitmaps(dst) == [{"name": "since", "granularity": 4096, "flags": ["auto"]}]
+        qemu_check(dst)
+        assert dirty_map(dst, "since") == repaired
+
+
+def test_cli_commit_records_in_the_base_and_carries_the_tops_bitmaps(cli, images):
+    """blkmirror commit: the base's bitmaps record what the commit wrote; the
+    top's persistent bitmaps are carried into the base (created there when
+    missing); all stored consistent, in both images."""
+    base = qcow2(images, "base.qcow2")
+    sh("qemu-img", "bitmap", "--add", "-g", "64k", str(base), "b0")
+    sh("qemu-img", "bitmap", "--add", "-g", "64k", str(base), "both")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", str(base))
+    top = images.path("top.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    sh("qemu-img", "bitmap", "--add", "-g", "4k", str(top), "t0")
+    sh("qemu-img", "bitmap", "--add", "-g", "64k", str(top), "both")
+    sh("qemu-img", "bitmap", "--add", "--disable", str(top), "off")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 2 1M 64k", "-c", "write -P 3 5M 128k", str(top))
+    r = cli.run("commit", "--no-progress", top)
+    assert r.returncode == 0, r.stderr
+    written = [(1 * MiB, 64 * KiB), (5 * MiB, 128 * KiB)]
+    assert {b["name"]: b["flags"] for b in img_bitmaps(base)} == {
+        "b0": ["auto"], "both": ["auto"], "t0": ["auto"], "off": []}
+    qemu_check(base)
+    assert dirty_map(base, "b0") == [(0, 64 * KiB)] + written
+    assert dirty_map(base, "both") == [(0, 64 * KiB)] + written
+    assert dirty_map(base, "t0") == written
+    assert dirty_map(base, "off") == []  # it recorded nothing in the top
+    assert [b["granularity"] for b in img_bitmaps(base) if b["name"] == "t0"] == [4096]
+    # The top keeps its own, consistent, as they were.
+    assert {b["name"]: b["flags"] for b in img_bitmaps(top)} == {
+        "t0": ["auto"], "both": ["auto"], "off": []}
+    qemu_check(top)
+    assert dirty_map(top, "t0") == written
+
+
+def test_cli_bad_input_after_the_open_leaves_the_bitmaps_consistent(cli, images):
+    """mirror --bitmap with a bitmap SRC lacks is refused after DST (and its
+    bitmaps) were opened: DST's bitmaps are stored again, not left in use."""
+    src = images.dense("a.img", 4 * MiB)
+    dst = images.path("b.qcow2")
+    sh("qemu-img", "convert", "-O", "qcow2", str(src), str(dst))
+    sh("qemu-img", "bitmap", "--add", str(dst), "x")
+    r = cli.mirror(src, dst, "--bitmap", "nope")
+    assert r.returncode == 2 and "Bitmap 'nope' could not be found" in r.stderr, r.stderr
+    assert img_bitmaps(dst) == [{"name": "x", "granularity": 65536, "flags": ["auto"]}]
+    qemu_check(dst)
+
+
+def granules(ranges, g):
+    return {o // g + i for o, n in ranges for i in range((o % g + n + g - 1) // g)}
+
+
+def test_cli_commit_while_serving_carries_the_writes_before_and_after_the_switch(
+        cli, images, workdir):
+    """Served: a client writes the top after ready and the base after the
+    switch; the bitmap carried from the top into the base has both (the
+    carry happens before the switch: no write falls between)."""
+    base = qcow2(images, "base.qcow2")
+    sh("qemu-img", "bitmap", "--add", "-g", "64k", str(base), "b0")
+    top = images.path("top.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    sh("qemu-img", "bitmap", "--add", "-g", "4k", str(top), "t0")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 2 1M 64k", str(top))
+    sock = workdir / "c.sock"
+    run = cli.start("commit", top, "--socket", sock, "--no-auto-complete", "--no-progress")
+    run.wait_for_line("serving", 30)
+    uri = f"nbd+unix:///?socket={sock}"
+    run.wait_for_line("ready", 60)
+    qemu_io(uri, "write -P 4 3M 4k")  # the top's, mirrored into the base
+    run.send_signal(signal.SIGUSR1)
+    run.wait_for_line("serving the base now", 60)
+    qemu_io(uri, "write -P 5 7M 4k")  # the base's
+    run.send_signal(signal.SIGTERM)
+    r = run.finish(30)
+    assert r.returncode == 0, r.stderr
+    assert {b["name"]: b["flags"] for b in img_bitmaps(base)} == {"b0": ["auto"], "t0": ["auto"]}
+    qemu_check(base)
+    assert dirty_map(base, "b0") == [(1 * MiB, 64 * KiB), (3 * MiB, 64 * KiB),
+                                     (7 * MiB, 64 * KiB)]
+    # Exactly the writes, give or take the rest of a 64 KiB copy the job made
+    # of the 3M write after the carry created t0 in the base.
+    written = [(1 * MiB, 64 * KiB), (3 * MiB, 4 * KiB), (7 * MiB, 4 * KiB)]
+    got = granules(dirty_map(base, "t0"), 4 * KiB)
+    coarse = {x for x in range(SIZE // (4 * KiB)) if x // 16 in granules(written, 64 * KiB)}
+    assert granules(written, 4 * KiB) <= got <= coarse, got
+    assert dirty_map(top, "t0") == written[:2]
+    qemu_check(top)
+
+
+def test_cli_commit_names_a_bitmap_it_cannot_carry(cli, images):
+    """A v2 base cannot store bitmaps: the commit still succeeds, says which
+    bitmap stayed behind and why, and the top keeps it, consistent."""
+    base = qcow2(images, "base.qcow2", SIZE, "-o", "compat=0.10")
+    top = images.path("top.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    sh("qemu-img", "bitmap", "--add", str(top), "t0")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 2 1M 64k", str(top))
+    r = cli.run("commit", "--no-progress", top)
+    assert r.returncode == 0, r.stderr
+    note = [x for x in r.stderr.splitlines() if x.startswith("bitmap 't0'")]
+    assert len(note) == 1 and note[0].startswith(f"bitmap 't0' of {top} not carried into {base}: ")
+    assert note[0].endswith("Cannot store dirty bitmaps in qcow2 v2 files; it stays as it was")
+    assert img_bitmaps(top) == [{"name": "t0", "granularity": 65536, "flags": ["auto"]}]
+    assert dirty_map(top, "t0") == [(1 * MiB, 64 * KiB)]
+    qemu_check(top)
+    qemu_check(base)
+
+
+def test_cli_commit_carries_the_bitmaps_of_the_layers_between(cli, images):
+    """base <- mid <- top, committed into base: mid is dropped too, and its
+    bitmap (mid's writes only) lands in the base; a name in both mid and top
+    takes the newest layer's granularity and both layers' bits."""
+    base = qcow2(images, "base.qcow2")
+    mid, top = images.path("mid.qcow2"), images.path("top.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(mid))
+    sh("qemu-img", "bitmap", "--add", "-g", "64k", str(mid), "m")
+    sh("qemu-img", "bitmap", "--add", "-g", "64k", str(mid), "both")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 1 2M 64k", str(mid))
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(mid), "-F", "qcow2", str(top))
+    sh("qemu-img", "bitmap", "--add", "-g", "4k", str(top), "both")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 2 6M 4k", str(top))
+    r = cli.run("commit", "--no-progress", top)
+    assert r.returncode == 0, r.stderr
+    assert {b["name"]: b["granularity"] for b in img_bitmaps(base)} == {"m": 65536, "both": 4096}
+    qemu_check(base)
+    assert dirty_map(base, "m") == [(2 * MiB, 64 * KiB)]
+    assert dirty_map(base, "both") == [(2 * MiB, 64 * KiB), (6 * MiB, 4 * KiB)]
+    for img in (mid, top):
+        assert all(b["flags"] == ["auto"] for b in img_bitmaps(img))
+        qemu_check(img)
