@@ -196,6 +196,12 @@ nlohmann::json info_bitmaps(const std::string& path) {
   return j["format-specific"]["data"].value("bitmaps", nlohmann::json::array());
 }
 
+// A 4 MiB qcow2 image at `img` holding one bitmap "b", both made by qemu-img.
+bool make_image_with_bitmap(const std::string& img) {
+  return sh("qemu-img create -q -f qcow2 " + q(img) + " 4M").status == 0 &&
+         sh("qemu-img bitmap --add " + q(img) + " b").status == 0;
+}
+
 NamedBitmap* find(std::vector<NamedBitmap>& v, const std::string& name) {
   for (auto& b : v)
     if (b.name() == name) return &b;
@@ -267,8 +273,7 @@ TEST(Qcow2Bitmaps, ReadsWhatQemuImgWroteAndQemuReadsWhatWeStore) {
 TEST(Qcow2Bitmaps, AWriterThatDiesLeavesThemInUseAndTheyLoadInconsistent) {
   TempDir dir;
   const std::string img = dir / "a.qcow2";
-  ASSERT_EQ(sh("qemu-img create -q -f qcow2 " + q(img) + " 4M").status, 0);
-  ASSERT_EQ(sh("qemu-img bitmap --add " + q(img) + " b").status, 0);
+  ASSERT_TRUE(make_image_with_bitmap(img));
   Loop loop;
   {
     auto dev = open_qcow2(loop, img);
@@ -304,8 +309,7 @@ TEST(Qcow2Bitmaps, AWriterThatDiesLeavesThemInUseAndTheyLoadInconsistent) {
 TEST(Qcow2Bitmaps, AnUnwrittenImageClosedWithoutStoringKeepsThemConsistent) {
   TempDir dir;
   const std::string img = dir / "a.qcow2";
-  ASSERT_EQ(sh("qemu-img create -q -f qcow2 " + q(img) + " 4M").status, 0);
-  ASSERT_EQ(sh("qemu-img bitmap --add " + q(img) + " b").status, 0);
+  ASSERT_TRUE(make_image_with_bitmap(img));
   Loop loop;
   {
     auto dev = open_qcow2(loop, img);
@@ -328,8 +332,7 @@ TEST(Qcow2Bitmaps, AnUnwrittenImageClosedWithoutStoringKeepsThemConsistent) {
 TEST(Qcow2Bitmaps, ImagesWithBitmapsWeDoNotUnderstandAreRefusedUntouched) {
   TempDir dir;
   const std::string img = dir / "a.qcow2";
-  ASSERT_EQ(sh("qemu-img create -q -f qcow2 " + q(img) + " 4M").status, 0);
-  ASSERT_EQ(sh("qemu-img bitmap --add " + q(img) + " b").status, 0);
+  ASSERT_TRUE(make_image_with_bitmap(img));
   // Set flag bit 2 (extra_data_compatible) in the directory entry.
   Loop loop;
   auto h = parse_header(read_file(img), "img");
@@ -359,8 +362,7 @@ TEST(Qcow2Bitmaps, ImagesWithBitmapsWeDoNotUnderstandAreRefusedUntouched) {
 TEST(Qcow2Bitmaps, ABadBitmapTableFailsTheLoadWithoutMarkingTheImageCorrupt) {
   TempDir dir;
   const std::string img = dir / "a.qcow2";
-  ASSERT_EQ(sh("qemu-img create -q -f qcow2 " + q(img) + " 4M").status, 0);
-  ASSERT_EQ(sh("qemu-img bitmap --add " + q(img) + " b").status, 0);
+  ASSERT_TRUE(make_image_with_bitmap(img));
   ASSERT_EQ(sh("qemu-io -c 'write 0 4k' " + q(img)).status, 0);
   auto bytes = read_file(img);
   auto h = parse_header(bytes, "img");

@@ -46,8 +46,9 @@ class Cluster:
     def name(self) -> str:
         return f"rbd/bench-{os.getpid()}-{next(self._ids)}"
 
-    def create(self, size: int) -> str:
-        name = self.name()
+    def create(self, size: int, name: str | None = None) -> str:
+        """Makes image `name` (default: a fresh one) of `size` bytes; returns its name."""
+        name = name or self.name()
         self.rbd("create", "--size", f"{size}B", name)
         return name
 
@@ -72,10 +73,9 @@ class Cluster:
                             f"{self.spec(name)}: {(r.stdout + r.stderr).strip()}")
 
 
-def start_cluster(workdir: str, store: int) -> Cluster:
+def start_cluster(store: int) -> Cluster:
     # A short path: the daemons' admin sockets live under it.
     root = tempfile.mkdtemp(prefix="s9-ceph-", dir="/tmp")
-    os.rmdir(root)
     env = dict(os.environ, CEPH_MEMSTORE_BYTES=str(store))
     r = subprocess.run([CLUSTER, "start", root], capture_output=True, text=True, env=env,
                        timeout=180)
@@ -106,7 +106,7 @@ def timed_into_rbd(key: str, label: str, cl: Cluster, copy) -> Contestant:
 
 def blkmirror_into(cl: Cluster):
     def copy(ctx: Ctx, v: Variant, name: str):
-        cl.rbd("create", "--size", f"{v.size}B", name)
+        cl.create(v.size, name)
         cmd = [ctx.blkmirror, "mirror", v.src, cl.spec(name), "--no-progress"]
         p = run_timed(cmd)
         check_proc("blkmirror mirror", cmd, p)
@@ -118,7 +118,7 @@ def blkmirror_into(cl: Cluster):
 
 def qsd_into(cl: Cluster):
     def copy(ctx: Ctx, v: Variant, name: str):
-        cl.rbd("create", "--size", f"{v.size}B", name)
+        cl.create(v.size, name)
         pool, image = name.split("/", 1)
         r = qsd_mirror(v.src, "", v.workdir, dst_nodes=[
             f"driver=rbd,node-name=dst,pool={pool},image={image},conf={cl.conf}"])
@@ -208,7 +208,7 @@ def scenario_9(ctx: Ctx) -> list[Table]:
     cl = None
     try:
         log(f"scenario 9: starting a Ceph cluster (memstore {fmt_size(store)})")
-        cl = start_cluster(workdir, store)
+        cl = start_cluster(store)
         tables = idle_tables(ctx, cl, workdir)
         if "live" in a.rbd_variants_live:
             tables += live_tables(ctx, cl, workdir)
