@@ -27,7 +27,19 @@ struct Uring::HandlerOp : Uring::Op {
 
 Uring::Uring(asio::io_context& ctx, unsigned entries) : ctx_(ctx), event_(ctx) {
   io_uring_params params{};
+  // Completions of requests that io-wq ran (every buffered write to ext4 or
+  // tmpfs: they have no non-blocking buffered write, so io_uring punts them)
+  // would otherwise interrupt the loop thread with an IPI each; cooperative
+  // task running lets them wait for its next system call or wake it when it
+  // sleeps. Measured (fio 4 KiB random write QD16 over NBD to `serve`, 1 GiB
+  // ext4 file): 18-22k -> 32-40k IOPS, 57-68 -> 31-38 us of server CPU per
+  // write. Kernels before 5.19 refuse the flag: run without it there.
+  params.flags = IORING_SETUP_COOP_TASKRUN;
   int rc = io_uring_queue_init_params(entries, &ring_, &params);
+  if (rc == -EINVAL) {
+    params = {};
+    rc = io_uring_queue_init_params(entries, &ring_, &params);
+  }
   if (rc < 0) throw std::runtime_error(std::string("io_uring_queue_init: ") + std::strerror(-rc));
   ok_ = true;
   event_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
