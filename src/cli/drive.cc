@@ -132,6 +132,11 @@ Task<int> drive_mirror(Loop& loop, std::shared_ptr<MirrorJob> job, Progress& pro
   if (st.bytes_offloaded)
     active += fmt::format(", {} of the copy by the kernel (copy offload)",
                           format_size(st.bytes_offloaded));
+  // The depth the job chose, when it chose one and saw the target's writes.
+  if (const DepthControl* d = job->depth(); d && d->base_rtt().count() > 0)
+    active += fmt::format(
+        ", up to {} in flight (target write round trip {:.1f} ms)", format_size(d->peak()),
+        std::chrono::duration<double, std::milli>(d->base_rtt()).count());
   progress.note(fmt::format(
       "mirror completed in {:.2f}s: {} copied, {} zeroed, {} ops, {} errors retried{}; "
       "target {}",

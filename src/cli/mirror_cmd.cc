@@ -214,9 +214,11 @@ int run_mirror(const MirrorArgs& a) {
 
   Progress progress(a.opts.progress_style());
   progress.set_json_interval(a.opts.progress_interval);
-  progress.note(fmt::format("mirroring {} -> {} ({}, granularity {}, buffer {}, copy mode {})",
+  progress.note(fmt::format("mirroring {} -> {} ({}, granularity {}, buffer {}{}, copy mode {})",
                             a.src, a.dst, format_size(size), format_size((*job)->granularity()),
-                            format_size((*job)->buf_size()), to_string((*job)->copy_mode())));
+                            format_size((*job)->buf_size()),
+                            (*job)->depth() ? " (grows with the target's round trip)" : "",
+                            to_string((*job)->copy_mode())));
   if (!state->note.empty()) progress.note(state->note);
   if (serving)
     progress.note(fmt::format("serving {} at {} (clients switch to {} on completion)", a.src,

@@ -49,6 +49,11 @@ class BufferPool {
       : buffer_size_(buffer_size), max_cached_(max_cached) {}
 
   size_t buffer_size() const { return buffer_size_; }
+  // Keeps at most n idle buffers from now on (a budget that grew or shrank).
+  void set_max_cached(size_t n) {
+    max_cached_ = n;
+    if (free_.size() > n) free_.resize(n);
+  }
 
   AlignedBuffer take() {
     if (free_.empty()) return AlignedBuffer(buffer_size_);

@@ -76,6 +76,17 @@ void jobs(Exposition& x, const std::vector<std::shared_ptr<Job>>& all,
     x.sample("blkmirror_job_copy_rate_bytes_per_second", {{"job", id}},
              rate(id, s.bytes_copied + s.bytes_zeroed + s.bytes_active));
   }
+  x.family("blkmirror_job_buffer_budget_bytes", "gauge",
+           "copy buffer bytes the job may keep in flight now (buf-size, or the depth it chose "
+           "for the target's round trip)");
+  for (auto& [id, m] : mirrors)
+    x.sample("blkmirror_job_buffer_budget_bytes", {{"job", id}}, static_cast<double>(m->budget()));
+  x.family("blkmirror_job_target_round_trip_seconds", "gauge",
+           "the fastest copy write to the target so far (jobs that choose their own depth)");
+  for (auto& [id, m] : mirrors)
+    if (const DepthControl* d = m->depth(); d && d->base_rtt().count() > 0)
+      x.sample("blkmirror_job_target_round_trip_seconds", {{"job", id}},
+               std::chrono::duration<double>(d->base_rtt()).count());
   x.family("blkmirror_job_copy_mode", "gauge", "1, labelled with the job's copy mode now");
   for (auto& [id, m] : mirrors)
     x.sample("blkmirror_job_copy_mode", {{"job", id}, {"mode", to_string(m->copy_mode())}}, 1);

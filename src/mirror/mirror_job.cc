@@ -200,6 +200,9 @@ MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes
   auto s = src_.file_span(), t = tgt->device().file_span();
   if (p_.copy_offload && s && t && s->fs_dev == t->fs_dev) offload_ = Offload{*s, *t};
   rate_.set_speed(static_cast<uint64_t>(p_.speed));
+  // A buf-size the user gave is never overridden.
+  if (p_.buf_size == 0)
+    depth_.emplace(buf_size_, std::max(max_buf_size(), buf_size_), std::min(max_op_, buf_size_));
   // create() refused a node another job holds, so the slot is free.
   (void)src_node_->set_interceptor(this);
 }
@@ -330,6 +333,7 @@ Task<Result<void>> MirrorJob::run() {
       continue;
     }
     check_adaptive();
+    adjust_depth();
     // Operations failed under `ignore` and nothing has succeeded since: wait
     // before retrying (a success elsewhere ends the hold at once).
     if (auto hold = backoff_.hold(RetryBackoff::Clock::now());

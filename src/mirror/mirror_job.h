@@ -33,6 +33,7 @@
 #include "job/job.h"
 #include "journal/journal.h"
 #include "mirror/adaptive.h"
+#include "mirror/depth_control.h"
 #include "mirror/mirror_op.h"
 #include "mirror/mirror_params.h"
 #include "mirror/retry_backoff.h"
@@ -75,6 +76,11 @@ class MirrorJob : public Job, public WriteInterceptor {
   const MirrorParams& params() const { return p_; }
   uint64_t granularity() const { return gran_; }
   uint64_t buf_size() const { return buf_size_; }
+  // The buffer budget copies may hold now: buf_size() when the user set
+  // buf-size, else what the depth control chose (at least buf_size()).
+  uint64_t budget() const { return depth_ ? depth_->budget() : buf_size_; }
+  // The depth control when the job chooses its own budget (no buf-size given).
+  const DepthControl* depth() const { return depth_ ? &*depth_ : nullptr; }
   uint64_t max_op() const { return max_op_; }
   const MirrorStats& stats() const { return stats_; }
   uint64_t dirty_bytes() const;
@@ -136,6 +142,13 @@ class MirrorJob : public Job, public WriteInterceptor {
     uint64_t first_chunk, end_chunk;
   };
   std::optional<Run> pick_run();
+  // Operations that may run at once: max_in_flight for buf_size_, and as many
+  // more max_op_-long ones as the depth control added to the budget.
+  uint64_t max_ops() const;
+  // The depth control's epoch: resizes the pool's cache when the budget moved.
+  void adjust_depth();
+  // Loop thread: in_flight_bytes_ is the sum of the operations' reserved.
+  void check_budget() const;
   const ByteRange* in_flight_at(uint64_t chunk) const;
   bool launch_next();
   // COW alignment: widens a run's bytes to whole target clusters not yet
@@ -247,7 +260,7 @@ class MirrorJob : public Job, public WriteInterceptor {
   BlockDevice& tgt_;  // *tracker_
   const uint64_t length_;
   const uint64_t gran_;      // derive_sizes(): fixed for the job's life
-  const uint64_t buf_size_;
+  const uint64_t buf_size_;  // the budget given, or the one the depth control starts from
   const uint64_t max_op_;
   // Active commit: the base's depth in the source's chain (block_status depth;
   // the source is 1), so extents of depth 1..base_depth_-1 are copied. 0: not
@@ -279,6 +292,9 @@ class MirrorJob : public Job, public WriteInterceptor {
   RetryBackoff backoff_;
   EventThrottle error_events_{kErrorEventsPerSecond, std::chrono::seconds(1)};
   uint64_t in_flight_bytes_ = 0;  // sum of in_flight_'s reserved: buffer budget in use
+  // No buf-size given: the budget follows the target's round trip (depth_control.h),
+  // from buf_size_ up to max_buf_size(). Given: nullopt, the budget is buf_size_.
+  std::optional<DepthControl> depth_;
   // Copy offload: both ends' files while the kernel can copy between them;
   // reset at the first failure (the job then reads and writes).
   struct Offload {

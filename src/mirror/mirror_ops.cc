@@ -29,12 +29,38 @@ uint64_t MirrorJob::kernel_copy_chunks() const {
   return std::max<uint64_t>((large ? uint64_t{kMaxRequestBytes} : max_op_) / gran_, 1);
 }
 
+uint64_t MirrorJob::max_ops() const {
+  // In step with the budget: the operations stay max_op_ long.
+  return budget() / buf_size_ * p_.max_in_flight + budget() % buf_size_ / max_op_;
+}
+
+void MirrorJob::adjust_depth() {
+  if (!depth_ || !depth_->tick(DepthControl::Clock::now())) return;
+  // Idle buffers for a full budget, as at creation; the extra ones of a budget
+  // that shrank are freed as they come back.
+  pool_.set_max_cached(depth_->budget() / max_op_ + 1);
+}
+
+void MirrorJob::check_budget() const {
+  // O(operations), up to a thousand with a grown budget: debug builds (the
+  // unit and randomized model tests) only, as assert.h asks of costly checks.
+#ifndef NDEBUG
+  uint64_t sum = 0;
+  for (const MirrorOp& op : in_flight_) sum += op.reserved;
+  BLKMIRROR_ASSERT(sum == in_flight_bytes_, "buffer budget out of step with the operations");
+#endif
+}
+
 std::optional<MirrorJob::Run> MirrorJob::pick_run() {
   uint64_t nchunks = dirty_.size();
-  if (dirty_.count() == 0 || in_flight_.size() >= p_.max_in_flight ||
-      buf_size_ < in_flight_bytes_ + gran_)
+  if (dirty_.count() == 0) return std::nullopt;
+  // A budget the depth control just shrank may be below what is in flight.
+  uint64_t budget = this->budget();
+  if (in_flight_.size() >= max_ops() || budget < in_flight_bytes_ + gran_) {
+    if (depth_) depth_->note_limited();
     return std::nullopt;
-  uint64_t free = buf_size_ - in_flight_bytes_;
+  }
+  uint64_t free = budget - in_flight_bytes_;
   // Chunks in one operation; a kernel copy needs no buffer.
   uint64_t limit = kernel_copies() ? kernel_copy_chunks() : std::min(max_op_, free) / gran_;
   // Find a dirty chunk that no running operation covers; a chunk dirtied again
@@ -86,7 +112,7 @@ std::optional<ByteRange> MirrorJob::cow_align(ByteRange bytes) const {
   // The widened chunks must be free: copied by nobody else right now.
   for (uint64_t c = start / gran_; c < div_round_up(end, gran_); ++c)
     if (in_flight_at(c)) return std::nullopt;
-  if (in_flight_bytes_ + (end - start) > buf_size_ && !in_flight_.empty()) return std::nullopt;
+  if (in_flight_bytes_ + (end - start) > budget() && !in_flight_.empty()) return std::nullopt;
   return ByteRange{start, end - start};
 }
 
@@ -106,6 +132,7 @@ bool MirrorJob::launch_next() {
   auto op = in_flight_.insert(
       in_flight_.end(), MirrorOp{.range = bytes, .reserved = reserve, .cow_aligned = widened});
   in_flight_bytes_ += reserve;
+  check_budget();
   // Charge at launch (the op may turn out to be a cheap zero and get a refund),
   // so a burst of launches cannot outrun the speed limit.
   rate_.charge(bytes.length);
@@ -168,6 +195,7 @@ void MirrorJob::set_reserved(MirrorOp& op, uint64_t bytes) {
                    "buffer budget released twice");
   in_flight_bytes_ -= op.reserved - bytes;
   op.reserved = bytes;
+  check_budget();
 }
 
 Task<Result<void>> MirrorJob::copy_range(MirrorOp& op) {
@@ -209,7 +237,14 @@ Task<Result<void>> MirrorJob::copy_through_buffer(MirrorOp& op) {
       op.read_failed = true;
       break;
     }
+    // The job's own writes are where a target's round trip shows (a server
+    // may delay writes only): the depth control's samples. One that went out
+    // partly as zeroes is not one write.
+    auto issued = DepthControl::Clock::now();
+    uint64_t zeroed = op.zeroed;
     r = co_await write_keeping_holes(pos, span, op.zeroed);
+    if (r && depth_ && op.zeroed == zeroed)
+      depth_->on_write(issued, DepthControl::Clock::now(), span.size());
     pos += span.size();
   }
   pool_.give(std::move(buf));
