@@ -156,6 +156,11 @@ def parse_blkmirror_stderr(err: str) -> dict:
         info["copied"] = _size_of(m.group(1), m.group(2))
         info["zeroed"] = _size_of(m.group(3), m.group(4))
         info["ops"] = int(m.group(5))
+    # The depth a job without --buf-size chose for its target's round trip.
+    m = re.search(r"up to " + SIZE_RE + r" in flight \(target write round trip ([\d.]+) ms\)", err)
+    if m:
+        info["in_flight_peak"] = _size_of(m.group(1), m.group(2))
+        info["rtt_ms"] = float(m.group(3))
     return info
 
 
