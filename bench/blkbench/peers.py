@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shlex
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import tempfile
 import time
 from typing import Callable
 
-from .core import Contestant, Ctx, Measure, Variant
+from .core import Contestant, Ctx, Measure, Variant, warm_cache
 from .measure import FIO_GRACE, JOB_TIMEOUT, proc_cpu, proc_hwm_kib
 from .procs import Child, RunFailed, Spawned, check_proc, file_tail, kill_group, run_timed
 from .util import REPO, GiB, KiB, MiB, RUN_TIMEOUT, allocated, fdatasync_path, fmt_size, fresh_sparse, log, remove
@@ -339,6 +340,9 @@ class FioNbd:
                                   stderr=self.err, cwd=cwd, start_new_session=True)
 
     def finish(self) -> dict:
+        # fio's own CPU: the children's usage grows by it when it is reaped
+        # (nothing else is reaped meanwhile: the bench is one thread).
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
             rc = self.p.wait(self.runtime + FIO_GRACE)
         except subprocess.TimeoutExpired:
@@ -350,7 +354,10 @@ class FioNbd:
         if rc != 0:
             raise RunFailed(f"fio exit {rc}: {shlex.join(self.cmd)}\n"
                             f"{(file_tail(self.err) or out[-800:])}")
-        return parse_fio_json(out, self.rw)
+        r = parse_fio_json(out, self.rw)
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        r["client_cpu_s"] = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        return r
 
     def kill(self) -> None:
         kill_group(self.p)
@@ -466,9 +473,16 @@ def qsd_quit(c: Child, qmp: QMP) -> None:
 def export_fio(ctx: Ctx, v: Variant, server: str, workloads: list[tuple[str, int]],
                fmt: str = "raw") -> Measure:
     """fio against an export with no job running: `blkmirror serve` or the
-    daemon's NBD export of v.src. One server, the workloads in order, a sync
-    before each (the previous run's dirty pages must not be written back
-    during the next). Per workload: fio's numbers and the server's CPU."""
+    daemon's NBD export of v.src. One server, the workloads in order. Before a
+    write workload the page cache is dropped (after a sync, so the previous
+    run's dirty pages are not written back during this one); before a read
+    workload the file is read into it. Why both: the kernel's own cost of a
+    4 KiB buffered write on ext4 depends on the size of the page-cache folio it
+    lands in (3-5 us in a 4 KiB folio, 16 us in a file written in 1 MiB pieces,
+    37 us after a read's readahead: docs/measuring.md), the same for every
+    server, so a cold cache lets the servers' own costs show; reads from RAM
+    measure the server, not the disk. Per workload: fio's numbers and the
+    server's CPU."""
     t_run = time.monotonic()
     c = qmp = fio = None
     info: dict = {}
@@ -478,7 +492,11 @@ def export_fio(ctx: Ctx, v: Variant, server: str, workloads: list[tuple[str, int
         else:
             c, qmp, uri = start_qsd_export(v.src, None, v.workdir, fmt=fmt)
         for rw, runtime in workloads:
-            os.sync()
+            if "write" in rw:
+                ctx.drop_caches()
+            else:
+                os.sync()
+                warm_cache(v.src)
             cpu0 = proc_cpu(c.p.pid)
             fio = FioNbd(uri, rw, runtime, v.workdir)
             r = fio.finish()

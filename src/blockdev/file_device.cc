@@ -51,6 +51,9 @@ Perms FileDevice::lock_perms(bool read_only, bool force_share) {
 }
 
 FileDevice::~FileDevice() {
+  if (inline_.stalls() && std::getenv("BLKMIRROR_DEBUG_URING"))
+    std::fprintf(stderr, "%s: %llu in-place writes stalled\n", path_.c_str(),
+                 static_cast<unsigned long long>(inline_.stalls()));
   if (fd_ >= 0) ::close(fd_);
   if (direct_fd_ >= 0) ::close(direct_fd_);
 }
@@ -219,8 +222,14 @@ Task<Result<void>> FileDevice::write(uint64_t off, std::span<const std::byte> bu
   if (caps_.read_only) co_return io_error("write", off, EROFS);
   int fd = fd_for(off, buf.data(), buf.size());
   size_t done = 0;
+  // Small buffered writes go in place (io/inline_write.h); an O_DIRECT write
+  // waits for the device, so it never does.
+  bool in_place = fd != direct_fd_ && inline_.allowed(buf.size(), InlineWrites::Clock::now());
   while (done < buf.size()) {
-    int n = co_await loop_.uring().write(fd, buf.data() + done, buf.size() - done, off + done);
+    int n = in_place
+                ? inline_.write(fd, buf.data() + done, buf.size() - done, off + done)
+                : co_await loop_.uring().write(fd, buf.data() + done, buf.size() - done,
+                                               off + done);
     if (n == -EINTR || n == -EAGAIN) continue;
     if (n < 0) co_return io_error("write", off, -n);
     if (n == 0) co_return io_error("write", off, EIO);

@@ -1,5 +1,7 @@
 // FileDevice: a regular file or a block device. Reads, writes, fdatasync and
-// fallocate go through the loop's io_uring (io/uring.h); the calls io_uring
+// fallocate go through the loop's io_uring (io/uring.h), except small buffered
+// writes, which run in place on the loop thread (io/inline_write.h: io_uring
+// would hand each to a worker thread, costing more than the write); the calls io_uring
 // cannot do (lseek SEEK_DATA/SEEK_HOLE, ioctl) run on the Loop's worker pool
 // and resume on the loop.
 //
@@ -21,6 +23,7 @@
 
 #include "blockdev/block_device.h"
 #include "blockdev/image_lock.h"
+#include "io/inline_write.h"
 #include "io/loop.h"
 
 namespace blkmirror {
@@ -105,6 +108,7 @@ class FileDevice : public BlockDevice {
   bool reflink_ = false;  // on a file system that shares extents (file_span())
   int fd_ = -1;
   int direct_fd_ = -1;  // O_DIRECT, when enabled
+  InlineWrites inline_;
   // Last "data" extent seen. Stale data answers are safe (copying zeroes as data
   // is still a correct copy), so only zeroing and discards through us drop it.
   uint64_t data_cache_start_ = 0, data_cache_end_ = 0;

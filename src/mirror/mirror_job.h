@@ -67,6 +67,10 @@ class MirrorJob : public Job, public WriteInterceptor {
   // 0.65-0.71 s; docs/design/data-path.md). Two let one read the source while
   // the other writes. A reflink moves no data and is not limited.
   static constexpr unsigned kKernelCopyStreams = 2;
+  // A data-moving kernel copy smaller than this goes through a buffer instead:
+  // the hand-off to a pool thread costs more than copying it on the loop (the
+  // chunks a client dirties one write at a time; docs/design/data-path.md).
+  static constexpr uint64_t kMinKernelCopy = 1 << 20;
 
   // Checks everything (parameters, nodes, sizes, busy nodes) and attaches to the
   // nodes; nothing is read or written until start(). Errors carry QEMU's texts.

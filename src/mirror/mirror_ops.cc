@@ -199,11 +199,12 @@ void MirrorJob::set_reserved(MirrorOp& op, uint64_t bytes) {
 }
 
 Task<Result<void>> MirrorJob::copy_range(MirrorOp& op) {
+  bool kernel = offload_ && !op.partly_hole &&
+                (offload_->src.reflink || op.range.length >= kMinKernelCopy);
   // A kernel copy that moves data waits for one of kKernelCopyStreams.
-  while (offload_ && !op.partly_hole && !offload_->src.reflink &&
-         kernel_streams_ >= kKernelCopyStreams)
+  while (kernel && offload_ && !offload_->src.reflink && kernel_streams_ >= kKernelCopyStreams)
     co_await kernel_stream_free_.wait();
-  if (offload_ && !op.partly_hole) {
+  if (kernel && offload_) {
     bool stream = !offload_->src.reflink;
     if (stream) {
       ++kernel_streams_;

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 
-from ..core import Contestant, Ctx, Measure, Table, Variant, failed_runs, fio_nbd_available, run_rotation, want_peer, warm_cache
+from ..core import Contestant, Ctx, Measure, Table, Variant, failed_runs, fio_nbd_available, run_rotation, want_peer
 from ..peers import export_fio
 from ..report import div, fmt_iops, fmt_ms, fmt_x, load_note, med, per_rep
 from ..util import GiB, MiB, fmt_size, log, make_dense, parse_size
@@ -30,7 +30,6 @@ def scenario_4(ctx: Ctx) -> list[Table]:
         src = os.path.join(workdir, "src")
         log(f"scenario 4: creating {fmt_size(size)} of random data in {src}")
         make_dense(src, size, a.seed + 4)
-        warm_cache(src)
         v = Variant("export", workdir, False, src, size, {})
         workloads = [("randwrite", a.export_runtime), ("randread", a.export_runtime)]
 
@@ -47,12 +46,16 @@ def scenario_4(ctx: Ctx) -> list[Table]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def fmt_cpu_io(v: float | None) -> str:
+    return f"{v:.1f}" if v is not None else "-"
+
+
 def export_table(ctx: Ctx, v: Variant, cs: list[Contestant], res: dict[str, list[Measure | None]],
                  workloads: list[tuple[str, int]]) -> Table:
     a = ctx.args
     header = ["contestant", "workload", "IOPS (median)", "runs IOPS", "blkmirror IOPS / this",
               "worst rep ratio", "p99 ms (median)", "mean latency ms", "server cpu µs / I/O",
-              "worst cpu µs / I/O", "peak RSS"]
+              "worst cpu µs / I/O", "fio cpu µs / I/O", "peak RSS"]
     rows = []
     meds: dict[tuple[str, str], dict] = {}
     for c in cs:
@@ -80,10 +83,13 @@ def export_table(ctx: Ctx, v: Variant, cs: list[Contestant], res: dict[str, list
                          fmt_ms(p99), f"{med(r['mean_ms'] for r in ok):.3f}" if ok else "-",
                          f"{cpu_io:.1f}" if cpu_io is not None else "-",
                          f"{max(cpu_ios):.1f}" if cpu_ios else "-",
+                         fmt_cpu_io(med(r["client_cpu_s"] / r["ios"] * 1e6 for r in ok
+                                        if r.get("client_cpu_s") is not None and r["ios"])),
                          f"{max(rss) / 1024:.0f} MiB" if rss else "-"])
     t = Table(f"Scenario 4, export: fio 4 KiB random I/O, queue depth 16, "
               f"{a.export_runtime} s per workload, over NBD to a {fmt_size(v.size)} file of "
-              f"random data, on disk ({a.dir}, warm page cache), no job running", header, rows)
+              f"random data, on disk ({a.dir}; writes on a cold page cache, reads on a warm one), "
+              f"no job running", header, rows)
     for rw, _ in workloads:
         b, q = meds.get(("blkmirror", rw)), meds.get(("qsd", rw))
         if not b or not q:
@@ -103,10 +109,14 @@ def export_table(ctx: Ctx, v: Variant, cs: list[Contestant], res: dict[str, list
     ln = load_note(res)
     if ln:
         t.notes.append(ln)
-    t.notes.append("one server per run, both workloads in order against it, `sync` before each; "
-                   "the file is read once before the first run (warm page cache), the servers "
-                   "use buffered I/O. server cpu = the server process's user + system CPU during "
-                   "the fio run / fio's I/O count")
+    t.notes.append("one server per run, both workloads in order against it; before randwrite "
+                   "`sync` and the page cache dropped (every written page lands in a fresh 4 KiB "
+                   "folio: the kernel's part of a write is then small and the same for both), "
+                   "before randread the file is read into the page cache; the servers use "
+                   "buffered I/O. server cpu = the server process's user + system CPU (its "
+                   "threads, io_uring workers included) during the fio run / fio's I/O count; "
+                   "fio cpu the same for the client: on 2 CPUs fio and the server share the "
+                   "machine, so a server that needs less CPU also leaves fio more")
     return t
 
 
