@@ -4,6 +4,7 @@
 // every copy mode, and with a switch background -> write-blocking mid-run.
 #include <gtest/gtest.h>
 
+#include "blockdev/wrapper.h"
 #include "harness.h"
 #include "sanitizer_scale.h"
 
@@ -21,7 +22,23 @@ struct RandomCase {
   bool target_zero_init;
   CopyMode mode = CopyMode::kBackground;
   bool switch_mid_run = false;  // background, then block-job-change to write-blocking
+  // Every target write waits this long first (a target far away): with no
+  // buf-size the job's depth control grows the budget while clients write.
+  std::chrono::microseconds target_write_delay{0};
 };
+
+// A target whose writes take a while, as over a long link.
+struct SlowWrites : BlockDeviceWrapper {
+  SlowWrites(BlockDevicePtr inner, std::chrono::microseconds delay)
+      : BlockDeviceWrapper(std::move(inner)), delay(delay) {}
+  std::chrono::microseconds delay;
+  Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) override {
+    co_await sleep_for(delay);
+    co_return co_await inner()->write(off, buf, f);
+  }
+};
+
+uint64_t peak_budget = 0;  // the largest budget any case's job reached
 
 void run_random_case(const RandomCase& c) {
   SCOPED_TRACE(::testing::Message()
@@ -39,7 +56,9 @@ void run_random_case(const RandomCase& c) {
     fill_random(*dst, junk);
   }
   Node* src_node = *graph.add("src", src);
-  ASSERT_TRUE(graph.add("dst", dst));
+  BlockDevicePtr target = dst;
+  if (c.target_write_delay.count()) target = std::make_shared<SlowWrites>(dst, c.target_write_delay);
+  ASSERT_TRUE(graph.add("dst", target));
 
   MirrorParams p;
   p.job_id = "j";
@@ -75,6 +94,7 @@ void run_random_case(const RandomCase& c) {
     co_return co_await drive_to_switch(**job, client, rng, can_hold);
   }());
   ASSERT_TRUE(ok);
+  if (const DepthControl* d = (*job)->depth()) peak_budget = std::max(peak_budget, d->peak());
   ASSERT_FALSE((*job)->failure()) << (*job)->failure()->message();
   EXPECT_TRUE((*job)->switched());
   EXPECT_EQ(&client.edge->node(), graph.find("dst"));
@@ -144,6 +164,20 @@ TEST(MirrorRandom, WriteBlockingLargerDisk) {
     c.mode = CopyMode::kWriteBlocking;
     run_random_case(c);
   }
+}
+
+TEST(MirrorRandom, DelayedTargetGrowsItsDepthWhileClientsWrite) {
+  // 48 MiB at 1 MiB operations: more than the 16 MiB default keeps in flight,
+  // and 2 ms per write makes the round trip, not the memory, the limit.
+  peak_budget = 0;
+  for (uint64_t seed = 600; seed < 600 + seeds(4); ++seed) {
+    RandomCase c{seed, 48 << 20, 0, 0, 16, seed % 2 == 0};
+    c.mode = seed % 3 == 0 ? CopyMode::kWriteBlocking : CopyMode::kBackground;
+    c.target_write_delay = std::chrono::milliseconds(2);
+    run_random_case(c);
+    if (HasFatalFailure() || HasFailure()) break;
+  }
+  EXPECT_GT(peak_budget, uint64_t{16} << 20) << "the budget never grew: the test proves nothing";
 }
 
 TEST(MirrorRandom, LargerDiskDefaultParams) {
