@@ -43,7 +43,8 @@ Outcome simulate(DepthControl& dc, Link link, uint64_t op, double secs, bool lim
   std::priority_queue<Done, std::vector<Done>, std::greater<>> pending;
   const Clock::time_point t0{};
   Clock::time_point link_free = t0, now = t0;
-  const Clock::time_point end = t0 + duration_cast<Clock::duration>(std::chrono::duration<double>(secs));
+  const Clock::time_point end =
+      t0 + duration_cast<Clock::duration>(std::chrono::duration<double>(secs));
   uint64_t last_second = 0;
   auto issue = [&](Clock::time_point at) {
     Link l = switch_at >= 0 && at - t0 >= std::chrono::duration<double>(switch_at) ? after : link;

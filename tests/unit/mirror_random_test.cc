@@ -57,7 +57,8 @@ void run_random_case(const RandomCase& c) {
   }
   Node* src_node = *graph.add("src", src);
   BlockDevicePtr target = dst;
-  if (c.target_write_delay.count()) target = std::make_shared<SlowWrites>(dst, c.target_write_delay);
+  if (c.target_write_delay.count())
+    target = std::make_shared<SlowWrites>(dst, c.target_write_delay);
   ASSERT_TRUE(graph.add("dst", target));
 
   MirrorParams p;
