@@ -163,6 +163,18 @@ std::optional<MirrorStats> run_idle_mirror(const std::string& src_path,
   return (*job)->stats();
 }
 
+// Writes model to a source file in dir, mirrors it idle onto a new target
+// (run_idle_mirror) and checks the target reads back as the model.
+std::optional<MirrorStats> copy_idle(const TempDir& dir, const std::vector<std::byte>& model,
+                                     bool* reflink) {
+  std::string src_path = dir.path + "/src", dst_path = dir.path + "/dst";
+  write_file(src_path, model);
+  EXPECT_TRUE(FileDevice::create(dst_path, model.size()));
+  auto stats = run_idle_mirror(src_path, dst_path, reflink);
+  if (stats) EXPECT_EQ(first_difference(read_file(dst_path, model.size()), model), -1);
+  return stats;
+}
+
 // A dense idle copy between files of one file system that does not share
 // extents (ext4, tmpfs): the kernel moves every byte into one target file,
 // whose inode lock serializes the writes, so at most kKernelCopyStreams copies
@@ -178,14 +190,10 @@ TEST(MirrorOffload, DataMovingKernelCopiesAreLimitedToTheStreams) {
     const uint64_t w = rng() | 0x0101010101010101ull;
     std::memcpy(model.data() + i, &w, 8);
   }
-  std::string src_path = dir.path + "/src", dst_path = dir.path + "/dst";
-  write_file(src_path, model);
-  ASSERT_TRUE(FileDevice::create(dst_path, kSize));
   bool reflink = false;
-  auto stats = run_idle_mirror(src_path, dst_path, &reflink);
+  auto stats = copy_idle(dir, model, &reflink);
   if (reflink) GTEST_SKIP() << "the test directory's file system shares extents";
   ASSERT_TRUE(stats);
-  EXPECT_EQ(first_difference(read_file(dst_path, kSize), model), -1);
   EXPECT_EQ(stats->bytes_offloaded, kSize);
   EXPECT_GE(stats->kernel_streams_peak, 1u);
   EXPECT_LE(stats->kernel_streams_peak, MirrorJob::kKernelCopyStreams);
@@ -205,14 +213,10 @@ TEST(MirrorOffload, SmallDataExtentsAreCopiedThroughABuffer) {
   };
   fill(0, kBig);
   fill(kSmallAt, kSmall);
-  std::string src_path = dir.path + "/src", dst_path = dir.path + "/dst";
-  write_file(src_path, model);
-  ASSERT_TRUE(FileDevice::create(dst_path, kSize));
   bool reflink = false;
-  auto stats = run_idle_mirror(src_path, dst_path, &reflink);
+  auto stats = copy_idle(dir, model, &reflink);
   if (reflink) GTEST_SKIP() << "the test directory's file system shares extents";
   ASSERT_TRUE(stats);
-  EXPECT_EQ(first_difference(read_file(dst_path, kSize), model), -1);
   EXPECT_EQ(stats->bytes_offloaded, kBig);
 }
 
