@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nbd_helpers import run_tool, uri_for
+from qmp_client import QmpClient
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -138,7 +138,8 @@ def sha(path):
 
 
 class Qsd:
-    """qemu-storage-daemon 7.2 with a QMP monitor, for comparing replies."""
+    """qemu-storage-daemon 7.2 with a QMP monitor, for comparing replies. The
+    wire is QmpClient's, so both daemons are spoken to by the same code."""
 
     def __init__(self, workdir):
         self.path = str(Path(workdir) / "qsd.sock")
@@ -151,44 +152,27 @@ class Qsd:
         # on: a refused connect in between is retried.
         deadline = time.monotonic() + 20
         while True:
-            self.sock = socket.socket(socket.AF_UNIX)
             try:
-                self.sock.connect(self.path)
+                self.client = QmpClient(self.path)
                 break
             except ConnectionRefusedError:
-                self.sock.close()
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
-        self.f = self.sock.makefile("rw")
-        self.f.readline()
-        self.cmd("qmp_capabilities")
-
-    def reply(self, name, **args):
-        self.f.write(json.dumps({"execute": name, "arguments": {k.replace("_", "-"): v for k, v in args.items()}}) + "\n")
-        self.f.flush()
-        while True:
-            r = json.loads(self.f.readline())
-            if "event" not in r:
-                return r
 
     def cmd(self, name, **args):
-        r = self.reply(name, **args)
-        if "error" in r:
-            raise RuntimeError(r["error"]["desc"])
-        return r["return"]
+        return self.client.cmd(name, **args)
 
     def error(self, name, **args):
         """Runs a command that must fail; returns (class, desc)."""
-        r = self.reply(name, **args)
-        assert "error" in r, f"{name} {args} succeeded on qemu-storage-daemon"
-        return r["error"]["class"], r["error"]["desc"]
+        return self.client.error(name, **args)
 
     def stop(self):
         try:
-            self.cmd("quit")
+            self.client.cmd("quit")
         except Exception:
             pass
+        self.client.close()
         self.proc.wait(10)
 
 
