@@ -76,3 +76,20 @@ def test_blockdev_add_bad_rbd_is_refused(ceph, qmp, change, needle):
     _, desc = qmp.error("blockdev-add", driver="rbd", node_name="n", **args)
     assert needle in desc, desc
     assert "n" not in {n["node-name"] for n in qmp.cmd("query-named-block-nodes")}
+
+
+def mapped_ceph_libraries(pid):
+    with open(f"/proc/{pid}/maps") as f:
+        return sorted({line.split()[-1].rsplit("/", 1)[-1] for line in f
+                       if "/librbd.so" in line or "/librados.so" in line})
+
+
+def test_ceph_libraries_are_loaded_only_for_an_rbd_node(ceph, daemon, qmp):
+    # Linked, librbd and librados cost every process ~50 ms at start-up
+    # (librbd_loader.h); a daemon that never opens an rbd image has neither.
+    assert mapped_ceph_libraries(daemon.proc.pid) == []
+    name = ceph.create(MiB)
+    qmp.cmd("blockdev-add", driver="rbd", node_name="r", **location(ceph, name))
+    assert [lib.split(".so")[0] for lib in mapped_ceph_libraries(daemon.proc.pid)] == \
+        ["librados", "librbd"]
+    qmp.cmd("blockdev-del", node_name="r")

@@ -4,6 +4,8 @@
 
 #include <cstring>
 
+#include "blockdev/rbd/librbd_loader.h"
+
 namespace blkmirror {
 
 namespace {
@@ -31,6 +33,10 @@ void RbdCluster::close() {
 }
 
 Result<RbdCluster> rbd_connect_blocking(const RbdSpec& spec) {
+  // Every path into librbd starts here (librbd_loader.h).
+  if (auto loaded = load_librbd(); !loaded)
+    return make_plain_error(loaded.error().errnum(),
+                            spec.describe() + ": " + loaded.error().message());
   RbdCluster c;
   std::string name = "client." + spec.user.value_or("admin");
   int r = rados_create2(&c.cluster, "ceph", name.c_str(), 0);
