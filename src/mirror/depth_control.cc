@@ -8,7 +8,7 @@ namespace blkmirror {
 
 DepthControl::DepthControl(uint64_t floor, uint64_t cap, uint64_t step)
     : floor_(floor), cap_(std::max(floor, cap / step * step)), step_(step), budget_(floor),
-      peak_(floor) {
+      peak_(floor), ceiling_(cap_) {
   BLKMIRROR_ASSERT(step > 0 && step <= floor && floor <= cap, "depth control sizes");
 }
 
@@ -50,16 +50,33 @@ bool DepthControl::tick(Clock::time_point now) {
   if (age < kMinEpoch || fresh_ < kMinSamples) return false;
   rtt_ = latency_sum_ / samples_;
   bool queueing = rtt_ > 2 * base_;
+  double rate = static_cast<double>(bytes_) / std::chrono::duration<double>(age).count();
   uint64_t before = budget_;
-  if (limited_ && 2 * rtt_ < 3 * base_) {
-    budget_ = clamp(budget_ * 2);
+  if (ceiling_ < cap_ && now - ceiling_set_ > kCeilingLifetime) ceiling_ = cap_;
+  if (trial_from_ != 0 && ++trial_epochs_ >= 2) {
+    // The second epoch under the larger budget: judged on writes sent under it.
+    if (rate < kTrialGain * trial_base_rate_) {
+      ceiling_ = trial_from_;
+      ceiling_set_ = now;
+      budget_ = trial_from_;
+    }
+    trial_from_ = 0;
+  } else if (trial_from_ != 0) {
+    // The first: it still holds writes of the smaller budget; decide nothing.
+  } else if (limited_ && 2 * rtt_ < 3 * base_ && budget_ < ceiling_ && epochs_ > 0) {
+    // (Not from the first epoch: it ramps up from nothing in flight, and its rate
+    // is no yardstick.)
+    trial_from_ = budget_;
+    trial_base_rate_ = rate;
+    trial_epochs_ = 0;
+    budget_ = std::min(clamp(budget_ * 2), ceiling_);
   } else if (queueing) {
     // Bytes per base round trip the link carried this epoch, twice over.
-    double rate = static_cast<double>(bytes_) / std::chrono::duration<double>(age).count();
     double want = 2 * rate * std::chrono::duration<double>(base_).count();
     budget_ = std::min(budget_, clamp(static_cast<uint64_t>(want)));
   }
   peak_ = std::max(peak_, budget_);
+  ++epochs_;
   start_epoch(now);
   return budget_ != before;
 }

@@ -22,6 +22,10 @@ constexpr uint64_t GiB = 1ull << 30;
 struct Link {
   double bw;                   // bytes per second through the pipe
   Clock::duration delay;       // added to every write after its transfer
+  // A client that prepares writes (reads the source, hands the payload to the
+  // socket) at this many bytes a second, one after another (0: instantly):
+  // the rate is capped and the round trip shows nothing of it.
+  double prep_bw = 0;
 };
 
 struct Outcome {
@@ -42,12 +46,17 @@ Outcome simulate(DepthControl& dc, Link link, uint64_t op, double secs, bool lim
   };
   std::priority_queue<Done, std::vector<Done>, std::greater<>> pending;
   const Clock::time_point t0{};
-  Clock::time_point link_free = t0, now = t0;
+  Clock::time_point link_free = t0, prep_free = t0, now = t0;
   const Clock::time_point end =
       t0 + duration_cast<Clock::duration>(std::chrono::duration<double>(secs));
   uint64_t last_second = 0;
   auto issue = [&](Clock::time_point at) {
     Link l = switch_at >= 0 && at - t0 >= std::chrono::duration<double>(switch_at) ? after : link;
+    if (l.prep_bw > 0) {
+      prep_free = std::max(prep_free, at) +
+                  duration_cast<Clock::duration>(std::chrono::duration<double>(op / l.prep_bw));
+      at = prep_free;
+    }
     auto xfer = duration_cast<Clock::duration>(std::chrono::duration<double>(op / l.bw));
     link_free = std::max(link_free, at) + xfer;
     pending.push({link_free + l.delay, at});
@@ -130,6 +139,36 @@ TEST(DepthControl, ShrinksBackWhenTheLinkNarrows) {
   Outcome o = simulate(dc, fast, MiB, 12.0, true, 16, slow, 3.0);
   EXPECT_GE(o.peak, 100 * MiB);
   EXPECT_EQ(o.budget, 16 * MiB);
+}
+
+TEST(DepthControl, DoesNotKeepDepthThatCarriesNoMore) {
+  // 5 ms away over a 4 GiB/s link, but a client that prepares only 800 MiB/s
+  // of writes (two CPUs shared with the server): every write comes back in the
+  // base round trip, so latency says "grow", and the rate says it did not pay.
+  // The budget returns to the default and stays there.
+  DepthControl dc(16 * MiB, GiB, MiB);
+  Link busy{4.0 * GiB, milliseconds(5), 800.0 * MiB};
+  Outcome o = simulate(dc, busy, MiB, 3.0);
+  EXPECT_EQ(o.budget, 16 * MiB) << "peak " << o.peak / MiB << " MiB";
+  EXPECT_LE(o.peak, 32 * MiB);
+  EXPECT_GE(o.rate_last_second, 0.95 * 800 * MiB);
+}
+
+TEST(DepthControl, TriesAgainAfterTheCeilingExpires) {
+  // 100 ms away, and for the first 2 s a client that prepares only 100 MiB/s
+  // (16 MiB per round trip would carry 160): a larger budget does not pay and
+  // sets a ceiling. Then the client keeps up: once the ceiling has lapsed the
+  // budget grows to the round trip's needs.
+  Link busy{1.0 * GiB, milliseconds(100), 100.0 * MiB}, far{1.0 * GiB, milliseconds(100)};
+  DepthControl first(16 * MiB, GiB, MiB);
+  simulate(first, busy, MiB, 2.0);
+  EXPECT_EQ(first.ceiling(), 16 * MiB);
+  EXPECT_EQ(first.budget(), 16 * MiB);
+  // The same start, then the fast client for 16 s more.
+  DepthControl dc(16 * MiB, GiB, MiB);
+  Outcome o = simulate(dc, busy, MiB, 18.0, true, 16, far, 2.0);
+  EXPECT_GE(o.budget, 64 * MiB);
+  EXPECT_GE(o.rate_last_second, 0.8 * GiB);
 }
 
 TEST(DepthControl, DecidesNothingWithoutWrites) {
