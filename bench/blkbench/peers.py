@@ -74,8 +74,10 @@ def qsd_mirror(src: str, dst: str, workdir: str, src_fmt: str = "raw",
            "--blockdev", f"driver={src_fmt},node-name=src,file=srcf"]
     for n in dst_nodes:
         cmd += ["--blockdev", n]
+    pidfile = sock + ".pid"
+    remove(pidfile)
     cmd += ["--chardev", f"socket,id=c0,path={sock},server=on,wait=off",
-            "--monitor", "chardev=c0"]
+            "--monitor", "chardev=c0", "--pidfile", pidfile]
     errf = tempfile.TemporaryFile()
     sp = Spawned(cmd, errf, errf)
     t0 = sp.t0
@@ -88,7 +90,7 @@ def qsd_mirror(src: str, dst: str, workdir: str, src_fmt: str = "raw",
                 errf.seek(0)
                 raise RunFailed(f"qemu-storage-daemon exited {rc} at start: "
                                 f"{errf.read().decode(errors='replace')[-800:]}")
-            if os.path.exists(sock):
+            if qsd_started(pidfile):
                 try:
                     qmp = QMP(sock, RUN_TIMEOUT)
                     break
@@ -404,6 +406,19 @@ def start_blkmirror_mirror(ctx: Ctx, src: str, dst: str, workdir: str,
     return c, f"nbd+unix:///?socket={sock}"
 
 
+def qsd_started(pidfile: str) -> bool:
+    """qemu-storage-daemon writes its pid file once its monitors and exports
+    exist and it is about to accept connections (its manual says so). Its
+    socket file exists earlier, from the chardev's bind(): a client that
+    connected then was greeted twice, and once lost the first byte of its
+    command ("QMP input member 'xecute' is unexpected")."""
+    try:
+        with open(pidfile) as f:
+            return f.read().strip().isdigit()
+    except FileNotFoundError:
+        return False
+
+
 def start_qmp_daemon(workdir: str, blkmirror: str | None, args: list[str],
                      timeout: float = JOB_TIMEOUT) -> tuple[Child, QMP]:
     """qemu-storage-daemon, or `blkmirror daemon` when blkmirror (its binary)
@@ -413,17 +428,19 @@ def start_qmp_daemon(workdir: str, blkmirror: str | None, args: list[str],
     qsock = os.path.join(workdir, "qmp.sock")
     remove(qsock)
     name = "blkmirror daemon" if blkmirror else "qemu-storage-daemon"
+    pidfile = qsock + ".pid"
+    remove(pidfile)
     cmd = ([blkmirror, "daemon", "--qmp", qsock] + args if blkmirror else
            ["qemu-storage-daemon"] + args
            + ["--chardev", f"socket,id=c0,path={qsock},server=on,wait=off",
-              "--monitor", "chardev=c0"])
+              "--monitor", "chardev=c0", "--pidfile", pidfile])
     c = Child(name, cmd, workdir)
     try:
         deadline = time.monotonic() + 30
         while True:
             if not c.alive():
                 raise c.exited("QMP came up")
-            if os.path.exists(qsock):
+            if os.path.exists(qsock) if blkmirror else qsd_started(pidfile):
                 try:
                     return c, QMP(qsock, timeout)
                 except (ConnectionRefusedError, FileNotFoundError):

@@ -166,6 +166,10 @@ class MirrorJob : public Job, public WriteInterceptor {
   // Sets the buffer budget op holds to bytes (never more than it held): the one
   // place in_flight_bytes_ goes down.
   void set_reserved(MirrorOp& op, uint64_t bytes);
+  // An op launched as a kernel copy (nothing reserved) that goes through a
+  // buffer after all takes the buffer's share of the budget now; the budget may
+  // be exceeded until it is back, and pick_run launches nothing meanwhile.
+  void reserve_late(MirrorOp& op, uint64_t bytes);
   // Copies op's range: by copy offload when it works, else through a buffer
   // (max_op_ bytes at a time); records a source failure and the bytes written
   // as holes in op.
@@ -305,8 +309,14 @@ class MirrorJob : public Job, public WriteInterceptor {
     FileSpan src, tgt;
   };
   std::optional<Offload> offload_;
-  // Background operations are kernel copies: they take no buffer.
+  // Background operations are kernel copies where they can be: runs are sized
+  // for the kernel, not the buffer budget.
   bool kernel_copies() const { return offload_.has_value(); }
+  // The one test of whether op is copied by the kernel (no buffer, reserves
+  // nothing) or through a buffer: at launch, to reserve, and in copy_range, to
+  // copy. Block status may turn a kernel copy into a buffered one later (a chunk
+  // that is partly hole, a failed offload): copy_range then reserves late.
+  bool copies_in_kernel(const MirrorOp& op) const;
   // Chunks in one kernel copy: the largest requests (a call's cost is mostly
   // fixed: docs/design/data-path.md), except under a speed limit, and where
   // the copy moves data and a client write may wait for it (write-blocking).

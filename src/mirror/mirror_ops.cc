@@ -82,6 +82,10 @@ std::optional<MirrorJob::Run> MirrorJob::pick_run() {
     }
     uint64_t end = *next + 1;
     while (end < nchunks && end - *next < limit && dirty_.test(end) && !in_flight_at(end)) ++end;
+    // A run too short for the kernel goes through a buffer (copies_in_kernel):
+    // it must fit the budget like any buffered one.
+    if (kernel_copies() && !offload_->src.reflink && (end - *next) * gran_ < kMinKernelCopy)
+      end = *next + std::clamp<uint64_t>(std::min(max_op_, free) / gran_, 1, end - *next);
     return Run{*next, end};
   }
   return std::nullopt;
@@ -128,10 +132,9 @@ bool MirrorJob::launch_next() {
   // dirties the chunk again and it is copied once more.
   uint64_t first_chunk = bytes.offset / gran_, end_chunk = div_round_up(bytes.end(), gran_);
   dirty_.reset(first_chunk, end_chunk - first_chunk);
-  uint64_t reserve = kernel_copies() && !widened ? 0 : bytes.length;
-  auto op = in_flight_.insert(
-      in_flight_.end(), MirrorOp{.range = bytes, .reserved = reserve, .cow_aligned = widened});
-  in_flight_bytes_ += reserve;
+  auto op = in_flight_.insert(in_flight_.end(), MirrorOp{.range = bytes, .cow_aligned = widened});
+  op->reserved = copies_in_kernel(*op) ? 0 : bytes.length;
+  in_flight_bytes_ += op->reserved;
   check_budget();
   // Charge at launch (the op may turn out to be a cheap zero and get a refund),
   // so a burst of launches cannot outrun the speed limit.
@@ -198,9 +201,20 @@ void MirrorJob::set_reserved(MirrorOp& op, uint64_t bytes) {
   check_budget();
 }
 
+bool MirrorJob::copies_in_kernel(const MirrorOp& op) const {
+  return offload_ && !op.partly_hole && !op.cow_aligned &&
+         (offload_->src.reflink || op.range.length >= kMinKernelCopy);
+}
+
+void MirrorJob::reserve_late(MirrorOp& op, uint64_t bytes) {
+  BLKMIRROR_ASSERT(op.reserved == 0, "a late reservation for an op that holds one");
+  op.reserved = bytes;
+  in_flight_bytes_ += bytes;
+  check_budget();
+}
+
 Task<Result<void>> MirrorJob::copy_range(MirrorOp& op) {
-  bool kernel = offload_ && !op.partly_hole &&
-                (offload_->src.reflink || op.range.length >= kMinKernelCopy);
+  bool kernel = copies_in_kernel(op);
   // A kernel copy that moves data waits for one of kKernelCopyStreams.
   while (kernel && offload_ && !offload_->src.reflink && kernel_streams_ >= kKernelCopyStreams)
     co_await kernel_stream_free_.wait();
@@ -225,6 +239,8 @@ Task<Result<void>> MirrorJob::copy_range(MirrorOp& op) {
     // which also tells a source failure from a target one.
     offload_.reset();
   }
+  // Buffered after all (see copies_in_kernel): one buffer of the budget.
+  if (op.reserved == 0) reserve_late(op, std::min(op.range.length, max_op_));
   co_return co_await copy_through_buffer(op);
 }
 

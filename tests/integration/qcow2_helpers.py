@@ -105,7 +105,7 @@ def mirror_to_completion(qmp, timeout=60, **args):
 
 
 def wait_for_socket(proc, path, what):
-    """Waits (20 s at most) for a peer process to create its socket file."""
+    """Waits (20 s at most) for a peer process to create a file (its socket, its pid file)."""
     deadline = time.monotonic() + 20
     while not os.path.exists(path):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -143,13 +143,16 @@ class Qsd:
 
     def __init__(self, workdir):
         self.path = str(Path(workdir) / "qsd.sock")
+        pidfile = Path(workdir) / "qsd.pid"
         self.proc = subprocess.Popen(["qemu-storage-daemon", "--chardev",
                                       f"socket,id=c,path={self.path},server=on,wait=off",
-                                      "--monitor", "chardev=c"],
+                                      "--monitor", "chardev=c", "--pidfile", str(pidfile)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for_socket(self.proc, self.path, "qemu-storage-daemon")
-        # The socket file exists from bind(); connections are taken from listen()
-        # on: a refused connect in between is retried.
+        # The pid file is written once the monitor exists (qemu-storage-daemon's
+        # manual); the socket file already from the chardev's bind(), and a
+        # client that connected in between was greeted twice and could lose
+        # the first bytes of its first command.
+        wait_for_socket(self.proc, str(pidfile), "qemu-storage-daemon")
         deadline = time.monotonic() + 20
         while True:
             try:
