@@ -90,7 +90,7 @@ Result<std::shared_ptr<MirrorJob>> MirrorJob::create(Loop& loop, Graph& graph, M
   if (p.job_id.empty()) p.job_id = p.device;
   // One bit per chunk: refuse a bitmap that would not fit rather than fail an
   // allocation (a 1 PiB node at 512-byte chunks would need 256 GiB).
-  MirrorSizes sizes = derive_sizes(p, tgt->device().caps().cluster_size);
+  MirrorSizes sizes = derive_sizes(p, tgt->device().caps().cluster_size, src->length());
   uint64_t gran = sizes.granularity;
   if (uint64_t bytes = div_round_up(src->length(), gran) / 8; bytes > kMaxBitmapBytes)
     return make_plain_error(

@@ -119,9 +119,16 @@ uint64_t default_granularity(uint64_t cluster) {
   return std::clamp<uint64_t>(cluster, 4 << 10, 64 << 10);
 }
 
-MirrorSizes derive_sizes(const MirrorParams& p, uint64_t cluster) {
+uint64_t default_mirror_granularity(uint64_t cluster, uint64_t length) {
+  if (cluster != 0) return default_granularity(cluster);
+  uint64_t g = 4 << 10;
+  while (g < (64 << 10) && div_round_up(length, g) > kMirrorBitmapChunks) g *= 2;
+  return g;
+}
+
+MirrorSizes derive_sizes(const MirrorParams& p, uint64_t cluster, uint64_t length) {
   MirrorSizes s;
-  s.granularity = p.granularity ? p.granularity : default_granularity(cluster);
+  s.granularity = p.granularity ? p.granularity : default_mirror_granularity(cluster, length);
   uint64_t g = s.granularity;
   s.buf_size = align_up(p.buf_size ? static_cast<uint64_t>(p.buf_size) : kDefaultBufSize, g);
   // A copy of a target cluster must fit the buffer whole.

@@ -73,7 +73,7 @@ Task<Result<MirrorState>> open_mirror_state(Loop& loop, const MirrorStateRequest
     // A new copy: everything may differ until the first checkpoint.
     JournalHeader h;
     h.length = sid.length;
-    h.granularity = derive_sizes(*p, req.dst->caps().cluster_size).granularity;
+    h.granularity = derive_sizes(*p, req.dst->caps().cluster_size, sid.length).granularity;
     h.extent_size = Journal::default_extent_size(h.length, h.granularity);
     h.sync = static_cast<uint32_t>(p->sync);
     h.source = sid;

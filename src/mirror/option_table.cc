@@ -57,7 +57,7 @@ constexpr MirrorOption kOptions[] = {
      .flag = "granularity",
      .type = OptionType::kSize,
      .help = "dirty-tracking chunk: a power of 2 in [512, 64M] (default: the target's cluster "
-             "size within [4K, 64K], else 64K)",
+             "size within [4K, 64K]; without one 4K, coarser past 32G up to 64K)",
      .min = static_cast<int64_t>(kMinGranularity),
      .max = static_cast<int64_t>(kMaxGranularity),
      .pow2 = true,

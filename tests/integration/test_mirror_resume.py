@@ -183,7 +183,7 @@ def test_refusals_are_one_line_and_write_nothing(cli, images, workdir):
     cases.append(((src, other, "--state", state), "made for another target than"))
     # Granularity differing from the state's.
     cases.append(((src, dst, "--state", state, "--granularity", "128K"),
-                  "made with granularity 65536"))
+                  "made with granularity 4096"))
     # --verify-resume without a state to resume.
     cases.append(((src, dst, "--state", workdir / "none", "--verify-resume"), "no state to resume"))
     for args, text in cases:

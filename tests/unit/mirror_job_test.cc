@@ -558,6 +558,26 @@ TEST(MirrorJob, DefaultGranularityFollowsTargetCluster) {
   EXPECT_EQ(default_granularity(2 << 20), 65536u);
 }
 
+TEST(MirrorJob, DefaultMirrorGranularityWithoutClustersKeepsTheBitmapSmall) {
+  constexpr uint64_t GiB = uint64_t{1} << 30;
+  // 4 KiB while the bitmap stays within 8 Mi chunks (1 MiB), then coarser,
+  // never coarser than QEMU's 64 KiB.
+  EXPECT_EQ(default_mirror_granularity(0, 2 * GiB), 4096u);
+  EXPECT_EQ(default_mirror_granularity(0, 32 * GiB), 4096u);
+  EXPECT_EQ(default_mirror_granularity(0, 32 * GiB + 1), 8192u);
+  EXPECT_EQ(default_mirror_granularity(0, 100 * GiB), 16384u);
+  EXPECT_EQ(default_mirror_granularity(0, 512 * GiB), 65536u);
+  EXPECT_EQ(default_mirror_granularity(0, 64 * 1024 * GiB), 65536u);
+  // A target with clusters keeps QEMU's rule whatever the size.
+  EXPECT_EQ(default_mirror_granularity(65536, 2 * GiB), 65536u);
+  EXPECT_EQ(default_mirror_granularity(512, 4 * 1024 * GiB), 4096u);
+  // And a job made without a granularity takes it.
+  Fixture f(1 << 20);
+  auto p = f.params();
+  p.granularity = 0;
+  EXPECT_EQ(f.make(p)->granularity(), 4096u);
+}
+
 }  // namespace
 }  // namespace blkmirror::test
 

@@ -20,23 +20,24 @@ using namespace std::chrono_literals;
 
 TEST(MirrorSizes, DerivedOnceFromParamsAndTargetCluster) {
   MirrorParams p;
-  auto s = derive_sizes(p, 0);
+  constexpr uint64_t kDisk = uint64_t{1} << 40;  // 1 TiB: 64 KiB chunks
+  auto s = derive_sizes(p, 0, kDisk);
   EXPECT_EQ(s.granularity, 65536u);
   EXPECT_EQ(s.buf_size, 16u << 20);
   EXPECT_EQ(s.max_op, 1u << 20);  // 16 MiB / 16 in flight
   // A target cluster larger than the granularity: the buffer holds one whole.
   p.granularity = 4096;
   p.buf_size = 4096;
-  s = derive_sizes(p, 2 << 20);
+  s = derive_sizes(p, 2 << 20, kDisk);
   EXPECT_EQ(s.buf_size, 2u << 20);
   EXPECT_LE(s.max_op, s.buf_size);
   // Never above the largest request, never below one chunk.
   p = MirrorParams{};
   p.buf_size = int64_t{1} << 30;
   p.max_in_flight = 1;
-  EXPECT_EQ(derive_sizes(p, 0).max_op, kMaxRequestBytes);
+  EXPECT_EQ(derive_sizes(p, 0, kDisk).max_op, kMaxRequestBytes);
   p.granularity = 64 << 20;
-  EXPECT_EQ(derive_sizes(p, 0).max_op, 64u << 20);
+  EXPECT_EQ(derive_sizes(p, 0, kDisk).max_op, 64u << 20);
 }
 
 struct TempDir {
