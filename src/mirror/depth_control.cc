@@ -53,16 +53,17 @@ bool DepthControl::tick(Clock::time_point now) {
   double rate = static_cast<double>(bytes_) / std::chrono::duration<double>(age).count();
   uint64_t before = budget_;
   if (ceiling_ < cap_ && now - ceiling_set_ > kCeilingLifetime) ceiling_ = cap_;
-  if (trial_from_ != 0 && ++trial_epochs_ >= 2) {
-    // The second epoch under the larger budget: judged on writes sent under it.
-    if (rate < kTrialGain * trial_base_rate_) {
-      ceiling_ = trial_from_;
-      ceiling_set_ = now;
-      budget_ = trial_from_;
+  if (trial_from_ != 0) {
+    // The first epoch under a larger budget still holds writes of the smaller
+    // one and decides nothing; the second is judged on writes sent under it.
+    if (++trial_epochs_ == 2) {
+      if (rate < kTrialGain * trial_base_rate_) {
+        ceiling_ = trial_from_;
+        ceiling_set_ = now;
+        budget_ = trial_from_;
+      }
+      trial_from_ = 0;
     }
-    trial_from_ = 0;
-  } else if (trial_from_ != 0) {
-    // The first: it still holds writes of the smaller budget; decide nothing.
   } else if (limited_ && 2 * rtt_ < 3 * base_ && budget_ < ceiling_ && epochs_ > 0) {
     // (Not from the first epoch: it ramps up from nothing in flight, and its rate
     // is no yardstick.)

@@ -317,6 +317,9 @@ class MirrorJob : public Job, public WriteInterceptor {
   // copy. Block status may turn a kernel copy into a buffered one later (a chunk
   // that is partly hole, a failed offload): copy_range then reserves late.
   bool copies_in_kernel(const MirrorOp& op) const;
+  // Its size half, which pick_run also asks: a reflink always, a data-moving
+  // copy from kMinKernelCopy on. REQUIRES: offload_.
+  bool kernel_copy_pays(uint64_t length) const;
   // Chunks in one kernel copy: the largest requests (a call's cost is mostly
   // fixed: docs/design/data-path.md), except under a speed limit, and where
   // the copy moves data and a client write may wait for it (write-blocking).

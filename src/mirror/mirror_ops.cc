@@ -84,7 +84,7 @@ std::optional<MirrorJob::Run> MirrorJob::pick_run() {
     while (end < nchunks && end - *next < limit && dirty_.test(end) && !in_flight_at(end)) ++end;
     // A run too short for the kernel goes through a buffer (copies_in_kernel):
     // it must fit the budget like any buffered one.
-    if (kernel_copies() && !offload_->src.reflink && (end - *next) * gran_ < kMinKernelCopy)
+    if (kernel_copies() && !kernel_copy_pays((end - *next) * gran_))
       end = *next + std::clamp<uint64_t>(std::min(max_op_, free) / gran_, 1, end - *next);
     return Run{*next, end};
   }
@@ -201,9 +201,12 @@ void MirrorJob::set_reserved(MirrorOp& op, uint64_t bytes) {
   check_budget();
 }
 
+bool MirrorJob::kernel_copy_pays(uint64_t length) const {
+  return offload_->src.reflink || length >= kMinKernelCopy;
+}
+
 bool MirrorJob::copies_in_kernel(const MirrorOp& op) const {
-  return offload_ && !op.partly_hole && !op.cow_aligned &&
-         (offload_->src.reflink || op.range.length >= kMinKernelCopy);
+  return offload_ && !op.partly_hole && !op.cow_aligned && kernel_copy_pays(op.range.length);
 }
 
 void MirrorJob::reserve_late(MirrorOp& op, uint64_t bytes) {

@@ -153,15 +153,7 @@ class Qsd:
         # client that connected in between was greeted twice and could lose
         # the first bytes of its first command.
         wait_for_socket(self.proc, str(pidfile), "qemu-storage-daemon")
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.client = QmpClient(self.path)
-                break
-            except ConnectionRefusedError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+        self.client = QmpClient(self.path)
 
     def cmd(self, name, **args):
         return self.client.cmd(name, **args)

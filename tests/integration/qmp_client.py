@@ -65,11 +65,6 @@ class QmpClient:
             if "event" in msg:
                 self.events.append(msg)
                 continue
-            if "QMP" in msg:
-                # A second greeting: qemu-storage-daemon greets again when the
-                # client connected between its chardev listening and its
-                # monitor attaching (seen once in bench/compare); not a reply.
-                continue
             return msg
 
     def request(self, name, args=None, id=None):
