@@ -6,6 +6,7 @@ and resolve_arguments(args) -> error text or None; main() finds it by itself."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import pkgutil
 import datetime
@@ -22,7 +23,8 @@ from types import ModuleType
 
 from . import scenarios
 from .core import Ctx, Table
-from .util import GiB, REPO, log, loud_failure
+from .guest_memory import HeldMemory
+from .util import GiB, REPO, log, loud_failure, parse_size
 
 
 def discover() -> dict[str, ModuleType]:
@@ -83,6 +85,13 @@ def main() -> int:
     ap.add_argument("--build", action="store_true", help="run scripts/build release first")
     ap.add_argument("--fio-engine", default="io_uring", help="fio ioengine (default io_uring)")
     ap.add_argument("--seed", type=int, default=20240501, help="data seed")
+    ap.add_argument("--warm-memory", type=parse_size, default=None,
+                    help="memory to touch once before the runs, with free page reporting "
+                         "paused for the benchmark (bench/blkbench/guest_memory.py; default 8G, "
+                         "1G with --quick)")
+    ap.add_argument("--keep-page-reporting", action="store_true",
+                    help="leave the VM's free page reporting on (runs after an idle spell then "
+                         "fault their memory in from the host)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: small sizes and short fio runs, 1 run (explicit options win)")
     for mod in SCENARIOS.values():
@@ -92,6 +101,8 @@ def main() -> int:
 
     quick = a.quick
     a.runs = a.runs or (1 if quick else 3)
+    if a.warm_memory is None:
+        a.warm_memory = (1 if quick else 8) * GiB
     a.contestants = [x for x in a.contestants.split(",") if x] if a.contestants else None
     scen = [x.strip() for x in a.scenarios.split(",") if x.strip()]
     for s in scen:
@@ -142,9 +153,13 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        for s in scen:
-            log(f"=== scenario {s}: {SCENARIOS[s].TITLE}")
-            tables += SCENARIOS[s].run(ctx)
+        memory = None if a.keep_page_reporting else HeldMemory(a.warm_memory)
+        with memory or contextlib.nullcontext():
+            if memory:
+                ctx.notes += memory.notes
+            for s in scen:
+                log(f"=== scenario {s}: {SCENARIOS[s].TITLE}")
+                tables += SCENARIOS[s].run(ctx)
     except KeyboardInterrupt:
         loud_failure("interrupted")
         ctx.failures.append("interrupted by the user")
