@@ -2,11 +2,14 @@
 // killed with SIGKILL at many points. Afterwards `qemu-img check` must report no
 // corruption (leaks are allowed), and every write acknowledged before the last
 // completed flush must read back.
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <random>
+#include <thread>
 
 #include <fmt/format.h>
 
@@ -20,6 +23,28 @@ constexpr uint64_t kBlock = 4096;
 
 uint64_t offset_of(uint64_t i) { return (i * 2053 % (kSize / kBlock)) * kBlock; }
 std::byte pattern_of(uint64_t i) { return std::byte(1 + i % 251); }
+
+// Waits until no process holds a lock on path (at most 10 s). A process killed
+// with I/O still in its io_uring keeps its files, and so its image locks, until
+// the kernel's asynchronous teardown of the ring has finished, which can be
+// after waitpid() returned (seen on Linux 6.18). True when unlocked.
+bool wait_unlocked(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  bool free = false;
+  while (!free && std::chrono::steady_clock::now() < deadline) {
+    struct flock fl {};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = 0;
+    fl.l_len = 0;  // the whole file: QEMU's lock bytes are near its start
+    free = ::fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type == F_UNLCK;
+    if (!free) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ::close(fd);
+  return free;
+}
 
 // The child: writes block after block, flushing every few, and reports on the pipe
 // how many writes the last completed flush covers.
@@ -73,6 +98,7 @@ TEST(Qcow2Crash, KilledWriterLeavesConsistentImage) {
     ::kill(pid, SIGKILL);
     int st = 0;
     ::waitpid(pid, &st, 0);
+    ASSERT_TRUE(wait_unlocked(img)) << "the killed writer's image locks were never released";
     uint64_t acked = 0, n;
     while (::read(p[0], &n, sizeof n) == sizeof n) acked = n;
     ::close(p[0]);
