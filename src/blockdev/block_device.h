@@ -34,10 +34,24 @@ struct BlockCaps {
   uint32_t min_block = 1;        // smallest aligned I/O unit
   uint32_t pref_block = 4096;    // preferred I/O unit
   uint32_t max_transfer = kMaxRequestBytes;
+  bool uncached_io = false;      // ReadFlags/WriteFlags::uncached keep data out of a
+                                 // host page cache the device would otherwise fill
+};
+
+// uncached (reads and writes): the caller moves this data once, a job's bulk
+// copy, and will not touch it again soon. A device behind the host's page cache
+// keeps it out (FileDevice: an O_DIRECT read, an RWF_DONTCACHE write), so the
+// copy neither evicts what clients have cached nor leaves the large folios of
+// its big requests under their small writes (each 4 KiB write into one costs
+// ext4 several times more: docs/design/data-path.md). A hint: a device without
+// such a cache, or a kernel without the means, ignores it.
+struct ReadFlags {
+  bool uncached = false;
 };
 
 struct WriteFlags {
   bool fua = false;  // durable before completion
+  bool uncached = false;
 };
 
 struct ZeroFlags {
@@ -80,7 +94,8 @@ class BlockDevice {
   virtual uint64_t length() const = 0;
   virtual const BlockCaps& caps() const = 0;
 
-  virtual Task<Result<void>> read(uint64_t offset, std::span<std::byte> buf) = 0;
+  virtual Task<Result<void>> read(uint64_t offset, std::span<std::byte> buf,
+                                  ReadFlags flags = {}) = 0;
   virtual Task<Result<void>> write(uint64_t offset, std::span<const std::byte> buf,
                                    WriteFlags flags = {}) = 0;
   virtual Task<Result<void>> write_zeroes(uint64_t offset, uint64_t length,

@@ -22,8 +22,8 @@ class ChildDevice : public BlockDevice {
   uint64_t length() const override { return edge_->length(); }
   const BlockCaps& caps() const override { return caps_; }
 
-  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf) override {
-    return edge_->read(off, buf);
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf, ReadFlags f) override {
+    return edge_->read(off, buf, f);
   }
   Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) override {
     return edge_->write(off, buf, f);

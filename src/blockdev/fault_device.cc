@@ -26,10 +26,10 @@ tl::unexpected<Error> injected_error(const BlockDevice& d, const char* what, uin
 }
 }  // namespace
 
-Task<Result<void>> FaultDevice::read(uint64_t off, std::span<std::byte> buf) {
+Task<Result<void>> FaultDevice::read(uint64_t off, std::span<std::byte> buf, ReadFlags f) {
   if (int e = should_fail(FaultRule::kRead, off, buf.size()))
     co_return injected_error(*this, "read", off, e);
-  co_return co_await inner()->read(off, buf);
+  co_return co_await inner()->read(off, buf, f);
 }
 
 Task<Result<void>> FaultDevice::write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) {

@@ -42,7 +42,7 @@ class FaultDevice : public BlockDeviceWrapper {
   void clear_rules() { rules_.clear(); }
   uint64_t injected() const { return injected_; }
 
-  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf) override;
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf, ReadFlags f = {}) override;
   Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) override;
   Task<Result<void>> write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) override;
   Task<Result<void>> discard(uint64_t off, uint64_t len) override;

@@ -21,6 +21,10 @@ namespace blkmirror {
 
 namespace {
 
+// RWF_DONTCACHE from Linux 6.14's uapi; older headers (Debian 12's) lack it, and
+// an older kernel answers it with EOPNOTSUPP.
+constexpr int kRwfDontcache = 0x00000080;
+
 Result<int> open_fd(const std::string& path, int flags) {
   int fd = ::open(path.c_str(), flags | O_CLOEXEC);
   if (fd < 0) return make_error(errno, path);
@@ -56,6 +60,7 @@ FileDevice::~FileDevice() {
                  static_cast<unsigned long long>(inline_.stalls()));
   if (fd_ >= 0) ::close(fd_);
   if (direct_fd_ >= 0) ::close(direct_fd_);
+  if (uncached_read_fd_ >= 0) ::close(uncached_read_fd_);
 }
 
 Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::string& path,
@@ -108,8 +113,23 @@ Result<std::shared_ptr<FileDevice>> FileDevice::open(Loop& loop, const std::stri
   }
   c.pref_block = static_cast<uint32_t>(std::max<long>(st.st_blksize, 512));
   struct statfs fs {};
-  if (!dev->is_blk_ && ::fstatfs(*fd, &fs) == 0)
-    dev->reflink_ = fs.f_type == XFS_SUPER_MAGIC || fs.f_type == BTRFS_SUPER_MAGIC;
+  const bool have_fs = !dev->is_blk_ && ::fstatfs(*fd, &fs) == 0;
+  if (have_fs) dev->reflink_ = fs.f_type == XFS_SUPER_MAGIC || fs.f_type == BTRFS_SUPER_MAGIC;
+  // tmpfs is its page cache: there is nothing to keep out of it.
+  const bool in_memory = have_fs && fs.f_type == TMPFS_MAGIC;
+  if (!opts.direct && !in_memory) {
+    // A file system without O_DIRECT (EINVAL) just has no uncached reads.
+    auto ufd = open_fd(path, O_RDONLY | O_DIRECT | O_NONBLOCK);
+    struct stat ust {};
+    if (ufd && ::fstat(*ufd, &ust) == 0 && ust.st_dev == st.st_dev && ust.st_ino == st.st_ino) {
+      ::fcntl(*ufd, F_SETFL, ::fcntl(*ufd, F_GETFL) & ~O_NONBLOCK);
+      dev->uncached_read_fd_ = *ufd;
+    } else if (ufd) {
+      ::close(*ufd);
+    }
+    dev->dontcache_ = true;
+  }
+  c.uncached_io = dev->uncached_read_fd_ >= 0;
   if (opts.direct) {
     auto dfd = open_fd(path, flags | O_DIRECT | O_NONBLOCK);
     if (!dfd) return with_context(dfd.error(), "cache.direct");
@@ -204,9 +224,17 @@ int FileDevice::fd_for(uint64_t off, const void* buf, uint64_t len) const {
   return fd_;
 }
 
+int FileDevice::read_fd(uint64_t off, std::span<std::byte> buf, ReadFlags f) const {
+  if (f.uncached && uncached_read_fd_ >= 0 && buf.size() >= kUncachedMin &&
+      is_aligned(off, 4096) && is_aligned(buf.size(), 4096) &&
+      is_aligned(reinterpret_cast<uintptr_t>(buf.data()), 4096))
+    return uncached_read_fd_;
+  return fd_for(off, buf.data(), buf.size());
+}
+
 // Loops until the whole request is done: a short read or write is continued.
-Task<Result<void>> FileDevice::read(uint64_t off, std::span<std::byte> buf) {
-  int fd = fd_for(off, buf.data(), buf.size());
+Task<Result<void>> FileDevice::read(uint64_t off, std::span<std::byte> buf, ReadFlags f) {
+  int fd = read_fd(off, buf, f);
   size_t done = 0;
   while (done < buf.size()) {
     int n = co_await loop_.uring().read(fd, buf.data() + done, buf.size() - done, off + done);
@@ -224,12 +252,23 @@ Task<Result<void>> FileDevice::write(uint64_t off, std::span<const std::byte> bu
   size_t done = 0;
   // Small buffered writes go in place (io/inline_write.h); an O_DIRECT write
   // waits for the device, so it never does.
-  bool in_place = fd != direct_fd_ && inline_.allowed(buf.size(), InlineWrites::Clock::now());
+  int rwf = f.uncached && dontcache_ && fd != direct_fd_ && buf.size() >= kUncachedMin
+                ? kRwfDontcache
+                : 0;
+  bool in_place = fd != direct_fd_ && !rwf &&
+                  inline_.allowed(buf.size(), InlineWrites::Clock::now());
   while (done < buf.size()) {
-    int n = in_place
-                ? inline_.write(fd, buf.data() + done, buf.size() - done, off + done)
-                : co_await loop_.uring().write(fd, buf.data() + done, buf.size() - done,
-                                               off + done);
+    int n;  // if/else, not ?: (GCC 12 rule 1, base/task.h)
+    if (in_place)
+      n = inline_.write(fd, buf.data() + done, buf.size() - done, off + done);
+    else
+      n = co_await loop_.uring().write(fd, buf.data() + done, buf.size() - done, off + done,
+                                       rwf);
+    if (n == -EOPNOTSUPP && rwf) {  // a kernel or file system without it
+      dontcache_ = false;
+      rwf = 0;
+      continue;
+    }
     if (n == -EINTR || n == -EAGAIN) continue;
     if (n < 0) co_return io_error("write", off, -n);
     if (n == 0) co_return io_error("write", off, EIO);

@@ -11,6 +11,12 @@
 // cache.direct: with `direct`, aligned requests use an O_DIRECT descriptor; a
 // request not aligned to 4 KiB (offset, length and buffer) goes through a second,
 // buffered descriptor, so the unaligned tail of a file still works.
+// Uncached requests (ReadFlags/WriteFlags::uncached, a job's bulk copy) of at
+// least kUncachedMin bytes stay out of the page cache: a read through a third,
+// read-only O_DIRECT descriptor (when aligned), a write with RWF_DONTCACHE
+// (Linux 6.14+; without it, or on tmpfs, a plain write). Smaller ones are
+// ordinary: they make only small folios, and the page a client just wrote is
+// cheaper to read from the cache than to write back and read from disk.
 //
 // Threading rule: loop thread only. Buffers must outlive the awaited call.
 #pragma once
@@ -69,7 +75,10 @@ class FileDevice : public BlockDevice {
   // Declares the file known to read as zeroes (freshly created by us).
   void set_zero_init(bool z) { caps_.zero_init = z; }
 
-  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf) override;
+  // Uncached requests below this size are ordinary ones.
+  static constexpr size_t kUncachedMin = 64 << 10;
+
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf, ReadFlags f = {}) override;
   Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) override;
   Task<Result<void>> write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) override;
   Task<Result<void>> discard(uint64_t off, uint64_t len) override;
@@ -93,6 +102,9 @@ class FileDevice : public BlockDevice {
   // The image locks an open in this mode holds (docs/design/permissions.md).
   static Perms lock_perms(bool read_only, bool force_share);
   int fd_for(uint64_t off, const void* buf, uint64_t len) const;
+  // The descriptor for a read: fd_for's, or the uncached one for a large aligned
+  // uncached read.
+  int read_fd(uint64_t off, std::span<std::byte> buf, ReadFlags f) const;
   Task<Result<void>> write_zero_buffers(uint64_t off, uint64_t len);
   tl::unexpected<Error> io_error(const char* what, uint64_t off, int errnum) const;
   // A read that hit end-of-file: the file shrank, say from what to what.
@@ -108,6 +120,8 @@ class FileDevice : public BlockDevice {
   bool reflink_ = false;  // on a file system that shares extents (file_span())
   int fd_ = -1;
   int direct_fd_ = -1;  // O_DIRECT, when enabled
+  int uncached_read_fd_ = -1;  // read-only O_DIRECT for uncached reads; -1: none
+  bool dontcache_ = false;     // RWF_DONTCACHE writes work here (until EOPNOTSUPP)
   InlineWrites inline_;
   // Last "data" extent seen. Stale data answers are safe (copying zeroes as data
   // is still a correct copy), so only zeroing and discards through us drop it.

@@ -140,10 +140,10 @@ Node::Op op_of(WriteRequest::Kind k) {
 
 }  // namespace
 
-Task<Result<void>> Child::read(uint64_t off, std::span<std::byte> buf) {
+Task<Result<void>> Child::read(uint64_t off, std::span<std::byte> buf, ReadFlags f) {
   const auto start = StatClock::now();
   Node* n = co_await enter();
-  auto r = co_await n->dev_->read(off, buf);
+  auto r = co_await n->dev_->read(off, buf, f);
   count(n->stats_, Node::Op::kRead, buf.size(), start, r.has_value());
   leave(n);
   co_return r;

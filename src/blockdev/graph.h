@@ -197,7 +197,7 @@ class Child {
   uint64_t length() const { return node_->length(); }
   const BlockCaps& caps() const { return node_->dev_->caps(); }
 
-  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf);
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf, ReadFlags f = {});
   Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf, WriteFlags f = {});
   Task<Result<void>> write_zeroes(uint64_t off, uint64_t len, ZeroFlags f = {});
   Task<Result<void>> discard(uint64_t off, uint64_t len);

@@ -92,7 +92,7 @@ void MemoryDevice::zero_now(uint64_t off, uint64_t len, bool unmap) {
   }
 }
 
-Task<Result<void>> MemoryDevice::read(uint64_t off, std::span<std::byte> buf) {
+Task<Result<void>> MemoryDevice::read(uint64_t off, std::span<std::byte> buf, ReadFlags) {
   if (auto r = check(off, buf.size(), false); !r) co_return r;
   co_await maybe_yield();
   read_now(off, buf);

@@ -200,7 +200,7 @@ Task<Result<void>> NbdDevice::read_aligned(uint64_t off, std::span<std::byte> bu
   co_return co_await run("read", off, std::move(batch));
 }
 
-Task<Result<void>> NbdDevice::read(uint64_t off, std::span<std::byte> buf) {
+Task<Result<void>> NbdDevice::read(uint64_t off, std::span<std::byte> buf, ReadFlags) {
   if (!range_within(off, buf.size(), length_)) co_return fail("read", off, EINVAL, "out of range");
   if (buf.empty()) co_return Result<void>{};
   uint64_t a = caps_.min_block;

@@ -52,7 +52,7 @@ class NbdDevice : public BlockDevice {
   uint64_t length() const override { return length_; }
   const BlockCaps& caps() const override { return caps_; }
 
-  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf) override;
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf, ReadFlags f = {}) override;
   Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) override;
   Task<Result<void>> write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) override;
   Task<Result<void>> discard(uint64_t off, uint64_t len) override;

@@ -22,7 +22,7 @@ class NullDevice : public BlockDevice {
   uint64_t length() const override { return length_; }
   const BlockCaps& caps() const override { return caps_; }
 
-  Task<Result<void>> read(uint64_t, std::span<std::byte> buf) override {
+  Task<Result<void>> read(uint64_t, std::span<std::byte> buf, ReadFlags) override {
     std::memset(buf.data(), 0, buf.size());
     co_return Result<void>{};
   }

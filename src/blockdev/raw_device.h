@@ -21,8 +21,8 @@ class RawDevice : public BlockDevice {
   uint64_t length() const override { return file_->length(); }
   const BlockCaps& caps() const override { return caps_; }
 
-  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf) override {
-    return file_->read(off, buf);
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf, ReadFlags f) override {
+    return file_->read(off, buf, f);
   }
   Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) override {
     return file_->write(off, buf, f);

@@ -17,8 +17,8 @@ class BlockDeviceWrapper : public BlockDevice {
   uint64_t length() const override { return inner_->length(); }
   const BlockCaps& caps() const override { return inner_->caps(); }
 
-  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf) override {
-    return inner_->read(off, buf);
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf, ReadFlags f) override {
+    return inner_->read(off, buf, f);
   }
   Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf,
                            WriteFlags f) override {

@@ -141,15 +141,21 @@ Task<int> Uring::submit(Prep prep, bool async) {
       asio::use_awaitable);
 }
 
-Task<int> Uring::read(int fd, void* buf, size_t len, uint64_t off) {
+Task<int> Uring::read(int fd, void* buf, size_t len, uint64_t off, int rw_flags) {
   co_return co_await submit(
-      [=](io_uring_sqe* s) { io_uring_prep_read(s, fd, buf, static_cast<unsigned>(len), off); },
+      [=](io_uring_sqe* s) {
+        io_uring_prep_read(s, fd, buf, static_cast<unsigned>(len), off);
+        s->rw_flags = rw_flags;
+      },
       len >= kAsyncThreshold);
 }
 
-Task<int> Uring::write(int fd, const void* buf, size_t len, uint64_t off) {
+Task<int> Uring::write(int fd, const void* buf, size_t len, uint64_t off, int rw_flags) {
   co_return co_await submit(
-      [=](io_uring_sqe* s) { io_uring_prep_write(s, fd, buf, static_cast<unsigned>(len), off); },
+      [=](io_uring_sqe* s) {
+        io_uring_prep_write(s, fd, buf, static_cast<unsigned>(len), off);
+        s->rw_flags = rw_flags;
+      },
       false);
 }
 

@@ -37,8 +37,9 @@ class Uring {
   Uring& operator=(const Uring&) = delete;
 
   // Each returns the CQE result: bytes transferred (>= 0) or -errno.
-  Task<int> read(int fd, void* buf, size_t len, uint64_t off);
-  Task<int> write(int fd, const void* buf, size_t len, uint64_t off);
+  // rw_flags: RWF_* flags for the request (preadv2/pwritev2's).
+  Task<int> read(int fd, void* buf, size_t len, uint64_t off, int rw_flags = 0);
+  Task<int> write(int fd, const void* buf, size_t len, uint64_t off, int rw_flags = 0);
   Task<int> fdatasync(int fd);
   Task<int> fallocate(int fd, int mode, uint64_t off, uint64_t len);
 

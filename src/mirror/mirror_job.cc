@@ -197,8 +197,16 @@ MirrorJob::MirrorJob(Loop& loop, Graph& graph, MirrorParams p, MirrorSizes sizes
       touched_(journal_ ? journal_->extents() : 0) {
   // The target's own device, not the tracker: offload needs a local file,
   // which never reconnects, so copies the tracker does not see are safe.
+  // A kernel copy that moves data (no reflink: ext4) goes through the page
+  // cache on both sides and leaves its large folios there, under the clients'
+  // small writes; where the source can be read uncached, reading and writing
+  // uncached costs an idle copy about as much and a live one's clients far
+  // less (docs/design/data-path.md, "The copy's page cache"). So the kernel
+  // copies only what it can share, or where nothing can be kept out (tmpfs).
   auto s = src_.file_span(), t = tgt->device().file_span();
-  if (p_.copy_offload && s && t && s->fs_dev == t->fs_dev) offload_ = Offload{*s, *t};
+  if (p_.copy_offload && s && t && s->fs_dev == t->fs_dev &&
+      (s->reflink || !src_.caps().uncached_io))
+    offload_ = Offload{*s, *t};
   rate_.set_speed(static_cast<uint64_t>(p_.speed));
   // A buf-size the user gave is never overridden.
   if (p_.buf_size == 0)

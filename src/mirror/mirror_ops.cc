@@ -165,6 +165,9 @@ bool all_zero(const std::byte* p, size_t n) {
 
 }  // namespace
 
+// The copy's own writes stay out of the target's page cache (block_device.h).
+constexpr WriteFlags kCopyWrite{.uncached = true};
+
 Task<Result<void>> MirrorJob::write_keeping_holes(uint64_t off, std::span<const std::byte> data,
                                                   uint64_t& zeroed) {
   // A chunk that is partly hole on the source (a small write into a sparse
@@ -172,7 +175,7 @@ Task<Result<void>> MirrorJob::write_keeping_holes(uint64_t off, std::span<const 
   // target as sparse as the source, at 4 KiB resolution.
   constexpr uint64_t kBlock = 4096;
   if (!p_.unmap || !tgt_.caps().can_zero_unmap || data.size() < kBlock)
-    co_return co_await tgt_.write(off, data, {});
+    co_return co_await tgt_.write(off, data, kCopyWrite);
   uint64_t pos = 0, len = data.size();
   while (pos < len) {
     // Extend a run of blocks of one kind (the last block may be short).
@@ -185,7 +188,7 @@ Task<Result<void>> MirrorJob::write_keeping_holes(uint64_t off, std::span<const 
       r = co_await tgt_.write_zeroes(off + pos, end - pos, ZeroFlags{.may_unmap = true});
       zeroed += end - pos;
     } else {
-      r = co_await tgt_.write(off + pos, data.subspan(pos, end - pos), {});
+      r = co_await tgt_.write(off + pos, data.subspan(pos, end - pos), kCopyWrite);
     }
     if (!r) co_return r;
     pos = end;
@@ -247,12 +250,17 @@ Task<Result<void>> MirrorJob::copy_range(MirrorOp& op) {
   co_return co_await copy_through_buffer(op);
 }
 
+bool MirrorJob::clients_writing() const {
+  return std::chrono::steady_clock::now() - last_client_write_ < kClientWriteMemory;
+}
+
 Task<Result<void>> MirrorJob::copy_through_buffer(MirrorOp& op) {
   AlignedBuffer buf = pool_.take();
   Result<void> r;
+  const ReadFlags rf{.uncached = clients_writing()};
   for (uint64_t pos = op.range.offset; pos < op.range.end() && r;) {
     auto span = buf.span(std::min(max_op_, op.range.end() - pos));
-    r = co_await src_.read(pos, span);
+    r = co_await src_.read(pos, span, rf);
     if (!r) {
       op.read_failed = true;
       break;

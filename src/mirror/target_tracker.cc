@@ -124,9 +124,9 @@ Task<Result<void>> TargetTracker::settle(bool before) {
   co_return r;
 }
 
-Task<Result<void>> TargetTracker::read(uint64_t off, std::span<std::byte> buf) {
+Task<Result<void>> TargetTracker::read(uint64_t off, std::span<std::byte> buf, ReadFlags f) {
   if (auto s = co_await settle(true); !s) co_return s;
-  auto r = co_await inner()->read(off, buf);
+  auto r = co_await inner()->read(off, buf, f);
   if (auto s = co_await settle(false); !s) co_return s;
   co_return r;
 }

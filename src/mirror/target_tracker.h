@@ -59,7 +59,7 @@ class TargetTracker : public BlockDeviceWrapper {
   uint64_t unflushed_chunks() const { return unflushed_.count() + flushing_.count(); }
   size_t durable_samples() const;
 
-  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf) override;
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf, ReadFlags f = {}) override;
   Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) override;
   Task<Result<void>> write_zeroes(uint64_t off, uint64_t len, ZeroFlags f) override;
   Task<Result<void>> discard(uint64_t off, uint64_t len) override;

@@ -156,7 +156,7 @@ TEST(MirrorJob, ReadErrorReportFailsJob) {
 // A device whose reads cannot get memory (as a huge copy buffer once could not).
 struct OutOfMemoryOnRead : BlockDeviceWrapper {
   using BlockDeviceWrapper::BlockDeviceWrapper;
-  Task<Result<void>> read(uint64_t, std::span<std::byte>) override {
+  Task<Result<void>> read(uint64_t, std::span<std::byte>, ReadFlags) override {
     throw std::bad_alloc();
     co_return Result<void>{};
   }

@@ -2,6 +2,8 @@
 // file system, with a client writing to the source during the kernel copies:
 // a chunk written while its copy runs must be copied again, as for read+write.
 #include <fcntl.h>
+#include <linux/magic.h>
+#include <sys/statfs.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -40,11 +42,16 @@ TEST(MirrorSizes, DerivedOnceFromParamsAndTargetCluster) {
   EXPECT_EQ(derive_sizes(p, 0, kDisk).max_op, 64u << 20);
 }
 
+// The kernel moves data between files only where the copy cannot read and
+// write around the page cache (MirrorJob: tmpfs); on ext4 and the like it reads
+// and writes uncached. So the tests of data-moving kernel copies run in tmpfs.
+constexpr const char* kMemoryFs = "/dev/shm";
+
 struct TempDir {
   std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/blkmirror-offload-XXXXXX";
-    path = ::mkdtemp(tmpl);
+  explicit TempDir(const char* base = "/tmp") {
+    std::string tmpl = std::string(base) + "/blkmirror-offload-XXXXXX";
+    path = ::mkdtemp(tmpl.data());
   }
   ~TempDir() { std::filesystem::remove_all(path); }
 };
@@ -74,7 +81,7 @@ std::vector<std::byte> read_file(const std::string& path, size_t size) {
 
 void run_offload_mirror(bool offload) {
   constexpr uint64_t kSize = 24 << 20;
-  TempDir dir;
+  TempDir dir(kMemoryFs);
   std::mt19937_64 rng(7);
   std::vector<std::byte> model(kSize);
   // Half data, half holes, in 64 KiB..1 MiB runs.
@@ -182,7 +189,7 @@ std::optional<MirrorStats> copy_idle(const TempDir& dir, const std::vector<std::
 // run at once (more only spin on that lock), and the copy is still whole.
 TEST(MirrorOffload, DataMovingKernelCopiesAreLimitedToTheStreams) {
   constexpr uint64_t kSize = 192 << 20;  // six 32 MiB kernel copies
-  TempDir dir;
+  TempDir dir(kMemoryFs);
   std::vector<std::byte> model(kSize);
   std::mt19937_64 rng(11);
   // A word at a time, every byte non-zero (no chunk may look like a hole): 192 MiB a
@@ -206,7 +213,7 @@ TEST(MirrorOffload, DataMovingKernelCopiesAreLimitedToTheStreams) {
 TEST(MirrorOffload, SmallDataExtentsAreCopiedThroughABuffer) {
   constexpr uint64_t kSize = 8 << 20, kBig = 4 << 20, kSmall = 128 << 10;
   constexpr uint64_t kSmallAt = 6 << 20;  // holes on both sides
-  TempDir dir;
+  TempDir dir(kMemoryFs);
   std::vector<std::byte> model(kSize);
   std::mt19937_64 rng(13);
   auto fill = [&](uint64_t off, uint64_t len) {
@@ -219,6 +226,29 @@ TEST(MirrorOffload, SmallDataExtentsAreCopiedThroughABuffer) {
   if (reflink) GTEST_SKIP() << "the test directory's file system shares extents";
   ASSERT_TRUE(stats);
   EXPECT_EQ(stats->bytes_offloaded, kBig);
+}
+
+// Between two files of a file system with a page cache to keep out of (ext4:
+// the test directory here), a copy that would move data in the kernel reads
+// and writes uncached instead, and is whole.
+TEST(MirrorOffload, PageCacheFileSystemsCopyUncachedNotInTheKernel) {
+  constexpr uint64_t kSize = 48 << 20;
+  TempDir dir;
+  struct statfs fs {};
+  ASSERT_EQ(::statfs(dir.path.c_str(), &fs), 0);
+  if (fs.f_type == TMPFS_MAGIC) GTEST_SKIP() << "/tmp is tmpfs here";
+  std::vector<std::byte> model(kSize);
+  std::mt19937_64 rng(17);
+  for (uint64_t i = 0; i < kSize; i += 8) {
+    const uint64_t w = rng() | 0x0101010101010101ull;
+    std::memcpy(model.data() + i, &w, 8);
+  }
+  bool reflink = false;
+  auto stats = copy_idle(dir, model, &reflink);
+  if (reflink) GTEST_SKIP() << "the test directory's file system shares extents";
+  ASSERT_TRUE(stats);
+  EXPECT_EQ(stats->bytes_offloaded, 0u);
+  EXPECT_EQ(stats->kernel_streams_peak, 0u);
 }
 
 }  // namespace

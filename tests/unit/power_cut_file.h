@@ -35,7 +35,7 @@ class PowerCutFile : public BlockDevice {
   std::string describe() const override { return "power-cut file"; }
   uint64_t length() const override { return live_.size(); }
   const BlockCaps& caps() const override { return caps_; }
-  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf) override {
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf, ReadFlags = {}) override {
     if (off + buf.size() > live_.size()) co_return make_error(EIO, "read past the end");
     std::memcpy(buf.data(), live_.data() + off, buf.size());
     co_return Result<void>{};

@@ -185,9 +185,9 @@ class WatchedFile : public BlockDeviceWrapper {
   using BlockDeviceWrapper::BlockDeviceWrapper;
   std::vector<const std::byte*> write_sources;
   int reads = 0;
-  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf) override {
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf, ReadFlags f = {}) override {
     ++reads;
-    return BlockDeviceWrapper::read(off, buf);
+    return BlockDeviceWrapper::read(off, buf, f);
   }
   Task<Result<void>> write(uint64_t off, std::span<const std::byte> buf, WriteFlags f) override {
     write_sources.push_back(buf.data());

@@ -26,7 +26,7 @@ class Remote : public BlockDeviceWrapper {
   bool can_reconnect() const override { return reconnects_; }
   bool connected() const override { return up_; }
 
-  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf) override {
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf, ReadFlags = {}) override {
     reconnect();
     co_return co_await mem_->read(off, buf);
   }

@@ -237,7 +237,7 @@ Result<void> check_range(const Qcow2Impl& q, const char* what, uint64_t off, uin
     if (!_r) co_return make_error(co_await impl_->on_error(_r.error())); \
   } while (0)
 
-Task<Result<void>> Qcow2Device::read(uint64_t off, std::span<std::byte> buf) {
+Task<Result<void>> Qcow2Device::read(uint64_t off, std::span<std::byte> buf, ReadFlags) {
   auto& q = *impl_;
   if (auto r = check_range(q, "read", off, buf.size()); !r) co_return r;
   if (q.closed) co_return make_error(EIO, fmt::format("read qcow2 {}: image is closed", q.name));

@@ -119,7 +119,7 @@ class Qcow2Device final : public BlockDevice {
   std::string describe() const override;
   uint64_t length() const override;
   const BlockCaps& caps() const override;
-  Task<Result<void>> read(uint64_t offset, std::span<std::byte> buf) override;
+  Task<Result<void>> read(uint64_t offset, std::span<std::byte> buf, ReadFlags f = {}) override;
   Task<Result<void>> write(uint64_t offset, std::span<const std::byte> buf,
                            WriteFlags flags) override;
   Task<Result<void>> write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) override;

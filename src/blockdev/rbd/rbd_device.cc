@@ -44,7 +44,7 @@ tl::unexpected<Error> RbdDevice::fail(const char* what, uint64_t off, ssize_t r)
   return make_error(err, fmt::format("{}: {} at {}", where_, what, off));
 }
 
-Task<Result<void>> RbdDevice::read(uint64_t off, std::span<std::byte> buf) {
+Task<Result<void>> RbdDevice::read(uint64_t off, std::span<std::byte> buf, ReadFlags) {
   rbd_image_t img = image_->handle();
   char* p = reinterpret_cast<char*>(buf.data());
   size_t n = buf.size();
