@@ -235,9 +235,18 @@ int FileDevice::read_fd(uint64_t off, std::span<std::byte> buf, ReadFlags f) con
 // Loops until the whole request is done: a short read or write is continued.
 Task<Result<void>> FileDevice::read(uint64_t off, std::span<std::byte> buf, ReadFlags f) {
   int fd = read_fd(off, buf, f);
+  // Uncached but not through O_DIRECT (small or unaligned): a buffered read
+  // whose new pages, readahead's included, leave the cache after the copy.
+  int rwf = f.uncached && fd == fd_ && dontcache_ ? kRwfDontcache : 0;
   size_t done = 0;
   while (done < buf.size()) {
-    int n = co_await loop_.uring().read(fd, buf.data() + done, buf.size() - done, off + done);
+    int n = co_await loop_.uring().read(fd, buf.data() + done, buf.size() - done, off + done,
+                                        rwf);
+    if (n == -EOPNOTSUPP && rwf) {  // a kernel or file system without it
+      dontcache_ = false;
+      rwf = 0;
+      continue;
+    }
     if (n == -EINTR || n == -EAGAIN) continue;
     if (n < 0) co_return io_error("read", off, -n);
     if (n == 0) co_return shrank_error(off + done);  // end of file inside the disk

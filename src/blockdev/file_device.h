@@ -11,12 +11,14 @@
 // cache.direct: with `direct`, aligned requests use an O_DIRECT descriptor; a
 // request not aligned to 4 KiB (offset, length and buffer) goes through a second,
 // buffered descriptor, so the unaligned tail of a file still works.
-// Uncached requests (ReadFlags/WriteFlags::uncached, a job's bulk copy) of at
-// least kUncachedMin bytes stay out of the page cache: a read through a third,
-// read-only O_DIRECT descriptor (when aligned), a write with RWF_DONTCACHE
-// (Linux 6.14+; without it, or on tmpfs, a plain write). Smaller ones are
-// ordinary: they make only small folios, and the page a client just wrote is
-// cheaper to read from the cache than to write back and read from disk.
+// Uncached requests (ReadFlags/WriteFlags::uncached, a job's bulk copy) stay
+// out of the page cache. A read of at least kUncachedMin bytes, aligned, goes
+// through a third, read-only O_DIRECT descriptor; a smaller one is buffered with
+// RWF_DONTCACHE (Linux 6.14+): the page a client just wrote is cheaper to copy
+// from the cache than to write back and read from disk, and the pages it (or
+// readahead) brings in leave again. A write of at least kUncachedMin bytes uses
+// RWF_DONTCACHE; a smaller one is ordinary (it makes only small folios). Where
+// RWF_DONTCACHE is refused (older kernels, tmpfs), requests are plain.
 //
 // Threading rule: loop thread only. Buffers must outlive the awaited call.
 #pragma once

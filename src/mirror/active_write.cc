@@ -84,7 +84,6 @@ Task<Result<void>> MirrorJob::intercept(Node& node, const WriteRequest& req) {
   // The job may conclude and be released while a write it saw is suspended.
   auto self = shared_from_this();
   ++intercepts_;
-  last_client_write_ = std::chrono::steady_clock::now();
   ByteRange range{req.offset, req.length};
   if (journal_) {
     // Metadata before data: the extent is dirty on stable storage before the

@@ -286,9 +286,6 @@ class MirrorJob : public Job, public WriteInterceptor {
   std::list<ActiveOp> active_ops_;  // client writes in write-blocking mode
   uint64_t active_bytes_ = 0;       // bytes those writes still owe the target
   uint64_t intercepts_ = 0;         // client writes inside intercept() now
-  // When a client last wrote to the source: while they write, the copy reads
-  // the source uncached (clients_writing()).
-  std::chrono::steady_clock::time_point last_client_write_{};
   uint64_t passive_writes_ = 0;     // of those, the ones only marking dirty
   Notifier intercepts_done_;        // intercepts_ reached 0
   CopyMode mode_;                   // see copy_mode(); write-blocking = active mirroring
@@ -315,14 +312,16 @@ class MirrorJob : public Job, public WriteInterceptor {
   // Background operations are kernel copies where they can be: runs are sized
   // for the kernel, not the buffer budget.
   bool kernel_copies() const { return offload_.has_value(); }
-  // A client wrote to the source within kClientWriteMemory. The copy then reads
-  // the source uncached: a buffered read's readahead leaves large page-cache
-  // folios, and each small client write into one costs ext4 several times a
-  // write into a small one (measured: write-blocking fio IOPS 26k -> 57k,
-  // docs/design/data-path.md). An idle source is read buffered, which is faster
-  // (readahead) and costs clients nothing.
-  static constexpr auto kClientWriteMemory = std::chrono::seconds(1);
-  bool clients_writing() const;
+  // Another parent of the source (an export, a client, a format above it) may
+  // write to it. The copy then reads the source uncached: a buffered read's
+  // readahead leaves large page-cache folios, and each small client write into
+  // one costs ext4 several times a write into a small one (write-blocking fio
+  // IOPS 26k -> 57k, docs/design/data-path.md). A source nobody can write is
+  // read buffered, which is faster (readahead) and costs no client anything.
+  // Asked per operation: permissions change as exports come and go. Asking
+  // "did a client write lately" instead would read buffered until the first
+  // write and leave those folios under every later one.
+  bool clients_may_write() const;
   // The one test of whether op is copied by the kernel (no buffer, reserves
   // nothing) or through a buffer: at launch, to reserve, and in copy_range, to
   // copy. Block status may turn a kernel copy into a buffered one later (a chunk

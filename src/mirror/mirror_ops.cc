@@ -250,14 +250,14 @@ Task<Result<void>> MirrorJob::copy_range(MirrorOp& op) {
   co_return co_await copy_through_buffer(op);
 }
 
-bool MirrorJob::clients_writing() const {
-  return std::chrono::steady_clock::now() - last_client_write_ < kClientWriteMemory;
+bool MirrorJob::clients_may_write() const {
+  return (src_node_->cumulative_perms().need & kPermWrite) != 0;
 }
 
 Task<Result<void>> MirrorJob::copy_through_buffer(MirrorOp& op) {
   AlignedBuffer buf = pool_.take();
   Result<void> r;
-  const ReadFlags rf{.uncached = clients_writing()};
+  const ReadFlags rf{.uncached = clients_may_write()};
   for (uint64_t pos = op.range.offset; pos < op.range.end() && r;) {
     auto span = buf.span(std::min(max_op_, op.range.end() - pos));
     r = co_await src_.read(pos, span, rf);

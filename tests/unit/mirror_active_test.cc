@@ -493,5 +493,64 @@ TEST(MirrorActive, TargetWriteErrorUnderEachPolicy) {
   }
 }
 
+// Counts the reads it passes on, by their uncached hint.
+class ReadHintCounter : public BlockDeviceWrapper {
+ public:
+  using BlockDeviceWrapper::BlockDeviceWrapper;
+  uint64_t uncached = 0, cached = 0;
+  Task<Result<void>> read(uint64_t off, std::span<std::byte> buf, ReadFlags f) override {
+    ++(f.uncached ? uncached : cached);
+    return inner()->read(off, buf, f);
+  }
+};
+
+// The copy reads the source uncached when a client can write to it (their small
+// writes would otherwise land in the large page-cache folios of its reads),
+// and cached when nobody can (readahead makes an idle copy faster).
+// MirrorJob::clients_may_write.
+void count_read_hints(bool with_client, uint64_t* uncached, uint64_t* cached) {
+  constexpr uint64_t kSize = 4 << 20;
+  Loop loop{2};
+  Graph graph;
+  std::mt19937_64 rng(21);
+  auto src = std::make_shared<MemoryDevice>(kSize, memory_opts());
+  fill_random(*src, rng);
+  auto counter = std::make_shared<ReadHintCounter>(src);
+  ASSERT_TRUE(graph.add("src", counter));
+  ASSERT_TRUE(graph.add("dst", std::make_shared<MemoryDevice>(kSize, memory_opts())));
+  std::unique_ptr<Child> client;
+  if (with_client) client = graph.attach(graph.find("src"), "client");
+  MirrorParams p;
+  p.job_id = "job0";
+  p.device = "src";
+  p.target = "dst";
+  p.granularity = 65536;
+  p.speed = 8 << 20;  // half a second, while the client writes
+  auto job = MirrorJob::create(loop, graph, p);
+  ASSERT_TRUE(job) << job.error().message();
+  ASSERT_TRUE(loop.run([&]() -> Task<bool> {
+    (*job)->start(loop.executor());
+    if (with_client) {
+      std::vector<std::byte> data(4096, std::byte{0x5a});
+      EXPECT_TRUE(co_await client->write(kSize - 4096, data));
+    }
+    if (!co_await wait_until([&] { return (*job)->info().ready; })) co_return false;
+    EXPECT_TRUE((*job)->complete());
+    co_return co_await wait_until([&] { return (*job)->concluded(); });
+  }()));
+  *uncached = counter->uncached;
+  *cached = counter->cached;
+}
+
+TEST(MirrorActive, CopyReadsTheSourceUncachedWhenClientsMayWrite) {
+  uint64_t uncached = 0, cached = 0;
+  count_read_hints(true, &uncached, &cached);
+  EXPECT_GT(uncached, 0u);
+  EXPECT_EQ(cached, 0u);
+  count_read_hints(false, &uncached, &cached);
+  EXPECT_EQ(uncached, 0u);
+  EXPECT_GT(cached, 0u);
+}
+
 }  // namespace
 }  // namespace blkmirror::test
