@@ -272,7 +272,13 @@ void MirrorJob::note_synced_state() {
 void MirrorJob::check_adaptive() {
   if (mode_ != CopyMode::kAdaptive) return;
   if (auto why = adaptive_.observe(dirty_bytes(), AdaptiveController::Clock::now()))
-    switch_to_write_blocking(*why, true);
+    return switch_to_write_blocking(*why, true);
+  if (stats_.bytes_copied > length_ + length_ / 100 * kAdaptiveRecopyPercent)
+    switch_to_write_blocking(
+        fmt::format("the job has copied {} bytes of a {}-byte disk: clients keep rewriting "
+                    "what it copied, and mirroring their writes costs less",
+                    stats_.bytes_copied, length_),
+        true);
 }
 
 }  // namespace blkmirror

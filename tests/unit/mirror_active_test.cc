@@ -309,6 +309,39 @@ TEST(MirrorActive, AdaptiveSwitchesItselfWhenDirtyCountStopsFalling) {
   EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
 }
 
+// A client that keeps rewriting what the copy has copied: adaptive switches once
+// the job's copies pass the disk by kAdaptiveRecopyPercent, though the dirty
+// count converges every time (the controller's window is an hour).
+TEST(MirrorActive, AdaptiveSwitchesWhenClientsKeepRewritingCopiedData) {
+  constexpr uint64_t kSize = 4 << 20, kWrite = 64 << 10;
+  ActiveFixture f(kSize, 12, true);
+  auto p = f.params(CopyMode::kAdaptive);
+  p.adaptive_window_ms = 3600 * 1000;
+  f.make(p);
+  std::mt19937_64 rng(12);
+  ASSERT_TRUE(f.loop.run([&]() -> Task<bool> {
+    f.job->start(f.loop.executor());
+    if (!co_await f.ready()) co_return false;
+    EXPECT_EQ(f.job->copy_mode(), CopyMode::kAdaptive);
+    // Each write dirties one chunk the job copies again in background mode.
+    for (int i = 0; i < 200 && f.job->copy_mode() == CopyMode::kAdaptive; ++i) {
+      const uint64_t off = rng() % (kSize / kWrite) * kWrite;
+      EXPECT_TRUE(co_await f.write(off, kWrite, static_cast<uint8_t>(1 + i % 250)));
+      if (!co_await wait_until([&] { return f.job->dirty_bytes() == 0; })) co_return false;
+    }
+    co_return co_await f.complete();
+  }()));
+  EXPECT_EQ(f.job->copy_mode(), CopyMode::kWriteBlocking);
+  auto* ev = f.rec.last(JobEvent::Kind::kCopyModeChange);
+  ASSERT_TRUE(ev);
+  EXPECT_NE(ev->message.find("keep rewriting"), std::string::npos) << ev->message;
+  const uint64_t limit = kSize + kSize / 100 * MirrorJob::kAdaptiveRecopyPercent;
+  // The copy that crossed the line, and at most one more the test wrote
+  // before it saw the switch.
+  EXPECT_LE(f.job->stats().bytes_copied, limit + 2 * kWrite);
+  EXPECT_EQ(first_difference(contents(*f.dst), f.model), -1);
+}
+
 TEST(MirrorActive, AdaptiveStaysBackgroundWhenItConverges) {
   ActiveFixture f(4 << 20, 10, true);
   auto p = f.params(CopyMode::kAdaptive);
