@@ -183,6 +183,19 @@ std::optional<MirrorStats> copy_idle(const TempDir& dir, const std::vector<std::
   return stats;
 }
 
+// size bytes of random data, every byte non-zero (no chunk may look like a hole),
+// made a word at a time: 192 MiB a byte at a time takes a minute in the
+// sanitized build. size: a multiple of 8.
+std::vector<std::byte> dense_model(uint64_t size, uint64_t seed) {
+  std::vector<std::byte> model(size);
+  std::mt19937_64 rng(seed);
+  for (uint64_t i = 0; i < size; i += 8) {
+    const uint64_t w = rng() | 0x0101010101010101ull;
+    std::memcpy(model.data() + i, &w, 8);
+  }
+  return model;
+}
+
 // A dense idle copy between files of one file system that does not share
 // extents (ext4, tmpfs): the kernel moves every byte into one target file,
 // whose inode lock serializes the writes, so at most kKernelCopyStreams copies
@@ -190,14 +203,7 @@ std::optional<MirrorStats> copy_idle(const TempDir& dir, const std::vector<std::
 TEST(MirrorOffload, DataMovingKernelCopiesAreLimitedToTheStreams) {
   constexpr uint64_t kSize = 192 << 20;  // six 32 MiB kernel copies
   TempDir dir(kMemoryFs);
-  std::vector<std::byte> model(kSize);
-  std::mt19937_64 rng(11);
-  // A word at a time, every byte non-zero (no chunk may look like a hole): 192 MiB a
-  // byte at a time takes a minute in the sanitized build.
-  for (uint64_t i = 0; i < kSize; i += 8) {
-    const uint64_t w = rng() | 0x0101010101010101ull;
-    std::memcpy(model.data() + i, &w, 8);
-  }
+  auto model = dense_model(kSize, 11);
   bool reflink = false;
   auto stats = copy_idle(dir, model, &reflink);
   if (reflink) GTEST_SKIP() << "the test directory's file system shares extents";
@@ -237,12 +243,7 @@ TEST(MirrorOffload, PageCacheFileSystemsCopyUncachedNotInTheKernel) {
   struct statfs fs {};
   ASSERT_EQ(::statfs(dir.path.c_str(), &fs), 0);
   if (fs.f_type == TMPFS_MAGIC) GTEST_SKIP() << "/tmp is tmpfs here";
-  std::vector<std::byte> model(kSize);
-  std::mt19937_64 rng(17);
-  for (uint64_t i = 0; i < kSize; i += 8) {
-    const uint64_t w = rng() | 0x0101010101010101ull;
-    std::memcpy(model.data() + i, &w, 8);
-  }
+  auto model = dense_model(kSize, 17);
   bool reflink = false;
   auto stats = copy_idle(dir, model, &reflink);
   if (reflink) GTEST_SKIP() << "the test directory's file system shares extents";

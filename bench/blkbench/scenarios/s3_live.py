@@ -37,7 +37,7 @@ def blkmirror_series(evs: list[tuple[float, dict]], t0: float) -> tuple[list, li
         d = e.get("data", {})
         if e.get("event") in ("PROGRESS", "BLOCK_JOB_READY") and "offset" in d and "len" in d:
             pts.append((t - t0, max(0, d["len"] - d["offset"]), d["offset"]))
-        elif e.get("event") == "COPY_MODE_CHANGE":
+        elif e.get("event") == "BLOCK_JOB_COPY_MODE_CHANGED":  # QMP's name, as --json emits it
             marks.append((t - t0, f"-> {d.get('copy-mode')}"))
         if e.get("event") == "BLOCK_JOB_READY":
             marks.append((t - t0, "ready"))
@@ -353,8 +353,8 @@ def live_table(ctx: Ctx, v: Variant, cs: list[Contestant], res: dict[str, list[M
         if sw:
             notes.append(f"switched itself to write-blocking {med(sw):.1f}s after the start "
                          f"({len(sw)}/{len(ok)} runs)")
-        elif key.endswith("adaptive") and ok:
-            notes.append("stayed in background mode")
+        elif key.endswith("adaptive") and ok and all("switched_s" in i for i in ok):
+            notes.append("stayed in background mode")  # the daemon path does not watch
         after = med(i["mirror_after_fio_s"] for i in ok)
         if after is not None:
             notes.append(f"mirror started {after:+.2f}s after fio's spawn")
