@@ -365,5 +365,29 @@ TEST(Qcow2BadInput, RefcountBlockPastEndIsCorrupt) {
   EXPECT_NE(msg.find("refcount block 0"), std::string::npos) << msg;
 }
 
+// Refcounts that call the header's cluster free: the first allocation would
+// land on it (fuzz: a bitmap's data cluster written over the header). The
+// write fails as corruption, and the header is intact.
+TEST(Qcow2BadInput, FreeHeaderClusterIsNotAllocated) {
+  TempDir dir;
+  std::string p = dir / "rc0.qcow2";
+  ASSERT_EQ(sh(fmt::format("qemu-img create -q -f qcow2 {} 4M", p)).status, 0);
+  auto bytes = read_file(p);
+  const uint64_t rt = qcow2::load_be64(&bytes[48]);
+  const uint64_t block = qcow2::load_be64(&bytes[rt]);
+  patch(p, block, {0, 0});  // cluster 0's 16-bit refcount
+  Loop loop;
+  auto dev = open_qcow2(loop, p, false);
+  ASSERT_TRUE(dev) << dev.error().message();
+  std::vector<std::byte> b(65536, std::byte{0x5a});
+  auto r = loop.run((*dev)->write(0, b, {}));
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.error().message().find("holds the header but its refcount is 0"),
+            std::string::npos)
+      << r.error().message();
+  dev->reset();
+  EXPECT_EQ(std::memcmp(read_file(p).data(), "QFI\xfb", 4), 0) << "the header was overwritten";
+}
+
 }  // namespace
 }  // namespace blkmirror::test
