@@ -180,6 +180,7 @@ Task<Result<std::unique_ptr<Qcow2Impl>>> open_impl(Loop* loop, BlockDevicePtr fi
     qp->hdr.refcount_table_clusters = clusters;
     co_return co_await qp->write_header();
   };
+  q.rc->holds_metadata = [qp](uint64_t cluster) { return qp->is_metadata(cluster); };
   if (auto r = co_await q.rc->count_used(); !r) co_return make_error(r.error());
 
   BlockCaps& c = q.caps;

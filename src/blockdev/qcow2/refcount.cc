@@ -255,15 +255,15 @@ Task<Result<Refcounts::Allocation>> Refcounts::allocate_fresh(uint64_t n) {
     }
     if (!created) break;  // else the new blocks may sit in our range: look again
   }
-  // A free cluster that holds the header or refcount metadata: the refcounts
-  // lie (a damaged or hostile image). Handing it out would overwrite that
-  // metadata, as QEMU's overlap checks refuse to (fuzz: a bitmap's data cluster
-  // allocated at offset 0, over the header).
+  // A free cluster that holds metadata: the refcounts lie (a damaged or
+  // hostile image). Handing it out would overwrite that metadata, as QEMU's
+  // overlap checks refuse to (fuzz: a bitmap's data cluster allocated over the
+  // header, and over the bitmap directory).
   for (uint64_t c = start; c < start + n; ++c)
-    if (c == 0 || is_metadata(c))
+    if (c == 0 || is_metadata(c) || (holds_metadata && holds_metadata(c)))
       co_return corrupt(fmt::format("cluster at offset {:#x} holds {} but its refcount is 0",
                                     c << p_.cluster_bits,
-                                    c == 0 ? "the header" : "refcount metadata"));
+                                    c == 0 ? "the header" : "metadata"));
   // Before alloc_end_ moves: what lies past it was never handed out (see alloc_end_).
   const uint64_t fresh_from = std::max(alloc_end_, start << p_.cluster_bits);
   for (uint64_t c = start; c < start + n; ++c)
