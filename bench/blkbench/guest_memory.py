@@ -19,7 +19,6 @@ already backs. Both are reported in the results' notes.
 from __future__ import annotations
 
 import mmap
-import os
 import time
 
 from .util import GiB, MiB, fmt_size, log
@@ -80,10 +79,11 @@ class HeldMemory:
         warm = min(self.warm_bytes, max(0, _mem_available() - GiB)) // (16 * MiB) * (16 * MiB)
         took = touch(warm) if warm else 0.0
         log(f"guest memory: free page reporting paused, {fmt_size(warm)} touched in {took:.1f}s")
+        paused = (f"`page_reporting_order` {self.saved} -> {PAUSED_ORDER}, restored at exit"
+                  if self.saved else "it already was")
         self.notes.append(
             f"free page reporting (virtio-balloon) paused for the benchmark "
-            f"(`page_reporting_order` {self.saved or PAUSED_ORDER} -> {PAUSED_ORDER}, restored at "
-            f"exit) after touching {fmt_size(warm)} of memory ({took:.1f} s): otherwise a run "
+            f"({paused}) after touching {fmt_size(warm)} of memory ({took:.1f} s): otherwise a run "
             "after an idle spell faults its memory in from the host, 6x slower for a tmpfs copy")
         return self
 

@@ -123,7 +123,7 @@ class FileDevice : public BlockDevice {
   int fd_ = -1;
   int direct_fd_ = -1;  // O_DIRECT, when enabled
   int uncached_read_fd_ = -1;  // read-only O_DIRECT for uncached reads; -1: none
-  bool dontcache_ = false;     // RWF_DONTCACHE writes work here (until EOPNOTSUPP)
+  bool dontcache_ = false;     // RWF_DONTCACHE works here (until an EOPNOTSUPP)
   InlineWrites inline_;
   // Last "data" extent seen. Stale data answers are safe (copying zeroes as data
   // is still a correct copy), so only zeroing and discards through us drop it.

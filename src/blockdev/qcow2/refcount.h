@@ -63,9 +63,10 @@ class Refcounts {
   // Called (under the allocator's lock) when the refcount table moved; writes and
   // flushes the header that points at it.
   std::function<Task<Result<void>>(uint64_t offset, uint32_t clusters)> on_table_moved;
-  // The image's metadata the allocator does not keep itself (L1 and L2 tables,
-  // the bitmap directory): a cluster it names is never handed out, whatever its
-  // refcount says (allocate_fresh).
+  // The image's test for metadata (Qcow2Impl::is_metadata), which also knows
+  // what the allocator does not keep itself: L1 and L2 tables, the bitmap
+  // directory. A cluster it names is never handed out, whatever its refcount
+  // says (allocate_fresh).
   std::function<bool(uint64_t cluster)> holds_metadata;
 
   Task<Result<uint64_t>> get(uint64_t cluster);
